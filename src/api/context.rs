@@ -1,0 +1,99 @@
+//! The outermost middleware: the correlation id, rendering `ApiError`s into the error body,
+//! turning panics into `500 GeneralErrorOccurred`, and request metrics.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::error::{ApiError, PendingError};
+
+/// `x-request-id`: the merchant's id for this request.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-correlation-id`: on every response.
+pub static CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+
+/// What every handler and middleware may know about the request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestContext {
+    /// The merchant's `x-request-id`, or one the server made.
+    pub correlation_id: Uuid,
+    /// The merchant's `x-request-id` when it sent a valid one.
+    pub request_id: Option<Uuid>,
+    /// The merchant sent an `x-request-id` that is not a UUID.
+    pub request_id_invalid: bool,
+}
+
+impl RequestContext {
+    fn of(request: &Request) -> Self {
+        match request.headers().get(&REQUEST_ID) {
+            None => RequestContext { correlation_id: Uuid::now_v7(), request_id: None, request_id_invalid: false },
+            Some(value) => match value.to_str().ok().and_then(|v| crate::domain::validate::parse_uuid(v).ok()) {
+                Some(id) => RequestContext { correlation_id: id, request_id: Some(id), request_id_invalid: false },
+                None => RequestContext { correlation_id: Uuid::now_v7(), request_id: None, request_id_invalid: true },
+            },
+        }
+    }
+}
+
+/// Sets up the request context, renders pending errors, adds `x-correlation-id`, and records
+/// metrics.
+pub async fn middleware(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let context = RequestContext::of(&request);
+    request.extensions_mut().insert(context);
+    let method = metric_method(request.method());
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+
+    let mut response = next.run(request).await;
+    if let Some(PendingError(error)) = response.extensions_mut().remove::<PendingError>() {
+        response = error.render(context.correlation_id, &state.public_url);
+    }
+    if let Ok(value) = HeaderValue::from_str(&context.correlation_id.to_string()) {
+        response.headers_mut().insert(CORRELATION_ID.clone(), value);
+    }
+    state.metrics.record_request(
+        method,
+        route.as_deref().unwrap_or("unmatched"),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// Answers a panic in a handler with `500 GeneralErrorOccurred` (rendered by `middleware`,
+/// which sits outside this one); the panic is logged once.
+pub async fn catch_panic(request: Request, next: Next) -> Response {
+    match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let cause = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            ApiError::internal(&format!("handler panicked: {cause}")).into_response()
+        }
+    }
+}
+
+/// The method as a metric label; unknown methods share one label so clients cannot grow the
+/// number of series without bound.
+fn metric_method(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}

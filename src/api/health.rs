@@ -1,0 +1,66 @@
+//! Health checks, the token signing keys (JWKS) and Prometheus metrics.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ErrorBody};
+
+/// The routes of this module (`/metrics` is added by the main router or the metrics
+/// listener).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health/live", get(get_live))
+        .route("/health/ready", get(get_ready))
+        .route("/.well-known/jwks.json", get(get_jwks))
+}
+
+/// A health answer.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: &'static str,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/health/live", tag = "Operations",
+    responses((status = 200, description = "Alive.", body = Health)))]
+pub async fn get_live() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// The database is reachable and migrated.
+#[utoipa::path(get, path = "/health/ready", tag = "Operations",
+    responses(
+        (status = 200, description = "Ready.", body = Health),
+        (status = 503, description = "ServiceUnavailable", body = ErrorBody),
+    ))]
+pub async fn get_ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    match state.store.ready().await {
+        Ok(()) => Ok(Json(Health { status: "ok" })),
+        Err(error) => {
+            tracing::warn!(%error, "not ready");
+            Err(ApiError::unavailable("The database is not reachable or not migrated."))
+        }
+    }
+}
+
+/// The public keys that verify session tokens: the current key and the previous ones.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "Tokens",
+    responses((status = 200, description = "A JSON Web Key Set (RFC 7517) of Ed25519 keys.", body = Object)))]
+pub async fn get_jwks(State(state): State<AppState>) -> Response {
+    let jwks = state.keyring().jwks();
+    ([(header::CACHE_CONTROL, "public, max-age=300")], Json(jwks)).into_response()
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "Operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4.", content_type = "text/plain")))]
+pub async fn get_metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+}

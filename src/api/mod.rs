@@ -1,0 +1,53 @@
+//! The HTTP API: the router, its middleware stack, and one module per resource.
+
+pub mod auth;
+pub mod context;
+pub mod docs;
+pub mod extract;
+pub mod health;
+pub mod idempotency;
+pub mod ratelimit;
+pub mod sessions;
+
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::routing::get;
+use axum::Router;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ErrorCode};
+
+/// The base path of the merchant API.
+pub const BASE: &str = "/customer-authentication-service/v1";
+
+/// The whole service: merchant API (authenticated, idempotent) and public endpoints, wrapped
+/// in the request-context middleware (correlation id, error bodies, panics, metrics).
+pub fn router(state: AppState) -> Router {
+    let merchant = sessions::router()
+        .layer(from_fn_with_state(state.clone(), idempotency::middleware))
+        .layer(from_fn_with_state(state.clone(), auth::middleware));
+    let mut public = Router::new().merge(health::router()).merge(docs::router());
+    if state.config.metrics_listen.is_none() {
+        public = public.route("/metrics", get(health::get_metrics));
+    }
+    Router::new()
+        .merge(merchant)
+        .merge(public)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn(context::catch_panic))
+        .layer(from_fn_with_state(state.clone(), context::middleware))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for a separate metrics listener.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(health::get_metrics)).with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "No such route.")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed, "This route does not take this method.")
+}

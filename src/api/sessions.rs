@@ -1,0 +1,445 @@
+//! Redirect sessions: create (PUT), read, list, cancel — the handlers, their request and
+//! response types, and their routes.
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::context::RequestContext;
+use super::extract::{empty_body, if_match, json_body, path_id, store_error};
+use super::BASE;
+use crate::app::AppState;
+use crate::domain::request::{
+    parse_create_session, CustomerData, RedirectData, RequestRules, SessionType, TransactionData,
+};
+use crate::domain::session::State as SessionState;
+use crate::domain::time::Timestamp;
+use crate::domain::token::Claims;
+use crate::domain::validate::{parse_uuid, Errors};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::store::{CancelOutcome, CancelRequest, CreateOutcome, Merchant, SessionFilter, SessionRecord};
+
+/// The routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(&format!("{BASE}/redirect-sessions"), get(list_redirect_sessions))
+        .route(
+            &format!("{BASE}/redirect-sessions/{{redirectSessionId}}"),
+            get(get_redirect_session).put(create_redirect_session),
+        )
+        .route(&format!("{BASE}/redirect-sessions/{{redirectSessionId}}/cancel"), post(cancel_redirect_session))
+}
+
+/// A redirect session, as create, read, cancel and list answer it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedirectSession {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub kind: SessionType,
+    pub state: SessionState,
+    pub merchant_id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer_data: Option<CustomerData>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transaction_data: Option<TransactionData>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transaction_intent_id: Option<Uuid>,
+    pub redirect_data: RedirectData,
+    /// `ll` or `ll-RR`; `de-DE` unless English or German was asked for.
+    pub locale: String,
+    /// The signed token (EdDSA JWT) the customer's browser carries to the hosted page.
+    pub token: String,
+    /// The hosted page: `<public-url>/pay`.
+    pub redirect_url: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_on: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_on: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub last_modified_on: Timestamp,
+    pub last_correlation_id: Uuid,
+}
+
+impl RedirectSession {
+    /// The representation of `session` at `now`.
+    pub fn of(session: SessionRecord, now: Timestamp, public_url: &str) -> Self {
+        let state = session.effective_state(now);
+        let spec = session.spec;
+        RedirectSession {
+            id: session.id,
+            kind: spec.kind,
+            state,
+            merchant_id: session.merchant_id,
+            customer_id: spec.customer_id,
+            customer_data: spec.customer_data,
+            transaction_data: spec.transaction_data,
+            transaction_intent_id: spec.transaction_intent_id,
+            redirect_data: spec.redirect_data,
+            locale: spec.locale,
+            token: session.token,
+            redirect_url: format!("{public_url}/pay"),
+            expires_on: session.expires_on,
+            created_on: session.created_on,
+            last_modified_on: session.last_modified_on,
+            last_correlation_id: session.last_correlation_id,
+        }
+    }
+}
+
+/// The create-session body: one of three shapes chosen by `type` (documentation only; the
+/// body is read by `domain::request::parse_create_session`, which reports every failing field).
+#[derive(ToSchema)]
+#[serde(tag = "type", rename_all_fields = "camelCase")]
+#[allow(dead_code)]
+pub enum CreateRedirectSession {
+    /// Send the customer to create a QR code (cash) or pay from the wallet.
+    NewTransactionIntent {
+        customer_id: Option<Uuid>,
+        customer_data: Option<CustomerData>,
+        transaction_data: TransactionData,
+        redirect_data: RedirectData,
+        locale: Option<String>,
+    },
+    /// Send the customer to view or cancel an existing QR code.
+    ExistingTransactionIntent {
+        transaction_intent_id: Uuid,
+        customer_id: Option<Uuid>,
+        redirect_data: RedirectData,
+        locale: Option<String>,
+    },
+    /// Send the customer to register.
+    NewCustomer { customer_data: Option<CustomerData>, redirect_data: RedirectData, locale: Option<String> },
+}
+
+/// One page of sessions, newest first.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedirectSessionPage {
+    pub items: Vec<RedirectSession>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+fn session_response(status: StatusCode, session: SessionRecord, now: Timestamp, state: &AppState) -> Response {
+    let etag = session.etag(now);
+    let id = session.id;
+    let mut response = (status, Json(RedirectSession::of(session, now, &state.public_url))).into_response();
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, value);
+    }
+    if status == StatusCode::CREATED {
+        if let Ok(value) = HeaderValue::from_str(&format!("{BASE}/redirect-sessions/{id}")) {
+            headers.insert(header::LOCATION, value);
+        }
+    }
+    response
+}
+
+fn version_mismatch() -> ApiError {
+    ApiError::new(ErrorCode::EntityVersionMismatch, "The redirect session exists in another version.")
+}
+
+/// Create a redirect session.
+#[utoipa::path(
+    put,
+    path = "/customer-authentication-service/v1/redirect-sessions/{redirectSessionId}",
+    tag = "Redirect sessions",
+    params(
+        ("redirectSessionId" = Uuid, Path, description = "Chosen by the merchant."),
+        ("x-api-key" = String, Header, description = "The merchant's API key."),
+        ("x-request-id" = Option<Uuid>, Header, description = "Idempotency key; reuse it only to retry."),
+        ("If-Match" = Option<String>, Header, description = "ETag the existing session must have."),
+    ),
+    request_body(content = CreateRedirectSession, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created.", body = RedirectSession),
+        (status = 200, description = "The same request again: the current session, unchanged.", body = RedirectSession),
+        (status = 400, description = "Validation", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 404, description = "CustomerNotFound", body = ErrorBody),
+        (status = 409, description = "EntityVersionMismatch, RequestInProgress", body = ErrorBody),
+        (status = 413, description = "PayloadTooLarge", body = ErrorBody),
+        (status = 415, description = "UnsupportedMediaType", body = ErrorBody),
+        (status = 422, description = "RequestIdReused", body = ErrorBody),
+    )
+)]
+pub async fn create_redirect_session(
+    State(state): State<AppState>,
+    Extension(merchant): Extension<Merchant>,
+    Extension(context): Extension<RequestContext>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = path_id(&raw_id, "redirectSessionId");
+    let body = json_body(&headers, body).await;
+    let now = Timestamp::now();
+    let rules = RequestRules { allow_http_redirect_urls: state.config.allow_http_redirect_urls };
+    // Report a bad path id together with every failing body field.
+    let (id, spec) = match (id, body.map(|body| parse_create_session(&body, rules, now))) {
+        (Ok(id), Ok(Ok(spec))) => (id, spec),
+        (id, body) => {
+            let mut fields = id.err().map(|e| e.validation).unwrap_or_default();
+            match body {
+                Err(error) if fields.is_empty() => return Err(error),
+                Err(error) => fields.extend(error.validation),
+                Ok(Err(more)) => fields.extend(more),
+                Ok(Ok(_)) => {}
+            }
+            return Err(ApiError::validation(fields));
+        }
+    };
+    let if_match = if_match(&headers)?;
+    if if_match.is_some() && state.store.get_session(id).await.map_err(store_error)?.is_none() {
+        return Err(version_mismatch());
+    }
+
+    let expires_on = now.plus(state.config.session_ttl);
+    let claims = Claims::for_session(&state.public_url, id, merchant.id, spec.customer_id, now, expires_on);
+    let session = SessionRecord {
+        id,
+        merchant_id: merchant.id,
+        token: state.keyring().sign(&claims),
+        spec,
+        state: SessionState::Created,
+        expires_on,
+        created_on: now,
+        last_modified_on: now,
+        last_correlation_id: context.correlation_id,
+        version: 1,
+    };
+    let spec = session.spec.clone();
+    match state.store.create_session(session).await.map_err(store_error)? {
+        CreateOutcome::Created(session) => {
+            state.metrics.session_created();
+            Ok(session_response(StatusCode::CREATED, session, now, &state))
+        }
+        CreateOutcome::Exists(existing) => {
+            let same_version = if_match.as_deref().is_none_or(|tag| existing.matches(tag, now));
+            if existing.merchant_id == merchant.id && existing.spec == spec && same_version {
+                Ok(session_response(StatusCode::OK, existing, now, &state))
+            } else {
+                Err(version_mismatch())
+            }
+        }
+        CreateOutcome::CustomerNotFound => {
+            Err(ApiError::new(ErrorCode::CustomerNotFound, "The customerId is not a known customer."))
+        }
+    }
+}
+
+/// Read a redirect session.
+#[utoipa::path(
+    get,
+    path = "/customer-authentication-service/v1/redirect-sessions/{redirectSessionId}",
+    tag = "Redirect sessions",
+    params(
+        ("redirectSessionId" = Uuid, Path),
+        ("x-api-key" = String, Header, description = "The merchant's API key."),
+    ),
+    responses(
+        (status = 200, description = "The session; `ETag` header.", body = RedirectSession),
+        (status = 400, description = "Validation", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "InvalidTriggeredBy: another merchant's session", body = ErrorBody),
+        (status = 404, description = "RedirectSessionNotFound", body = ErrorBody),
+    )
+)]
+pub async fn get_redirect_session(
+    State(state): State<AppState>,
+    Extension(merchant): Extension<Merchant>,
+    Path(raw_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&raw_id, "redirectSessionId")?;
+    let now = Timestamp::now();
+    match state.store.get_session(id).await.map_err(store_error)? {
+        None => Err(not_found()),
+        Some(session) if session.merchant_id != merchant.id => Err(other_merchant()),
+        Some(session) => Ok(session_response(StatusCode::OK, session, now, &state)),
+    }
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::RedirectSessionNotFound, "No redirect session has this id.")
+}
+
+fn other_merchant() -> ApiError {
+    ApiError::new(ErrorCode::InvalidTriggeredBy, "The redirect session belongs to another merchant.")
+}
+
+/// Cancel a redirect session.
+#[utoipa::path(
+    post,
+    path = "/customer-authentication-service/v1/redirect-sessions/{redirectSessionId}/cancel",
+    tag = "Redirect sessions",
+    params(
+        ("redirectSessionId" = Uuid, Path),
+        ("x-api-key" = String, Header, description = "The merchant's API key."),
+        ("x-request-id" = Option<Uuid>, Header, description = "Idempotency key; reuse it only to retry."),
+        ("If-Match" = Option<String>, Header, description = "ETag the session must have."),
+    ),
+    responses(
+        (status = 200, description = "Cancelled (now or before).", body = RedirectSession),
+        (status = 400, description = "Validation, InvalidRedirectSessionStateTransition, InvalidTriggeredBy", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 404, description = "RedirectSessionNotFound", body = ErrorBody),
+        (status = 409, description = "EntityVersionMismatch, RequestInProgress", body = ErrorBody),
+        (status = 422, description = "RequestIdReused", body = ErrorBody),
+    )
+)]
+pub async fn cancel_redirect_session(
+    State(state): State<AppState>,
+    Extension(merchant): Extension<Merchant>,
+    Extension(context): Extension<RequestContext>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = path_id(&raw_id, "redirectSessionId")?;
+    empty_body(&headers, body).await?;
+    let now = Timestamp::now();
+    let request = CancelRequest {
+        merchant_id: merchant.id,
+        session_id: id,
+        if_match: if_match(&headers)?,
+        correlation_id: context.correlation_id,
+        now,
+    };
+    match state.store.cancel_session(request).await.map_err(store_error)? {
+        CancelOutcome::Cancelled(session) => {
+            state.metrics.sessions_cancelled(1);
+            tracing::info!(session.id = %id, merchant.id = %merchant.id, "redirect session cancelled");
+            Ok(session_response(StatusCode::OK, session, now, &state))
+        }
+        CancelOutcome::AlreadyCancelled(session) => Ok(session_response(StatusCode::OK, session, now, &state)),
+        CancelOutcome::NotFound => Err(not_found()),
+        CancelOutcome::OtherMerchant => Err(other_merchant().with_status(StatusCode::BAD_REQUEST)),
+        CancelOutcome::InvalidTransition(from) => Err(ApiError::new(
+            ErrorCode::InvalidRedirectSessionStateTransition,
+            format!("A redirect session in state {} cannot be cancelled.", from.as_str()),
+        )),
+        CancelOutcome::VersionMismatch => Err(version_mismatch()),
+    }
+}
+
+/// The default and largest page size.
+const DEFAULT_LIMIT: usize = 20;
+const MAX_LIMIT: usize = 100;
+
+/// List the merchant's redirect sessions, newest first.
+#[utoipa::path(
+    get,
+    path = "/customer-authentication-service/v1/redirect-sessions",
+    tag = "Redirect sessions",
+    params(
+        ("x-api-key" = String, Header, description = "The merchant's API key."),
+        ("state" = Option<SessionState>, Query, description = "Only sessions in this (effective) state."),
+        ("createdFrom" = Option<String>, Query, description = "RFC 3339; inclusive."),
+        ("createdTo" = Option<String>, Query, description = "RFC 3339; exclusive."),
+        ("limit" = Option<usize>, Query, description = "1 to 100; default 20."),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page."),
+    ),
+    responses(
+        (status = 200, description = "One page.", body = RedirectSessionPage),
+        (status = 400, description = "Validation", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+    )
+)]
+pub async fn list_redirect_sessions(
+    State(state): State<AppState>,
+    Extension(merchant): Extension<Merchant>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let filter = parse_list_query(query.as_deref().unwrap_or(""))?;
+    let limit = filter.limit;
+    let now = Timestamp::now();
+    let mut sessions = state.store.list_sessions(merchant.id, filter, now).await.map_err(store_error)?;
+    let next_cursor = if sessions.len() > limit {
+        sessions.truncate(limit);
+        sessions.last().map(|last| encode_cursor(last.created_on, last.id))
+    } else {
+        None
+    };
+    let items = sessions.into_iter().map(|s| RedirectSession::of(s, now, &state.public_url)).collect();
+    Ok(Json(RedirectSessionPage { items, next_cursor }).into_response())
+}
+
+fn parse_list_query(query: &str) -> Result<SessionFilter, ApiError> {
+    let mut errors = Errors::default();
+    let mut filter = SessionFilter { limit: DEFAULT_LIMIT, ..SessionFilter::default() };
+    let mut seen: Vec<String> = Vec::new();
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if seen.contains(&name.to_string()) {
+            errors.add(&name, "must be given at most once");
+            continue;
+        }
+        seen.push(name.to_string());
+        match &*name {
+            "state" => match SessionState::parse(&value) {
+                Some(state) => filter.state = Some(state),
+                None => errors.add(
+                    "state",
+                    "must be one of Created, Opened, Authenticated, Completed, Aborted, Cancelled, Expired",
+                ),
+            },
+            "createdFrom" | "createdTo" => match Timestamp::parse_rfc3339(&value) {
+                Some(at) if name == "createdFrom" => filter.created_from = Some(at),
+                Some(at) => filter.created_to = Some(at),
+                None => errors.add(&name, "must be an RFC 3339 date-time such as 2026-01-31T11:59:59.123Z"),
+            },
+            "limit" => match value.parse::<usize>() {
+                Ok(limit) if (1..=MAX_LIMIT).contains(&limit) => filter.limit = limit,
+                _ => errors.add("limit", "must be a whole number from 1 to 100"),
+            },
+            "cursor" => match decode_cursor(&value) {
+                Some(after) => filter.after = Some(after),
+                None => errors.add("cursor", "is not a cursor this service gave out"),
+            },
+            _ => errors.add(&name, "is not a known query parameter"),
+        }
+    }
+    errors.finish(|| filter).map_err(ApiError::validation)
+}
+
+fn encode_cursor(created_on: Timestamp, id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{id}", created_on.millis()))
+}
+
+fn decode_cursor(text: &str) -> Option<(Timestamp, Uuid)> {
+    let decoded = String::from_utf8(URL_SAFE_NO_PAD.decode(text).ok()?).ok()?;
+    let (millis, id) = decoded.split_once(':')?;
+    Some((Timestamp::from_millis(millis.parse().ok()?), parse_uuid(id).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_round_trips() {
+        let id = Uuid::now_v7();
+        let cursor = encode_cursor(Timestamp::from_millis(42), id);
+        assert_eq!(decode_cursor(&cursor), Some((Timestamp::from_millis(42), id)));
+        assert_eq!(decode_cursor("garbage!"), None);
+    }
+
+    #[test]
+    fn every_bad_query_parameter_is_reported() {
+        let error = parse_list_query("state=Nope&limit=0&createdFrom=yesterday&colour=red").unwrap_err();
+        let names: Vec<_> = error.validation.iter().map(|f| f.field_name.as_str()).collect();
+        assert_eq!(names, ["state", "limit", "createdFrom", "colour"]);
+    }
+}

@@ -1,0 +1,177 @@
+//! Building and running the service: state shared by handlers, background jobs, the router,
+//! and a graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api;
+use crate::config::Config;
+use crate::domain::time::Timestamp;
+use crate::domain::token::{KeyPair, Keyring};
+use crate::metrics::Metrics;
+use crate::store::{self, DynStore, StoreError};
+
+/// How many expired sessions one sweep transaction records at most.
+const SWEEP_BATCH: usize = 500;
+/// How often the sweep looks for expired sessions.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often each instance re-reads the signing keys (another instance may have rotated).
+const KEYS_EVERY: Duration = Duration::from_secs(30);
+
+/// Everything a handler may need. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: DynStore,
+    pub config: Arc<Config>,
+    /// `config.public_url` without a trailing slash.
+    pub public_url: Arc<str>,
+    pub keyring: Arc<RwLock<Keyring>>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Arc<api::ratelimit::Limits>,
+}
+
+impl AppState {
+    /// Opens (and migrates) the store and loads or creates the signing key.
+    pub async fn open(config: Config) -> Result<AppState, StoreError> {
+        let store = store::open(&config.database_url, true).await?;
+        let keyring = load_keyring(&store).await?;
+        Ok(AppState {
+            public_url: config.public_base().into(),
+            limits: Arc::new(api::ratelimit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip)),
+            config: Arc::new(config),
+            store,
+            keyring: Arc::new(RwLock::new(keyring)),
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+
+    /// The keyring in use now.
+    pub fn keyring(&self) -> Keyring {
+        self.keyring.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+async fn load_keyring(store: &DynStore) -> Result<Keyring, StoreError> {
+    let candidate = KeyPair::generate().map_err(|e| StoreError::Internal(e.to_string()))?;
+    let keys = store.signing_keys(candidate, Timestamp::now()).await?;
+    Ok(Keyring::new(&keys.current, &keys.previous))
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting, finishes in-flight
+/// requests and stops the background jobs.
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop, stopped) = watch::channel(false);
+    let mut jobs = Vec::new();
+    if state.config.expiry_sweep {
+        jobs.push(tokio::spawn(sweep_expired(state.clone(), stopped.clone())));
+    }
+    jobs.push(tokio::spawn(reload_keys(state.clone(), stopped.clone())));
+
+    let metrics_server = match state.config.metrics_listen {
+        Some(address) => {
+            let metrics_listener = TcpListener::bind(address).await?;
+            tracing::info!(address = %metrics_listener.local_addr()?, "metrics listening");
+            let app = api::metrics_router(state.clone());
+            let mut stopped = stopped.clone();
+            Some(tokio::spawn(async move {
+                let until = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                axum::serve(metrics_listener, app).with_graceful_shutdown(until).await
+            }))
+        }
+        None => None,
+    };
+
+    let address = listener.local_addr()?;
+    tracing::info!(%address, public_url = %state.public_url, "listening");
+    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
+        .await;
+    let _ = stop.send(true);
+    for job in jobs {
+        let _ = job.await;
+    }
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
+    tracing::info!("stopped");
+    result
+}
+
+/// Records `Expired` (and its event) for sessions whose time has passed, in batches.
+async fn sweep_expired(state: AppState, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        loop {
+            match state.store.expire_due(Timestamp::now(), SWEEP_BATCH).await {
+                Ok(0) => break,
+                Ok(expired) => {
+                    state.metrics.sessions_expired(expired as u64);
+                    tracing::debug!(expired, "recorded expired sessions");
+                    if expired < SWEEP_BATCH {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the expiry sweep failed; it will try again");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Picks up signing keys rotated by another instance or by `signing-key rotate`.
+async fn reload_keys(state: AppState, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(KEYS_EVERY) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        match load_keyring(&state.store).await {
+            Ok(keyring) => *state.keyring.write().unwrap_or_else(|e| e.into_inner()) = keyring,
+            Err(error) => tracing::warn!(%error, "could not reload the signing keys"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+}

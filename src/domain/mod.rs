@@ -1,0 +1,11 @@
+//! The domain: session states and transitions, money, locales, time, tokens and request
+//! parsing. Plain Rust with no I/O, so that every rule can be unit- and property-tested.
+
+pub mod event;
+pub mod locale;
+pub mod money;
+pub mod request;
+pub mod session;
+pub mod time;
+pub mod token;
+pub mod validate;

@@ -1,0 +1,93 @@
+//! `Timestamp`: an instant in UTC with millisecond precision, written as RFC 3339 with `Z`.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Serialize, Serializer};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Milliseconds since the Unix epoch, UTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    /// The current instant.
+    pub fn now() -> Self {
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        Timestamp(since.as_millis() as i64)
+    }
+
+    /// An instant from Unix milliseconds.
+    pub const fn from_millis(millis: i64) -> Self {
+        Timestamp(millis)
+    }
+
+    /// Unix milliseconds.
+    pub const fn millis(self) -> i64 {
+        self.0
+    }
+
+    /// Unix seconds, rounded down.
+    pub const fn seconds(self) -> i64 {
+        self.0.div_euclid(1000)
+    }
+
+    /// This instant moved forward by `duration`.
+    pub fn plus(self, duration: Duration) -> Self {
+        Timestamp(self.0.saturating_add(duration.as_millis() as i64))
+    }
+
+    /// This instant moved back by `duration`.
+    pub fn minus(self, duration: Duration) -> Self {
+        Timestamp(self.0.saturating_sub(duration.as_millis() as i64))
+    }
+
+    /// Parses RFC 3339 with any offset; sub-millisecond digits are truncated.
+    pub fn parse_rfc3339(text: &str) -> Option<Self> {
+        let parsed = OffsetDateTime::parse(text, &Rfc3339).ok()?;
+        Some(Timestamp((parsed.unix_timestamp_nanos() / 1_000_000) as i64))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    /// `2026-01-31T11:59:59.123Z`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nanos = self.0 as i128 * 1_000_000;
+        let at = OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            at.year(),
+            at.month() as u8,
+            at.day(),
+            at.hour(),
+            at.minute(),
+            at.second(),
+            at.millisecond()
+        )
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_with_milliseconds_and_z() {
+        assert_eq!(Timestamp(0).to_string(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(Timestamp(1_769_860_799_123).to_string(), "2026-01-31T11:59:59.123Z");
+    }
+
+    #[test]
+    fn parses_rfc3339_with_offsets() {
+        assert_eq!(Timestamp::parse_rfc3339("2026-01-31T12:59:59.123+01:00"), Some(Timestamp(1_769_860_799_123)));
+        assert_eq!(Timestamp::parse_rfc3339("2026-01-31"), None);
+    }
+}

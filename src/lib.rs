@@ -1,0 +1,12 @@
+//! redirect-sessions: create, read, list and cancel redirect sessions for payment merchants,
+//! with an event outbox for webhooks. `main.rs` is the CLI; everything else lives here.
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod metrics;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,248 @@
+//! The `redirect-sessions` command line: serve, migrate, merchant, customer, signing-key,
+//! openapi. Bad settings stop it with one line on stderr and exit code 2.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use redirect_sessions::admin::{self, AdminError};
+use redirect_sessions::app::{self, AppState};
+use redirect_sessions::config::{Config, RawSettings};
+use redirect_sessions::domain::validate::parse_uuid;
+use redirect_sessions::{api, store, telemetry};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "redirect-sessions", version, about = "Redirect sessions for payment merchants.")]
+struct Cli {
+    /// A TOML file of settings (defaults < file < REDIRECT_SESSIONS_* variables < flags).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// sqlite://PATH (default sqlite://./data/redirect-sessions.db) or postgres://…; also DATABASE_URL.
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API, the expiry sweep and the webhook dispatcher.
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage merchants.
+    #[command(subcommand)]
+    Merchant(MerchantCommand),
+    /// Manage customers.
+    #[command(subcommand)]
+    Customer(CustomerCommand),
+    /// Manage the keys that sign session tokens.
+    #[command(subcommand, name = "signing-key")]
+    SigningKey(SigningKeyCommand),
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The public base URL of this service, used in tokens, redirect URLs and error links.
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+    /// Session time to live, e.g. 15m or 2s (default 15m).
+    #[arg(long, value_name = "DURATION")]
+    session_ttl: Option<String>,
+    /// Webhook retry delays, e.g. 1s,2s,5s (default 5s,5m,30m,2h,5h,10h,10h).
+    #[arg(long, value_name = "LIST")]
+    webhook_retry_schedule: Option<String>,
+    /// Webhook request timeout (default 10s).
+    #[arg(long, value_name = "DURATION")]
+    webhook_timeout: Option<String>,
+    /// Allow http and loopback/private webhook callback targets (for tests).
+    #[arg(long)]
+    allow_private_callbacks: bool,
+    /// Allow http redirect URLs in sessions (for tests).
+    #[arg(long)]
+    allow_http_redirect_urls: bool,
+    /// Requests per second per API key, burst twice that; 0 turns it off (default 1000).
+    #[arg(long, value_name = "RATE")]
+    rate_limit_per_key: Option<String>,
+    /// Requests per second per client address, burst twice that; 0 turns it off (default 0).
+    #[arg(long, value_name = "RATE")]
+    rate_limit_per_ip: Option<String>,
+    /// Serve /metrics on this separate address instead of the main listener.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// Do not run the expiry sweep in this instance.
+    #[arg(long)]
+    no_expiry_sweep: bool,
+    /// Do not run the webhook dispatcher in this instance.
+    #[arg(long)]
+    no_webhook_dispatcher: bool,
+    /// Log filter, e.g. info or info,redirect_sessions=debug.
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum MerchantCommand {
+    /// Create a merchant; prints {"merchantId", "apiKey"} (the key is shown only once).
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+    /// List merchants.
+    List,
+    /// Replace a merchant's API key; prints the new key.
+    RotateKey {
+        #[arg(long, value_name = "ID")]
+        merchant_id: String,
+    },
+    /// Disable a merchant: its key is refused from now on.
+    Disable {
+        #[arg(long, value_name = "ID")]
+        merchant_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CustomerCommand {
+    /// Create a customer; prints {"customerId"}.
+    Create {
+        /// E.164 phone number, e.g. +4915112345678.
+        #[arg(long)]
+        phone: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SigningKeyCommand {
+    /// Make a new key current; tokens signed with the old key stay valid.
+    Rotate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut flags = RawSettings { database_url: cli.database_url.clone(), ..RawSettings::default() };
+    if let Command::Serve(serve) = &cli.command {
+        flags.listen = serve.listen.clone();
+        flags.public_url = serve.public_url.clone();
+        flags.session_ttl = serve.session_ttl.clone();
+        flags.webhook_retry_schedule = serve.webhook_retry_schedule.clone();
+        flags.webhook_timeout = serve.webhook_timeout.clone();
+        flags.allow_private_callbacks = serve.allow_private_callbacks.then_some(true);
+        flags.allow_http_redirect_urls = serve.allow_http_redirect_urls.then_some(true);
+        flags.rate_limit_per_key = serve.rate_limit_per_key.clone();
+        flags.rate_limit_per_ip = serve.rate_limit_per_ip.clone();
+        flags.metrics_listen = serve.metrics_listen.clone();
+        flags.expiry_sweep = serve.no_expiry_sweep.then_some(false);
+        flags.webhook_dispatcher = serve.no_webhook_dispatcher.then_some(false);
+        flags.log = serve.log.clone();
+    }
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match Config::load(cli.config.as_deref(), &env, &flags) {
+        Ok(config) => config,
+        Err(error) => return usage_error(&error.to_string()),
+    };
+    if let Err(error) = telemetry::init(&config.log) {
+        return usage_error(&error);
+    }
+    if let Command::Openapi = cli.command {
+        print!("{}", api::docs::openapi_json());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return failure(&format!("cannot start the runtime: {error}")),
+    };
+    runtime.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, config: Config) -> ExitCode {
+    match command {
+        Command::Serve(_) => serve(config).await,
+        Command::Migrate => match store::open(&config.database_url, true).await {
+            Ok(_) => {
+                println!("{}", serde_json::json!({"migrated": true}));
+                ExitCode::SUCCESS
+            }
+            Err(error) => failure(&error.to_string()),
+        },
+        Command::Openapi => unreachable!("handled before the runtime starts"),
+        Command::Merchant(command) => {
+            admin_command(&config, |store| async move {
+                match command {
+                    MerchantCommand::Create { name } => admin::create_merchant(&store, &name).await,
+                    MerchantCommand::List => admin::list_merchants(&store).await,
+                    MerchantCommand::RotateKey { merchant_id } => {
+                        admin::rotate_merchant_key(&store, merchant_uuid(&merchant_id)?).await
+                    }
+                    MerchantCommand::Disable { merchant_id } => {
+                        admin::disable_merchant(&store, merchant_uuid(&merchant_id)?).await
+                    }
+                }
+            })
+            .await
+        }
+        Command::Customer(CustomerCommand::Create { phone }) => {
+            admin_command(&config, |store| async move { admin::create_customer(&store, &phone).await }).await
+        }
+        Command::SigningKey(SigningKeyCommand::Rotate) => {
+            admin_command(&config, |store| async move { admin::rotate_signing_key(&store).await }).await
+        }
+    }
+}
+
+fn merchant_uuid(text: &str) -> Result<Uuid, AdminError> {
+    parse_uuid(text).map_err(|m| AdminError::Invalid(format!("--merchant-id {m}")))
+}
+
+async fn admin_command<F, Fut>(config: &Config, command: F) -> ExitCode
+where
+    F: FnOnce(store::DynStore) -> Fut,
+    Fut: std::future::Future<Output = Result<serde_json::Value, AdminError>>,
+{
+    let store = match store::open(&config.database_url, true).await {
+        Ok(store) => store,
+        Err(error) => return failure(&error.to_string()),
+    };
+    match command(store).await {
+        Ok(output) => {
+            println!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(AdminError::Invalid(message)) => usage_error(&message),
+        Err(AdminError::Failed(message)) => failure(&message),
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(error) => return failure(&format!("cannot listen on {}: {error}", config.listen)),
+    };
+    let state = match AppState::open(config).await {
+        Ok(state) => state,
+        Err(error) => return failure(&error.to_string()),
+    };
+    match app::serve(state, listener, app::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => failure(&error.to_string()),
+    }
+}
+
+/// A bad setting or argument: one line, exit code 2.
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+/// The command could not do its work: one line, exit code 1.
+fn failure(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(1)
+}

@@ -1,0 +1,319 @@
+//! Prometheus metrics: request counts and latencies by route and status, and session counters.
+
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, as rendered in the `le` label.
+const BUCKET_LABELS: [&str; 14] =
+    ["0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10"];
+
+/// The same bounds in microseconds, so the hot path compares integers instead of floats.
+const BUCKET_BOUNDS_MICROS: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000,
+];
+
+/// Per-key counters. Buckets are stored non-cumulatively (the last one is +Inf) and the total
+/// is derived from them at render time, so a record costs two atomic adds and a scrape can never
+/// see `_count` disagree with the `+Inf` bucket or with `http_requests_total`.
+#[derive(Default)]
+struct Series {
+    buckets: [AtomicU64; 15],
+    sum_nanos: AtomicU64,
+}
+
+impl Series {
+    fn observe(&self, nanos: u64) {
+        let bucket = BUCKET_BOUNDS_MICROS.partition_point(|&micros| micros * 1_000 < nanos);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+// Nested by component so an existing key can be found with borrowed `&str`s, without
+// allocating a composite owned key on every request.
+type ByStatus = HashMap<u16, Series>;
+type ByRoute = HashMap<String, ByStatus>;
+type ByMethod = HashMap<String, ByRoute>;
+
+/// Process-wide metrics registry; cheap to record into from many threads at once.
+#[derive(Default)]
+pub struct Metrics {
+    series: RwLock<ByMethod>,
+    sessions_created: AtomicU64,
+    sessions_cancelled: AtomicU64,
+    sessions_expired: AtomicU64,
+}
+
+/// One series' values, gathered so series can be sorted for deterministic output. Rendering
+/// holds the read lock throughout, which only delays requests that introduce a new key.
+struct Snapshot<'a> {
+    key: (&'a str, &'a str, u16),
+    buckets: [u64; 15],
+    sum_nanos: u64,
+}
+
+impl Metrics {
+    /// Creates an empty registry; session counters start at 0.
+    pub fn new() -> Metrics {
+        Metrics::default()
+    }
+
+    /// One HTTP request finished. `route` is the matched route template (e.g.
+    /// "/customer-authentication-service/v1/redirect-sessions/{redirectSessionId}") or
+    /// "unmatched"; `method` e.g. "GET"; `status` the HTTP status code.
+    pub fn record_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        {
+            // A panic elsewhere cannot leave the map half-updated, so poisoning is ignored
+            // rather than letting one bad thread disable metrics for good.
+            let map = self.series.read().unwrap_or_else(PoisonError::into_inner);
+            let existing =
+                map.get(method).and_then(|routes| routes.get(route)).and_then(|statuses| statuses.get(&status));
+            if let Some(series) = existing {
+                series.observe(nanos);
+                return;
+            }
+        }
+        let mut map = self.series.write().unwrap_or_else(PoisonError::into_inner);
+        map.entry(method.to_owned())
+            .or_default()
+            .entry(route.to_owned())
+            .or_default()
+            .entry(status)
+            .or_default()
+            .observe(nanos);
+    }
+
+    /// One redirect session was created.
+    pub fn session_created(&self) {
+        self.sessions_created.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` redirect sessions were cancelled.
+    pub fn sessions_cancelled(&self, n: u64) {
+        self.sessions_cancelled.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` redirect sessions expired.
+    pub fn sessions_expired(&self, n: u64) {
+        self.sessions_expired.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Renders everything in the Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        self.render_into(&mut out).expect("formatting into a String cannot fail");
+        out
+    }
+
+    fn render_into(&self, out: &mut String) -> fmt::Result {
+        let map = self.series.read().unwrap_or_else(PoisonError::into_inner);
+        let mut snapshots = Vec::new();
+        for (method, routes) in map.iter() {
+            for (route, statuses) in routes {
+                for (&status, series) in statuses {
+                    let buckets = std::array::from_fn(|i| series.buckets[i].load(Ordering::Relaxed));
+                    let sum_nanos = series.sum_nanos.load(Ordering::Relaxed);
+                    let key = (method.as_str(), route.as_str(), status);
+                    snapshots.push(Snapshot { key, buckets, sum_nanos });
+                }
+            }
+        }
+        snapshots.sort_unstable_by_key(|s| s.key);
+        let labels: Vec<String> = snapshots
+            .iter()
+            .map(|s| {
+                let (method, route, status) = s.key;
+                let (method, route) = (escape_label(method), escape_label(route));
+                format!("method=\"{method}\",route=\"{route}\",status=\"{status}\"")
+            })
+            .collect();
+
+        let name = "http_requests_total";
+        writeln!(out, "# HELP {name} Total HTTP requests.")?;
+        writeln!(out, "# TYPE {name} counter")?;
+        for (s, labels) in snapshots.iter().zip(&labels) {
+            writeln!(out, "{name}{{{labels}}} {}", s.buckets.iter().sum::<u64>())?;
+        }
+
+        let name = "http_request_duration_seconds";
+        writeln!(out, "# HELP {name} HTTP request latency in seconds.")?;
+        writeln!(out, "# TYPE {name} histogram")?;
+        for (s, labels) in snapshots.iter().zip(&labels) {
+            let mut cumulative = 0;
+            let les = BUCKET_LABELS.iter().chain(std::iter::once(&"+Inf"));
+            for (le, count) in les.zip(s.buckets) {
+                cumulative += count;
+                writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}")?;
+            }
+            // Integer nanoseconds divided by 1e9 rounds to the nearest f64 of the exact decimal,
+            // so `{}` prints e.g. 0.0303 rather than 0.030299999999999997.
+            let sum_seconds = s.sum_nanos as f64 / 1e9;
+            writeln!(out, "{name}_sum{{{labels}}} {sum_seconds}")?;
+            writeln!(out, "{name}_count{{{labels}}} {cumulative}")?;
+        }
+
+        let sessions = [
+            ("created", &self.sessions_created),
+            ("cancelled", &self.sessions_cancelled),
+            ("expired", &self.sessions_expired),
+        ];
+        for (what, counter) in sessions {
+            let name = format!("redirect_sessions_{what}_total");
+            writeln!(out, "# HELP {name} Redirect sessions {what}.")?;
+            writeln!(out, "# TYPE {name} counter")?;
+            writeln!(out, "{name} {}", counter.load(Ordering::Relaxed))?;
+        }
+        Ok(())
+    }
+}
+
+/// Escapes a label value as the exposition format requires: backslash, double quote, newline.
+fn escape_label(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    const SESSIONS_AT_ZERO: &str = "\
+# HELP redirect_sessions_created_total Redirect sessions created.
+# TYPE redirect_sessions_created_total counter
+redirect_sessions_created_total 0
+# HELP redirect_sessions_cancelled_total Redirect sessions cancelled.
+# TYPE redirect_sessions_cancelled_total counter
+redirect_sessions_cancelled_total 0
+# HELP redirect_sessions_expired_total Redirect sessions expired.
+# TYPE redirect_sessions_expired_total counter
+redirect_sessions_expired_total 0
+";
+
+    #[test]
+    fn two_requests_render_cumulative_buckets_sum_and_count() {
+        let metrics = Metrics::new();
+        metrics.record_request("GET", "/r", 200, Duration::from_micros(300));
+        metrics.record_request("GET", "/r", 200, Duration::from_millis(30));
+        let l = "method=\"GET\",route=\"/r\",status=\"200\"";
+        let h = "http_request_duration_seconds";
+        let mut expected = format!(
+            "# HELP http_requests_total Total HTTP requests.\n\
+             # TYPE http_requests_total counter\n\
+             http_requests_total{{{l}}} 2\n\
+             # HELP {h} HTTP request latency in seconds.\n\
+             # TYPE {h} histogram\n"
+        );
+        let counts = [1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2];
+        for (le, n) in BUCKET_LABELS.iter().chain(&["+Inf"]).zip(counts) {
+            expected += &format!("{h}_bucket{{{l},le=\"{le}\"}} {n}\n");
+        }
+        expected += &format!("{h}_sum{{{l}}} 0.0303\n{h}_count{{{l}}} 2\n{SESSIONS_AT_ZERO}");
+        assert_eq!(metrics.render(), expected);
+    }
+
+    #[test]
+    fn a_duration_exactly_on_a_bound_falls_in_that_bucket() {
+        let metrics = Metrics::new();
+        metrics.record_request("GET", "/r", 200, Duration::from_millis(1));
+        let out = metrics.render();
+        assert!(out.contains("le=\"0.0005\"} 0\n"));
+        assert!(out.contains("le=\"0.001\"} 1\n"));
+    }
+
+    #[test]
+    fn a_fresh_registry_renders_session_counters_at_zero() {
+        assert!(Metrics::new().render().ends_with(SESSIONS_AT_ZERO));
+    }
+
+    #[test]
+    fn session_counters_accumulate() {
+        let metrics = Metrics::default();
+        metrics.session_created();
+        metrics.session_created();
+        metrics.sessions_cancelled(3);
+        metrics.sessions_expired(5);
+        metrics.sessions_expired(0);
+        let out = metrics.render();
+        assert!(out.contains("\nredirect_sessions_created_total 2\n"));
+        assert!(out.contains("\nredirect_sessions_cancelled_total 3\n"));
+        assert!(out.contains("\nredirect_sessions_expired_total 5\n"));
+    }
+
+    #[test]
+    fn label_values_escape_backslash_quote_and_newline() {
+        let metrics = Metrics::new();
+        metrics.record_request("GET", "a\\b\"c\nd", 404, Duration::ZERO);
+        let out = metrics.render();
+        let expected = r#"http_requests_total{method="GET",route="a\\b\"c\nd",status="404"} 1"#;
+        assert!(out.contains(expected), "{out}");
+    }
+
+    #[test]
+    fn series_are_sorted_by_method_then_route_then_status() {
+        let metrics = Metrics::new();
+        for (m, r, s) in [("POST", "/a", 201), ("GET", "/b", 200), ("GET", "/a", 500), ("GET", "/a", 200)] {
+            metrics.record_request(m, r, s, Duration::ZERO);
+        }
+        let out = metrics.render();
+        let totals: Vec<&str> = out.lines().filter(|l| l.starts_with("http_requests_total{")).collect();
+        assert_eq!(
+            totals,
+            [
+                r#"http_requests_total{method="GET",route="/a",status="200"} 1"#,
+                r#"http_requests_total{method="GET",route="/a",status="500"} 1"#,
+                r#"http_requests_total{method="GET",route="/b",status="200"} 1"#,
+                r#"http_requests_total{method="POST",route="/a",status="201"} 1"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn eight_threads_recording_concurrently_lose_no_counts() {
+        let metrics = Arc::new(Metrics::new());
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let metrics = Arc::clone(&metrics);
+                std::thread::spawn(move || {
+                    for i in 0..10_000u64 {
+                        // Two statuses so threads race on creating new keys too.
+                        let status = if (i + t) % 2 == 0 { 200 } else { 404 };
+                        metrics.record_request("GET", "/r", status, Duration::from_micros(1));
+                        metrics.session_created();
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        let out = metrics.render();
+        for status in [200, 404] {
+            let l = format!("method=\"GET\",route=\"/r\",status=\"{status}\"");
+            assert!(out.contains(&format!("http_requests_total{{{l}}} 40000\n")));
+            assert!(out.contains(&format!("_bucket{{{l},le=\"+Inf\"}} 40000\n")));
+            assert!(out.contains(&format!("_count{{{l}}} 40000\n")));
+            assert!(out.contains(&format!("_sum{{{l}}} 0.04\n")));
+        }
+        assert!(out.contains("\nredirect_sessions_created_total 80000\n"));
+    }
+
+    #[test]
+    fn metrics_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Metrics>();
+    }
+}

@@ -1,0 +1,245 @@
+//! Storage: the `Store` trait with one method per use case, the records it speaks in, and
+//! the backends. Every method that changes a session writes its event in the same
+//! transaction.
+
+pub mod sqlite;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::domain::event::EventType;
+use crate::domain::request::SessionSpec;
+use crate::domain::session::{effective_state, State};
+use crate::domain::time::Timestamp;
+use crate::domain::token::KeyPair;
+
+/// A merchant: the owner of sessions and subscriptions, known by the hash of its API key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Merchant {
+    pub id: Uuid,
+    pub name: String,
+    pub disabled: bool,
+    pub created_on: Timestamp,
+}
+
+/// A redirect session as stored. `state` is the stored state; readers use `effective_state`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: Uuid,
+    pub merchant_id: Uuid,
+    pub spec: SessionSpec,
+    pub state: State,
+    pub token: String,
+    pub expires_on: Timestamp,
+    pub created_on: Timestamp,
+    pub last_modified_on: Timestamp,
+    pub last_correlation_id: Uuid,
+    pub version: i64,
+}
+
+impl SessionRecord {
+    /// The state as every reader and writer must see it at `now`.
+    pub fn effective_state(&self, now: Timestamp) -> State {
+        effective_state(self.state, self.expires_on, now)
+    }
+
+    /// The entity tag of the representation at `now`. It changes with every write and when
+    /// the session expires by the clock (so the tag changes whenever the representation does).
+    pub fn etag(&self, now: Timestamp) -> String {
+        if self.effective_state(now) != self.state {
+            format!("\"{}-expired\"", self.version)
+        } else {
+            format!("\"{}\"", self.version)
+        }
+    }
+
+    /// Whether an `If-Match` header value matches this session at `now`.
+    pub fn matches(&self, if_match: &str, now: Timestamp) -> bool {
+        let current = self.etag(now);
+        if_match
+            .split(',')
+            .map(str::trim)
+            .any(|tag| tag == "*" || tag == current || tag.strip_prefix("W/") == Some(&current))
+    }
+}
+
+/// What creating a session came to.
+#[derive(Debug)]
+pub enum CreateOutcome {
+    /// The session is new.
+    Created(SessionRecord),
+    /// A session with this id already exists (of this or another merchant); nothing changed.
+    Exists(SessionRecord),
+    /// The spec names a customer the service does not know; nothing changed.
+    CustomerNotFound,
+}
+
+/// A merchant's request to cancel a session.
+#[derive(Clone, Debug)]
+pub struct CancelRequest {
+    pub merchant_id: Uuid,
+    pub session_id: Uuid,
+    pub if_match: Option<String>,
+    pub correlation_id: Uuid,
+    pub now: Timestamp,
+}
+
+/// What cancelling came to.
+#[derive(Debug)]
+pub enum CancelOutcome {
+    /// This request moved the session to `Cancelled` and recorded the event.
+    Cancelled(SessionRecord),
+    /// It was already cancelled; nothing changed.
+    AlreadyCancelled(SessionRecord),
+    NotFound,
+    OtherMerchant,
+    /// The session is in a state cancel cannot leave (terminal, or expired by the clock).
+    InvalidTransition(State),
+    /// `If-Match` did not match.
+    VersionMismatch,
+}
+
+/// Which of a merchant's sessions to list, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct SessionFilter {
+    pub state: Option<State>,
+    /// Inclusive.
+    pub created_from: Option<Timestamp>,
+    /// Exclusive.
+    pub created_to: Option<Timestamp>,
+    /// Only sessions older than this (created, id) position: the cursor.
+    pub after: Option<(Timestamp, Uuid)>,
+    pub limit: usize,
+}
+
+/// A response kept under an idempotency key, replayed byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What the idempotency record says about a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// First time (or an abandoned attempt was taken over): run the request.
+    Proceed,
+    /// Done before: answer this.
+    Replay(StoredResponse),
+    /// Still running elsewhere.
+    InProgress,
+    /// The id was used for a different request.
+    Reused,
+}
+
+/// An idempotency key: the merchant's request id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    pub merchant_id: Uuid,
+    pub request_id: Uuid,
+}
+
+/// The signing keys: the one to sign with and every public key still accepted.
+#[derive(Clone, Debug)]
+pub struct SigningKeys {
+    pub current: KeyPair,
+    pub previous: Vec<(String, [u8; 32])>,
+}
+
+/// A storage failure. Domain outcomes (not found, conflicts) are not errors.
+#[derive(Clone, Debug)]
+pub enum StoreError {
+    /// The database cannot be reached or is shutting down: `503`.
+    Unavailable(String),
+    /// Anything else: `500`.
+    Internal(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unavailable(why) => write!(f, "database unavailable: {why}"),
+            StoreError::Internal(why) => write!(f, "database error: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// The storage a backend provides, one method per use case.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `Ok` when the database answers and is migrated.
+    async fn ready(&self) -> Result<(), StoreError>;
+
+    async fn create_merchant(&self, merchant: Merchant, key_hash: [u8; 32]) -> Result<(), StoreError>;
+    /// The enabled or disabled merchant whose key hashes to `key_hash`.
+    async fn merchant_by_key(&self, key_hash: [u8; 32]) -> Result<Option<Merchant>, StoreError>;
+    async fn list_merchants(&self) -> Result<Vec<Merchant>, StoreError>;
+    /// Replaces the key; `false` when there is no such merchant.
+    async fn rotate_merchant_key(&self, id: Uuid, key_hash: [u8; 32]) -> Result<bool, StoreError>;
+    /// `false` when there is no such merchant.
+    async fn disable_merchant(&self, id: Uuid) -> Result<bool, StoreError>;
+
+    async fn create_customer(&self, id: Uuid, phone: String, now: Timestamp) -> Result<(), StoreError>;
+
+    /// Inserts the session unless its id exists (checking the customer first).
+    async fn create_session(&self, session: SessionRecord) -> Result<CreateOutcome, StoreError>;
+    async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError>;
+    /// `limit + 1` at most, so the caller knows whether another page follows.
+    async fn list_sessions(
+        &self,
+        merchant_id: Uuid,
+        filter: SessionFilter,
+        now: Timestamp,
+    ) -> Result<Vec<SessionRecord>, StoreError>;
+    /// One conditional write: cancels and records the event, or says why not.
+    async fn cancel_session(&self, request: CancelRequest) -> Result<CancelOutcome, StoreError>;
+    /// Records `Expired` and its event for up to `batch` sessions whose time has passed;
+    /// answers how many it expired.
+    async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize, StoreError>;
+    /// The events of one session, oldest first (for operators and tests).
+    async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>, StoreError>;
+
+    async fn idempotency_begin(
+        &self,
+        key: IdempotencyKey,
+        fingerprint: [u8; 32],
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<IdempotencyBegin, StoreError>;
+    async fn idempotency_finish(
+        &self,
+        key: IdempotencyKey,
+        response: StoredResponse,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+    /// Forgets an in-progress record so that a later retry runs.
+    async fn idempotency_release(&self, key: IdempotencyKey) -> Result<(), StoreError>;
+
+    /// The signing keys, creating `candidate` as the first one when there is none.
+    async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys, StoreError>;
+    /// Makes `next` the current key; the old one stays accepted.
+    async fn rotate_signing_key(&self, next: KeyPair, now: Timestamp) -> Result<(), StoreError>;
+}
+
+/// A shared handle to the backend in use.
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the backend the URL names, migrating it when `migrate` is set.
+pub async fn open(url: &crate::config::DatabaseUrl, migrate: bool) -> Result<DynStore, StoreError> {
+    match url {
+        crate::config::DatabaseUrl::Sqlite { path } => {
+            let store = sqlite::SqliteStore::open(path, migrate).await?;
+            Ok(Arc::new(store))
+        }
+        crate::config::DatabaseUrl::Postgres(_) => Err(StoreError::Unavailable(
+            "the PostgreSQL backend is not available in this build yet; use sqlite://".to_owned(),
+        )),
+    }
+}

@@ -1,0 +1,576 @@
+//! The embedded SQLite backend: WAL, `synchronous=FULL`, one writer thread with group commit
+//! and a few reader threads (see `docs/DESIGN.md`).
+
+mod schema;
+mod worker;
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+use uuid::Uuid;
+
+use self::worker::{internal, Readers, Writer};
+use crate::domain::event::EventType;
+use crate::domain::session::{transition, Action, State, Transition, LIVE_STATES};
+use crate::domain::time::Timestamp;
+use crate::domain::token::KeyPair;
+use crate::store::{
+    CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey, Merchant, SessionFilter,
+    SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
+};
+
+/// How many reader connections (and threads) serve reads.
+const READERS: usize = 4;
+
+/// The SQLite store.
+pub struct SqliteStore {
+    writer: Writer,
+    readers: Readers,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`; migrates it when `migrate` is set.
+    pub async fn open(path: &Path, migrate: bool) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create the directory {}: {e}", parent.display()))
+            })?;
+        }
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let writer = connect(&path, true)?;
+            if migrate {
+                schema::migrate(&writer)?;
+            }
+            let readers = (0..READERS).map(|_| connect(&path, false)).collect::<Result<Vec<_>, _>>()?;
+            let (writer, _) = Writer::start(writer);
+            let (readers, _) = Readers::start(readers);
+            Ok(SqliteStore { writer, readers })
+        })
+        .await
+        .map_err(|e| StoreError::Internal(e.to_string()))?
+    }
+}
+
+fn connect(path: &Path, write: bool) -> Result<Connection, StoreError> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let connection = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open the SQLite database {}: {e}", path.display())))?;
+    // WAL lets readers run beside the writer; synchronous=FULL fsyncs the WAL on every commit,
+    // so an acknowledged write survives power loss.
+    connection
+        .execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;
+             PRAGMA busy_timeout = 5000;
+             PRAGMA cache_size = -16000;",
+        )
+        .map_err(|e| internal(&e))?;
+    connection.set_prepared_statement_cache_capacity(64);
+    Ok(connection)
+}
+
+const SESSION_COLUMNS: &str =
+    "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, last_correlation_id, version";
+
+fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
+    let bad = |i: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.to_owned().into())
+    };
+    let state: String = row.get(2)?;
+    let spec: String = row.get(3)?;
+    Ok(SessionRecord {
+        id: uuid_at(row, 0)?,
+        merchant_id: uuid_at(row, 1)?,
+        state: State::parse(&state).ok_or_else(|| bad(2, "unknown state"))?,
+        spec: serde_json::from_str(&spec).map_err(|_| bad(3, "unreadable spec"))?,
+        token: row.get(4)?,
+        expires_on: Timestamp::from_millis(row.get(5)?),
+        created_on: Timestamp::from_millis(row.get(6)?),
+        last_modified_on: Timestamp::from_millis(row.get(7)?),
+        last_correlation_id: uuid_at(row, 8)?,
+        version: row.get(9)?,
+    })
+}
+
+fn uuid_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
+    let bytes: [u8; 16] = row.get(index)?;
+    Ok(Uuid::from_bytes(bytes))
+}
+
+fn merchant_from_row(row: &Row<'_>) -> rusqlite::Result<Merchant> {
+    Ok(Merchant {
+        id: uuid_at(row, 0)?,
+        name: row.get(1)?,
+        disabled: row.get(2)?,
+        created_on: Timestamp::from_millis(row.get(3)?),
+    })
+}
+
+fn load_session(connection: &Connection, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
+    let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1");
+    let mut statement = connection.prepare_cached(&sql).map_err(|e| internal(&e))?;
+    statement.query_row(params![id.as_bytes()], session_from_row).optional().map_err(|e| internal(&e))
+}
+
+/// Moves a live session to `to` with one conditional update and inserts its event; `false`
+/// when the condition no longer held (another writer won, or the clock expired it).
+fn change_state(
+    connection: &Connection,
+    session: &SessionRecord,
+    to: State,
+    correlation_id: Uuid,
+    now: Timestamp,
+    require_unexpired: bool,
+) -> Result<bool, StoreError> {
+    let changed = connection
+        .prepare_cached(
+            "UPDATE sessions SET state = ?2, version = version + 1, last_modified_on = ?3,
+                    last_correlation_id = ?4
+              WHERE id = ?1 AND version = ?5 AND state IN ('Created', 'Opened', 'Authenticated')
+                AND (?6 = 0 OR expires_on > ?3)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                session.id.as_bytes(),
+                to.as_str(),
+                now.millis(),
+                correlation_id.as_bytes(),
+                session.version,
+                require_unexpired
+            ])
+        })
+        .map_err(|e| internal(&e))?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    if let Some(event) = EventType::for_state(to) {
+        let data = serde_json::json!({
+            "id": session.id,
+            "state": to.as_str(),
+            "type": session.spec.kind.as_str(),
+            "createdOn": session.created_on,
+            "lastModifiedOn": now,
+        });
+        connection
+            .prepare_cached(
+                "INSERT INTO events (id, merchant_id, session_id, type, data, created_on)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    Uuid::now_v7().as_bytes(),
+                    session.merchant_id.as_bytes(),
+                    session.id.as_bytes(),
+                    event.as_str(),
+                    data.to_string(),
+                    now.millis()
+                ])
+            })
+            .map_err(|e| internal(&e))?;
+    }
+    Ok(true)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.readers.run(schema::check_current).await
+    }
+
+    async fn create_merchant(&self, merchant: Merchant, key_hash: [u8; 32]) -> Result<(), StoreError> {
+        self.writer
+            .run(move |c| {
+                c.execute(
+                    "INSERT INTO merchants (id, name, api_key_hash, disabled, created_on) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        merchant.id.as_bytes(),
+                        merchant.name,
+                        key_hash,
+                        merchant.disabled,
+                        merchant.created_on.millis()
+                    ],
+                )
+                .map(drop)
+                .map_err(|e| internal(&e))
+            })
+            .await
+    }
+
+    async fn merchant_by_key(&self, key_hash: [u8; 32]) -> Result<Option<Merchant>, StoreError> {
+        self.readers
+            .run(move |c| {
+                c.prepare_cached("SELECT id, name, disabled, created_on FROM merchants WHERE api_key_hash = ?1")
+                    .and_then(|mut s| s.query_row(params![key_hash], merchant_from_row).optional())
+                    .map_err(|e| internal(&e))
+            })
+            .await
+    }
+
+    async fn list_merchants(&self) -> Result<Vec<Merchant>, StoreError> {
+        self.readers
+            .run(|c| {
+                c.prepare_cached("SELECT id, name, disabled, created_on FROM merchants ORDER BY created_on, id")
+                    .and_then(|mut s| s.query_map([], merchant_from_row)?.collect())
+                    .map_err(|e| internal(&e))
+            })
+            .await
+    }
+
+    async fn rotate_merchant_key(&self, id: Uuid, key_hash: [u8; 32]) -> Result<bool, StoreError> {
+        self.writer
+            .run(move |c| {
+                c.execute("UPDATE merchants SET api_key_hash = ?2 WHERE id = ?1", params![id.as_bytes(), key_hash])
+                    .map(|n| n == 1)
+                    .map_err(|e| internal(&e))
+            })
+            .await
+    }
+
+    async fn disable_merchant(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.writer
+            .run(move |c| {
+                c.execute("UPDATE merchants SET disabled = 1 WHERE id = ?1", params![id.as_bytes()])
+                    .map(|n| n == 1)
+                    .map_err(|e| internal(&e))
+            })
+            .await
+    }
+
+    async fn create_customer(&self, id: Uuid, phone: String, now: Timestamp) -> Result<(), StoreError> {
+        self.writer
+            .run(move |c| {
+                c.execute(
+                    "INSERT INTO customers (id, phone, created_on) VALUES (?1, ?2, ?3)",
+                    params![id.as_bytes(), phone, now.millis()],
+                )
+                .map(drop)
+                .map_err(|e| internal(&e))
+            })
+            .await
+    }
+
+    async fn create_session(&self, session: SessionRecord) -> Result<CreateOutcome, StoreError> {
+        self.writer
+            .run(move |c| {
+                if let Some(existing) = load_session(c, session.id)? {
+                    return Ok(CreateOutcome::Exists(existing));
+                }
+                if let Some(customer) = session.spec.customer_id {
+                    let known = c
+                        .prepare_cached("SELECT 1 FROM customers WHERE id = ?1")
+                        .and_then(|mut s| s.exists(params![customer.as_bytes()]))
+                        .map_err(|e| internal(&e))?;
+                    if !known {
+                        return Ok(CreateOutcome::CustomerNotFound);
+                    }
+                }
+                let spec = serde_json::to_string(&session.spec).map_err(|e| StoreError::Internal(e.to_string()))?;
+                let sql = format!(
+                    "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                );
+                c.prepare_cached(&sql)
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            session.id.as_bytes(),
+                            session.merchant_id.as_bytes(),
+                            session.state.as_str(),
+                            spec,
+                            session.token,
+                            session.expires_on.millis(),
+                            session.created_on.millis(),
+                            session.last_modified_on.millis(),
+                            session.last_correlation_id.as_bytes(),
+                            session.version
+                        ])
+                    })
+                    .map_err(|e| internal(&e))?;
+                Ok(CreateOutcome::Created(session))
+            })
+            .await
+    }
+
+    async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
+        self.readers.run(move |c| load_session(c, id)).await
+    }
+
+    async fn list_sessions(
+        &self,
+        merchant_id: Uuid,
+        filter: SessionFilter,
+        now: Timestamp,
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        self.readers
+            .run(move |c| {
+                let mut sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE merchant_id = ?1");
+                match filter.state {
+                    None => {}
+                    Some(State::Expired) => sql.push_str(
+                        " AND (state = 'Expired' OR (state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= ?2))",
+                    ),
+                    Some(state) if LIVE_STATES.contains(&state) => {
+                        sql.push_str(&format!(" AND state = '{}' AND expires_on > ?2", state.as_str()))
+                    }
+                    Some(state) => sql.push_str(&format!(" AND state = '{}'", state.as_str())),
+                }
+                sql.push_str(" AND created_on >= ?3 AND created_on < ?4 AND (created_on, id) < (?5, ?6)");
+                sql.push_str(" ORDER BY created_on DESC, id DESC LIMIT ?7");
+                let (after_time, after_id) =
+                    filter.after.map(|(t, id)| (t.millis(), *id.as_bytes())).unwrap_or((i64::MAX, [0xff; 16]));
+                let mut statement = c.prepare_cached(&sql).map_err(|e| internal(&e))?;
+                let rows = statement
+                    .query_map(
+                        params![
+                            merchant_id.as_bytes(),
+                            now.millis(),
+                            filter.created_from.map_or(i64::MIN, Timestamp::millis),
+                            filter.created_to.map_or(i64::MAX, Timestamp::millis),
+                            after_time,
+                            after_id,
+                            (filter.limit + 1) as i64
+                        ],
+                        session_from_row,
+                    )
+                    .map_err(|e| internal(&e))?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(|e| internal(&e))
+            })
+            .await
+    }
+
+    async fn cancel_session(&self, request: CancelRequest) -> Result<CancelOutcome, StoreError> {
+        self.writer
+            .run(move |c| {
+                let Some(session) = load_session(c, request.session_id)? else {
+                    return Ok(CancelOutcome::NotFound);
+                };
+                if session.merchant_id != request.merchant_id {
+                    return Ok(CancelOutcome::OtherMerchant);
+                }
+                if let Some(if_match) = &request.if_match {
+                    if !session.matches(if_match, request.now) {
+                        return Ok(CancelOutcome::VersionMismatch);
+                    }
+                }
+                let from = session.effective_state(request.now);
+                match transition(from, Action::Cancel) {
+                    Ok(Transition::Unchanged) => Ok(CancelOutcome::AlreadyCancelled(session)),
+                    Err(_) => Ok(CancelOutcome::InvalidTransition(from)),
+                    Ok(Transition::To(to)) => {
+                        if !change_state(c, &session, to, request.correlation_id, request.now, true)? {
+                            // Cannot happen with one writer; with several it means a race was
+                            // lost between the read and the write.
+                            return Ok(CancelOutcome::VersionMismatch);
+                        }
+                        let mut cancelled = session;
+                        cancelled.state = to;
+                        cancelled.version += 1;
+                        cancelled.last_modified_on = request.now;
+                        cancelled.last_correlation_id = request.correlation_id;
+                        Ok(CancelOutcome::Cancelled(cancelled))
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize, StoreError> {
+        self.writer
+            .run(move |c| {
+                let sql = format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions
+                      WHERE state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= ?1
+                      ORDER BY expires_on LIMIT ?2"
+                );
+                let due: Vec<SessionRecord> = c
+                    .prepare_cached(&sql)
+                    .and_then(|mut s| s.query_map(params![now.millis(), batch as i64], session_from_row)?.collect())
+                    .map_err(|e| internal(&e))?;
+                let mut expired = 0;
+                for session in &due {
+                    if change_state(c, session, State::Expired, session.last_correlation_id, now, false)? {
+                        expired += 1;
+                    }
+                }
+                Ok(expired)
+            })
+            .await
+    }
+
+    async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>, StoreError> {
+        self.readers
+            .run(move |c| {
+                let mut statement = c
+                    .prepare_cached("SELECT id, type FROM events WHERE session_id = ?1 ORDER BY created_on, id")
+                    .map_err(|e| internal(&e))?;
+                let rows = statement
+                    .query_map(params![session_id.as_bytes()], |row| {
+                        let kind: String = row.get(1)?;
+                        Ok((uuid_at(row, 0)?, kind))
+                    })
+                    .map_err(|e| internal(&e))?;
+                let mut events = Vec::new();
+                for row in rows {
+                    let (id, kind) = row.map_err(|e| internal(&e))?;
+                    let kind = [
+                        EventType::RedirectSessionCancelled,
+                        EventType::RedirectSessionExpired,
+                        EventType::RedirectSessionCompleted,
+                        EventType::RedirectSessionAborted,
+                    ]
+                    .into_iter()
+                    .find(|t| t.as_str() == kind)
+                    .ok_or_else(|| StoreError::Internal(format!("unknown event type {kind}")))?;
+                    events.push((id, kind));
+                }
+                Ok(events)
+            })
+            .await
+    }
+
+    async fn idempotency_begin(
+        &self,
+        key: IdempotencyKey,
+        fingerprint: [u8; 32],
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<IdempotencyBegin, StoreError> {
+        self.writer
+            .run(move |c| {
+                let existing = c
+                    .prepare_cached(
+                        "SELECT fingerprint, started_on, status, headers, body FROM idempotency
+                          WHERE merchant_id = ?1 AND request_id = ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![key.merchant_id.as_bytes(), key.request_id.as_bytes()], |row| {
+                            Ok((
+                                row.get::<_, [u8; 32]>(0)?,
+                                row.get::<_, i64>(1)?,
+                                row.get::<_, Option<u16>>(2)?,
+                                row.get::<_, Option<String>>(3)?,
+                                row.get::<_, Option<Vec<u8>>>(4)?,
+                            ))
+                        })
+                        .optional()
+                    })
+                    .map_err(|e| internal(&e))?;
+                match existing {
+                    None => {
+                        c.prepare_cached(
+                            "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on)
+                             VALUES (?1, ?2, ?3, ?4)",
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![
+                                key.merchant_id.as_bytes(),
+                                key.request_id.as_bytes(),
+                                fingerprint,
+                                now.millis()
+                            ])
+                        })
+                        .map_err(|e| internal(&e))?;
+                        Ok(IdempotencyBegin::Proceed)
+                    }
+                    Some((stored, _, _, _, _)) if stored != fingerprint => Ok(IdempotencyBegin::Reused),
+                    Some((_, _, Some(status), headers, body)) => Ok(IdempotencyBegin::Replay(StoredResponse {
+                        status,
+                        headers: headers.and_then(|h| serde_json::from_str(&h).ok()).unwrap_or_default(),
+                        body: body.unwrap_or_default(),
+                    })),
+                    Some((_, started_on, None, _, _)) if started_on > now.minus(lease).millis() => {
+                        Ok(IdempotencyBegin::InProgress)
+                    }
+                    Some(_) => {
+                        // The first attempt was abandoned (its process died); take it over.
+                        c.execute(
+                            "UPDATE idempotency SET started_on = ?3 WHERE merchant_id = ?1 AND request_id = ?2",
+                            params![key.merchant_id.as_bytes(), key.request_id.as_bytes(), now.millis()],
+                        )
+                        .map_err(|e| internal(&e))?;
+                        Ok(IdempotencyBegin::Proceed)
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn idempotency_finish(
+        &self,
+        key: IdempotencyKey,
+        response: StoredResponse,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.writer
+            .run(move |c| {
+                let headers =
+                    serde_json::to_string(&response.headers).map_err(|e| StoreError::Internal(e.to_string()))?;
+                c.prepare_cached(
+                    "UPDATE idempotency SET status = ?3, headers = ?4, body = ?5, completed_on = ?6
+                      WHERE merchant_id = ?1 AND request_id = ?2",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        key.merchant_id.as_bytes(),
+                        key.request_id.as_bytes(),
+                        response.status,
+                        headers,
+                        response.body,
+                        now.millis()
+                    ])
+                })
+                .map(drop)
+                .map_err(|e| internal(&e))
+            })
+            .await
+    }
+
+    async fn idempotency_release(&self, key: IdempotencyKey) -> Result<(), StoreError> {
+        self.writer
+            .run(move |c| {
+                c.prepare_cached(
+                    "DELETE FROM idempotency WHERE merchant_id = ?1 AND request_id = ?2 AND status IS NULL",
+                )
+                .and_then(|mut s| s.execute(params![key.merchant_id.as_bytes(), key.request_id.as_bytes()]))
+                .map(drop)
+                .map_err(|e| internal(&e))
+            })
+            .await
+    }
+
+    async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys, StoreError> {
+        self.writer
+            .run(move |c| {
+                c.execute(
+                    "INSERT INTO signing_keys (kid, secret, public, created_on)
+                     SELECT ?1, ?2, ?3, ?4 WHERE NOT EXISTS (SELECT 1 FROM signing_keys WHERE retired_on IS NULL)",
+                    params![candidate.kid, candidate.secret, candidate.public(), now.millis()],
+                )
+                .map_err(|e| internal(&e))?;
+                schema::load_signing_keys(c)
+            })
+            .await
+    }
+
+    async fn rotate_signing_key(&self, next: KeyPair, now: Timestamp) -> Result<(), StoreError> {
+        self.writer
+            .run(move |c| {
+                c.execute("UPDATE signing_keys SET retired_on = ?1 WHERE retired_on IS NULL", params![now.millis()])
+                    .and_then(|_| {
+                        c.execute(
+                            "INSERT INTO signing_keys (kid, secret, public, created_on) VALUES (?1, ?2, ?3, ?4)",
+                            params![next.kid, next.secret, next.public(), now.millis()],
+                        )
+                    })
+                    .map(drop)
+                    .map_err(|e| internal(&e))
+            })
+            .await
+    }
+}

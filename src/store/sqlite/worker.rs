@@ -1,0 +1,162 @@
+//! The threads that own SQLite connections: one writer that commits concurrent jobs together
+//! (group commit), and a few readers. Async callers send closures and await the answer.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use crate::store::StoreError;
+
+/// The most jobs committed together; bounds the latency one batch adds to its first job.
+const MAX_BATCH: usize = 512;
+
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// The single writer. Every job runs inside its own savepoint of a shared transaction; the
+/// transaction is committed (one fsync) before any job of the batch is answered.
+pub struct Writer {
+    jobs: Sender<WriteJob>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `connection`.
+    pub fn start(connection: Connection) -> (Writer, JoinHandle<()>) {
+        let (jobs, queue) = crossbeam_channel::unbounded::<WriteJob>();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".to_owned())
+            .spawn(move || write_loop(connection, queue))
+            .expect("the writer thread starts");
+        (Writer { jobs }, thread)
+    }
+
+    /// Runs `job` in the next batch and answers once that batch is durable. A job that
+    /// fails is rolled back alone; its batch-mates still commit.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        let job: WriteJob = Box::new(move |connection| {
+            let result = job(connection);
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |committed| {
+                let _ = answer.send(committed.and(result));
+            });
+            (ok, reply)
+        });
+        self.jobs.send(job).map_err(|_| shutting_down())?;
+        answered.await.map_err(|_| StoreError::Internal("a write job panicked".to_owned()))?
+    }
+}
+
+fn write_loop(connection: Connection, queue: Receiver<WriteJob>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let replies = run_batch(&connection, batch);
+        let committed = connection.execute_batch("COMMIT").map_err(|e| internal(&e));
+        if committed.is_err() {
+            let _ = connection.execute_batch("ROLLBACK");
+        }
+        for reply in replies {
+            reply(committed.clone());
+        }
+    }
+}
+
+fn run_batch(connection: &Connection, batch: Vec<WriteJob>) -> Vec<Reply> {
+    let mut replies = Vec::with_capacity(batch.len());
+    if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+        // Nothing ran; the jobs are dropped and their callers see the failure.
+        tracing::error!(%error, "could not begin a write transaction");
+        return replies;
+    }
+    for job in batch {
+        if connection.execute_batch("SAVEPOINT job").is_err() {
+            continue;
+        }
+        match catch_unwind(AssertUnwindSafe(|| job(connection))) {
+            Ok((true, reply)) => {
+                let _ = connection.execute_batch("RELEASE job");
+                replies.push(reply);
+            }
+            Ok((false, reply)) => {
+                let _ = connection.execute_batch("ROLLBACK TO job; RELEASE job");
+                replies.push(reply);
+            }
+            Err(_) => {
+                // The job's answer channel was dropped with it; its caller sees an error.
+                tracing::error!("a write job panicked; its changes were rolled back");
+                let _ = connection.execute_batch("ROLLBACK TO job; RELEASE job");
+            }
+        }
+    }
+    replies
+}
+
+/// Reader threads, each with its own connection, sharing one queue.
+pub struct Readers {
+    jobs: Sender<ReadJob>,
+}
+
+impl Readers {
+    /// Starts one thread per connection.
+    pub fn start(connections: Vec<Connection>) -> (Readers, Vec<JoinHandle<()>>) {
+        let (jobs, queue) = crossbeam_channel::unbounded::<ReadJob>();
+        let threads = connections
+            .into_iter()
+            .enumerate()
+            .map(|(n, connection)| {
+                let queue = queue.clone();
+                std::thread::Builder::new()
+                    .name(format!("sqlite-reader-{n}"))
+                    .spawn(move || {
+                        while let Ok(job) = queue.recv() {
+                            let _ = catch_unwind(AssertUnwindSafe(|| job(&connection)));
+                        }
+                    })
+                    .expect("a reader thread starts")
+            })
+            .collect();
+        (Readers { jobs }, threads)
+    }
+
+    /// Runs `job` on a reader connection.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        let job: ReadJob = Box::new(move |connection| {
+            let _ = answer.send(job(connection));
+        });
+        self.jobs.send(job).map_err(|_| shutting_down())?;
+        answered.await.map_err(|_| StoreError::Internal("a read job panicked".to_owned()))?
+    }
+}
+
+fn shutting_down() -> StoreError {
+    StoreError::Unavailable("the database is shutting down".to_owned())
+}
+
+/// Maps a SQLite error: a locked or busy database is temporary, anything else internal.
+pub fn internal(error: &rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match error.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked | CannotOpen | SystemIoFailure | DiskFull) => {
+            StoreError::Unavailable(error.to_string())
+        }
+        _ => StoreError::Internal(error.to_string()),
+    }
+}
