@@ -14,12 +14,20 @@ use crate::config::Config;
 use crate::domain::time::Timestamp;
 use crate::domain::token::{KeyPair, Keyring};
 use crate::metrics::Metrics;
+use crate::store::webhooks::Retention;
 use crate::store::{self, DynStore, StoreError};
+use crate::webhooks::client::WebhookClient;
+use crate::webhooks::dispatcher::{self, DispatcherSettings};
 
 /// How many expired sessions one sweep transaction records at most.
 const SWEEP_BATCH: usize = 500;
 /// How often the sweep looks for expired sessions.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often old records are purged, and how many of each kind per transaction.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+const PURGE_BATCH: usize = 1000;
+/// Idempotency records are kept at least this long (SPEC §4).
+const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// How often each instance re-reads the signing keys (another instance may have rotated).
 const KEYS_EVERY: Duration = Duration::from_secs(30);
 
@@ -75,6 +83,16 @@ pub async fn serve(
         jobs.push(tokio::spawn(sweep_expired(state.clone(), stopped.clone())));
     }
     jobs.push(tokio::spawn(reload_keys(state.clone(), stopped.clone())));
+    jobs.push(tokio::spawn(purge_old_records(state.clone(), stopped.clone())));
+    if state.config.webhook_dispatcher {
+        let client = WebhookClient::new(state.config.webhook_timeout, state.config.allow_private_callbacks)?;
+        let settings = DispatcherSettings {
+            retry_schedule: state.config.webhook_retry_schedule.clone(),
+            timeout: state.config.webhook_timeout,
+            concurrency: state.config.webhook_concurrency,
+        };
+        jobs.push(tokio::spawn(dispatcher::run(state.store.clone(), client, settings, stopped.clone())));
+    }
 
     let metrics_server = match state.config.metrics_listen {
         Some(address) => {
@@ -135,6 +153,31 @@ async fn sweep_expired(state: AppState, mut stopped: watch::Receiver<bool>) {
                     tracing::warn!(%error, "the expiry sweep failed; it will try again");
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// Deletes finished deliveries, their attempts and events past the retention, and
+/// idempotency records older than a day, in small batches so writers barely notice.
+async fn purge_old_records(state: AppState, mut stopped: watch::Receiver<bool>) {
+    let retention = Retention { deliveries: state.config.delivery_retention, idempotency: IDEMPOTENCY_RETENTION };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PURGE_EVERY) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        loop {
+            match state.store.purge(Timestamp::now(), retention, PURGE_BATCH).await {
+                Ok(removed) if removed > 0 => tracing::debug!(removed, "purged old records"),
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "purging old records failed; it will try again");
+                    break;
+                }
+            }
+            if *stopped.borrow() {
+                return;
             }
         }
     }

@@ -19,6 +19,8 @@ const DEFAULT_DATABASE_URL: &str = "sqlite://./data/redirect-sessions.db";
 const DEFAULT_SESSION_TTL: &str = "15m";
 const DEFAULT_RETRY_SCHEDULE: &str = "5s,5m,30m,2h,5h,10h,10h";
 const DEFAULT_WEBHOOK_TIMEOUT: &str = "10s";
+const DEFAULT_WEBHOOK_CONCURRENCY: &str = "256";
+const DEFAULT_DELIVERY_RETENTION: &str = "30d";
 const DEFAULT_RATE_LIMIT_PER_KEY: &str = "1000";
 const DEFAULT_RATE_LIMIT_PER_IP: &str = "0";
 const DEFAULT_LOG: &str = "info";
@@ -40,6 +42,10 @@ pub struct RawSettings {
     #[serde(default, deserialize_with = "text_or_list")]
     pub webhook_retry_schedule: Option<String>,
     pub webhook_timeout: Option<String>,
+    /// The file may also give a TOML integer.
+    #[serde(default, deserialize_with = "text_or_number")]
+    pub webhook_concurrency: Option<String>,
+    pub delivery_retention: Option<String>,
     pub allow_private_callbacks: Option<bool>,
     pub allow_http_redirect_urls: Option<bool>,
     /// The file may also give a TOML integer.
@@ -88,6 +94,10 @@ pub struct Config {
     pub webhook_retry_schedule: Vec<Duration>,
     /// More than 0 and at most 5m; default 10s.
     pub webhook_timeout: Duration,
+    /// Webhook attempts in flight per instance, 1 to 10000; default 256.
+    pub webhook_concurrency: usize,
+    /// How long finished deliveries, their attempts and events are kept, 1h to 3650d; default 30d.
+    pub delivery_retention: Duration,
     /// Default false.
     pub allow_private_callbacks: bool,
     /// Default false.
@@ -218,6 +228,15 @@ impl Layers {
                 let range = "more than 0 and at most 5m";
                 duration_within(text, Duration::from_millis(1), Duration::from_secs(300), range)
             }),
+            webhook_concurrency: setting!(webhook_concurrency, DEFAULT_WEBHOOK_CONCURRENCY, |text| {
+                match text.parse::<usize>() {
+                    Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+                    _ => Err("expected a whole number from 1 to 10000".to_owned()),
+                }
+            }),
+            delivery_retention: setting!(delivery_retention, DEFAULT_DELIVERY_RETENTION, |text| {
+                duration_within(text, hours(1), hours(24 * 3650), "from 1h to 3650d")
+            }),
             allow_private_callbacks: switch!(allow_private_callbacks, false),
             allow_http_redirect_urls: switch!(allow_http_redirect_urls, false),
             rate_limit_per_key: setting!(rate_limit_per_key, DEFAULT_RATE_LIMIT_PER_KEY, parse_rate),
@@ -285,7 +304,7 @@ fn env_layer(env: &HashMap<String, String>) -> Result<RawSettings, ConfigError> 
     }
     Ok(from_env!(
         text: listen, database_url, public_url, session_ttl, webhook_retry_schedule,
-            webhook_timeout, rate_limit_per_key, rate_limit_per_ip, metrics_listen, log;
+            webhook_timeout, webhook_concurrency, delivery_retention, rate_limit_per_key, rate_limit_per_ip, metrics_listen, log;
         switch: allow_private_callbacks, allow_http_redirect_urls, expiry_sweep, webhook_dispatcher
     ))
 }

@@ -249,3 +249,35 @@ pub struct ErrorBody {
 pub struct ErrorDetails {
     pub validation_error_reasons: Vec<FieldError>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_explained_in_docs_errors_md() {
+        let page = include_str!("../docs/ERRORS.md");
+        for code in ErrorCode::ALL {
+            assert!(page.contains(&format!("## {code}\n")), "{code} is missing from docs/ERRORS.md");
+            assert!(page.contains(code.explanation()), "the explanation of {code} differs from docs/ERRORS.md");
+        }
+    }
+
+    #[test]
+    fn an_error_body_names_its_code_link_and_correlation_id() {
+        let error = ApiError::invalid_field("locale", "must look like `en` or `en-GB`");
+        let body: serde_json::Value = serde_json::from_slice(&error.body(Uuid::nil(), "https://pay.example")).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "code": "Validation",
+                "message": "The request is not valid; see validationErrorReasons.",
+                "moreInfo": "https://pay.example/docs/errors#Validation",
+                "correlationId": Uuid::nil(),
+                "details": {"validationErrorReasons": [
+                    {"fieldName": "locale", "errorMessage": "must look like `en` or `en-GB`"}
+                ]}
+            })
+        );
+    }
+}

@@ -10,3 +10,4 @@ pub mod error;
 pub mod metrics;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;

@@ -9,7 +9,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, sessions};
+use super::{deliveries, health, sessions, subscriptions};
 use crate::app::AppState;
 use crate::error::ErrorCode;
 
@@ -24,6 +24,13 @@ use crate::error::ErrorCode;
         sessions::get_redirect_session,
         sessions::list_redirect_sessions,
         sessions::cancel_redirect_session,
+        subscriptions::create_subscription,
+        subscriptions::update_subscription,
+        subscriptions::delete_subscription,
+        subscriptions::get_subscription,
+        subscriptions::list_subscriptions,
+        deliveries::list_deliveries,
+        deliveries::redeliver,
         health::get_live,
         health::get_ready,
         health::get_jwks,

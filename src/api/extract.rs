@@ -3,10 +3,13 @@
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::domain::validate::parse_uuid;
+use crate::domain::time::Timestamp;
+use crate::domain::validate::{parse_uuid, Errors, FieldError};
 use crate::error::{ApiError, ErrorCode};
 use crate::store::StoreError;
 
@@ -28,6 +31,27 @@ pub fn store_error(error: StoreError) -> ApiError {
 /// A path id that must be a UUID; `fieldName` is the path parameter's name.
 pub fn path_id(raw: &str, parameter: &str) -> Result<Uuid, ApiError> {
     parse_uuid(raw).map_err(|message| ApiError::invalid_field(parameter, &message))
+}
+
+/// Joins a path id and a parsed body so that a bad id is reported together with every
+/// failing body field; a body that could not be read at all (413, 415, not JSON) wins alone.
+pub fn id_and_body<T>(
+    id: Result<Uuid, ApiError>,
+    body: Result<Result<T, Vec<FieldError>>, ApiError>,
+) -> Result<(Uuid, T), ApiError> {
+    match (id, body) {
+        (Ok(id), Ok(Ok(value))) => Ok((id, value)),
+        (id, body) => {
+            let mut fields = id.err().map(|e| e.validation).unwrap_or_default();
+            match body {
+                Err(error) if fields.is_empty() => return Err(error),
+                Err(error) => fields.extend(error.validation),
+                Ok(Err(more)) => fields.extend(more),
+                Ok(Ok(_)) => {}
+            }
+            Err(ApiError::validation(fields))
+        }
+    }
 }
 
 /// Reads the whole body, answering `413 PayloadTooLarge` past `MAX_BODY`.
@@ -85,5 +109,92 @@ pub fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
             .to_str()
             .map(|v| Some(v.to_owned()))
             .map_err(|_| ApiError::invalid_field("If-Match", "must be an entity tag such as \"3\"")),
+    }
+}
+
+/// The default and the largest page size of every list.
+pub const DEFAULT_LIMIT: usize = 20;
+pub const MAX_LIMIT: usize = 100;
+
+/// The paging part of a list query.
+#[derive(Clone, Copy, Debug)]
+pub struct Page {
+    pub limit: usize,
+    /// Only items older than this (created, id) position.
+    pub after: Option<(Timestamp, Uuid)>,
+}
+
+/// Reads a list query: `limit` and `cursor` here, every other parameter through `other`,
+/// which answers `false` for a name it does not know. Unknown and repeated parameters are
+/// errors, as unknown body fields are.
+pub fn parse_query(query: &str, errors: &mut Errors, mut other: impl FnMut(&str, &str, &mut Errors) -> bool) -> Page {
+    let mut page = Page { limit: DEFAULT_LIMIT, after: None };
+    let mut seen: Vec<String> = Vec::new();
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if seen.iter().any(|n| *n == name) {
+            errors.add(&name, "must be given at most once");
+            continue;
+        }
+        seen.push(name.to_string());
+        match &*name {
+            "limit" => match value.parse::<usize>() {
+                Ok(limit) if (1..=MAX_LIMIT).contains(&limit) => page.limit = limit,
+                _ => errors.add("limit", "must be a whole number from 1 to 100"),
+            },
+            "cursor" => match decode_cursor(&value) {
+                Some(after) => page.after = Some(after),
+                None => errors.add("cursor", "is not a cursor this service gave out"),
+            },
+            _ => {
+                if !other(&name, &value, errors) {
+                    errors.add(&name, "is not a known query parameter");
+                }
+            }
+        }
+    }
+    page
+}
+
+/// The cursor that continues a list after the item (created, id).
+pub fn encode_cursor(created_on: Timestamp, id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{id}", created_on.millis()))
+}
+
+fn decode_cursor(text: &str) -> Option<(Timestamp, Uuid)> {
+    let decoded = String::from_utf8(URL_SAFE_NO_PAD.decode(text).ok()?).ok()?;
+    let (millis, id) = decoded.split_once(':')?;
+    Some((Timestamp::from_millis(millis.parse().ok()?), parse_uuid(id).ok()?))
+}
+
+/// Cuts a `limit + 1` result to `limit` and answers the cursor of the next page, if any.
+pub fn paginate<T>(items: &mut Vec<T>, limit: usize, key: impl Fn(&T) -> (Timestamp, Uuid)) -> Option<String> {
+    if items.len() <= limit {
+        return None;
+    }
+    items.truncate(limit);
+    items.last().map(|last| {
+        let (created_on, id) = key(last);
+        encode_cursor(created_on, id)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_round_trips() {
+        let id = Uuid::now_v7();
+        let cursor = encode_cursor(Timestamp::from_millis(42), id);
+        assert_eq!(decode_cursor(&cursor), Some((Timestamp::from_millis(42), id)));
+        assert_eq!(decode_cursor("garbage!"), None);
+    }
+
+    #[test]
+    fn repeated_and_unknown_parameters_are_errors() {
+        let mut errors = Errors::default();
+        parse_query("limit=5&limit=6&x=1", &mut errors, |_, _, _| false);
+        let names: Vec<_> = errors.finish(|| ()).unwrap_err().into_iter().map(|e| e.field_name).collect();
+        assert_eq!(names, ["limit", "x"]);
     }
 }

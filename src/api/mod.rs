@@ -2,12 +2,14 @@
 
 pub mod auth;
 pub mod context;
+pub mod deliveries;
 pub mod docs;
 pub mod extract;
 pub mod health;
 pub mod idempotency;
 pub mod ratelimit;
 pub mod sessions;
+pub mod subscriptions;
 
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::get;
@@ -23,15 +25,21 @@ pub const BASE: &str = "/customer-authentication-service/v1";
 /// in the request-context middleware (correlation id, error bodies, panics, metrics).
 pub fn router(state: AppState) -> Router {
     let merchant = sessions::router()
+        .merge(subscriptions::router())
+        .merge(deliveries::router())
         .layer(from_fn_with_state(state.clone(), idempotency::middleware))
         .layer(from_fn_with_state(state.clone(), auth::middleware));
     let mut public = Router::new().merge(health::router()).merge(docs::router());
     if state.config.metrics_listen.is_none() {
         public = public.route("/metrics", get(health::get_metrics));
     }
-    Router::new()
-        .merge(merchant)
-        .merge(public)
+    with_common_layers(merchant.merge(public), state)
+}
+
+/// `routes` with what every route shares: `404`/`405` answers, panic handling, the
+/// correlation id, error rendering and metrics.
+pub fn with_common_layers(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn(context::catch_panic))

@@ -7,14 +7,12 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::context::RequestContext;
-use super::extract::{empty_body, if_match, json_body, path_id, store_error};
+use super::extract::{empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::request::{
@@ -23,7 +21,7 @@ use crate::domain::request::{
 use crate::domain::session::State as SessionState;
 use crate::domain::time::Timestamp;
 use crate::domain::token::Claims;
-use crate::domain::validate::{parse_uuid, Errors};
+use crate::domain::validate::Errors;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::store::{CancelOutcome, CancelRequest, CreateOutcome, Merchant, SessionFilter, SessionRecord};
 
@@ -188,20 +186,7 @@ pub async fn create_redirect_session(
     let body = json_body(&headers, body).await;
     let now = Timestamp::now();
     let rules = RequestRules { allow_http_redirect_urls: state.config.allow_http_redirect_urls };
-    // Report a bad path id together with every failing body field.
-    let (id, spec) = match (id, body.map(|body| parse_create_session(&body, rules, now))) {
-        (Ok(id), Ok(Ok(spec))) => (id, spec),
-        (id, body) => {
-            let mut fields = id.err().map(|e| e.validation).unwrap_or_default();
-            match body {
-                Err(error) if fields.is_empty() => return Err(error),
-                Err(error) => fields.extend(error.validation),
-                Ok(Err(more)) => fields.extend(more),
-                Ok(Ok(_)) => {}
-            }
-            return Err(ApiError::validation(fields));
-        }
-    };
+    let (id, spec) = id_and_body(id, body.map(|body| parse_create_session(&body, rules, now)))?;
     let if_match = if_match(&headers)?;
     if if_match.is_some() && state.store.get_session(id).await.map_err(store_error)?.is_none() {
         return Err(version_mismatch());
@@ -335,10 +320,6 @@ pub async fn cancel_redirect_session(
     }
 }
 
-/// The default and largest page size.
-const DEFAULT_LIMIT: usize = 20;
-const MAX_LIMIT: usize = 100;
-
 /// List the merchant's redirect sessions, newest first.
 #[utoipa::path(
     get,
@@ -367,74 +348,40 @@ pub async fn list_redirect_sessions(
     let limit = filter.limit;
     let now = Timestamp::now();
     let mut sessions = state.store.list_sessions(merchant.id, filter, now).await.map_err(store_error)?;
-    let next_cursor = if sessions.len() > limit {
-        sessions.truncate(limit);
-        sessions.last().map(|last| encode_cursor(last.created_on, last.id))
-    } else {
-        None
-    };
+    let next_cursor = paginate(&mut sessions, limit, |s| (s.created_on, s.id));
     let items = sessions.into_iter().map(|s| RedirectSession::of(s, now, &state.public_url)).collect();
     Ok(Json(RedirectSessionPage { items, next_cursor }).into_response())
 }
 
 fn parse_list_query(query: &str) -> Result<SessionFilter, ApiError> {
     let mut errors = Errors::default();
-    let mut filter = SessionFilter { limit: DEFAULT_LIMIT, ..SessionFilter::default() };
-    let mut seen: Vec<String> = Vec::new();
-    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
-        if seen.contains(&name.to_string()) {
-            errors.add(&name, "must be given at most once");
-            continue;
-        }
-        seen.push(name.to_string());
-        match &*name {
-            "state" => match SessionState::parse(&value) {
+    let mut filter = SessionFilter::default();
+    let page = parse_query(query, &mut errors, |name, value, errors| {
+        match name {
+            "state" => match SessionState::parse(value) {
                 Some(state) => filter.state = Some(state),
                 None => errors.add(
                     "state",
                     "must be one of Created, Opened, Authenticated, Completed, Aborted, Cancelled, Expired",
                 ),
             },
-            "createdFrom" | "createdTo" => match Timestamp::parse_rfc3339(&value) {
+            "createdFrom" | "createdTo" => match Timestamp::parse_rfc3339(value) {
                 Some(at) if name == "createdFrom" => filter.created_from = Some(at),
                 Some(at) => filter.created_to = Some(at),
-                None => errors.add(&name, "must be an RFC 3339 date-time such as 2026-01-31T11:59:59.123Z"),
+                None => errors.add(name, "must be an RFC 3339 date-time such as 2026-01-31T11:59:59.123Z"),
             },
-            "limit" => match value.parse::<usize>() {
-                Ok(limit) if (1..=MAX_LIMIT).contains(&limit) => filter.limit = limit,
-                _ => errors.add("limit", "must be a whole number from 1 to 100"),
-            },
-            "cursor" => match decode_cursor(&value) {
-                Some(after) => filter.after = Some(after),
-                None => errors.add("cursor", "is not a cursor this service gave out"),
-            },
-            _ => errors.add(&name, "is not a known query parameter"),
+            _ => return false,
         }
-    }
+        true
+    });
+    filter.limit = page.limit;
+    filter.after = page.after;
     errors.finish(|| filter).map_err(ApiError::validation)
-}
-
-fn encode_cursor(created_on: Timestamp, id: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}:{id}", created_on.millis()))
-}
-
-fn decode_cursor(text: &str) -> Option<(Timestamp, Uuid)> {
-    let decoded = String::from_utf8(URL_SAFE_NO_PAD.decode(text).ok()?).ok()?;
-    let (millis, id) = decoded.split_once(':')?;
-    Some((Timestamp::from_millis(millis.parse().ok()?), parse_uuid(id).ok()?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_cursor_round_trips() {
-        let id = Uuid::now_v7();
-        let cursor = encode_cursor(Timestamp::from_millis(42), id);
-        assert_eq!(decode_cursor(&cursor), Some((Timestamp::from_millis(42), id)));
-        assert_eq!(decode_cursor("garbage!"), None);
-    }
 
     #[test]
     fn every_bad_query_parameter_is_reported() {

@@ -6,6 +6,7 @@ pub mod locale;
 pub mod money;
 pub mod request;
 pub mod session;
+pub mod subscription;
 pub mod time;
 pub mod token;
 pub mod validate;

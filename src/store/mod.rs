@@ -3,17 +3,24 @@
 //! transaction.
 
 pub mod sqlite;
+pub mod webhooks;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
+use self::webhooks::{
+    AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, PutSubscriptionOutcome,
+    RedeliverOutcome, Retention, SubscriptionRecord,
+};
 use crate::domain::event::EventType;
 use crate::domain::request::SessionSpec;
 use crate::domain::session::{effective_state, State};
+use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
 
@@ -65,6 +72,14 @@ impl SessionRecord {
             .map(str::trim)
             .any(|tag| tag == "*" || tag == current || tag.strip_prefix("W/") == Some(&current))
     }
+}
+
+/// Whether an `If-Match` header value (`*`, or a list of tags) matches the entity tag `current`.
+pub fn etag_matches(if_match: &str, current: &str) -> bool {
+    if_match
+        .split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag == current || tag.strip_prefix("W/") == Some(current))
 }
 
 /// What creating a session came to.
@@ -226,6 +241,59 @@ pub trait Store: Send + Sync + 'static {
     async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys, StoreError>;
     /// Makes `next` the current key; the old one stays accepted.
     async fn rotate_signing_key(&self, next: KeyPair, now: Timestamp) -> Result<(), StoreError>;
+
+    /// Inserts the subscription unless its id exists.
+    async fn put_subscription(&self, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome, StoreError>;
+    async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>, StoreError>;
+    /// A merchant's subscriptions, newest first, `limit + 1` at most.
+    async fn list_subscriptions(
+        &self,
+        merchant_id: Uuid,
+        after: Option<(Timestamp, Uuid)>,
+        limit: usize,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError>;
+    /// Replaces all three fields.
+    async fn patch_subscription(
+        &self,
+        merchant_id: Uuid,
+        id: Uuid,
+        spec: SubscriptionSpec,
+        if_match: Option<String>,
+        now: Timestamp,
+    ) -> Result<ChangeSubscriptionOutcome, StoreError>;
+    /// Removes it and cancels its queued deliveries.
+    async fn delete_subscription(
+        &self,
+        merchant_id: Uuid,
+        id: Uuid,
+        if_match: Option<String>,
+        now: Timestamp,
+    ) -> Result<ChangeSubscriptionOutcome, StoreError>;
+
+    /// Leases up to `limit` due deliveries to `owner` until `lease_until`.
+    async fn claim_deliveries(
+        &self,
+        owner: Uuid,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError>;
+    /// Records attempts (in one transaction) and moves their deliveries on.
+    async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<(), StoreError>;
+    /// Gives up leases on deliveries that were claimed but not attempted.
+    async fn release_claims(&self, owner: Uuid, ids: Vec<Uuid>) -> Result<(), StoreError>;
+    /// A merchant's deliveries with their attempts, newest first, `limit + 1` at most.
+    async fn list_deliveries(
+        &self,
+        merchant_id: Uuid,
+        filter: DeliveryFilter,
+    ) -> Result<Vec<DeliveryRecord>, StoreError>;
+    /// Queues a failed or delivered delivery again.
+    async fn redeliver(&self, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome, StoreError>;
+    /// Deletes up to `batch` rows of each kind past their retention; answers how many went.
+    async fn purge(&self, now: Timestamp, retention: Retention, batch: usize) -> Result<usize, StoreError>;
+    /// Notified after a commit that queued deliveries (wakes the dispatcher).
+    fn deliveries_queued(&self) -> Arc<Notify>;
 }
 
 /// A shared handle to the backend in use.

@@ -2,20 +2,28 @@
 //! and a few reader threads (see `docs/DESIGN.md`).
 
 mod schema;
+mod webhooks;
 mod worker;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use self::worker::{internal, Readers, Writer};
 use crate::domain::event::EventType;
 use crate::domain::session::{transition, Action, State, Transition, LIVE_STATES};
+use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
+use crate::store::webhooks::{
+    AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, PutSubscriptionOutcome,
+    RedeliverOutcome, Retention, SubscriptionRecord,
+};
 use crate::store::{
     CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey, Merchant, SessionFilter,
     SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
@@ -28,6 +36,7 @@ const READERS: usize = 4;
 pub struct SqliteStore {
     writer: Writer,
     readers: Readers,
+    queued: Arc<Notify>,
 }
 
 impl SqliteStore {
@@ -47,7 +56,7 @@ impl SqliteStore {
             let readers = (0..READERS).map(|_| connect(&path, false)).collect::<Result<Vec<_>, _>>()?;
             let (writer, _) = Writer::start(writer);
             let (readers, _) = Readers::start(readers);
-            Ok(SqliteStore { writer, readers })
+            Ok(SqliteStore { writer, readers, queued: Arc::new(Notify::new()) })
         })
         .await
         .map_err(|e| StoreError::Internal(e.to_string()))?
@@ -120,8 +129,9 @@ fn load_session(connection: &Connection, id: Uuid) -> Result<Option<SessionRecor
     statement.query_row(params![id.as_bytes()], session_from_row).optional().map_err(|e| internal(&e))
 }
 
-/// Moves a live session to `to` with one conditional update and inserts its event; `false`
-/// when the condition no longer held (another writer won, or the clock expired it).
+/// Moves a live session to `to` with one conditional update, inserts its event and queues
+/// its deliveries. `None` when the condition no longer held (another writer won, or the clock
+/// expired it); else how many deliveries were queued.
 fn change_state(
     connection: &Connection,
     session: &SessionRecord,
@@ -129,7 +139,7 @@ fn change_state(
     correlation_id: Uuid,
     now: Timestamp,
     require_unexpired: bool,
-) -> Result<bool, StoreError> {
+) -> Result<Option<usize>, StoreError> {
     let changed = connection
         .prepare_cached(
             "UPDATE sessions SET state = ?2, version = version + 1, last_modified_on = ?3,
@@ -149,34 +159,50 @@ fn change_state(
         })
         .map_err(|e| internal(&e))?;
     if changed == 0 {
-        return Ok(false);
+        return Ok(None);
     }
-    if let Some(event) = EventType::for_state(to) {
-        let data = serde_json::json!({
-            "id": session.id,
-            "state": to.as_str(),
-            "type": session.spec.kind.as_str(),
-            "createdOn": session.created_on,
-            "lastModifiedOn": now,
-        });
-        connection
-            .prepare_cached(
-                "INSERT INTO events (id, merchant_id, session_id, type, data, created_on)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    Uuid::now_v7().as_bytes(),
-                    session.merchant_id.as_bytes(),
-                    session.id.as_bytes(),
-                    event.as_str(),
-                    data.to_string(),
-                    now.millis()
-                ])
-            })
-            .map_err(|e| internal(&e))?;
+    let Some(event) = EventType::for_state(to) else {
+        return Ok(Some(0));
+    };
+    let data = serde_json::json!({
+        "id": session.id,
+        "state": to.as_str(),
+        "type": session.spec.kind.as_str(),
+        "createdOn": session.created_on,
+        "lastModifiedOn": now,
+    });
+    let event_id = Uuid::now_v7();
+    connection
+        .prepare_cached(
+            "INSERT INTO events (id, merchant_id, session_id, type, data, created_on)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                event_id.as_bytes(),
+                session.merchant_id.as_bytes(),
+                session.id.as_bytes(),
+                event.as_str(),
+                data.to_string(),
+                now.millis()
+            ])
+        })
+        .map_err(|e| internal(&e))?;
+    webhooks::queue_deliveries(connection, event_id, session.merchant_id, event, now).map(Some)
+}
+
+/// The event type named `text`.
+fn parse_event_type(text: &str) -> Option<EventType> {
+    crate::domain::subscription::ALL_EVENT_TYPES.into_iter().find(|t| t.as_str() == text)
+}
+
+impl SqliteStore {
+    /// Wakes the dispatcher when a committed write queued deliveries.
+    fn queued_deliveries(&self, queued: usize) {
+        if queued > 0 {
+            self.queued.notify_one();
+        }
     }
-    Ok(true)
 }
 
 #[async_trait]
@@ -345,43 +371,48 @@ impl Store for SqliteStore {
     }
 
     async fn cancel_session(&self, request: CancelRequest) -> Result<CancelOutcome, StoreError> {
-        self.writer
+        let (outcome, queued) = self
+            .writer
             .run(move |c| {
                 let Some(session) = load_session(c, request.session_id)? else {
-                    return Ok(CancelOutcome::NotFound);
+                    return Ok((CancelOutcome::NotFound, 0));
                 };
                 if session.merchant_id != request.merchant_id {
-                    return Ok(CancelOutcome::OtherMerchant);
+                    return Ok((CancelOutcome::OtherMerchant, 0));
                 }
                 if let Some(if_match) = &request.if_match {
                     if !session.matches(if_match, request.now) {
-                        return Ok(CancelOutcome::VersionMismatch);
+                        return Ok((CancelOutcome::VersionMismatch, 0));
                     }
                 }
                 let from = session.effective_state(request.now);
                 match transition(from, Action::Cancel) {
-                    Ok(Transition::Unchanged) => Ok(CancelOutcome::AlreadyCancelled(session)),
-                    Err(_) => Ok(CancelOutcome::InvalidTransition(from)),
+                    Ok(Transition::Unchanged) => Ok((CancelOutcome::AlreadyCancelled(session), 0)),
+                    Err(_) => Ok((CancelOutcome::InvalidTransition(from), 0)),
                     Ok(Transition::To(to)) => {
-                        if !change_state(c, &session, to, request.correlation_id, request.now, true)? {
+                        let Some(queued) = change_state(c, &session, to, request.correlation_id, request.now, true)?
+                        else {
                             // Cannot happen with one writer; with several it means a race was
                             // lost between the read and the write.
-                            return Ok(CancelOutcome::VersionMismatch);
-                        }
+                            return Ok((CancelOutcome::VersionMismatch, 0));
+                        };
                         let mut cancelled = session;
                         cancelled.state = to;
                         cancelled.version += 1;
                         cancelled.last_modified_on = request.now;
                         cancelled.last_correlation_id = request.correlation_id;
-                        Ok(CancelOutcome::Cancelled(cancelled))
+                        Ok((CancelOutcome::Cancelled(cancelled), queued))
                     }
                 }
             })
-            .await
+            .await?;
+        self.queued_deliveries(queued);
+        Ok(outcome)
     }
 
     async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize, StoreError> {
-        self.writer
+        let (expired, queued) = self
+            .writer
             .run(move |c| {
                 let sql = format!(
                     "SELECT {SESSION_COLUMNS} FROM sessions
@@ -392,15 +423,20 @@ impl Store for SqliteStore {
                     .prepare_cached(&sql)
                     .and_then(|mut s| s.query_map(params![now.millis(), batch as i64], session_from_row)?.collect())
                     .map_err(|e| internal(&e))?;
-                let mut expired = 0;
+                let (mut expired, mut queued) = (0, 0);
                 for session in &due {
-                    if change_state(c, session, State::Expired, session.last_correlation_id, now, false)? {
+                    if let Some(deliveries) =
+                        change_state(c, session, State::Expired, session.last_correlation_id, now, false)?
+                    {
                         expired += 1;
+                        queued += deliveries;
                     }
                 }
-                Ok(expired)
+                Ok((expired, queued))
             })
-            .await
+            .await?;
+        self.queued_deliveries(queued);
+        Ok(expired)
     }
 
     async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>, StoreError> {
@@ -418,15 +454,8 @@ impl Store for SqliteStore {
                 let mut events = Vec::new();
                 for row in rows {
                     let (id, kind) = row.map_err(|e| internal(&e))?;
-                    let kind = [
-                        EventType::RedirectSessionCancelled,
-                        EventType::RedirectSessionExpired,
-                        EventType::RedirectSessionCompleted,
-                        EventType::RedirectSessionAborted,
-                    ]
-                    .into_iter()
-                    .find(|t| t.as_str() == kind)
-                    .ok_or_else(|| StoreError::Internal(format!("unknown event type {kind}")))?;
+                    let kind = parse_event_type(&kind)
+                        .ok_or_else(|| StoreError::Internal(format!("unknown event type {kind}")))?;
                     events.push((id, kind));
                 }
                 Ok(events)
@@ -572,5 +601,86 @@ impl Store for SqliteStore {
                     .map_err(|e| internal(&e))
             })
             .await
+    }
+
+    async fn put_subscription(&self, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome, StoreError> {
+        self.writer.run(move |c| webhooks::put_subscription(c, record)).await
+    }
+
+    async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>, StoreError> {
+        self.readers.run(move |c| webhooks::get_subscription(c, id)).await
+    }
+
+    async fn list_subscriptions(
+        &self,
+        merchant_id: Uuid,
+        after: Option<(Timestamp, Uuid)>,
+        limit: usize,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        self.readers.run(move |c| webhooks::list_subscriptions(c, merchant_id, after, limit)).await
+    }
+
+    async fn patch_subscription(
+        &self,
+        merchant_id: Uuid,
+        id: Uuid,
+        spec: SubscriptionSpec,
+        if_match: Option<String>,
+        now: Timestamp,
+    ) -> Result<ChangeSubscriptionOutcome, StoreError> {
+        self.writer.run(move |c| webhooks::patch_subscription(c, merchant_id, id, spec, if_match.as_deref(), now)).await
+    }
+
+    async fn delete_subscription(
+        &self,
+        merchant_id: Uuid,
+        id: Uuid,
+        if_match: Option<String>,
+        now: Timestamp,
+    ) -> Result<ChangeSubscriptionOutcome, StoreError> {
+        self.writer.run(move |c| webhooks::delete_subscription(c, merchant_id, id, if_match.as_deref(), now)).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: Uuid,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        self.writer.run(move |c| webhooks::claim_deliveries(c, owner, now, lease_until, limit)).await
+    }
+
+    async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<(), StoreError> {
+        let retries = outcomes.iter().any(|o| matches!(o.next, crate::store::webhooks::NextStep::RetryAt(_)));
+        self.writer.run(move |c| webhooks::record_attempts(c, &outcomes, now)).await?;
+        self.queued_deliveries(usize::from(retries));
+        Ok(())
+    }
+
+    async fn release_claims(&self, owner: Uuid, ids: Vec<Uuid>) -> Result<(), StoreError> {
+        self.writer.run(move |c| webhooks::release_claims(c, owner, &ids)).await
+    }
+
+    async fn list_deliveries(
+        &self,
+        merchant_id: Uuid,
+        filter: DeliveryFilter,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.readers.run(move |c| webhooks::list_deliveries(c, merchant_id, &filter)).await
+    }
+
+    async fn redeliver(&self, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome, StoreError> {
+        let outcome = self.writer.run(move |c| webhooks::redeliver(c, merchant_id, id, now)).await?;
+        self.queued_deliveries(usize::from(matches!(outcome, RedeliverOutcome::Queued(_))));
+        Ok(outcome)
+    }
+
+    async fn purge(&self, now: Timestamp, retention: Retention, batch: usize) -> Result<usize, StoreError> {
+        self.writer.run(move |c| webhooks::purge(c, now, retention, batch)).await
+    }
+
+    fn deliveries_queued(&self) -> Arc<Notify> {
+        self.queued.clone()
     }
 }

@@ -9,7 +9,10 @@ use crate::domain::token::KeyPair;
 use crate::store::{SigningKeys, StoreError};
 
 /// Every migration, in order. A migration is never edited once released; add a new one.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../../migrations/sqlite/0001_init.sql")),
+    (2, "webhooks", include_str!("../../../migrations/sqlite/0002_webhooks.sql")),
+];
 
 /// Applies every migration not applied yet, each in its own transaction.
 pub fn migrate(connection: &Connection) -> Result<(), StoreError> {

@@ -1,0 +1,447 @@
+//! The SQLite side of webhooks: subscriptions, queuing deliveries in the event's transaction,
+//! claiming with leases, recording attempts, and retention. Each function runs inside a job
+//! of the writer or a reader (see `worker.rs`).
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use uuid::Uuid;
+
+use super::worker::internal;
+use super::{parse_event_type, uuid_at};
+use crate::domain::event::EventType;
+use crate::domain::subscription::{EventMask, SubscriptionSpec};
+use crate::domain::time::Timestamp;
+use crate::store::webhooks::{
+    AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
+    DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
+};
+use crate::store::{etag_matches, StoreError};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+const SUBSCRIPTION_COLUMNS: &str =
+    "id, merchant_id, callback_url, api_key, event_mask, signing_secret, created_on, last_modified_on, version";
+
+fn subscription_from_row(row: &Row<'_>) -> rusqlite::Result<SubscriptionRecord> {
+    Ok(SubscriptionRecord {
+        id: uuid_at(row, 0)?,
+        merchant_id: uuid_at(row, 1)?,
+        spec: SubscriptionSpec {
+            callback_url: row.get(2)?,
+            api_key: row.get(3)?,
+            event_types: EventMask::from_bits(row.get(4)?),
+        },
+        signing_secret: row.get(5)?,
+        created_on: Timestamp::from_millis(row.get(6)?),
+        last_modified_on: Timestamp::from_millis(row.get(7)?),
+        version: row.get(8)?,
+    })
+}
+
+/// The subscription with this id, of any merchant.
+pub fn get_subscription(c: &Connection, id: Uuid) -> Result<Option<SubscriptionRecord>> {
+    c.prepare_cached(&format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ?1"))
+        .and_then(|mut s| s.query_row(params![id.as_bytes()], subscription_from_row).optional())
+        .map_err(|e| internal(&e))
+}
+
+/// Inserts the subscription unless its id exists.
+pub fn put_subscription(c: &Connection, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome> {
+    if let Some(existing) = get_subscription(c, record.id)? {
+        return Ok(PutSubscriptionOutcome::Exists(existing));
+    }
+    c.prepare_cached(&format!(
+        "INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    ))
+    .and_then(|mut s| {
+        s.execute(params![
+            record.id.as_bytes(),
+            record.merchant_id.as_bytes(),
+            record.spec.callback_url,
+            record.spec.api_key,
+            record.spec.event_types.bits(),
+            record.signing_secret,
+            record.created_on.millis(),
+            record.last_modified_on.millis(),
+            record.version
+        ])
+    })
+    .map_err(|e| internal(&e))?;
+    Ok(PutSubscriptionOutcome::Created(record))
+}
+
+/// A merchant's subscriptions, newest first, `limit + 1` at most.
+pub fn list_subscriptions(
+    c: &Connection,
+    merchant_id: Uuid,
+    after: Option<(Timestamp, Uuid)>,
+    limit: usize,
+) -> Result<Vec<SubscriptionRecord>> {
+    let (after_time, after_id) = after.map(|(t, id)| (t.millis(), *id.as_bytes())).unwrap_or((i64::MAX, [0xff; 16]));
+    let mut statement = c
+        .prepare_cached(&format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE merchant_id = ?1 AND (created_on, id) < (?2, ?3)
+              ORDER BY created_on DESC, id DESC LIMIT ?4"
+        ))
+        .map_err(|e| internal(&e))?;
+    let rows = statement
+        .query_map(params![merchant_id.as_bytes(), after_time, after_id, (limit + 1) as i64], subscription_from_row)
+        .map_err(|e| internal(&e))?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| internal(&e))
+}
+
+fn owned_subscription(
+    c: &Connection,
+    merchant_id: Uuid,
+    id: Uuid,
+    if_match: Option<&str>,
+) -> Result<std::result::Result<SubscriptionRecord, ChangeSubscriptionOutcome>> {
+    Ok(match get_subscription(c, id)? {
+        None => Err(ChangeSubscriptionOutcome::NotFound),
+        Some(s) if s.merchant_id != merchant_id => Err(ChangeSubscriptionOutcome::OtherMerchant),
+        Some(s) if if_match.is_some_and(|tag| !etag_matches(tag, &format!("\"{}\"", s.version))) => {
+            Err(ChangeSubscriptionOutcome::VersionMismatch)
+        }
+        Some(s) => Ok(s),
+    })
+}
+
+/// Replaces all three fields of a merchant's subscription.
+pub fn patch_subscription(
+    c: &Connection,
+    merchant_id: Uuid,
+    id: Uuid,
+    spec: SubscriptionSpec,
+    if_match: Option<&str>,
+    now: Timestamp,
+) -> Result<ChangeSubscriptionOutcome> {
+    let mut record = match owned_subscription(c, merchant_id, id, if_match)? {
+        Ok(record) => record,
+        Err(outcome) => return Ok(outcome),
+    };
+    if record.spec == spec {
+        return Ok(ChangeSubscriptionOutcome::Done(record));
+    }
+    c.prepare_cached(
+        "UPDATE subscriptions SET callback_url = ?2, api_key = ?3, event_mask = ?4, last_modified_on = ?5,
+                version = version + 1
+          WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![id.as_bytes(), spec.callback_url, spec.api_key, spec.event_types.bits(), now.millis()])
+    })
+    .map_err(|e| internal(&e))?;
+    record.spec = spec;
+    record.last_modified_on = now;
+    record.version += 1;
+    Ok(ChangeSubscriptionOutcome::Done(record))
+}
+
+/// Removes a merchant's subscription and cancels its queued deliveries.
+pub fn delete_subscription(
+    c: &Connection,
+    merchant_id: Uuid,
+    id: Uuid,
+    if_match: Option<&str>,
+    now: Timestamp,
+) -> Result<ChangeSubscriptionOutcome> {
+    let record = match owned_subscription(c, merchant_id, id, if_match)? {
+        Ok(record) => record,
+        Err(outcome) => return Ok(outcome),
+    };
+    c.execute(
+        "UPDATE deliveries SET state = 'Cancelled', lease_owner = NULL, lease_until = NULL, last_modified_on = ?2
+          WHERE subscription_id = ?1 AND state = 'Pending'",
+        params![id.as_bytes(), now.millis()],
+    )
+    .and_then(|_| c.execute("DELETE FROM subscriptions WHERE id = ?1", params![id.as_bytes()]))
+    .map_err(|e| internal(&e))?;
+    Ok(ChangeSubscriptionOutcome::Done(record))
+}
+
+/// Queues one delivery of `event_id` per subscription of the merchant that wants `event`;
+/// answers how many. Runs in the transaction that inserts the event.
+pub fn queue_deliveries(
+    c: &Connection,
+    event_id: Uuid,
+    merchant_id: Uuid,
+    event: EventType,
+    now: Timestamp,
+) -> Result<usize> {
+    let subscriptions: Vec<[u8; 16]> = c
+        .prepare_cached("SELECT id FROM subscriptions WHERE merchant_id = ?1 AND (event_mask & ?2) != 0")
+        .and_then(|mut s| {
+            s.query_map(params![merchant_id.as_bytes(), EventMask::of(event).bits()], |r| r.get(0))?.collect()
+        })
+        .map_err(|e| internal(&e))?;
+    let mut insert = c
+        .prepare_cached(
+            "INSERT INTO deliveries (id, event_id, subscription_id, merchant_id, state, next_attempt_on, created_on,
+                                     last_modified_on)
+             VALUES (?1, ?2, ?3, ?4, 'Pending', ?5, ?5, ?5)",
+        )
+        .map_err(|e| internal(&e))?;
+    for subscription in &subscriptions {
+        insert
+            .execute(params![
+                Uuid::now_v7().as_bytes(),
+                event_id.as_bytes(),
+                subscription,
+                merchant_id.as_bytes(),
+                now.millis()
+            ])
+            .map_err(|e| internal(&e))?;
+    }
+    Ok(subscriptions.len())
+}
+
+/// Claims up to `limit` due deliveries for `owner` until `lease_until`.
+pub fn claim_deliveries(
+    c: &Connection,
+    owner: Uuid,
+    now: Timestamp,
+    lease_until: Timestamp,
+    limit: usize,
+) -> Result<Vec<ClaimedDelivery>> {
+    let mut statement = c
+        .prepare_cached(
+            "UPDATE deliveries SET lease_owner = ?1, lease_until = ?2
+              WHERE id IN (SELECT id FROM deliveries
+                            WHERE state = 'Pending' AND next_attempt_on <= ?3
+                              AND (lease_until IS NULL OR lease_until <= ?3)
+                            ORDER BY next_attempt_on LIMIT ?4)
+             RETURNING id",
+        )
+        .map_err(|e| internal(&e))?;
+    let ids: Vec<[u8; 16]> = statement
+        .query_map(params![owner.as_bytes(), lease_until.millis(), now.millis(), limit as i64], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| internal(&e))?;
+    let mut details = c
+        .prepare_cached(
+            "SELECT d.id, d.event_id, e.type, e.created_on, e.data, s.callback_url, s.api_key, s.signing_secret,
+                    d.attempts, d.retry_index
+               FROM deliveries d JOIN events e ON e.id = d.event_id JOIN subscriptions s ON s.id = d.subscription_id
+              WHERE d.id = ?1",
+        )
+        .map_err(|e| internal(&e))?;
+    let mut claimed = Vec::with_capacity(ids.len());
+    for id in ids {
+        let delivery = details
+            .query_row(params![id], |row| {
+                let kind: String = row.get(2)?;
+                Ok(ClaimedDelivery {
+                    id: uuid_at(row, 0)?,
+                    event_id: uuid_at(row, 1)?,
+                    event_type: parse_event_type(&kind).ok_or_else(|| bad_column(2))?,
+                    event_time: Timestamp::from_millis(row.get(3)?),
+                    data: row.get(4)?,
+                    callback_url: row.get(5)?,
+                    api_key: row.get(6)?,
+                    signing_secret: row.get(7)?,
+                    attempts: row.get(8)?,
+                    retry_index: row.get(9)?,
+                })
+            })
+            .optional()
+            .map_err(|e| internal(&e))?;
+        claimed.extend(delivery);
+    }
+    Ok(claimed)
+}
+
+fn bad_column(index: usize) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, "unexpected value".into())
+}
+
+/// Records attempts and moves their deliveries on, each only while its lease is still held.
+pub fn record_attempts(c: &Connection, outcomes: &[AttemptOutcome], now: Timestamp) -> Result<()> {
+    let mut attempt = c
+        .prepare_cached(
+            "INSERT OR IGNORE INTO delivery_attempts (delivery_id, attempt, started_on, duration_ms, status, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(|e| internal(&e))?;
+    let mut update = c
+        .prepare_cached(
+            "UPDATE deliveries SET state = ?3, attempts = max(attempts, ?4), retry_index = retry_index + ?5,
+                    next_attempt_on = ?6, lease_owner = NULL, lease_until = NULL, last_modified_on = ?7
+              WHERE id = ?1 AND lease_owner = ?2 AND state = 'Pending'",
+        )
+        .map_err(|e| internal(&e))?;
+    for outcome in outcomes {
+        let a = &outcome.attempt;
+        attempt
+            .execute(params![
+                outcome.delivery_id.as_bytes(),
+                a.attempt,
+                a.started_on.millis(),
+                a.duration_ms,
+                a.status,
+                a.error
+            ])
+            .map_err(|e| internal(&e))?;
+        let (state, retry_step, next) = match outcome.next {
+            NextStep::Delivered => (DeliveryState::Delivered, 0, now),
+            NextStep::Failed => (DeliveryState::Failed, 1, now),
+            NextStep::RetryAt(at) => (DeliveryState::Pending, 1, at),
+        };
+        update
+            .execute(params![
+                outcome.delivery_id.as_bytes(),
+                outcome.owner.as_bytes(),
+                state.as_str(),
+                a.attempt,
+                retry_step,
+                next.millis(),
+                now.millis()
+            ])
+            .map_err(|e| internal(&e))?;
+    }
+    Ok(())
+}
+
+/// Gives up `owner`'s leases on deliveries it claimed but did not attempt.
+pub fn release_claims(c: &Connection, owner: Uuid, ids: &[Uuid]) -> Result<()> {
+    let mut statement = c
+        .prepare_cached(
+            "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE id = ?1 AND lease_owner = ?2",
+        )
+        .map_err(|e| internal(&e))?;
+    for id in ids {
+        statement.execute(params![id.as_bytes(), owner.as_bytes()]).map_err(|e| internal(&e))?;
+    }
+    Ok(())
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.event_id, e.type, e.session_id, d.subscription_id, d.merchant_id, d.state,
+     d.next_attempt_on, d.created_on, d.last_modified_on";
+
+fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<DeliveryRecord> {
+    let kind: String = row.get(2)?;
+    let state: String = row.get(6)?;
+    let state = DeliveryState::parse(&state).ok_or_else(|| bad_column(6))?;
+    Ok(DeliveryRecord {
+        id: uuid_at(row, 0)?,
+        event_id: uuid_at(row, 1)?,
+        event_type: parse_event_type(&kind).ok_or_else(|| bad_column(2))?,
+        session_id: uuid_at(row, 3)?,
+        subscription_id: uuid_at(row, 4)?,
+        merchant_id: uuid_at(row, 5)?,
+        state,
+        next_attempt_on: (state == DeliveryState::Pending)
+            .then(|| row.get(7).map(Timestamp::from_millis))
+            .transpose()?,
+        created_on: Timestamp::from_millis(row.get(8)?),
+        last_modified_on: Timestamp::from_millis(row.get(9)?),
+        attempts: Vec::new(),
+    })
+}
+
+fn with_attempts(c: &Connection, mut delivery: DeliveryRecord) -> Result<DeliveryRecord> {
+    let mut statement = c
+        .prepare_cached(
+            "SELECT attempt, started_on, duration_ms, status, error FROM delivery_attempts
+              WHERE delivery_id = ?1 ORDER BY attempt",
+        )
+        .map_err(|e| internal(&e))?;
+    delivery.attempts = statement
+        .query_map(params![delivery.id.as_bytes()], |row| {
+            Ok(AttemptRecord {
+                attempt: row.get(0)?,
+                started_on: Timestamp::from_millis(row.get(1)?),
+                duration_ms: row.get(2)?,
+                status: row.get(3)?,
+                error: row.get(4)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| internal(&e))?;
+    Ok(delivery)
+}
+
+/// One delivery with its attempts, of any merchant.
+pub fn get_delivery(c: &Connection, id: Uuid) -> Result<Option<DeliveryRecord>> {
+    let delivery = c
+        .prepare_cached(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.id = ?1"
+        ))
+        .and_then(|mut s| s.query_row(params![id.as_bytes()], delivery_from_row).optional())
+        .map_err(|e| internal(&e))?;
+    delivery.map(|d| with_attempts(c, d)).transpose()
+}
+
+/// A merchant's deliveries with their attempts, newest first, `limit + 1` at most.
+pub fn list_deliveries(c: &Connection, merchant_id: Uuid, filter: &DeliveryFilter) -> Result<Vec<DeliveryRecord>> {
+    let (after_time, after_id) =
+        filter.after.map(|(t, id)| (t.millis(), *id.as_bytes())).unwrap_or((i64::MAX, [0xff; 16]));
+    let mut statement = c
+        .prepare_cached(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id
+              WHERE d.merchant_id = ?1 AND (?2 IS NULL OR d.subscription_id = ?2) AND (?3 IS NULL OR d.state = ?3)
+                AND (d.created_on, d.id) < (?4, ?5)
+              ORDER BY d.created_on DESC, d.id DESC LIMIT ?6"
+        ))
+        .map_err(|e| internal(&e))?;
+    let deliveries: Vec<DeliveryRecord> = statement
+        .query_map(
+            params![
+                merchant_id.as_bytes(),
+                filter.subscription_id.map(|id| *id.as_bytes()),
+                filter.state.map(DeliveryState::as_str),
+                after_time,
+                after_id,
+                (filter.limit + 1) as i64
+            ],
+            delivery_from_row,
+        )
+        .and_then(|rows| rows.collect())
+        .map_err(|e| internal(&e))?;
+    deliveries.into_iter().map(|d| with_attempts(c, d)).collect()
+}
+
+/// Queues a `Failed` (or `Delivered`) delivery again with a fresh retry schedule.
+pub fn redeliver(c: &Connection, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome> {
+    let Some(delivery) = get_delivery(c, id)? else {
+        return Ok(RedeliverOutcome::NotFound);
+    };
+    if delivery.merchant_id != merchant_id {
+        return Ok(RedeliverOutcome::OtherMerchant);
+    }
+    match delivery.state {
+        DeliveryState::Cancelled => return Ok(RedeliverOutcome::Cancelled),
+        DeliveryState::Pending => return Ok(RedeliverOutcome::Queued(delivery)),
+        DeliveryState::Failed | DeliveryState::Delivered => {}
+    }
+    c.execute(
+        "UPDATE deliveries SET state = 'Pending', retry_index = 0, next_attempt_on = ?2, lease_owner = NULL,
+                lease_until = NULL, last_modified_on = ?2
+          WHERE id = ?1",
+        params![id.as_bytes(), now.millis()],
+    )
+    .map_err(|e| internal(&e))?;
+    Ok(RedeliverOutcome::Queued(get_delivery(c, id)?.expect("it was just read")))
+}
+
+/// Deletes up to `batch` finished deliveries (with their attempts) and events older than the
+/// retention, and idempotency records older than theirs; answers how many rows went.
+pub fn purge(c: &Connection, now: Timestamp, retention: Retention, batch: usize) -> Result<usize> {
+    let cutoff = now.minus(retention.deliveries).millis();
+    let batch = batch as i64;
+    let run = |sql: &str| c.execute(sql, params![cutoff, batch]).map_err(|e| internal(&e));
+    let mut removed = run("DELETE FROM delivery_attempts WHERE delivery_id IN (
+             SELECT id FROM deliveries WHERE state != 'Pending' AND last_modified_on < ?1 ORDER BY id LIMIT ?2)")?;
+    removed += run("DELETE FROM deliveries WHERE id IN (
+             SELECT id FROM deliveries WHERE state != 'Pending' AND last_modified_on < ?1 ORDER BY id LIMIT ?2)")?;
+    removed += run("DELETE FROM events WHERE id IN (
+             SELECT e.id FROM events e WHERE e.created_on < ?1
+                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id) LIMIT ?2)")?;
+    let idempotency_cutoff = now.minus(retention.idempotency).millis();
+    removed += c
+        .execute(
+            "DELETE FROM idempotency WHERE (merchant_id, request_id) IN (
+                 SELECT merchant_id, request_id FROM idempotency WHERE started_on < ?1 LIMIT ?2)",
+            params![idempotency_cutoff, batch],
+        )
+        .map_err(|e| internal(&e))?;
+    Ok(removed)
+}

@@ -1,0 +1,160 @@
+//! The records of webhooks that the `Store` speaks in: subscriptions, deliveries, attempts.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::domain::event::EventType;
+use crate::domain::subscription::SubscriptionSpec;
+use crate::domain::time::Timestamp;
+
+/// A subscription as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionRecord {
+    pub id: Uuid,
+    pub merchant_id: Uuid,
+    pub spec: SubscriptionSpec,
+    pub signing_secret: String,
+    pub created_on: Timestamp,
+    pub last_modified_on: Timestamp,
+    pub version: i64,
+}
+
+/// What creating a subscription came to.
+#[derive(Debug)]
+pub enum PutSubscriptionOutcome {
+    Created(SubscriptionRecord),
+    /// A subscription with this id exists (of this or another merchant); nothing changed.
+    Exists(SubscriptionRecord),
+}
+
+/// What replacing or removing a subscription came to.
+#[derive(Debug)]
+pub enum ChangeSubscriptionOutcome {
+    /// Done; the record after a PATCH, or the removed record after a DELETE.
+    Done(SubscriptionRecord),
+    NotFound,
+    OtherMerchant,
+    VersionMismatch,
+}
+
+/// Where a delivery is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    Failed,
+    Cancelled,
+}
+
+impl DeliveryState {
+    /// All states.
+    pub const ALL: [DeliveryState; 4] =
+        [DeliveryState::Pending, DeliveryState::Delivered, DeliveryState::Failed, DeliveryState::Cancelled];
+
+    /// The stored and JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "Pending",
+            DeliveryState::Delivered => "Delivered",
+            DeliveryState::Failed => "Failed",
+            DeliveryState::Cancelled => "Cancelled",
+        }
+    }
+
+    /// The state named `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// One attempt to deliver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub attempt: i64,
+    pub started_on: Timestamp,
+    pub duration_ms: i64,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// A delivery with its attempts, for the deliveries API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub event_type: EventType,
+    pub session_id: Uuid,
+    pub subscription_id: Uuid,
+    pub merchant_id: Uuid,
+    pub state: DeliveryState,
+    pub next_attempt_on: Option<Timestamp>,
+    pub created_on: Timestamp,
+    pub last_modified_on: Timestamp,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// Which of a merchant's deliveries to list, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryFilter {
+    pub subscription_id: Option<Uuid>,
+    pub state: Option<DeliveryState>,
+    pub after: Option<(Timestamp, Uuid)>,
+    pub limit: usize,
+}
+
+/// A delivery claimed by a dispatcher: everything needed to send it.
+#[derive(Clone, Debug)]
+pub struct ClaimedDelivery {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub event_type: EventType,
+    pub event_time: Timestamp,
+    /// The event's `data` member, as JSON text.
+    pub data: String,
+    pub callback_url: String,
+    pub api_key: String,
+    pub signing_secret: String,
+    /// Attempts made before this one.
+    pub attempts: i64,
+    /// Position in the retry schedule.
+    pub retry_index: i64,
+}
+
+/// What one attempt came to, as the dispatcher records it.
+#[derive(Clone, Debug)]
+pub struct AttemptOutcome {
+    pub delivery_id: Uuid,
+    pub owner: Uuid,
+    pub attempt: AttemptRecord,
+    /// `None` when delivered or failed for good; else when to try again.
+    pub next: NextStep,
+}
+
+/// What happens to a delivery after an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextStep {
+    Delivered,
+    RetryAt(Timestamp),
+    Failed,
+}
+
+/// What asking to redeliver came to.
+#[derive(Debug)]
+pub enum RedeliverOutcome {
+    /// Queued again (or already queued).
+    Queued(DeliveryRecord),
+    NotFound,
+    OtherMerchant,
+    /// Cancelled deliveries (their subscription is gone) cannot be redelivered.
+    Cancelled,
+}
+
+/// How long records are kept.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Finished deliveries, their attempts and their events.
+    pub deliveries: Duration,
+    /// Idempotency records.
+    pub idempotency: Duration,
+}

@@ -1,0 +1,478 @@
+//! The outbound webhook client: pooled HTTP/1.1 (and TLS), no redirects, no proxies, and a guard that refuses non-public addresses on the resolved address at connect time.
+
+use std::{
+    error::Error as StdError,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use reqwest::{
+    dns::{Addrs, Name, Resolve, Resolving},
+    header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER},
+    redirect, StatusCode, Url,
+};
+use tokio::time::Instant;
+
+/// How much of a response body is read; the rest is dropped with the connection.
+const MAX_RESPONSE_BODY: usize = 64 * 1024;
+/// A receiver may not park a delivery for longer than this with Retry-After.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// What one attempt came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptResult {
+    /// The HTTP status, when a response arrived.
+    pub status: Option<u16>,
+    /// Why there was no acceptable response (connect error, refused address, timeout, redirect,
+    /// non-2xx "HTTP 500"), None on success.
+    pub error: Option<String>,
+    /// Retry-After of a 429/503 answer, in seconds (delta-seconds form only), capped at 24h.
+    pub retry_after: Option<Duration>,
+    /// Wall time of the whole attempt, body read included.
+    pub duration: Duration,
+}
+
+impl AttemptResult {
+    /// Whether the receiver answered 2xx.
+    pub fn is_success(&self) -> bool {
+        matches!(self.status, Some(200..=299))
+    }
+}
+
+/// The error the guarded resolver fails with; found again in reqwest's error chain so the
+/// attempt reports the refusal itself rather than a generic "dns error".
+#[derive(Debug)]
+struct Refused(String);
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for Refused {}
+
+/// Resolves like the system resolver, then drops every non-public address. Filtering (rather
+/// than refusing a name with any non-public address) still delivers to hosts that publish a
+/// stray private record, and is as safe: the connector only ever sees the addresses returned
+/// here, so there is no second lookup for DNS rebinding to race. A name left with no address
+/// is refused.
+#[derive(Debug)]
+struct GuardedResolver;
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        Box::pin(resolve_public(name.as_str().to_owned()))
+    }
+}
+
+async fn resolve_public(host: String) -> Result<Addrs, Box<dyn StdError + Send + Sync>> {
+    let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+    if resolved.is_empty() {
+        return Err(format!("{host} resolves to no address").into());
+    }
+    let public: Vec<SocketAddr> = resolved.into_iter().filter(|addr| is_public(addr.ip())).collect();
+    if public.is_empty() {
+        return Err(Refused(format!("refused: {host} resolves only to non-public addresses")).into());
+    }
+    Ok(Box::new(public.into_iter()))
+}
+
+/// A pooled client for webhook deliveries; cheap to clone (clones share the pool).
+#[derive(Clone, Debug)]
+pub struct WebhookClient {
+    http: reqwest::Client,
+    timeout: Duration,
+    allow_private: bool,
+}
+
+impl WebhookClient {
+    /// `timeout` bounds the whole attempt; `allow_private` switches the guard off (tests, private
+    /// deployments). Keep-alive connections are reused, up to 64 idle per host.
+    pub fn new(timeout: Duration, allow_private: bool) -> std::io::Result<WebhookClient> {
+        let mut builder = reqwest::Client::builder()
+            .redirect(redirect::Policy::none())
+            .no_proxy()
+            .timeout(timeout)
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true);
+        if !allow_private {
+            builder = builder.dns_resolver(Arc::new(GuardedResolver));
+        }
+        let http = builder.build().map_err(std::io::Error::other)?;
+        Ok(WebhookClient { http, timeout, allow_private })
+    }
+
+    /// POSTs `body` with `headers` to `url` and never follows redirects (a 3xx is a failure with
+    /// error "redirect (HTTP 30x) not followed"). The response body is read and discarded, up to
+    /// 64 KiB, within the timeout.
+    pub async fn post(&self, url: &str, headers: &[(&str, String)], body: Bytes) -> AttemptResult {
+        let started = Instant::now();
+        let (status, error, retry_after) = self.attempt(started + self.timeout, url, headers, body).await;
+        AttemptResult { status, error, retry_after, duration: started.elapsed() }
+    }
+
+    async fn attempt(
+        &self,
+        deadline: Instant,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> (Option<u16>, Option<String>, Option<Duration>) {
+        let fail = |error: String| (None, Some(error), None);
+        let url = match Url::parse(url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+            Ok(url) => return fail(format!("unsupported scheme {}", url.scheme())),
+            Err(e) => return fail(format!("invalid url: {e}")),
+        };
+        // hyper connects to IP-literal hosts without asking the resolver, so they are checked here.
+        if !self.allow_private {
+            if let Some(ip) = literal_ip(&url).filter(|ip| !is_public(*ip)) {
+                return fail(format!("refused: non-public address {ip}"));
+            }
+        }
+        let mut header_map = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            let Ok(header_name) = HeaderName::from_bytes(name.as_bytes()) else {
+                return fail(format!("invalid header name {name:?}"));
+            };
+            let Ok(header_value) = HeaderValue::from_str(value) else {
+                return fail(format!("invalid value for header {name}"));
+            };
+            header_map.append(header_name, header_value);
+        }
+
+        // reqwest's own timeout covers the same span; the deadline here is what guarantees the
+        // bound on the attempt as a whole.
+        let send = self.http.post(url).headers(header_map).body(body).send();
+        let response = match tokio::time::timeout_at(deadline, send).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return fail(self.describe(e)),
+            Err(_) => return fail(self.timeout_error()),
+        };
+        let status = response.status();
+        let retry_after = if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+            parse_retry_after(response.headers().get(RETRY_AFTER))
+        } else {
+            None
+        };
+        // The status has decided the outcome: a receiver that acknowledged with 2xx and then
+        // stalls its body has still acknowledged, and retrying would deliver twice.
+        let _ = tokio::time::timeout_at(deadline, drain(response)).await;
+        let error = if status.is_success() {
+            None
+        } else if status.is_redirection() {
+            Some(format!("redirect (HTTP {}) not followed", status.as_u16()))
+        } else {
+            Some(format!("HTTP {}", status.as_u16()))
+        };
+        (Some(status.as_u16()), error, retry_after)
+    }
+
+    fn timeout_error(&self) -> String {
+        format!("timeout after {}ms", self.timeout.as_millis())
+    }
+
+    /// A one-line reason without the URL, which may carry a merchant's token in its query.
+    fn describe(&self, err: reqwest::Error) -> String {
+        if let Some(refused) = find_source::<Refused>(&err) {
+            return refused.0.clone();
+        }
+        if err.is_timeout() {
+            return self.timeout_error();
+        }
+        let mut message = String::from(if err.is_connect() { "connect error" } else { "request error" });
+        let mut source = err.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        message
+    }
+}
+
+/// Reads the body so that hyper can return the connection to the pool, but no more than
+/// MAX_RESPONSE_BODY: a huge or endless body costs a new connection later, not memory or time now.
+async fn drain(mut response: reqwest::Response) {
+    let mut read = 0;
+    while read < MAX_RESPONSE_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => read += chunk.len(),
+            _ => break,
+        }
+    }
+}
+
+fn find_source<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn literal_ip(url: &Url) -> Option<IpAddr> {
+    match url.host()? {
+        url::Host::Ipv4(ip) => Some(ip.into()),
+        url::Host::Ipv6(ip) => Some(ip.into()),
+        // The url crate already turns every IPv4 spelling into Host::Ipv4; parsing again makes sure
+        // nothing that hyper would treat as a literal (and so never resolve) passes as a name.
+        url::Host::Domain(name) => name.parse().ok(),
+    }
+}
+
+fn parse_retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+    let text = value?.to_str().ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None; // the HTTP-date form is not worth a date parser here
+    }
+    // All digits but too long for u64 is still "very long", so it caps rather than vanishing.
+    Some(text.parse().map_or(MAX_RETRY_AFTER, Duration::from_secs).min(MAX_RETRY_AFTER))
+}
+
+/// IPv4 networks that are not public unicast (RFC 6890 and friends).
+const V4_NON_PUBLIC: &[(Ipv4Addr, u8)] = &[
+    (Ipv4Addr::new(0, 0, 0, 0), 8),       // "this network", incl. unspecified
+    (Ipv4Addr::new(10, 0, 0, 0), 8),      // private
+    (Ipv4Addr::new(100, 64, 0, 0), 10),   // CGNAT
+    (Ipv4Addr::new(127, 0, 0, 0), 8),     // loopback
+    (Ipv4Addr::new(169, 254, 0, 0), 16),  // link-local, incl. cloud metadata 169.254.169.254
+    (Ipv4Addr::new(172, 16, 0, 0), 12),   // private
+    (Ipv4Addr::new(192, 0, 0, 0), 24),    // IETF protocol assignments
+    (Ipv4Addr::new(192, 0, 2, 0), 24),    // documentation
+    (Ipv4Addr::new(192, 168, 0, 0), 16),  // private
+    (Ipv4Addr::new(198, 18, 0, 0), 15),   // benchmarking
+    (Ipv4Addr::new(198, 51, 100, 0), 24), // documentation
+    (Ipv4Addr::new(203, 0, 113, 0), 24),  // documentation
+    (Ipv4Addr::new(224, 0, 0, 0), 4),     // multicast
+    (Ipv4Addr::new(240, 0, 0, 0), 4),     // reserved, incl. broadcast 255.255.255.255
+];
+
+/// Non-public networks inside 2000::/3, the only IPv6 range handed out for global unicast.
+const V6_NON_PUBLIC: &[(Ipv6Addr, u8)] = &[
+    (Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 23), // IETF protocol assignments: Teredo, benchmarking, ORCHID
+    (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32), // documentation
+    (Ipv6Addr::new(0x3fff, 0, 0, 0, 0, 0, 0, 0), 20), // documentation (RFC 9637)
+];
+
+fn in_v4(ip: Ipv4Addr, (net, len): (Ipv4Addr, u8)) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net)
+}
+
+fn in_v6(ip: Ipv6Addr, (net, len): (Ipv6Addr, u8)) -> bool {
+    let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+    u128::from(ip) & mask == u128::from(net)
+}
+
+/// The IPv4 address a packet to `ip` would really reach, for the IPv6 forms that carry one.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let bits = u128::from(ip);
+    let carries_v4_in_low_bits = [
+        (Ipv6Addr::UNSPECIFIED, 96),                         // IPv4-compatible (also :: and ::1)
+        (Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96),    // IPv4-mapped
+        (Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), // NAT64 well-known prefix
+    ];
+    if carries_v4_in_low_bits.into_iter().any(|net| in_v6(ip, net)) {
+        return Some(Ipv4Addr::from(bits as u32));
+    }
+    if in_v6(ip, (Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16)) {
+        return Some(Ipv4Addr::from((bits >> 80) as u32)); // 6to4: 2002:AABB:CCDD::/48
+    }
+    None
+}
+
+/// Whether `ip` is a public unicast address. IPv6 forms that embed an IPv4 address (mapped,
+/// compatible, NAT64 64:ff9b::/96, 6to4) are judged by that address; otherwise IPv6 must lie in
+/// 2000::/3 outside 2001::/23 (which holds Teredo) and the documentation ranges, which rules out
+/// loopback, unique-local, link-local, multicast and the local-use NAT64 prefix.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !V4_NON_PUBLIC.iter().any(|&net| in_v4(v4, net)),
+        IpAddr::V6(v6) => match embedded_v4(v6) {
+            Some(v4) => is_public(IpAddr::V4(v4)),
+            None => {
+                in_v6(v6, (Ipv6Addr::new(0x2000, 0, 0, 0, 0, 0, 0, 0), 3))
+                    && !V6_NON_PUBLIC.iter().any(|&net| in_v6(v6, net))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::{
+        http::{header, HeaderMap as Headers, StatusCode as Code},
+        routing::{any, post},
+        Router,
+    };
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    };
+    use tokio::net::TcpListener;
+
+    // Space-separated so the tables stay readable; one address per class or boundary.
+    const NOT_PUBLIC: &str = "127.0.0.1 127.255.0.9 10.1.2.3 172.16.0.1 172.31.255.255 192.168.1.1 169.254.169.254 \
+        169.254.0.1 100.64.0.1 100.127.255.255 224.0.0.1 239.255.255.250 255.255.255.255 192.0.2.7 198.51.100.7 \
+        203.0.113.7 198.18.0.1 198.19.255.255 0.0.0.0 0.1.2.3 192.0.0.8 240.0.0.1 :: ::1 fe80::1 febf::1 fc00::1 \
+        fd12:3456::1 ff02::1 2001:db8::1 2001:0:4136:e378::1 3fff::1 ::ffff:127.0.0.1 ::ffff:10.0.0.1 \
+        ::ffff:169.254.169.254 ::127.0.0.1 64:ff9b::a9fe:a9fe 64:ff9b::7f00:1 64:ff9b:1::1 2002:7f00:1::1 \
+        2002:c0a8:101:: 100::1";
+    const PUBLIC: &str = "1.1.1.1 8.8.8.8 93.184.216.34 100.63.255.255 100.128.0.0 172.15.255.255 172.32.0.0 \
+        192.0.1.1 198.17.255.255 198.20.0.0 223.255.255.255 2606:4700::1111 2a00:1450::1 ::ffff:8.8.8.8 \
+        64:ff9b::808:808 2002:808:808::1";
+
+    #[test]
+    fn is_public_classifies_addresses() {
+        for ip in NOT_PUBLIC.split_whitespace() {
+            assert!(!is_public(ip.parse().unwrap()), "{ip} should not be public");
+        }
+        for ip in PUBLIC.split_whitespace() {
+            assert!(is_public(ip.parse().unwrap()), "{ip} should be public");
+        }
+    }
+
+    #[test]
+    fn retry_after_takes_delta_seconds_capped_at_a_day() {
+        let parse = |v: &str| parse_retry_after(Some(&HeaderValue::from_str(v).unwrap()));
+        assert_eq!(parse("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse(" 0 "), Some(Duration::ZERO));
+        assert_eq!(parse("999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse("99999999999999999999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse("-1"), None);
+        assert_eq!(parse_retry_after(None), None);
+    }
+
+    #[derive(Clone, Default)]
+    struct Seen {
+        request: Arc<Mutex<Option<(String, Bytes)>>>,
+        landings: Arc<AtomicUsize>,
+    }
+
+    async fn receiver() -> (String, Seen) {
+        let seen = Seen::default();
+        let (on_ok, on_landing) = (seen.clone(), seen.clone());
+        let app = Router::new()
+            .route(
+                "/ok",
+                post(move |headers: Headers, body: Bytes| async move {
+                    let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    *on_ok.request.lock().unwrap() = Some((id.to_owned(), body));
+                    Code::NO_CONTENT
+                }),
+            )
+            .route("/fail", post(|| async { Code::INTERNAL_SERVER_ERROR }))
+            .route("/busy", post(|| async { (Code::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "7")]) }))
+            .route("/moved", post(|| async { (Code::FOUND, [(header::LOCATION, "/landing")]) }))
+            .route(
+                "/landing",
+                any(move || async move {
+                    on_landing.landings.fetch_add(1, Ordering::SeqCst);
+                }),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (base, seen)
+    }
+
+    fn open_client() -> WebhookClient {
+        WebhookClient::new(Duration::from_secs(5), true).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_2xx_is_success_and_carries_headers_and_body() {
+        let (base, seen) = receiver().await;
+        let headers = [("webhook-id", "evt_1".to_owned()), ("content-type", "application/json".to_owned())];
+        let result = open_client().post(&format!("{base}/ok"), &headers, Bytes::from_static(b"{}")).await;
+        assert_eq!((result.status, result.error.as_deref(), result.retry_after), (Some(204), None, None));
+        assert!(result.is_success());
+        assert_eq!(seen.request.lock().unwrap().clone(), Some(("evt_1".to_owned(), Bytes::from_static(b"{}"))));
+    }
+
+    #[tokio::test]
+    async fn non_2xx_answers_are_failures() {
+        let (base, seen) = receiver().await;
+        let client = open_client();
+        let failed = client.post(&format!("{base}/fail"), &[], Bytes::new()).await;
+        assert_eq!((failed.status, failed.error.as_deref(), failed.retry_after), (Some(500), Some("HTTP 500"), None));
+        assert!(!failed.is_success());
+
+        let busy = client.post(&format!("{base}/busy"), &[], Bytes::new()).await;
+        assert_eq!((busy.status, busy.retry_after), (Some(503), Some(Duration::from_secs(7))));
+        assert!(!busy.is_success());
+
+        let moved = client.post(&format!("{base}/moved"), &[], Bytes::new()).await;
+        assert_eq!((moved.status, moved.error.as_deref()), (Some(302), Some("redirect (HTTP 302) not followed")));
+        assert!(!moved.is_success());
+        assert_eq!(seen.landings.load(Ordering::SeqCst), 0, "the redirect was followed");
+
+        let invalid = client.post(&format!("{base}/ok"), &[("bad header", String::new())], Bytes::new()).await;
+        assert_eq!(invalid.error.as_deref(), Some("invalid header name \"bad header\""));
+    }
+
+    #[tokio::test]
+    async fn a_silent_receiver_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let client = WebhookClient::new(Duration::from_millis(200), true).unwrap();
+        let result = client.post(&url, &[], Bytes::from_static(b"{}")).await;
+        holder.abort();
+        assert_eq!((result.status, result.error.as_deref()), (None, Some("timeout after 200ms")));
+    }
+
+    #[tokio::test]
+    async fn an_endless_body_is_cut_off_without_failing_the_attempt() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let _ = socket.read(&mut [0u8; 4096]).await;
+            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+            let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
+            while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+        });
+        let result = WebhookClient::new(Duration::from_secs(20), true).unwrap().post(&url, &[], Bytes::new()).await;
+        assert_eq!((result.status, result.error.as_deref()), (Some(200), None));
+        assert!(result.duration < Duration::from_secs(15), "the body was read to the deadline");
+    }
+
+    #[tokio::test]
+    async fn the_guard_refuses_loopback_without_connecting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let guarded = WebhookClient::new(Duration::from_secs(5), false).unwrap();
+        let refused = |what: &str| format!("refused: {what}");
+        let cases = [
+            (format!("http://127.0.0.1:{port}/"), refused("non-public address 127.0.0.1")),
+            (format!("https://[::1]:{port}/"), refused("non-public address ::1")),
+            (format!("http://[::ffff:127.0.0.1]:{port}/"), refused("non-public address ::ffff:127.0.0.1")),
+            (format!("http://2130706433:{port}/"), refused("non-public address 127.0.0.1")),
+            (format!("http://localhost:{port}/"), refused("localhost resolves only to non-public addresses")),
+            (format!("ftp://127.0.0.1:{port}/"), "unsupported scheme ftp".to_owned()),
+        ];
+        for (url, expected) in cases {
+            let result = guarded.post(&url, &[], Bytes::new()).await;
+            assert_eq!((result.status, result.error), (None, Some(expected)), "{url}");
+        }
+        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(accepted.is_err(), "the receiver got a connection");
+    }
+}

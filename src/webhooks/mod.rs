@@ -1,0 +1,6 @@
+//! Webhooks: the SSRF-safe outbound client, Standard Webhooks signatures, and the dispatcher
+//! that drains the delivery outbox.
+
+pub mod client;
+pub mod dispatcher;
+pub mod signature;
