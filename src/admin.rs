@@ -32,12 +32,18 @@ fn new_api_key() -> Result<String, AdminError> {
     Ok(format!("rsk_{}", URL_SAFE_NO_PAD.encode(bytes)))
 }
 
-/// Creates a merchant; answers `{"merchantId", "apiKey"}`.
-pub async fn create_merchant(store: &DynStore, name: &str) -> Result<Value, AdminError> {
+/// A merchant name: 1 to 100 printable characters (surrounding spaces dropped).
+pub fn check_merchant_name(name: &str) -> Result<&str, String> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        return Err(AdminError::Invalid("--name must be 1 to 100 printable characters".to_owned()));
+        return Err("--name must be 1 to 100 printable characters".to_owned());
     }
+    Ok(name)
+}
+
+/// Creates a merchant; answers `{"merchantId", "apiKey"}`.
+pub async fn create_merchant(store: &DynStore, name: &str) -> Result<Value, AdminError> {
+    let name = check_merchant_name(name).map_err(AdminError::Invalid)?;
     let api_key = new_api_key()?;
     let merchant =
         Merchant { id: Uuid::now_v7(), name: name.to_owned(), disabled: false, created_on: Timestamp::now() };

@@ -174,6 +174,16 @@ async fn run(command: Command, config: Config) -> ExitCode {
         },
         Command::Openapi => unreachable!("handled before the runtime starts"),
         Command::Merchant(command) => {
+            if let MerchantCommand::RotateKey { merchant_id } | MerchantCommand::Disable { merchant_id } = &command {
+                if let Err(AdminError::Invalid(message)) = merchant_uuid(merchant_id) {
+                    return usage_error(&message);
+                }
+            }
+            if let MerchantCommand::Create { name } = &command {
+                if let Err(message) = admin::check_merchant_name(name) {
+                    return usage_error(&message);
+                }
+            }
             admin_command(&config, |store| async move {
                 match command {
                     MerchantCommand::Create { name } => admin::create_merchant(&store, &name).await,
@@ -189,6 +199,9 @@ async fn run(command: Command, config: Config) -> ExitCode {
             .await
         }
         Command::Customer(CustomerCommand::Create { phone }) => {
+            if let Err(message) = redirect_sessions::domain::request::e164(&phone) {
+                return usage_error(&format!("--phone {message}"));
+            }
             admin_command(&config, |store| async move { admin::create_customer(&store, &phone).await }).await
         }
         Command::SigningKey(SigningKeyCommand::Rotate) => {
@@ -220,16 +233,24 @@ where
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(mut config: Config) -> ExitCode {
+    let shutdown = app::shutdown_signal();
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(error) => return failure(&format!("cannot listen on {}: {error}", config.listen)),
     };
+    // With port 0 the OS picks the port; a public URL derived from the listen address must
+    // name the port actually bound.
+    if config.public_url.port() == Some(0) {
+        if let Ok(address) = listener.local_addr() {
+            config.public_url = format!("http://{address}").parse().expect("a socket address makes a valid URL");
+        }
+    }
     let state = match AppState::open(config).await {
         Ok(state) => state,
         Err(error) => return failure(&error.to_string()),
     };
-    match app::serve(state, listener, app::shutdown_signal()).await {
+    match app::serve(state, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => failure(&error.to_string()),
     }

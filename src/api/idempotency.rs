@@ -1,6 +1,7 @@
 //! `x-request-id` idempotency (SPEC §4) for every mutating merchant request: the first
 //! outcome is stored and replayed byte for byte; see `docs/DESIGN.md`.
 
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -8,6 +9,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use sha2::{Digest, Sha256};
 
 use super::context::RequestContext;
@@ -67,7 +69,18 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
         Ok(IdempotencyBegin::Proceed) => {}
     }
 
-    let mut response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let run = AssertUnwindSafe(next.run(Request::from_parts(parts, Body::from(bytes)))).catch_unwind().await;
+    let mut response = match run {
+        Ok(response) => response,
+        Err(panic) => {
+            // A panic is a server error: forget the record so a retry runs, then let the panic
+            // go on to the layer that answers it.
+            if let Err(error) = state.store.idempotency_release(key).await {
+                tracing::warn!(%error, "could not release an idempotency record; it expires with its lease");
+            }
+            std::panic::resume_unwind(panic);
+        }
+    };
     if !is_stored(&response) {
         if let Err(error) = state.store.idempotency_release(key).await {
             tracing::warn!(%error, "could not release an idempotency record; it expires with its lease");

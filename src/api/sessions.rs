@@ -73,6 +73,9 @@ impl RedirectSession {
     /// The representation of `session` at `now`.
     pub fn of(session: SessionRecord, now: Timestamp, public_url: &str) -> Self {
         let state = session.effective_state(now);
+        // Expired by the clock but not yet swept: it changed at `expiresOn` (as the sweep will
+        // record it), so the representation is the same before and after the sweep.
+        let last_modified_on = if state != session.state { session.expires_on } else { session.last_modified_on };
         let spec = session.spec;
         RedirectSession {
             id: session.id,
@@ -89,7 +92,7 @@ impl RedirectSession {
             redirect_url: format!("{public_url}/pay"),
             expires_on: session.expires_on,
             created_on: session.created_on,
-            last_modified_on: session.last_modified_on,
+            last_modified_on,
             last_correlation_id: session.last_correlation_id,
         }
     }
@@ -306,7 +309,7 @@ pub async fn cancel_redirect_session(
     match state.store.cancel_session(request).await.map_err(store_error)? {
         CancelOutcome::Cancelled(session) => {
             state.metrics.sessions_cancelled(1);
-            tracing::info!(session.id = %id, merchant.id = %merchant.id, "redirect session cancelled");
+            tracing::debug!(session.id = %id, merchant.id = %merchant.id, "redirect session cancelled");
             Ok(session_response(StatusCode::OK, session, now, &state))
         }
         CancelOutcome::AlreadyCancelled(session) => Ok(session_response(StatusCode::OK, session, now, &state)),

@@ -131,30 +131,33 @@ fn load_session(connection: &Connection, id: Uuid) -> Result<Option<SessionRecor
 
 /// Moves a live session to `to` with one conditional update, inserts its event and queues
 /// its deliveries. `None` when the condition no longer held (another writer won, or the clock
-/// expired it); else how many deliveries were queued.
+/// expired it); else how many deliveries were queued. An expiry is dated `expiresOn`, the
+/// instant it happened, not the instant the sweep wrote it down, so that recording it does not
+/// change what readers see.
 fn change_state(
     connection: &Connection,
     session: &SessionRecord,
     to: State,
     correlation_id: Uuid,
     now: Timestamp,
-    require_unexpired: bool,
 ) -> Result<Option<usize>, StoreError> {
+    let (changed_on, require_unexpired) = if to == State::Expired { (session.expires_on, false) } else { (now, true) };
     let changed = connection
         .prepare_cached(
             "UPDATE sessions SET state = ?2, version = version + 1, last_modified_on = ?3,
                     last_correlation_id = ?4
               WHERE id = ?1 AND version = ?5 AND state IN ('Created', 'Opened', 'Authenticated')
-                AND (?6 = 0 OR expires_on > ?3)",
+                AND (?6 = 0 OR expires_on > ?7)",
         )
         .and_then(|mut s| {
             s.execute(params![
                 session.id.as_bytes(),
                 to.as_str(),
-                now.millis(),
+                changed_on.millis(),
                 correlation_id.as_bytes(),
                 session.version,
-                require_unexpired
+                require_unexpired,
+                now.millis()
             ])
         })
         .map_err(|e| internal(&e))?;
@@ -169,7 +172,7 @@ fn change_state(
         "state": to.as_str(),
         "type": session.spec.kind.as_str(),
         "createdOn": session.created_on,
-        "lastModifiedOn": now,
+        "lastModifiedOn": changed_on,
     });
     let event_id = Uuid::now_v7();
     connection
@@ -390,8 +393,7 @@ impl Store for SqliteStore {
                     Ok(Transition::Unchanged) => Ok((CancelOutcome::AlreadyCancelled(session), 0)),
                     Err(_) => Ok((CancelOutcome::InvalidTransition(from), 0)),
                     Ok(Transition::To(to)) => {
-                        let Some(queued) = change_state(c, &session, to, request.correlation_id, request.now, true)?
-                        else {
+                        let Some(queued) = change_state(c, &session, to, request.correlation_id, request.now)? else {
                             // Cannot happen with one writer; with several it means a race was
                             // lost between the read and the write.
                             return Ok((CancelOutcome::VersionMismatch, 0));
@@ -426,7 +428,7 @@ impl Store for SqliteStore {
                 let (mut expired, mut queued) = (0, 0);
                 for session in &due {
                     if let Some(deliveries) =
-                        change_state(c, session, State::Expired, session.last_correlation_id, now, false)?
+                        change_state(c, session, State::Expired, session.last_correlation_id, now)?
                     {
                         expired += 1;
                         queued += deliveries;

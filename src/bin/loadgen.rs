@@ -1,0 +1,485 @@
+//! `loadgen`: the reproducible load benchmark. It starts the release server on a fresh
+//! database, creates a merchant, and measures each scenario for a fixed time with many
+//! concurrent keep-alive connections, printing a Markdown table for `docs/BENCHMARKS.md`.
+//!
+//! cargo build --release && cargo run --release --bin loadgen -- --connections 256 --duration 10s
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use redirect_sessions::config::parse_duration;
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+const BASE: &str = "/customer-authentication-service/v1";
+
+struct Args {
+    connections: usize,
+    duration: Duration,
+    server: PathBuf,
+    scenarios: Vec<String>,
+    prefill: usize,
+}
+
+fn args() -> Result<Args, String> {
+    let mut args = Args {
+        connections: 256,
+        duration: Duration::from_secs(10),
+        server: PathBuf::from("target/release/redirect-sessions"),
+        scenarios: ["ceiling", "create", "read", "cancel", "webhooks"].map(str::to_owned).to_vec(),
+        prefill: 0,
+    };
+    let mut words = std::env::args().skip(1);
+    while let Some(flag) = words.next() {
+        let mut value = || words.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--connections" => args.connections = value()?.parse().map_err(|_| "--connections: a number")?,
+            "--duration" => args.duration = parse_duration(&value()?)?,
+            "--server" => args.server = PathBuf::from(value()?),
+            "--scenarios" => args.scenarios = value()?.split(',').map(str::to_owned).collect(),
+            "--prefill" => args.prefill = value()?.parse().map_err(|_| "--prefill: a number")?,
+            _ => return Err(format!("unknown flag {flag}; flags: --connections N --duration 10s --server PATH --scenarios ceiling,create,read,cancel,webhooks --prefill N")),
+        }
+    }
+    Ok(args)
+}
+
+fn main() {
+    let args = match args() {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
+    runtime.block_on(run(args));
+}
+
+/// The server under test, killed on drop.
+struct Server {
+    child: Child,
+    address: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Server {
+    fn start(binary: &Path) -> Server {
+        let dir = std::env::temp_dir().join(format!("loadgen-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let database = format!("sqlite://{}/bench.db", dir.display());
+        let mut child = Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &database, "--rate-limit-per-key", "0"])
+            .args(["--allow-private-callbacks", "--allow-http-redirect-urls", "--log", "info"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}; run `cargo build --release` first", binary.display()));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (found, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("address=") {
+                    let text = line[at + 8..].split_whitespace().next().unwrap_or("");
+                    if let Ok(address) = text.parse::<SocketAddr>() {
+                        let _ = found.send(address);
+                    }
+                }
+            }
+        });
+        let address = address.recv_timeout(Duration::from_secs(30)).expect("the server logs its address");
+        Server { child, address, dir }
+    }
+
+    fn database_url(&self) -> String {
+        format!("sqlite://{}/bench.db", self.dir.display())
+    }
+
+    fn create_merchant(&self, binary: &Path) -> String {
+        let output = Command::new(binary)
+            .args(["merchant", "create", "--name", "Bench", "--database-url", &self.database_url()])
+            .output()
+            .expect("merchant create runs");
+        let created: serde_json::Value = serde_json::from_slice(&output.stdout).expect("merchant create prints JSON");
+        created["apiKey"].as_str().expect("an apiKey").to_owned()
+    }
+
+    /// Peak resident set size in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+
+    fn database_bytes(&self) -> u64 {
+        ["bench.db", "bench.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+/// What one scenario measured.
+struct Stats {
+    name: String,
+    requests: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Stats {
+    fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let index = ((self.latencies_us.len() as f64 * p).ceil() as usize).clamp(1, self.latencies_us.len()) - 1;
+        f64::from(self.latencies_us[index]) / 1000.0
+    }
+}
+
+type MakeRequest = Arc<dyn Fn(usize) -> Option<Request<Full<Bytes>>> + Send + Sync>;
+
+/// Runs `make` on `connections` connections for `duration` (or until it answers `None`).
+async fn load(
+    name: &str,
+    address: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    expect: u16,
+    make: MakeRequest,
+) -> Stats {
+    let sequence = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let (make, sequence) = (make.clone(), sequence.clone());
+            tokio::spawn(async move {
+                let (mut done, mut errors, mut latencies) = (0usize, 0usize, Vec::new());
+                let mut sender = None;
+                while Instant::now() < deadline {
+                    if sender.is_none() {
+                        sender = connect(address).await;
+                        if sender.is_none() {
+                            errors += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    }
+                    let Some(request) = make(sequence.fetch_add(1, Ordering::Relaxed)) else { break };
+                    let sent = Instant::now();
+                    let answer = sender.as_mut().expect("connected").send_request(request).await;
+                    match answer {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let _ = response.into_body().collect().await;
+                            latencies.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            if status == expect {
+                                done += 1;
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            sender = None;
+                        }
+                    }
+                }
+                (done, errors, latencies)
+            })
+        })
+        .collect();
+    let mut stats =
+        Stats { name: name.to_owned(), requests: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    for worker in workers {
+        let (done, errors, latencies) = worker.await.expect("a worker finishes");
+        stats.requests += done;
+        stats.errors += errors;
+        stats.latencies_us.extend(latencies);
+    }
+    stats.elapsed = started.elapsed().min(duration.max(Duration::from_millis(1)));
+    stats.latencies_us.sort_unstable();
+    stats
+}
+
+async fn connect(address: SocketAddr) -> Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = TcpStream::connect(address).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(connection);
+    Some(sender)
+}
+
+fn request(method: Method, address: SocketAddr, path: &str, key: &str, body: Option<Bytes>) -> Request<Full<Bytes>> {
+    let mut builder =
+        Request::builder().method(method).uri(path).header("host", address.to_string()).header("x-api-key", key);
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    builder.body(Full::new(body.unwrap_or_default())).expect("a valid request")
+}
+
+const SESSION_BODY: &str = r#"{"type":"NewTransactionIntent","transactionData":{"type":"PassthroughWithdrawal","amount":100.5,"currency":"EUR","externalReference":"bench-0001"},"redirectData":{"successUrl":"https://shop.example/ok","failureUrl":"https://shop.example/failed","abortUrl":"https://shop.example/aborted"},"locale":"de-DE"}"#;
+
+/// Creates sessions with fresh ids; answers the stats and the ids created.
+async fn create_sessions(
+    name: &str,
+    server: &Server,
+    key: &str,
+    connections: usize,
+    duration: Duration,
+    limit: usize,
+) -> (Stats, Vec<Uuid>) {
+    let ids: Arc<Vec<Uuid>> = Arc::new((0..limit).map(|_| Uuid::new_v4()).collect());
+    let (address, key, list) = (server.address, key.to_owned(), ids.clone());
+    let make: MakeRequest = Arc::new(move |n| {
+        let id = list.get(n)?;
+        Some(request(
+            Method::PUT,
+            address,
+            &format!("{BASE}/redirect-sessions/{id}"),
+            &key,
+            Some(Bytes::from_static(SESSION_BODY.as_bytes())),
+        ))
+    });
+    let stats = load(name, server.address, connections, duration, 201, make).await;
+    let created = ids.iter().take(stats.requests + stats.errors).copied().collect();
+    (stats, created)
+}
+
+/// A webhook receiver answering 204 that records when each session's event arrived.
+async fn receiver() -> (SocketAddr, Arc<Mutex<HashMap<String, Instant>>>) {
+    let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen = arrivals.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |body: Bytes| {
+            let seen = seen.clone();
+            async move {
+                let at = Instant::now();
+                if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    if let Some(id) = event["data"]["id"].as_str() {
+                        seen.lock().expect("not poisoned").entry(id.to_owned()).or_insert(at);
+                    }
+                }
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let address = listener.local_addr().expect("an address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (address, arrivals)
+}
+
+async fn webhooks(server: &Server, key: &str, args: &Args, rows: &mut Vec<String>) {
+    let (hook, arrivals) = receiver().await;
+    // The receiver's own ceiling, measured by posting to it directly.
+    let event = Bytes::from(r#"{"specversion":"1.0","data":{"id":"ceiling"}}"#);
+    let make: MakeRequest = Arc::new(move |_| Some(request(Method::POST, hook, "/hook", "-", Some(event.clone()))));
+    let ceiling = load("receiver ceiling (POST 204)", hook, args.connections, args.duration, 204, make).await;
+    rows.push(row(&ceiling, None));
+
+    let subscription =
+        format!(r#"{{"callbackUrl":"http://{hook}/hook","apiKey":"bench","eventTypes":["RedirectSessionCancelled"]}}"#);
+    let put = request(
+        Method::PUT,
+        server.address,
+        &format!("{BASE}/redirect-session-events/subscriptions/{}", Uuid::new_v4()),
+        key,
+        Some(Bytes::from(subscription)),
+    );
+    let mut sender = connect(server.address).await.expect("connects");
+    let status = sender.send_request(put).await.expect("subscribes").status();
+    assert_eq!(status, 201, "subscribing the receiver");
+
+    // Idle latency: one cancel at a time, waiting for its delivery.
+    let (_, idle_ids) = create_sessions("create (for webhooks)", server, key, 4, Duration::from_secs(60), 200).await;
+    let mut idle_delays = Vec::new();
+    for id in &idle_ids {
+        let cancel = request(Method::POST, server.address, &format!("{BASE}/redirect-sessions/{id}/cancel"), key, None);
+        let response = sender.send_request(cancel).await.expect("cancels");
+        let acknowledged = Instant::now();
+        let _ = response.into_body().collect().await;
+        let id = id.to_string();
+        let arrived = loop {
+            if let Some(at) = arrivals.lock().expect("not poisoned").get(&id).copied() {
+                break at;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        idle_delays.push(arrived.saturating_duration_since(acknowledged).as_micros() as u32);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    idle_delays.sort_unstable();
+    let idle = Stats {
+        name: "commit → delivery, idle (one at a time)".to_owned(),
+        requests: idle_delays.len(),
+        errors: 0,
+        elapsed: Duration::from_secs(1),
+        latencies_us: idle_delays,
+    };
+
+    // Throughput: cancel many sessions as fast as possible and count deliveries per second.
+    let (_, ids) =
+        create_sessions("create (for webhooks)", server, key, args.connections, args.duration, 400_000).await;
+    arrivals.lock().expect("not poisoned").clear();
+    let acknowledged: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (address, key_owned, list, acks) = (server.address, key.to_owned(), Arc::new(ids), acknowledged.clone());
+    let make: MakeRequest = Arc::new(move |n| {
+        let id = list.get(n)?;
+        acks.lock().expect("not poisoned").insert(id.to_string(), Instant::now());
+        Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key_owned, None))
+    });
+    let started = Instant::now();
+    let cancels = load("cancel (with a subscriber)", server.address, args.connections, args.duration, 200, make).await;
+    let expected = cancels.requests;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while arrivals.lock().expect("not poisoned").len() < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let arrived = arrivals.lock().expect("not poisoned").clone();
+    let last = arrived.values().max().copied().unwrap_or(started);
+    let acks = acknowledged.lock().expect("not poisoned");
+    let mut delays: Vec<u32> = arrived
+        .iter()
+        .filter_map(|(id, at)| Some(at.saturating_duration_since(*acks.get(id)?).as_micros() as u32))
+        .collect();
+    delays.sort_unstable();
+    let deliveries = Stats {
+        name: "deliveries end to end (cancel → receiver)".to_owned(),
+        requests: arrived.len(),
+        errors: expected.saturating_sub(arrived.len()),
+        elapsed: last.saturating_duration_since(started),
+        latencies_us: delays,
+    };
+    rows.push(row(&cancels, None));
+    rows.push(row(&deliveries, Some(&ceiling)));
+    rows.push(row(&idle, None).replace(&format!("{:.0}", idle.rate()), "—"));
+}
+
+fn row(stats: &Stats, ceiling: Option<&Stats>) -> String {
+    let ratio = ceiling.map_or("—".to_owned(), |c| format!("{:.0} %", 100.0 * stats.rate() / c.rate()));
+    format!(
+        "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
+        stats.name,
+        stats.rate(),
+        stats.percentile_ms(0.5),
+        stats.percentile_ms(0.99),
+        stats.percentile_ms(0.999),
+        stats.errors,
+        ratio
+    )
+}
+
+async fn run(args: Args) {
+    let server = Server::start(&args.server);
+    let key = server.create_merchant(&args.server);
+    let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
+    let mut rows = Vec::new();
+    let address = server.address;
+
+    if args.prefill > 0 {
+        eprintln!("prefilling {} sessions…", args.prefill);
+        let (stats, _) =
+            create_sessions("prefill", &server, &key, args.connections, Duration::from_secs(3600), args.prefill).await;
+        eprintln!("prefilled {} sessions at {:.0}/s", stats.requests, stats.rate());
+    }
+    let make: MakeRequest = Arc::new(move |_| {
+        Some(
+            Request::builder()
+                .uri("/health/live")
+                .header("host", address.to_string())
+                .body(Full::default())
+                .expect("valid"),
+        )
+    });
+    let ceiling = load("ceiling: GET /health/live", address, args.connections, args.duration, 200, make).await;
+    if wants("ceiling") {
+        rows.push(row(&ceiling, Some(&ceiling)));
+    }
+    let mut created = Vec::new();
+    if wants("create") || wants("read") || wants("cancel") {
+        let (stats, ids) =
+            create_sessions("create session (fresh ids)", &server, &key, args.connections, args.duration, 2_000_000)
+                .await;
+        rows.push(row(&stats, Some(&ceiling)));
+        created = ids;
+    }
+    if wants("read") {
+        let (key, list) = (key.clone(), Arc::new(created.clone()));
+        let make: MakeRequest = Arc::new(move |n| {
+            let id = list.get(n % list.len().max(1))?;
+            Some(request(Method::GET, address, &format!("{BASE}/redirect-sessions/{id}"), &key, None))
+        });
+        rows.push(row(
+            &load("read session", address, args.connections, args.duration, 200, make).await,
+            Some(&ceiling),
+        ));
+    }
+    if wants("cancel") {
+        let (key, list) = (key.clone(), Arc::new(created.clone()));
+        let make: MakeRequest = Arc::new(move |n| {
+            let id = list.get(n)?;
+            Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key, None))
+        });
+        rows.push(row(
+            &load("cancel session (each id once)", address, args.connections, args.duration, 200, make).await,
+            Some(&ceiling),
+        ));
+    }
+    let sessions = created.len() + args.prefill;
+    let database = server.database_bytes();
+    if wants("webhooks") {
+        webhooks(&server, &key, &args, &mut rows).await;
+    }
+    let stop = AtomicBool::new(false);
+    stop.store(true, Ordering::Relaxed);
+
+    println!(
+        "connections: {}, duration per scenario: {:?}, prefilled sessions: {}",
+        args.connections, args.duration, args.prefill
+    );
+    println!();
+    println!("| scenario | requests/s | p50 ms | p99 ms | p99.9 ms | errors | vs ceiling |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for row in rows {
+        println!("{row}");
+    }
+    println!();
+    println!("server peak RSS: {:.1} MiB", server.peak_rss_mib());
+    if sessions > 0 {
+        println!(
+            "database: {database} bytes for {sessions} sessions = {:.0} bytes per session",
+            database as f64 / sessions as f64
+        );
+    }
+}

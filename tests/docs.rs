@@ -1,0 +1,139 @@
+//! The OpenAPI document, the human docs pages, health checks, and the answer to a panic.
+
+mod common;
+
+use common::*;
+use redirect_sessions::error::ErrorCode;
+use serde_json::{json, Value};
+
+/// The committed OpenAPI document at the root of the repository.
+fn committed_openapi() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("the committed {path} cannot be read: {e}"))
+}
+
+async fn get(server: &TestServer, path: &str) -> reqwest::Response {
+    server.client.get(format!("{}{path}", server.url)).send().await.unwrap()
+}
+
+fn content_type(response: &reqwest::Response) -> String {
+    response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_served_openapi_document_is_the_committed_one_byte_for_byte() {
+    let server = TestServer::start().await;
+    let response = get(&server, "/openapi.json").await;
+    assert_eq!(response.status(), 200);
+    assert!(content_type(&response).starts_with("application/json"), "{}", content_type(&response));
+    let served = response.text().await.unwrap();
+    let committed = committed_openapi();
+    if served != committed {
+        let same_json = serde_json::from_str::<Value>(&served).ok() == serde_json::from_str::<Value>(&committed).ok();
+        panic!(
+            "GET /openapi.json differs from the committed openapi.json ({}); regenerate it with \
+             `redirect-sessions openapi > openapi.json`",
+            if same_json { "same JSON, different bytes" } else { "different content" }
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_docs_page_is_html_mentioning_every_path_of_the_document() {
+    let server = TestServer::start().await;
+    let response = get(&server, "/docs").await;
+    assert_eq!(response.status(), 200);
+    assert!(content_type(&response).starts_with("text/html"), "{}", content_type(&response));
+    let page = response.text().await.unwrap();
+    assert!(page.to_ascii_lowercase().starts_with("<!doctype html>"), "{}", &page[..page.len().min(200)]);
+
+    let (_, document) = status_and_json(get(&server, "/openapi.json").await).await;
+    let paths = document["paths"].as_object().expect("the document has paths");
+    assert!(!paths.is_empty());
+    for path in paths.keys() {
+        assert!(page.contains(path.as_str()), "/docs does not mention {path}");
+    }
+    for required in [
+        "/customer-authentication-service/v1/redirect-sessions/{redirectSessionId}",
+        "/customer-authentication-service/v1/redirect-sessions/{redirectSessionId}/cancel",
+        "/.well-known/jwks.json",
+        "/health/ready",
+    ] {
+        assert!(paths.contains_key(required), "the document lacks {required}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_errors_page_has_an_anchor_for_every_error_code() {
+    let server = TestServer::start().await;
+    let response = get(&server, "/docs/errors").await;
+    assert_eq!(response.status(), 200);
+    assert!(content_type(&response).starts_with("text/html"), "{}", content_type(&response));
+    let page = response.text().await.unwrap();
+    for code in ErrorCode::ALL {
+        assert!(page.contains(&format!("id=\"{}\"", code.as_str())), "/docs/errors has no id=\"{code}\"");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_error_links_to_its_entry_on_the_errors_page() {
+    let server = TestServer::start().await;
+    let body = assert_error(get(&server, "/no/such/route").await, 404, "NotFound").await;
+    let more_info = body["moreInfo"].as_str().unwrap();
+    assert_eq!(more_info, format!("{}/docs/errors#NotFound", server.url));
+    let (page_url, anchor) = more_info.split_once('#').unwrap();
+    let page = server.client.get(page_url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains(&format!("id=\"{anchor}\"")));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn liveness_and_readiness_answer_ok() {
+    let server = TestServer::start().await;
+    for path in ["/health/live", "/health/ready"] {
+        let response = get(&server, path).await;
+        assert!(response.headers().contains_key("x-correlation-id"), "{path}");
+        let (status, body) = status_and_json(response).await;
+        assert_eq!((status, body), (200, json!({"status": "ok"})), "{path}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_panic_in_a_handler_is_answered_with_the_standard_500_body() {
+    let server = TestServer::start().await;
+    async fn boom() -> &'static str {
+        panic!("boom: secret internal detail")
+    }
+    let routes = axum::Router::new().route("/boom", axum::routing::get(boom));
+    let app = redirect_sessions::api::with_common_layers(routes, server.state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let request_id = uuid::Uuid::new_v4();
+    let response = server
+        .client
+        .get(format!("http://{address}/boom"))
+        .header("x-request-id", request_id.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers().get("x-correlation-id").unwrap().to_str().unwrap(), request_id.to_string());
+    assert!(content_type(&response).starts_with("application/json"), "{}", content_type(&response));
+    let body = assert_error(response, 500, "GeneralErrorOccurred").await;
+    let members: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(members, ["code", "message", "moreInfo", "correlationId"], "{body}");
+    assert!(!body.to_string().contains("boom"), "the cause must not be sent: {body}");
+    assert!(!body.to_string().contains("secret"), "the cause must not be sent: {body}");
+
+    // The server keeps serving after the panic.
+    let again = server.client.get(format!("http://{address}/boom")).send().await.unwrap();
+    assert_error(again, 500, "GeneralErrorOccurred").await;
+    task.abort();
+    server.stop().await;
+}
