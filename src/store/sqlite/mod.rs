@@ -686,3 +686,17 @@ impl Store for SqliteStore {
         self.queued.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_use_wal_and_fsync_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let connection = connect(&dir.path().join("d.db"), true).unwrap();
+        let journal: String = connection.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let synchronous: i64 = connection.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!((journal.as_str(), synchronous), ("wal", 2), "synchronous=2 is FULL");
+    }
+}

@@ -1,0 +1,734 @@
+//! Webhook delivery (SPEC §5.2) against a real receiver: headers, CloudEvents body and
+//! signature; retries (schedule, jitter, Retry-After), timeouts, redirects and redelivery; which
+//! events go to which subscription; expiry; the SSRF guard in both modes; leases of a dead
+//! dispatcher; shutdown with an attempt in flight; an event that survives `kill -9` of the real
+//! binary; retention.
+
+// The shared harness calls `.ok().expect(..)`; it is not this file's to change.
+#[allow(clippy::ok_expect)]
+mod common;
+mod webhook_support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use redirect_sessions::domain::time::Timestamp;
+use redirect_sessions::store::webhooks::{AttemptOutcome, AttemptRecord, NextStep, Retention};
+use redirect_sessions::webhooks::signature;
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+use webhook_support::*;
+
+const CANCELLED: &str = "RedirectSessionCancelled";
+const EXPIRED: &str = "RedirectSessionExpired";
+const COMPLETED: &str = "RedirectSessionCompleted";
+const ABORTED: &str = "RedirectSessionAborted";
+
+/// Asserts that `request` carries a Standard Webhooks signature over its own id, timestamp and
+/// body, made with `secret`; answers the timestamp.
+fn assert_signed(request: &Received, secret: &str) -> i64 {
+    let key = signature::secret_key(secret).unwrap_or_else(|| panic!("an unusable secret: {secret}"));
+    let id = request.header("webhook-id");
+    let timestamp: i64 = request.header("webhook-timestamp").parse().expect("webhook-timestamp is unix seconds");
+    let header = request.header("webhook-signature");
+    assert!(header.starts_with("v1,"), "{header}");
+    assert!(signature::verify(&key, id, timestamp, &request.body, header), "the signature does not verify: {header}");
+    // The check is not vacuous: the same header over anything else fails.
+    assert!(!signature::verify(&key, id, timestamp + 1, &request.body, header));
+    assert!(!signature::verify(&key, id, timestamp, b"{}", header));
+    timestamp
+}
+
+/// The member names of a JSON object, in order.
+fn members(body: &Value) -> Vec<&str> {
+    body.as_object().unwrap_or_else(|| panic!("not an object: {body}")).keys().map(String::as_str).collect()
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+async fn redeliver(server: &TestServer, delivery_id: &str) -> reqwest::Response {
+    server.request(Method::POST, &redeliver_path(delivery_id)).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_cancel_is_delivered_once_with_the_documented_headers_a_cloudevents_body_and_a_valid_signature() {
+    let server = TestServer::start().await;
+    let receiver = Receiver::answering(204).await;
+    let (subscription, secret) = subscribe(&server, &receiver.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    let delivery = wait_for_delivery(&server, subscription, "the delivery", in_state("Delivered")).await;
+    let received = receiver.received();
+    assert_eq!(received.len(), 1, "exactly one request");
+    let request = &received[0];
+    assert_eq!((&request.method, request.path.as_str()), (&Method::POST, "/hook"));
+    assert_eq!(request.header("content-type"), "application/json");
+    assert_eq!(request.header("x-api-key"), CALLBACK_KEY);
+    let event_id = delivery["eventId"].as_str().unwrap();
+    event_id.parse::<Uuid>().expect("the event id is a UUID");
+    assert_eq!(request.header("x-request-id"), event_id);
+    assert_eq!(request.header("webhook-id"), event_id);
+    let timestamp = assert_signed(request, &secret);
+    assert!((unix_now() - timestamp).abs() <= 60, "webhook-timestamp {timestamp} is not about now");
+
+    let (_, read) = status_and_json(server.get_session(session).await).await;
+    let body = request.json();
+    assert_eq!(members(&body), ["specversion", "id", "source", "time", "datacontenttype", "type", "data"]);
+    assert_eq!(
+        body,
+        json!({
+            "specversion": "1.0",
+            "id": event_id,
+            "source": "/customer-authentication-service",
+            "time": read["lastModifiedOn"],
+            "datacontenttype": "application/json",
+            "type": CANCELLED,
+            "data": {
+                "id": session,
+                "state": "Cancelled",
+                "type": "NewTransactionIntent",
+                "createdOn": read["createdOn"],
+                "lastModifiedOn": read["lastModifiedOn"]
+            }
+        })
+    );
+    assert!(body["specversion"].is_string(), "specversion is the string \"1.0\"");
+
+    assert_eq!(delivery["eventType"], CANCELLED);
+    assert_eq!(delivery["redirectSessionId"], json!(session));
+    assert_eq!(attempt_statuses(&delivery), [Some(204)]);
+    let attempt = &attempts(&delivery)[0];
+    assert_eq!(attempt["attempt"], 1);
+    assert_eq!(attempt.get("error"), None, "{attempt}");
+    assert!(attempt["durationMs"].as_i64().is_some_and(|ms| ms >= 0), "{attempt}");
+    assert!(attempt["startedOn"].is_string(), "{attempt}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_fails_twice_gets_the_event_on_the_third_attempt() {
+    let server = TestServer::start_with(|c| c.webhook_retry_schedule = vec![Duration::from_millis(100); 3]).await;
+    let receiver = Receiver::scripted(&[Reply::Status(500), Reply::Status(500)], Reply::Status(204)).await;
+    let (subscription, secret) = subscribe(&server, &receiver.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    let delivery = wait_for_delivery(&server, subscription, "the third attempt", in_state("Delivered")).await;
+    assert_eq!(attempt_statuses(&delivery), [Some(500), Some(500), Some(204)]);
+    let numbers: Vec<&Value> = attempts(&delivery).iter().map(|a| &a["attempt"]).collect();
+    assert_eq!(numbers, [1, 2, 3]);
+    let errors: Vec<bool> = attempts(&delivery).iter().map(|a| a.get("error").is_some()).collect();
+    assert_eq!(errors, [true, true, false], "failed attempts say why, the delivered one does not: {delivery}");
+    assert_eq!(delivery.get("nextAttemptOn"), None, "{delivery}");
+
+    let received = receiver.received();
+    assert_eq!(received.len(), 3);
+    for request in &received {
+        assert_eq!(request.header("webhook-id"), delivery["eventId"].as_str().unwrap());
+        assert_eq!(request.body, received[0].body, "every attempt sends the same event");
+        assert_signed(request, &secret);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_receiver_times_out_until_the_delivery_fails_and_a_redelivery_then_succeeds() {
+    let server = TestServer::start_with(|c| {
+        c.webhook_timeout = Duration::from_millis(300);
+        c.webhook_retry_schedule = vec![Duration::from_millis(100); 2];
+    })
+    .await;
+    let receiver = Receiver::silent().await;
+    let (subscription, _) = subscribe(&server, &receiver.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    let failed = wait_for_delivery(&server, subscription, "the delivery to fail", in_state("Failed")).await;
+    assert_eq!(attempt_statuses(&failed), [None, None, None], "{failed}");
+    for attempt in attempts(&failed) {
+        let error = attempt["error"].as_str().unwrap_or_else(|| panic!("no error: {attempt}"));
+        assert!(error.to_lowercase().contains("timeout"), "{error}");
+    }
+    assert_eq!(failed.get("nextAttemptOn"), None, "{failed}");
+    assert_eq!(receiver.received().len(), 3, "each attempt reached the receiver");
+
+    receiver.answer_from_now_on(Reply::Status(204));
+    let id = failed["id"].as_str().unwrap();
+    let (status, queued) = status_and_json(redeliver(&server, id).await).await;
+    assert_eq!((status, &queued["id"], &queued["state"]), (200, &json!(id), &json!("Pending")), "{queued}");
+    assert_eq!(attempts(&queued).len(), 3, "the earlier attempts are kept: {queued}");
+
+    let delivered = wait_for_delivery(&server, subscription, "the redelivery", in_state("Delivered")).await;
+    assert_eq!(attempt_statuses(&delivered), [None, None, None, Some(204)]);
+    assert_eq!(attempts(&delivered)[3]["attempt"], 4);
+    let received = receiver.received();
+    assert_eq!(received.len(), 4);
+    assert_eq!(received[3].header("webhook-id"), failed["eventId"].as_str().unwrap(), "the same event again");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn only_subscribed_event_types_are_delivered() {
+    let server = TestServer::start().await;
+    let expiries = Receiver::answering(204).await;
+    let witness = Receiver::answering(204).await;
+    let (expiries_only, _) = subscribe(&server, &expiries.url(), &[EXPIRED]).await;
+    let (everything_else, _) = subscribe(&server, &witness.url(), &[CANCELLED, COMPLETED, ABORTED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    // Deliveries are queued in the cancel's own transaction, so this is already final.
+    assert_eq!(deliveries(&server, &format!("subscriptionId={expiries_only}")).await, Vec::<Value>::new());
+    // Once the other subscription got the event, the dispatcher is past it.
+    let delivered = wait_for_delivery(&server, everything_else, "the witness", in_state("Delivered")).await;
+    assert_eq!(witness.received().len(), 1);
+    assert_eq!(witness.received()[0].json()["type"], CANCELLED);
+    assert_eq!(delivered["eventType"], CANCELLED);
+    assert_eq!((expiries.received().len(), expiries.connections()), (0, 0), "nothing reached the expiries receiver");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_deleted_subscription_gets_nothing() {
+    let server = TestServer::start().await;
+    let gone = Receiver::answering(204).await;
+    let witness = Receiver::answering(204).await;
+    let (deleted, _) = subscribe(&server, &gone.url(), &[CANCELLED]).await;
+    let (kept, _) = subscribe(&server, &witness.url(), &[CANCELLED]).await;
+    unsubscribe(&server, deleted).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    assert_eq!(deliveries(&server, &format!("subscriptionId={deleted}")).await, Vec::<Value>::new());
+    wait_for_delivery(&server, kept, "the witness", in_state("Delivered")).await;
+    assert_eq!(deliveries(&server, "").await.len(), 1, "only the kept subscription's delivery");
+    assert_eq!((gone.received().len(), gone.connections()), (0, 0), "nothing reached the deleted subscription");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_subscription_cancels_its_queued_deliveries_which_cannot_be_redelivered() {
+    let server = TestServer::start_with(|c| c.webhook_retry_schedule = vec![Duration::from_secs(3600)]).await;
+    let receiver = Receiver::answering(500).await;
+    let (subscription, _) = subscribe(&server, &receiver.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+    let pending = wait_for_delivery(&server, subscription, "the first failed attempt", |d| {
+        d["state"] == "Pending" && attempts(d).len() == 1
+    })
+    .await;
+    assert!(pending["nextAttemptOn"].is_string(), "a retry is scheduled: {pending}");
+
+    unsubscribe(&server, subscription).await;
+    let after = deliveries(&server, &format!("subscriptionId={subscription}")).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    let cancelled = &after[0];
+    assert_eq!((&cancelled["id"], &cancelled["state"]), (&pending["id"], &json!("Cancelled")), "{cancelled}");
+    assert_eq!(cancelled.get("nextAttemptOn"), None, "{cancelled}");
+    assert_eq!(attempt_statuses(cancelled), [Some(500)], "the attempt made is still shown");
+    assert_eq!(deliveries(&server, "state=Cancelled").await, after);
+
+    let refused = redeliver(&server, cancelled["id"].as_str().unwrap()).await;
+    assert_error(refused, 409, "EntityVersionMismatch").await;
+    assert_eq!(deliveries(&server, "").await, after, "the refused redeliver changed nothing");
+    assert_eq!(receiver.received().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_session_is_delivered_as_redirect_session_expired() {
+    let server = TestServer::start_with(|c| c.session_ttl = Duration::from_secs(1)).await;
+    let receiver = Receiver::answering(204).await;
+    let (subscription, secret) = subscribe(&server, &receiver.url(), &[EXPIRED]).await;
+    let session = server.created_session().await;
+
+    let received = receiver.wait_for_requests(1).await;
+    assert_eq!(received.len(), 1);
+    let body = received[0].json();
+    assert_eq!(body["type"], EXPIRED, "{body}");
+    assert_eq!(body["data"]["id"], json!(session), "{body}");
+    assert_eq!(body["data"]["state"], "Expired", "{body}");
+    assert_eq!(body["data"]["type"], "NewTransactionIntent", "{body}");
+    assert_eq!(received[0].header("webhook-id"), body["id"].as_str().unwrap());
+    assert_signed(&received[0], &secret);
+
+    let (_, read) = status_and_json(server.get_session(session).await).await;
+    assert_eq!(read["state"], "Expired", "{read}");
+    assert_eq!(body["data"]["createdOn"], read["createdOn"]);
+    let delivery = wait_for_delivery(&server, subscription, "the delivery", in_state("Delivered")).await;
+    assert_eq!((&delivery["eventType"], &delivery["eventId"]), (&json!(EXPIRED), &body["id"]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_private_allowance_http_and_non_public_ip_callbacks_are_rejected() {
+    let server = TestServer::start_with(|c| c.allow_private_callbacks = false).await;
+    let receiver = Receiver::answering(204).await;
+    let plain_http = format!("http://127.0.0.1:{}/", receiver.port);
+    let error = assert_error(
+        put_subscription(&server, Uuid::new_v4(), &subscription_body(&plain_http, CALLBACK_KEY, &[CANCELLED])).await,
+        400,
+        "Validation",
+    )
+    .await;
+    assert_eq!(field_names(&error), ["callbackUrl"], "{error}");
+    let message = error["details"]["validationErrorReasons"][0]["errorMessage"].as_str().unwrap();
+    assert!(message.contains("https"), "the answer says https is required: {message}");
+
+    for url in [
+        "https://127.0.0.1/x",
+        "http://shop.example/hook",
+        "https://10.0.0.1/x",
+        "https://192.168.1.1/x",
+        "https://[::1]/x",
+        "https://169.254.169.254/latest/meta-data",
+        "https://100.64.0.1/x",
+    ] {
+        let body = subscription_body(url, CALLBACK_KEY, &[CANCELLED]);
+        let error = assert_error(put_subscription(&server, Uuid::new_v4(), &body).await, 400, "Validation").await;
+        assert_eq!(field_names(&error), ["callbackUrl"], "{url}: {error}");
+    }
+    let public = subscription_body("https://93.184.216.34/hook", CALLBACK_KEY, &[CANCELLED]);
+    assert_eq!(put_subscription(&server, Uuid::new_v4(), &public).await.status(), 201, "a public address is fine");
+    assert_eq!(receiver.connections(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_private_allowance_a_host_name_that_resolves_to_loopback_is_refused_at_connect_time() {
+    let server = TestServer::start_with(|c| {
+        c.allow_private_callbacks = false;
+        c.webhook_retry_schedule = vec![Duration::from_millis(100)];
+    })
+    .await;
+    let receiver = Receiver::answering(204).await;
+    let url = format!("https://localhost:{}/hook", receiver.port);
+    let (subscription, _) = subscribe(&server, &url, &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    let failed = wait_for_delivery(&server, subscription, "the refused delivery", in_state("Failed")).await;
+    assert_eq!(attempt_statuses(&failed), [None, None], "{failed}");
+    for attempt in attempts(&failed) {
+        let error = attempt["error"].as_str().unwrap_or_else(|| panic!("no error: {attempt}"));
+        assert!(error.starts_with("refused"), "{error}");
+    }
+    assert_eq!((receiver.connections(), receiver.received().len()), (0, 0), "the receiver got a connection");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_private_allowance_a_loopback_host_name_is_delivered() {
+    let server = TestServer::start().await;
+    let receiver = Receiver::answering(204).await;
+    let url = format!("http://localhost:{}/hook", receiver.port);
+    let (subscription, secret) = subscribe(&server, &url, &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    let delivered = wait_for_delivery(&server, subscription, "the delivery", in_state("Delivered")).await;
+    assert_eq!(attempt_statuses(&delivered), [Some(204)]);
+    let received = receiver.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].json()["data"]["id"], json!(session));
+    assert_signed(&received[0], &secret);
+    assert_eq!(receiver.connections(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn purge_removes_finished_deliveries_past_their_retention_and_keeps_pending_ones() {
+    let server = TestServer::start_with(|c| c.webhook_retry_schedule = vec![Duration::from_secs(3600)]).await;
+    let accepting = Receiver::answering(204).await;
+    let failing = Receiver::answering(500).await;
+    let (delivered, _) = subscribe(&server, &accepting.url(), &[CANCELLED]).await;
+    let (pending, _) = subscribe(&server, &failing.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+    wait_for_delivery(&server, delivered, "the delivery", in_state("Delivered")).await;
+    let still_pending =
+        wait_for_delivery(&server, pending, "the first failed attempt", |d| attempts(d).len() == 1).await;
+    assert_eq!(still_pending["state"], "Pending");
+
+    let retention =
+        Retention { deliveries: Duration::from_secs(30 * 24 * 3600), idempotency: Duration::from_secs(24 * 3600) };
+    let removed = server.store().purge(Timestamp::now(), retention, 1000).await.expect("purge works");
+    assert_eq!(removed, 0, "nothing is old enough yet");
+    assert_eq!(deliveries(&server, "").await.len(), 2);
+
+    let in_31_days = Timestamp::now().plus(Duration::from_secs(31 * 24 * 3600));
+    let removed = server.store().purge(in_31_days, retention, 1000).await.expect("purge works");
+    assert!(removed >= 2, "at least the delivery and its attempt: {removed}");
+    assert_eq!(deliveries(&server, &format!("subscriptionId={delivered}")).await, Vec::<Value>::new());
+    let left = deliveries(&server, "").await;
+    assert_eq!(left, [still_pending], "the pending delivery is kept with its attempt");
+    server.stop().await;
+}
+
+/// Milliseconds from an attempt's start to the delivery's next attempt.
+fn delay_after_attempt(delivery: &Value, attempt: usize) -> i64 {
+    let at = |v: &Value| Timestamp::parse_rfc3339(v.as_str().unwrap_or_else(|| panic!("no time: {delivery}"))).unwrap();
+    at(&delivery["nextAttemptOn"]).millis() - at(&attempts(delivery)[attempt]["startedOn"]).millis()
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_retried_after_the_scheduled_delay_within_twenty_percent() {
+    let server = TestServer::start_with(|c| c.webhook_retry_schedule = vec![Duration::from_secs(3600)]).await;
+    let receiver = Receiver::answering(500).await;
+    let (subscription, _) = subscribe(&server, &receiver.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+    let pending = wait_for_delivery(&server, subscription, "the first attempt", |d| attempts(d).len() == 1).await;
+    assert_eq!(pending["state"], "Pending");
+    let delay = delay_after_attempt(&pending, 0);
+    assert!((2_880_000..=4_320_000 + 60_000).contains(&delay), "one hour ±20 %, got {delay} ms: {pending}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn retry_after_on_503_and_429_pushes_the_next_attempt_back_but_by_at_most_an_hour() {
+    let server = TestServer::start_with(|c| c.webhook_retry_schedule = vec![Duration::from_millis(100); 2]).await;
+    let busy = Receiver::scripted(&[Reply::RetryAfter(503, 600)], Reply::Status(204)).await;
+    let throttling = Receiver::scripted(&[Reply::RetryAfter(429, 86_400)], Reply::Status(204)).await;
+    let (busy_subscription, _) = subscribe(&server, &busy.url(), &[CANCELLED]).await;
+    let (throttling_subscription, _) = subscribe(&server, &throttling.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    let first = |d: &Value| attempts(d).len() == 1;
+    let after_503 = wait_for_delivery(&server, busy_subscription, "the 503", first).await;
+    assert_eq!((&after_503["state"], attempt_statuses(&after_503)), (&json!("Pending"), vec![Some(503)]));
+    let delay = delay_after_attempt(&after_503, 0);
+    assert!((600_000..=600_000 + 60_000).contains(&delay), "Retry-After: 600 honoured, got {delay} ms: {after_503}");
+
+    let after_429 = wait_for_delivery(&server, throttling_subscription, "the 429", first).await;
+    assert_eq!((&after_429["state"], attempt_statuses(&after_429)), (&json!("Pending"), vec![Some(429)]));
+    let delay = delay_after_attempt(&after_429, 0);
+    assert!((3_600_000..=3_600_000 + 60_000).contains(&delay), "capped at an hour, got {delay} ms: {after_429}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_counts_as_a_failure() {
+    let server = TestServer::start_with(|c| c.webhook_retry_schedule = vec![Duration::from_millis(100)]).await;
+    let receiver = Receiver::scripted(&[], Reply::Redirect(307)).await;
+    let (subscription, _) = subscribe(&server, &receiver.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    let failed = wait_for_delivery(&server, subscription, "the delivery to fail", in_state("Failed")).await;
+    assert_eq!(attempt_statuses(&failed), [Some(307), Some(307)]);
+    for attempt in attempts(&failed) {
+        assert!(attempt["error"].as_str().is_some_and(|e| !e.is_empty()), "a failure says why: {attempt}");
+    }
+    let paths: Vec<String> = receiver.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/hook", "/hook"], "the Location was never requested");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_patch_events_go_to_the_new_url_with_the_new_api_key_and_the_original_secret() {
+    let server = TestServer::start().await;
+    let before = Receiver::answering(204).await;
+    let after = Receiver::answering(204).await;
+    let (subscription, secret) = subscribe(&server, &before.url(), &[EXPIRED]).await;
+    let replacement = subscription_body(&after.url(), "patched-key", &[CANCELLED]);
+    let response = server.request(Method::PATCH, &subscription_path(subscription)).json(&replacement).send().await;
+    assert_eq!(response.unwrap().status(), 200);
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    wait_for_delivery(&server, subscription, "the delivery", in_state("Delivered")).await;
+    let received = after.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].header("x-api-key"), "patched-key");
+    assert_eq!(received[0].json()["type"], CANCELLED);
+    assert_signed(&received[0], &secret);
+    assert_eq!(before.connections(), 0, "the old URL got nothing");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn another_merchants_subscription_never_gets_this_merchants_events() {
+    let server = TestServer::start().await;
+    let ours = Receiver::answering(204).await;
+    let theirs = Receiver::answering(204).await;
+    let (other_key, _) = server.another_merchant().await;
+    let response = server
+        .client
+        .put(format!("{}{}", server.url, subscription_path(Uuid::new_v4())))
+        .header("x-api-key", &other_key)
+        .json(&subscription_body(&theirs.url(), CALLBACK_KEY, &[CANCELLED, EXPIRED, COMPLETED, ABORTED]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let (subscription, _) = subscribe(&server, &ours.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    wait_for_delivery(&server, subscription, "our delivery", in_state("Delivered")).await;
+    assert_eq!(deliveries(&server, "").await.len(), 1);
+    let listed = server.client.get(format!("{}{}", server.url, deliveries_path())).header("x-api-key", &other_key);
+    let (status, page) = status_and_json(listed.send().await.unwrap()).await;
+    assert_eq!((status, page["items"].clone()), (200, json!([])), "{page}");
+    assert_eq!((ours.received().len(), theirs.connections()), (1, 0));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_matching_subscription_gets_its_own_delivery_of_the_event() {
+    let server = TestServer::start().await;
+    let first = Receiver::answering(200).await;
+    let second = Receiver::answering(202).await;
+    let (one, one_secret) = subscribe(&server, &first.url(), &[CANCELLED]).await;
+    let (two, two_secret) = subscribe(&server, &second.url(), &[EXPIRED, CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+
+    let a = wait_for_delivery(&server, one, "the first delivery", in_state("Delivered")).await;
+    let b = wait_for_delivery(&server, two, "the second delivery", in_state("Delivered")).await;
+    assert_ne!(a["id"], b["id"]);
+    assert_eq!(a["eventId"], b["eventId"], "one event");
+    assert_eq!((attempt_statuses(&a), attempt_statuses(&b)), (vec![Some(200)], vec![Some(202)]), "any 2xx");
+    let (x, y) = (&first.received()[0], &second.received()[0]);
+    assert_eq!(x.body, y.body, "the same event body");
+    assert_signed(x, &one_secret);
+    assert_signed(y, &two_secret);
+    assert_ne!(one_secret, two_secret, "each subscription has its own secret");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_claimed_by_a_dispatcher_that_died_is_sent_once_its_lease_runs_out() {
+    let receiver = Receiver::answering(204).await;
+    let first = TestServer::start_with(|c| c.webhook_dispatcher = false).await;
+    let (subscription, secret) = subscribe(&first, &receiver.url(), &[CANCELLED]).await;
+    let session = first.created_session().await;
+    assert_eq!(first.cancel_session(session).await.status(), 200);
+    // A dispatcher claims the delivery and dies before it records anything.
+    let dead = Uuid::new_v4();
+    let claimed_on = Timestamp::now();
+    let lease_until = claimed_on.plus(Duration::from_secs(2));
+    let claimed = first.store().claim_deliveries(dead, claimed_on, lease_until, 10).await.expect("claim works");
+    assert_eq!(claimed.len(), 1);
+    let key = first.api_key.clone();
+    let (database, _dir) = first.stop().await;
+
+    let second = TestServer::start_on(test_config(&database), database).await;
+    let delivered = wait_for_delivery_as(&second, &key, subscription, "the delivery", in_state("Delivered")).await;
+    assert_eq!(attempt_statuses(&delivered), [Some(204)]);
+    let started = Timestamp::parse_rfc3339(attempts(&delivered)[0]["startedOn"].as_str().unwrap()).unwrap();
+    assert!(started.millis() >= lease_until.millis(), "sent at {started} while {lease_until} was still leased");
+    assert_eq!(receiver.received().len(), 1);
+    assert_signed(&receiver.received()[0], &secret);
+
+    // The dead dispatcher's late result cannot overwrite the new owner's work.
+    let late = AttemptOutcome {
+        delivery_id: claimed[0].id,
+        owner: dead,
+        attempt: AttemptRecord {
+            attempt: 1,
+            started_on: claimed_on,
+            duration_ms: 5,
+            status: Some(500),
+            error: Some("HTTP 500".to_owned()),
+        },
+        next: NextStep::Failed,
+    };
+    second.store().record_attempts(vec![late], Timestamp::now()).await.expect("recording works");
+    let after = deliveries_as(&second, &key, "").await;
+    assert_eq!(after, [delivered], "unchanged");
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_the_server_waits_for_an_attempt_in_flight_and_records_it() {
+    let server = TestServer::start_with(|c| c.webhook_timeout = Duration::from_millis(500)).await;
+    let receiver = Receiver::silent().await;
+    let (subscription, _) = subscribe(&server, &receiver.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+    receiver.wait_for_requests(1).await;
+    let key = server.api_key.clone();
+    let (database, _dir) = server.stop().await;
+
+    let mut config = test_config(&database);
+    config.webhook_dispatcher = false;
+    let reopened = TestServer::start_on(config, database).await;
+    let items = deliveries_as(&reopened, &key, &format!("subscriptionId={subscription}")).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["state"], "Pending", "retried later: {}", items[0]);
+    assert_eq!(attempt_statuses(&items[0]), [None], "the attempt in flight was recorded: {}", items[0]);
+    let error = attempts(&items[0])[0]["error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(error.contains("timeout"), "{error}");
+    reopened.stop().await;
+}
+
+// ----- The real binary, killed with SIGKILL between the commit and the delivery -----
+
+const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
+const PROCESS_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The binary with no settings inherited from the environment.
+fn binary(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args).stdin(Stdio::null()).env_remove("DATABASE_URL");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("REDIRECT_SESSIONS_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// A running `serve`; killed (SIGKILL) when dropped, so a failing test leaves no process behind.
+struct Served {
+    child: Child,
+    url: String,
+    client: reqwest::Client,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The first `IP:port` with a non-zero port among the words of a log line (`address=…`).
+fn address_in(line: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .map(|word| word.rsplit('=').next().unwrap_or(word).trim_matches(|c| c == '"' || c == ','))
+        .filter_map(|word| word.parse::<SocketAddr>().ok())
+        .find(|address| address.port() != 0)
+}
+
+impl Served {
+    /// `serve --listen 127.0.0.1:0 --database-url <url> <args>`; waits for its `listening` line.
+    async fn start(database_url: &str, args: &[&str]) -> Served {
+        let mut all = vec!["serve", "--listen", "127.0.0.1:0", "--database-url", database_url];
+        all.extend(args);
+        let mut child = binary(&all).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let collected = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                match line {
+                    Ok(line) => collected.lock().unwrap().push(line),
+                    Err(_) => break,
+                }
+            }
+        });
+        let mut served = Served { child, url: String::new(), client: reqwest::Client::new(), lines };
+        let deadline = Instant::now() + PROCESS_DEADLINE;
+        let address = loop {
+            let listening = served.lines().into_iter().find(|l| l.contains("listening"));
+            if let Some(line) = listening {
+                break address_in(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
+            }
+            if let Some(status) = served.child.try_wait().unwrap() {
+                panic!("serve exited with {status} before listening: {:?}", served.lines());
+            }
+            assert!(Instant::now() < deadline, "serve did not log `listening`: {:?}", served.lines());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        served.url = format!("http://{address}");
+        served
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    async fn call(&self, method: Method, path: &str, key: &str, body: Option<&Value>) -> (u16, Value) {
+        let mut request = self.client.request(method, format!("{}{path}", self.url)).header("x-api-key", key);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        status_and_json(request.send().await.unwrap()).await
+    }
+
+    /// SIGKILL, as a crash; waits until the process is gone.
+    fn kill_9(&mut self) {
+        self.child.kill().expect("the child can be killed");
+        self.child.wait().expect("the child can be waited for");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_before_a_kill_9_is_delivered_by_the_next_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!("sqlite://{}", dir.path().join("db").display());
+    let created = binary(&["merchant", "create", "--name", "Crash Shop", "--database-url", &database_url])
+        .output()
+        .expect("merchant create runs");
+    assert!(created.status.success(), "{created:?}");
+    let merchant: Value = serde_json::from_slice(&created.stdout).expect("merchant create prints JSON");
+    let key = merchant["apiKey"].as_str().unwrap().to_owned();
+    let receiver = Receiver::answering(204).await;
+
+    let open = ["--allow-private-callbacks", "--allow-http-redirect-urls", "--rate-limit-per-key", "0"];
+    let mut without_dispatcher = open.to_vec();
+    without_dispatcher.push("--no-webhook-dispatcher");
+    let mut first = Served::start(&database_url, &without_dispatcher).await;
+    let subscription = Uuid::new_v4();
+    let (status, subscribed) = first
+        .call(
+            Method::PUT,
+            &subscription_path(subscription),
+            &key,
+            Some(&subscription_body(&receiver.url(), CALLBACK_KEY, &[CANCELLED])),
+        )
+        .await;
+    assert_eq!(status, 201, "{subscribed}");
+    let secret = subscribed["signingSecret"].as_str().unwrap().to_owned();
+    let session = Uuid::new_v4();
+    let session_path = format!("{BASE}/redirect-sessions/{session}");
+    let (status, body) = first.call(Method::PUT, &session_path, &key, Some(&new_transaction_intent())).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = first.call(Method::POST, &format!("{session_path}/cancel"), &key, None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, page) = first.call(Method::GET, &deliveries_path(), &key, None).await;
+    assert_eq!(status, 200, "{page}");
+    let queued = &page["items"][0];
+    assert_eq!((&queued["state"], &queued["attempts"]), (&json!("Pending"), &json!([])), "{page}");
+    let event_id = queued["eventId"].as_str().unwrap().to_owned();
+
+    first.kill_9();
+    assert_eq!(receiver.connections(), 0, "the first process had no dispatcher");
+
+    let second = Served::start(&database_url, &open).await;
+    let received = receiver.wait_for_requests(1).await;
+    assert_eq!(received[0].header("webhook-id"), event_id);
+    let body = received[0].json();
+    assert_eq!(
+        (&body["type"], &body["data"]["id"], &body["data"]["state"]),
+        (&json!(CANCELLED), &json!(session), &json!("Cancelled"))
+    );
+    assert_signed(&received[0], &secret);
+
+    let deadline = Instant::now() + DELIVERY_DEADLINE;
+    loop {
+        let (_, page) = second.call(Method::GET, &deliveries_path(), &key, None).await;
+        if page["items"][0]["state"] == "Delivered" {
+            assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not recorded as delivered: {page}; log: {:?}", second.lines());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(receiver.received().len(), 1, "delivered once");
+}
