@@ -62,6 +62,12 @@ struct ServeArgs {
     /// Webhook request timeout (default 10s).
     #[arg(long, value_name = "DURATION")]
     webhook_timeout: Option<String>,
+    /// Webhook attempts in flight per instance (default 256).
+    #[arg(long, value_name = "N")]
+    webhook_concurrency: Option<String>,
+    /// How long finished deliveries, their attempts and events are kept (default 30d).
+    #[arg(long, value_name = "DURATION")]
+    delivery_retention: Option<String>,
     /// Allow http and loopback/private webhook callback targets (for tests).
     #[arg(long)]
     allow_private_callbacks: bool,
@@ -134,6 +140,8 @@ fn main() -> ExitCode {
         flags.session_ttl = serve.session_ttl.clone();
         flags.webhook_retry_schedule = serve.webhook_retry_schedule.clone();
         flags.webhook_timeout = serve.webhook_timeout.clone();
+        flags.webhook_concurrency = serve.webhook_concurrency.clone();
+        flags.delivery_retention = serve.delivery_retention.clone();
         flags.allow_private_callbacks = serve.allow_private_callbacks.then_some(true);
         flags.allow_http_redirect_urls = serve.allow_http_redirect_urls.then_some(true);
         flags.rate_limit_per_key = serve.rate_limit_per_key.clone();
