@@ -31,16 +31,28 @@ const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// How often each instance re-reads the signing keys (another instance may have rotated).
 const KEYS_EVERY: Duration = Duration::from_secs(30);
 
-/// Everything a handler may need. Cheap to clone.
+/// Everything a handler may need. One `Arc`, so cloning it per request and per middleware
+/// costs one atomic increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What `AppState` shares.
+pub struct Shared {
     pub store: DynStore,
-    pub config: Arc<Config>,
+    pub config: Config,
     /// `config.public_url` without a trailing slash.
-    pub public_url: Arc<str>,
-    pub keyring: Arc<RwLock<Keyring>>,
-    pub metrics: Arc<Metrics>,
-    pub limits: Arc<api::ratelimit::Limits>,
+    pub public_url: String,
+    pub keyring: RwLock<Arc<Keyring>>,
+    pub metrics: Metrics,
+    pub limits: api::ratelimit::Limits,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl AppState {
@@ -48,18 +60,18 @@ impl AppState {
     pub async fn open(config: Config) -> Result<AppState, StoreError> {
         let store = store::open(&config.database_url, true).await?;
         let keyring = load_keyring(&store).await?;
-        Ok(AppState {
-            public_url: config.public_base().into(),
-            limits: Arc::new(api::ratelimit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip)),
-            config: Arc::new(config),
+        Ok(AppState(Arc::new(Shared {
+            public_url: config.public_base(),
+            limits: api::ratelimit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip),
+            config,
             store,
-            keyring: Arc::new(RwLock::new(keyring)),
-            metrics: Arc::new(Metrics::new()),
-        })
+            keyring: RwLock::new(Arc::new(keyring)),
+            metrics: Metrics::new(),
+        })))
     }
 
     /// The keyring in use now.
-    pub fn keyring(&self) -> Keyring {
+    pub fn keyring(&self) -> Arc<Keyring> {
         self.keyring.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -191,7 +203,7 @@ async fn reload_keys(state: AppState, mut stopped: watch::Receiver<bool>) {
             _ = stopped.wait_for(|s| *s) => return,
         }
         match load_keyring(&state.store).await {
-            Ok(keyring) => *state.keyring.write().unwrap_or_else(|e| e.into_inner()) = keyring,
+            Ok(keyring) => *state.keyring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keyring),
             Err(error) => tracing::warn!(%error, "could not reload the signing keys"),
         }
     }

@@ -96,7 +96,11 @@ impl Server {
         let (found, address) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
+            let echo = std::env::var_os("LOADGEN_SERVER_LOG").is_some();
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("server: {line}");
+                }
                 if let Some(at) = line.find("address=") {
                     let text = line[at + 8..].split_whitespace().next().unwrap_or("");
                     if let Ok(address) = text.parse::<SocketAddr>() {
