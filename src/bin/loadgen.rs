@@ -82,13 +82,29 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start(binary: &Path) -> Server {
+    /// Starts the server on a fresh database in a new temporary directory.
+    fn start(binary: &Path, extra: &[&str]) -> Server {
         let dir = std::env::temp_dir().join(format!("loadgen-{}", Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let (child, address) = Self::spawn(binary, &dir, extra);
+        Server { child, address, dir }
+    }
+
+    /// Stops the server and starts it again on the same database with `extra` flags.
+    fn restart(&mut self, binary: &Path, extra: &[&str]) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        let (child, address) = Self::spawn(binary, &self.dir, extra);
+        self.child = child;
+        self.address = address;
+    }
+
+    fn spawn(binary: &Path, dir: &Path, extra: &[&str]) -> (Child, SocketAddr) {
         let database = format!("sqlite://{}/bench.db", dir.display());
         let mut child = Command::new(binary)
             .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &database, "--rate-limit-per-key", "0"])
             .args(["--allow-private-callbacks", "--allow-http-redirect-urls", "--log", "info"])
+            .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}; run `cargo build --release` first", binary.display()));
@@ -110,7 +126,7 @@ impl Server {
             }
         });
         let address = address.recv_timeout(Duration::from_secs(30)).expect("the server logs its address");
-        Server { child, address, dir }
+        (child, address)
     }
 
     fn database_url(&self) -> String {
@@ -304,7 +320,7 @@ async fn receiver() -> (SocketAddr, Arc<Mutex<HashMap<String, Instant>>>) {
     (address, arrivals)
 }
 
-async fn webhooks(server: &Server, key: &str, args: &Args, rows: &mut Vec<String>) {
+async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<String>) {
     let (hook, arrivals) = receiver().await;
     // The receiver's own ceiling, measured by posting to it directly.
     let event = Bytes::from(r#"{"specversion":"1.0","data":{"id":"ceiling"}}"#);
@@ -324,6 +340,38 @@ async fn webhooks(server: &Server, key: &str, args: &Args, rows: &mut Vec<String
     let mut sender = connect(server.address).await.expect("connects");
     let status = sender.send_request(put).await.expect("subscribes").status();
     assert_eq!(status, 201, "subscribing the receiver");
+
+    // Drain: queue deliveries with the dispatcher off, then start it and time the backlog.
+    server.restart(&args.server, &["--no-webhook-dispatcher"]);
+    let (_, backlog_ids) =
+        create_sessions("create (for the backlog)", server, key, args.connections, args.duration, 100_000).await;
+    let (address, key_owned, list) = (server.address, key.to_owned(), Arc::new(backlog_ids));
+    let make: MakeRequest = Arc::new(move |n| {
+        let id = list.get(n)?;
+        Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key_owned, None))
+    });
+    let queued =
+        load("cancel (queues a delivery each)", server.address, args.connections, Duration::from_secs(3600), 200, make)
+            .await;
+    rows.push(row(&queued, None));
+    arrivals.lock().expect("not poisoned").clear();
+    let started = Instant::now();
+    server.restart(&args.server, &[]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while arrivals.lock().expect("not poisoned").len() < queued.requests && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = arrivals.lock().expect("not poisoned").len();
+    let last = arrivals.lock().expect("not poisoned").values().max().copied().unwrap_or(started);
+    let drain = Stats {
+        name: format!("deliveries: drain a backlog of {} (incl. restart)", queued.requests),
+        requests: drained,
+        errors: queued.requests - drained,
+        elapsed: last.saturating_duration_since(started),
+        latencies_us: Vec::new(),
+    };
+    rows.push(row(&drain, Some(&ceiling)));
+    let mut sender = connect(server.address).await.expect("connects");
 
     // Idle latency: one cancel at a time, waiting for its delivery.
     let (_, idle_ids) = create_sessions("create (for webhooks)", server, key, 4, Duration::from_secs(60), 200).await;
@@ -405,7 +453,7 @@ fn row(stats: &Stats, ceiling: Option<&Stats>) -> String {
 }
 
 async fn run(args: Args) {
-    let server = Server::start(&args.server);
+    let mut server = Server::start(&args.server, &[]);
     let key = server.create_merchant(&args.server);
     let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
     let mut rows = Vec::new();
@@ -463,7 +511,7 @@ async fn run(args: Args) {
     let sessions = created.len() + args.prefill;
     let database = server.database_bytes();
     if wants("webhooks") {
-        webhooks(&server, &key, &args, &mut rows).await;
+        webhooks(&mut server, &key, &args, &mut rows).await;
     }
     let stop = AtomicBool::new(false);
     stop.store(true, Ordering::Relaxed);
