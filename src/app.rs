@@ -97,7 +97,9 @@ pub async fn serve(
     jobs.push(tokio::spawn(reload_keys(state.clone(), stopped.clone())));
     jobs.push(tokio::spawn(purge_old_records(state.clone(), stopped.clone())));
     if state.config.webhook_dispatcher {
-        let client = WebhookClient::new(state.config.webhook_timeout, state.config.allow_private_callbacks)?;
+        let config = &state.config;
+        let client =
+            WebhookClient::new(config.webhook_timeout, config.allow_private_callbacks, config.webhook_concurrency)?;
         let settings = DispatcherSettings {
             retry_schedule: state.config.webhook_retry_schedule.clone(),
             timeout: state.config.webhook_timeout,

@@ -305,10 +305,10 @@ async fn receiver() -> (SocketAddr, Arc<Mutex<HashMap<String, Instant>>>) {
             let seen = seen.clone();
             async move {
                 let at = Instant::now();
-                if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&body) {
-                    if let Some(id) = event["data"]["id"].as_str() {
-                        seen.lock().expect("not poisoned").entry(id.to_owned()).or_insert(at);
-                    }
+                // The session id follows `"data":{"id":"`; finding it beats parsing the event.
+                let text = String::from_utf8_lossy(&body);
+                if let Some(id) = text.split(r#""data":{"id":""#).nth(1).and_then(|rest| rest.get(..36)) {
+                    seen.lock().expect("not poisoned").entry(id.to_owned()).or_insert(at);
                 }
                 axum::http::StatusCode::NO_CONTENT
             }

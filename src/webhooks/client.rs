@@ -91,13 +91,15 @@ pub struct WebhookClient {
 
 impl WebhookClient {
     /// `timeout` bounds the whole attempt; `allow_private` switches the guard off (tests, private
-    /// deployments). Keep-alive connections are reused, up to 64 idle per host.
-    pub fn new(timeout: Duration, allow_private: bool) -> std::io::Result<WebhookClient> {
+    /// deployments). Keep-alive connections are reused, up to `max_idle_per_host` idle per host:
+    /// set it to the dispatcher's concurrency, or a busy receiver sees a new connection (and a
+    /// TLS handshake) for most attempts.
+    pub fn new(timeout: Duration, allow_private: bool, max_idle_per_host: usize) -> std::io::Result<WebhookClient> {
         let mut builder = reqwest::Client::builder()
             .redirect(redirect::Policy::none())
             .no_proxy()
             .timeout(timeout)
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(max_idle_per_host)
             .tcp_nodelay(true);
         if !allow_private {
             builder = builder.dns_resolver(Arc::new(GuardedResolver));
@@ -387,7 +389,7 @@ mod tests {
     }
 
     fn open_client() -> WebhookClient {
-        WebhookClient::new(Duration::from_secs(5), true).unwrap()
+        WebhookClient::new(Duration::from_secs(5), true, 8).unwrap()
     }
 
     #[tokio::test]
@@ -431,7 +433,7 @@ mod tests {
                 held.push(socket);
             }
         });
-        let client = WebhookClient::new(Duration::from_millis(200), true).unwrap();
+        let client = WebhookClient::new(Duration::from_millis(200), true, 8).unwrap();
         let result = client.post(&url, &[], Bytes::from_static(b"{}")).await;
         holder.abort();
         assert_eq!((result.status, result.error.as_deref()), (None, Some("timeout after 200ms")));
@@ -449,7 +451,7 @@ mod tests {
             let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
             while socket.write_all(chunk.as_bytes()).await.is_ok() {}
         });
-        let result = WebhookClient::new(Duration::from_secs(20), true).unwrap().post(&url, &[], Bytes::new()).await;
+        let result = WebhookClient::new(Duration::from_secs(20), true, 8).unwrap().post(&url, &[], Bytes::new()).await;
         assert_eq!((result.status, result.error.as_deref()), (Some(200), None));
         assert!(result.duration < Duration::from_secs(15), "the body was read to the deadline");
     }
@@ -458,7 +460,7 @@ mod tests {
     async fn the_guard_refuses_loopback_without_connecting() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let guarded = WebhookClient::new(Duration::from_secs(5), false).unwrap();
+        let guarded = WebhookClient::new(Duration::from_secs(5), false, 8).unwrap();
         let refused = |what: &str| format!("refused: {what}");
         let cases = [
             (format!("http://127.0.0.1:{port}/"), refused("non-public address 127.0.0.1")),
