@@ -110,13 +110,28 @@ impl PostgresStore {
 
     /// Runs `job` on a pooled connection, bounded by `OPERATION_TIMEOUT`.
     async fn run<T: Send>(&self, job: impl for<'c> FnOnce(&'c mut Client) -> Job<'c, T> + Send) -> Result<T> {
+        self.run_within(OPERATION_TIMEOUT, job).await
+    }
+
+    /// Runs `job` on a pooled connection, giving up after `limit`.
+    async fn run_within<T: Send>(
+        &self,
+        limit: Duration,
+        job: impl for<'c> FnOnce(&'c mut Client) -> Job<'c, T> + Send,
+    ) -> Result<T> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
-        match tokio::time::timeout(OPERATION_TIMEOUT, job(&mut client)).await {
+        match tokio::time::timeout(limit, job(&mut client)).await {
             Ok(result) => result,
             Err(_) => {
                 // A statement may still be in flight and a transaction open on this
-                // connection: close it rather than hand it to the next caller.
+                // connection: close it rather than hand it to the next caller. The server does
+                // not notice a closed socket while a statement runs, so cancel that statement
+                // too, or it would hold its locks until `statement_timeout`.
+                let cancel = client.cancel_token();
                 drop(Object::take(client));
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(OPERATION_TIMEOUT, cancel.cancel_query(NoTls)).await;
+                });
                 Err(StoreError::Unavailable("the database did not answer in time".to_owned()))
             }
         }
@@ -178,14 +193,16 @@ fn pool_error(error: PoolError) -> StoreError {
     }
 }
 
-/// Server unreachable, connection lost, server shutting down or out of connections:
-/// `Unavailable` (503, worth retrying). Anything else is `Internal`.
+/// Server unreachable, connection lost, server shutting down, out of connections or a
+/// statement timed out: `Unavailable` (503, worth retrying). Anything else is `Internal`.
 impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> Self {
         let unavailable = match error.code() {
             Some(code) => {
                 let code = code.code();
-                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+                // 57014: cancelled by `statement_timeout`, the bound that keeps a request from
+                // hanging on a stuck or overloaded server; like our own deadline, it is a 503.
+                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "57014")
             }
             // No SQLSTATE: the failure is on the way to the server (refused, reset, closed,
             // timed out) unless it is a (de)serialisation error of ours.

@@ -552,8 +552,9 @@ pub async fn redeliver(c: &mut Client, merchant_id: Uuid, id: Uuid, now: Timesta
 }
 
 /// Deletes up to `batch` finished deliveries (with their attempts) and events older than the
-/// retention, and idempotency records older than theirs; answers how many rows went. Oldest
-/// first; `SKIP LOCKED` lets purges on several instances run side by side.
+/// retention, and idempotency records older than theirs; answers how many rows went. Finished
+/// deliveries go in id order as on SQLite; `SKIP LOCKED` lets purges on several instances run
+/// side by side.
 pub async fn purge(c: &mut Client, now: Timestamp, retention: Retention, batch: usize) -> Result<usize> {
     let cutoff = Ts(now.minus(retention.deliveries));
     let batch = int8(batch);
@@ -562,7 +563,7 @@ pub async fn purge(c: &mut Client, now: Timestamp, retention: Retention, batch: 
         &tx,
         "WITH doomed AS MATERIALIZED (
              SELECT id FROM deliveries WHERE state <> 'Pending' AND last_modified_on < $1
-              ORDER BY last_modified_on LIMIT $2 FOR UPDATE SKIP LOCKED
+              ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
          ), attempts AS (
              DELETE FROM delivery_attempts a USING doomed WHERE a.delivery_id = doomed.id RETURNING 1
          ), gone AS (
