@@ -2,6 +2,7 @@
 //! the backends. Every method that changes a session writes its event in the same
 //! transaction.
 
+pub mod postgres;
 pub mod sqlite;
 pub mod webhooks;
 
@@ -306,8 +307,14 @@ pub async fn open(url: &crate::config::DatabaseUrl, migrate: bool) -> Result<Dyn
             let store = sqlite::SqliteStore::open(path, migrate).await?;
             Ok(Arc::new(store))
         }
-        crate::config::DatabaseUrl::Postgres(_) => Err(StoreError::Unavailable(
-            "the PostgreSQL backend is not available in this build yet; use sqlite://".to_owned(),
-        )),
+        crate::config::DatabaseUrl::Postgres(url) => {
+            let settings = postgres::PoolSettings {
+                max_connections: 16,
+                acquire_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(5),
+            };
+            let store = postgres::PostgresStore::open(url, settings, migrate).await?;
+            Ok(Arc::new(store))
+        }
     }
 }

@@ -1,0 +1,521 @@
+//! The PostgreSQL backend, for several stateless instances sharing one database. Every race is
+//! settled inside PostgreSQL at READ COMMITTED — row locks taken before deciding, conditional
+//! writes, `FOR UPDATE SKIP LOCKED` for work queues, `ON CONFLICT` for first-writer-wins — so
+//! it holds however many processes write at once (see `docs/DESIGN.md`).
+//!
+//! Connections are plain TCP (`NoTls`): run PostgreSQL on a private network, over a Unix
+//! socket, or behind a TLS-terminating proxy. Keeping TLS out keeps the dependency tree small.
+
+mod listen;
+mod schema;
+mod sessions;
+#[cfg(test)]
+mod tests;
+mod webhooks;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{BufMut, BytesMut};
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+};
+use tokio::sync::Notify;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+use crate::domain::event::EventType;
+use crate::domain::subscription::SubscriptionSpec;
+use crate::domain::time::Timestamp;
+use crate::domain::token::KeyPair;
+use crate::store::webhooks::{
+    AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, NextStep,
+    PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
+};
+use crate::store::{
+    CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey, Merchant, SessionFilter,
+    SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
+};
+
+/// How long one statement may run before the server cancels it (set on every connection).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one store call may hold its connection: a short transaction of a few statements.
+/// Past it the call answers `Unavailable` and the connection is discarded, so that a hung
+/// server or network costs a bounded wait, never a hung request.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
+/// A session left idle inside a transaction (a bug, or a process frozen mid-call) gives up its
+/// locks after this long.
+const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the connection pool behaves.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    /// Connections this instance may open at most.
+    pub max_connections: usize,
+    /// How long a call waits for a free connection before answering `Unavailable`.
+    pub acquire_timeout: Duration,
+    /// How long opening one connection may take.
+    pub connect_timeout: Duration,
+}
+
+/// The PostgreSQL store.
+pub struct PostgresStore {
+    pool: Pool,
+    queued: Arc<Notify>,
+    /// Stops the LISTEN task when the store goes away.
+    _listener: listen::Listener,
+}
+
+type Client = Object;
+type Result<T> = std::result::Result<T, StoreError>;
+/// A use case's work on one pooled connection.
+type Job<'c, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://…`), migrating it when `migrate` is set,
+    /// and starts listening for delivery wake-ups. `Unavailable` when the server cannot be
+    /// reached.
+    pub async fn open(url: &str, settings: PoolSettings, migrate: bool) -> Result<PostgresStore> {
+        let config = connection_config(url, settings)?;
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            // `Fast` checks only that the connection is still open; a connection broken by a
+            // server restart is closed by then, so it is dropped rather than handed out.
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.max_connections.max(1))
+            .wait_timeout(Some(settings.acquire_timeout))
+            .create_timeout(Some(settings.connect_timeout))
+            .recycle_timeout(Some(settings.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
+        {
+            // Connect once now so that a wrong URL or a down server fails `open`, as SQLite does.
+            let mut client = pool.get().await.map_err(pool_error)?;
+            if migrate {
+                schema::migrate(&mut client).await?;
+            }
+        }
+        let queued = Arc::new(Notify::new());
+        let listener = listen::spawn(config, queued.clone());
+        Ok(PostgresStore { pool, queued, _listener: listener })
+    }
+
+    /// Runs `job` on a pooled connection, bounded by `OPERATION_TIMEOUT`.
+    async fn run<T: Send>(&self, job: impl for<'c> FnOnce(&'c mut Client) -> Job<'c, T> + Send) -> Result<T> {
+        self.run_within(OPERATION_TIMEOUT, job).await
+    }
+
+    /// Runs `job` on a pooled connection, giving up after `limit`.
+    async fn run_within<T: Send>(
+        &self,
+        limit: Duration,
+        job: impl for<'c> FnOnce(&'c mut Client) -> Job<'c, T> + Send,
+    ) -> Result<T> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        match tokio::time::timeout(limit, job(&mut client)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // A statement may still be in flight and a transaction open on this
+                // connection: close it rather than hand it to the next caller. The server does
+                // not notice a closed socket while a statement runs, so cancel that statement
+                // too, or it would hold its locks until `statement_timeout`.
+                let cancel = client.cancel_token();
+                drop(Object::take(client));
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(OPERATION_TIMEOUT, cancel.cancel_query(NoTls)).await;
+                });
+                Err(StoreError::Unavailable("the database did not answer in time".to_owned()))
+            }
+        }
+    }
+
+    /// Wakes the local dispatcher after a commit that queued deliveries (other instances are
+    /// woken by the `NOTIFY` that committed with them).
+    fn queued_deliveries(&self, queued: usize) {
+        if queued > 0 {
+            self.queued.notify_one();
+        }
+    }
+}
+
+/// The connection settings: the URL, plus timeouts and keepalives so that every wait is bounded.
+fn connection_config(url: &str, settings: PoolSettings) -> Result<tokio_postgres::Config> {
+    // The parser's message never repeats the URL, which may hold a password.
+    let mut config: tokio_postgres::Config =
+        url.parse().map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
+    let ours = format!(
+        "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        STATEMENT_TIMEOUT.as_millis(),
+        IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
+    );
+    let options = match config.get_options() {
+        Some(given) if !given.trim().is_empty() => format!("{given} {ours}"),
+        _ => ours,
+    };
+    config.options(options);
+    if config.get_application_name().is_none() {
+        config.application_name("redirect-sessions");
+    }
+    config
+        .connect_timeout(settings.connect_timeout)
+        // A peer that vanished without a reset (network partition, frozen VM) is noticed in
+        // well under a minute instead of the kernel's two hours.
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
+    Ok(config)
+}
+
+fn pool_error(error: PoolError) -> StoreError {
+    match error {
+        PoolError::Timeout(TimeoutType::Wait) => {
+            StoreError::Unavailable("no database connection became free in time".to_owned())
+        }
+        PoolError::Timeout(TimeoutType::Create) => {
+            StoreError::Unavailable("connecting to the database timed out".to_owned())
+        }
+        PoolError::Timeout(TimeoutType::Recycle) => {
+            StoreError::Unavailable("checking a database connection timed out".to_owned())
+        }
+        PoolError::Backend(error) => error.into(),
+        PoolError::Closed => StoreError::Unavailable("the connection pool is closed".to_owned()),
+        other => StoreError::Internal(format!("connection pool: {other}")),
+    }
+}
+
+/// Server unreachable, connection lost, server shutting down, out of connections or a
+/// statement timed out: `Unavailable` (503, worth retrying). Anything else is `Internal`.
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        let unavailable = match error.code() {
+            Some(code) => {
+                let code = code.code();
+                // 57014: cancelled by `statement_timeout`, the bound that keeps a request from
+                // hanging on a stuck or overloaded server; like our own deadline, it is a 503.
+                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "57014")
+            }
+            // No SQLSTATE: the failure is on the way to the server (refused, reset, closed,
+            // timed out) unless it is a (de)serialisation error of ours.
+            None => {
+                error.is_closed()
+                    || std::error::Error::source(&error).is_some_and(|s| s.is::<std::io::Error>())
+                    || error.to_string().starts_with("timeout")
+                    || error.to_string().starts_with("error connecting")
+            }
+        };
+        let message = describe(&error);
+        if unavailable {
+            StoreError::Unavailable(message)
+        } else {
+            StoreError::Internal(message)
+        }
+    }
+}
+
+/// The error with its cause: `tokio_postgres::Error` alone prints only "db error".
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => match std::error::Error::source(error) {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        },
+    }
+}
+
+fn internal(message: impl Into<String>) -> StoreError {
+    StoreError::Internal(message.into())
+}
+
+/// A `Timestamp` as `timestamptz`. PostgreSQL keeps microseconds since 2000-01-01 UTC; we write
+/// whole milliseconds, so every stored instant reads back exactly.
+#[derive(Clone, Copy, Debug)]
+struct Ts(Timestamp);
+
+/// 2000-01-01T00:00:00Z in Unix milliseconds.
+const PG_EPOCH_MILLIS: i64 = 946_684_800_000;
+
+impl ToSql for Ts {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let micros = self
+            .0
+            .millis()
+            .checked_sub(PG_EPOCH_MILLIS)
+            .and_then(|m| m.checked_mul(1000))
+            .ok_or("timestamp out of range")?;
+        out.put_i64(micros);
+        Ok(IsNull::No)
+    }
+
+    tokio_postgres::types::accepts!(TIMESTAMPTZ);
+    tokio_postgres::types::to_sql_checked!();
+}
+
+impl<'a> FromSql<'a> for Ts {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let micros = i64::from_be_bytes(raw.try_into()?);
+        // Rounds towards the past, so a sub-millisecond value written by hand stays ordered.
+        Ok(Ts(Timestamp::from_millis(micros.div_euclid(1000) + PG_EPOCH_MILLIS)))
+    }
+
+    tokio_postgres::types::accepts!(TIMESTAMPTZ);
+}
+
+/// Reads the `timestamptz` at `index`.
+fn ts(row: &Row, index: usize) -> Result<Timestamp> {
+    Ok(row.try_get::<_, Ts>(index)?.0)
+}
+
+/// Reads the nullable `timestamptz` at `index`.
+fn ts_opt(row: &Row, index: usize) -> Result<Option<Timestamp>> {
+    Ok(row.try_get::<_, Option<Ts>>(index)?.map(|t| t.0))
+}
+
+/// A 32-byte `bytea` (hashes, keys).
+fn bytes32(row: &Row, index: usize) -> Result<[u8; 32]> {
+    let bytes: &[u8] = row.try_get(index)?;
+    bytes.try_into().map_err(|_| internal(format!("column {index} does not hold 32 bytes")))
+}
+
+/// A count or limit as a `bigint` parameter.
+fn int8(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Runs a statement through the connection's statement cache (one round trip once prepared).
+async fn query<C: GenericClient>(c: &C, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    let statement = c.prepare_cached(sql).await?;
+    Ok(c.query(&statement, params).await?)
+}
+
+async fn query_opt<C: GenericClient>(c: &C, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+    let statement = c.prepare_cached(sql).await?;
+    Ok(c.query_opt(&statement, params).await?)
+}
+
+async fn query_one<C: GenericClient>(c: &C, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+    let statement = c.prepare_cached(sql).await?;
+    Ok(c.query_one(&statement, params).await?)
+}
+
+async fn execute<C: GenericClient>(c: &C, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    let statement = c.prepare_cached(sql).await?;
+    Ok(c.execute(&statement, params).await?)
+}
+
+/// A statement assembled from optional filters; parameters are numbered as they are bound.
+#[derive(Default)]
+struct Sql {
+    text: String,
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+impl Sql {
+    fn new(text: &str) -> Self {
+        Sql { text: text.to_owned(), params: Vec::new() }
+    }
+
+    /// Adds `value` as the next parameter and answers its placeholder (`$n`).
+    fn bind(&mut self, value: impl ToSql + Sync + Send + 'static) -> String {
+        self.params.push(Box::new(value));
+        format!("${}", self.params.len())
+    }
+
+    fn push(&mut self, text: &str) {
+        self.text.push_str(text);
+    }
+
+    async fn query<C: GenericClient>(&self, c: &C) -> Result<Vec<Row>> {
+        let params: Vec<&(dyn ToSql + Sync)> = self.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+        query(c, &self.text, &params).await
+    }
+}
+
+/// The event type named `text`.
+fn parse_event_type(text: &str) -> Result<EventType> {
+    crate::domain::subscription::ALL_EVENT_TYPES
+        .into_iter()
+        .find(|t| t.as_str() == text)
+        .ok_or_else(|| internal(format!("unknown event type {text}")))
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ready(&self) -> Result<()> {
+        self.run(|c| Box::pin(schema::check_current(c))).await
+    }
+
+    async fn create_merchant(&self, merchant: Merchant, key_hash: [u8; 32]) -> Result<()> {
+        self.run(move |c| Box::pin(sessions::create_merchant(c, merchant, key_hash))).await
+    }
+
+    async fn merchant_by_key(&self, key_hash: [u8; 32]) -> Result<Option<Merchant>> {
+        self.run(move |c| Box::pin(sessions::merchant_by_key(c, key_hash))).await
+    }
+
+    async fn list_merchants(&self) -> Result<Vec<Merchant>> {
+        self.run(|c| Box::pin(sessions::list_merchants(c))).await
+    }
+
+    async fn rotate_merchant_key(&self, id: Uuid, key_hash: [u8; 32]) -> Result<bool> {
+        self.run(move |c| Box::pin(sessions::rotate_merchant_key(c, id, key_hash))).await
+    }
+
+    async fn disable_merchant(&self, id: Uuid) -> Result<bool> {
+        self.run(move |c| Box::pin(sessions::disable_merchant(c, id))).await
+    }
+
+    async fn create_customer(&self, id: Uuid, phone: String, now: Timestamp) -> Result<()> {
+        self.run(move |c| Box::pin(sessions::create_customer(c, id, phone, now))).await
+    }
+
+    async fn create_session(&self, session: SessionRecord) -> Result<CreateOutcome> {
+        self.run(move |c| Box::pin(sessions::create_session(c, session))).await
+    }
+
+    async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>> {
+        self.run(move |c| Box::pin(sessions::get_session(c, id))).await
+    }
+
+    async fn list_sessions(
+        &self,
+        merchant_id: Uuid,
+        filter: SessionFilter,
+        now: Timestamp,
+    ) -> Result<Vec<SessionRecord>> {
+        self.run(move |c| Box::pin(sessions::list_sessions(c, merchant_id, filter, now))).await
+    }
+
+    async fn cancel_session(&self, request: CancelRequest) -> Result<CancelOutcome> {
+        let (outcome, queued) = self.run(move |c| Box::pin(sessions::cancel_session(c, request))).await?;
+        self.queued_deliveries(queued);
+        Ok(outcome)
+    }
+
+    async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize> {
+        let (expired, queued) = self.run(move |c| Box::pin(sessions::expire_due(c, now, batch))).await?;
+        self.queued_deliveries(queued);
+        Ok(expired)
+    }
+
+    async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>> {
+        self.run(move |c| Box::pin(sessions::session_events(c, session_id))).await
+    }
+
+    async fn idempotency_begin(
+        &self,
+        key: IdempotencyKey,
+        fingerprint: [u8; 32],
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<IdempotencyBegin> {
+        self.run(move |c| Box::pin(sessions::idempotency_begin(c, key, fingerprint, now, lease))).await
+    }
+
+    async fn idempotency_finish(&self, key: IdempotencyKey, response: StoredResponse, now: Timestamp) -> Result<()> {
+        self.run(move |c| Box::pin(sessions::idempotency_finish(c, key, response, now))).await
+    }
+
+    async fn idempotency_release(&self, key: IdempotencyKey) -> Result<()> {
+        self.run(move |c| Box::pin(sessions::idempotency_release(c, key))).await
+    }
+
+    async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys> {
+        self.run(move |c| Box::pin(schema::signing_keys(c, candidate, now))).await
+    }
+
+    async fn rotate_signing_key(&self, next: KeyPair, now: Timestamp) -> Result<()> {
+        self.run(move |c| Box::pin(schema::rotate_signing_key(c, next, now))).await
+    }
+
+    async fn put_subscription(&self, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome> {
+        self.run(move |c| Box::pin(webhooks::put_subscription(c, record))).await
+    }
+
+    async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>> {
+        self.run(move |c| Box::pin(webhooks::get_subscription(c, id))).await
+    }
+
+    async fn list_subscriptions(
+        &self,
+        merchant_id: Uuid,
+        after: Option<(Timestamp, Uuid)>,
+        limit: usize,
+    ) -> Result<Vec<SubscriptionRecord>> {
+        self.run(move |c| Box::pin(webhooks::list_subscriptions(c, merchant_id, after, limit))).await
+    }
+
+    async fn patch_subscription(
+        &self,
+        merchant_id: Uuid,
+        id: Uuid,
+        spec: SubscriptionSpec,
+        if_match: Option<String>,
+        now: Timestamp,
+    ) -> Result<ChangeSubscriptionOutcome> {
+        self.run(move |c| Box::pin(webhooks::patch_subscription(c, merchant_id, id, spec, if_match, now))).await
+    }
+
+    async fn delete_subscription(
+        &self,
+        merchant_id: Uuid,
+        id: Uuid,
+        if_match: Option<String>,
+        now: Timestamp,
+    ) -> Result<ChangeSubscriptionOutcome> {
+        self.run(move |c| Box::pin(webhooks::delete_subscription(c, merchant_id, id, if_match, now))).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: Uuid,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<ClaimedDelivery>> {
+        self.run(move |c| Box::pin(webhooks::claim_deliveries(c, owner, now, lease_until, limit))).await
+    }
+
+    async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<()> {
+        let retries = outcomes.iter().any(|o| matches!(o.next, NextStep::RetryAt(_)));
+        self.run(move |c| Box::pin(webhooks::record_attempts(c, outcomes, now))).await?;
+        self.queued_deliveries(usize::from(retries));
+        Ok(())
+    }
+
+    async fn release_claims(&self, owner: Uuid, ids: Vec<Uuid>) -> Result<()> {
+        self.run(move |c| Box::pin(webhooks::release_claims(c, owner, ids))).await
+    }
+
+    async fn list_deliveries(&self, merchant_id: Uuid, filter: DeliveryFilter) -> Result<Vec<DeliveryRecord>> {
+        self.run(move |c| Box::pin(webhooks::list_deliveries(c, merchant_id, filter))).await
+    }
+
+    async fn redeliver(&self, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome> {
+        let outcome = self.run(move |c| Box::pin(webhooks::redeliver(c, merchant_id, id, now))).await?;
+        self.queued_deliveries(usize::from(matches!(outcome, RedeliverOutcome::Queued(_))));
+        Ok(outcome)
+    }
+
+    async fn purge(&self, now: Timestamp, retention: Retention, batch: usize) -> Result<usize> {
+        self.run(move |c| Box::pin(webhooks::purge(c, now, retention, batch))).await
+    }
+
+    fn deliveries_queued(&self) -> Arc<Notify> {
+        self.queued.clone()
+    }
+}

@@ -1,0 +1,432 @@
+//! Merchants, customers, sessions with their state changes and events, and idempotency
+//! records on PostgreSQL. Each function is one use case on one pooled connection; the ones
+//! that decide on a row lock it first, so concurrent instances take turns on it.
+
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Transaction};
+use tokio_postgres::types::Json;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::webhooks::{record_events, NewEvent};
+use super::{bytes32, execute, int8, internal, parse_event_type, query, query_opt, ts, Client, Result, Sql, Ts};
+use crate::domain::event::EventType;
+use crate::domain::request::{Currency, SessionSpec};
+use crate::domain::session::{transition, Action, State, Transition, LIVE_STATES};
+use crate::domain::time::Timestamp;
+use crate::store::{
+    CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey, Merchant, SessionFilter,
+    SessionRecord, StoredResponse,
+};
+
+const SESSION_COLUMNS: &str =
+    "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, last_correlation_id, version";
+
+fn session_from_row(row: &Row) -> Result<SessionRecord> {
+    let state: &str = row.try_get(2)?;
+    let Json(spec): Json<SessionSpec> = row.try_get(3)?;
+    Ok(SessionRecord {
+        id: row.try_get(0)?,
+        merchant_id: row.try_get(1)?,
+        state: State::parse(state).ok_or_else(|| internal(format!("unknown session state {state}")))?,
+        spec,
+        token: row.try_get(4)?,
+        expires_on: ts(row, 5)?,
+        created_on: ts(row, 6)?,
+        last_modified_on: ts(row, 7)?,
+        last_correlation_id: row.try_get(8)?,
+        version: row.try_get(9)?,
+    })
+}
+
+fn merchant_from_row(row: &Row) -> Result<Merchant> {
+    Ok(Merchant { id: row.try_get(0)?, name: row.try_get(1)?, disabled: row.try_get(2)?, created_on: ts(row, 3)? })
+}
+
+/// The session with this id; with `lock`, locked until the transaction ends, as the latest
+/// committed version (READ COMMITTED re-reads a row it had to wait for).
+async fn load_session<C: GenericClient>(c: &C, id: Uuid, lock: bool) -> Result<Option<SessionRecord>> {
+    let row = if lock {
+        query_opt(c, &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1 FOR NO KEY UPDATE"), &[&id]).await?
+    } else {
+        query_opt(c, &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"), &[&id]).await?
+    };
+    row.as_ref().map(session_from_row).transpose()
+}
+
+pub async fn create_merchant(c: &mut Client, merchant: Merchant, key_hash: [u8; 32]) -> Result<()> {
+    execute(
+        &*c,
+        "INSERT INTO merchants (id, name, api_key_hash, disabled, created_on) VALUES ($1, $2, $3, $4, $5)",
+        &[&merchant.id, &merchant.name, &&key_hash[..], &merchant.disabled, &Ts(merchant.created_on)],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn merchant_by_key(c: &mut Client, key_hash: [u8; 32]) -> Result<Option<Merchant>> {
+    let row = query_opt(
+        &*c,
+        "SELECT id, name, disabled, created_on FROM merchants WHERE api_key_hash = $1",
+        &[&&key_hash[..]],
+    )
+    .await?;
+    row.as_ref().map(merchant_from_row).transpose()
+}
+
+pub async fn list_merchants(c: &mut Client) -> Result<Vec<Merchant>> {
+    let rows = query(&*c, "SELECT id, name, disabled, created_on FROM merchants ORDER BY created_on, id", &[]).await?;
+    rows.iter().map(merchant_from_row).collect()
+}
+
+pub async fn rotate_merchant_key(c: &mut Client, id: Uuid, key_hash: [u8; 32]) -> Result<bool> {
+    let changed = execute(&*c, "UPDATE merchants SET api_key_hash = $2 WHERE id = $1", &[&id, &&key_hash[..]]).await?;
+    Ok(changed == 1)
+}
+
+pub async fn disable_merchant(c: &mut Client, id: Uuid) -> Result<bool> {
+    let changed = execute(&*c, "UPDATE merchants SET disabled = true WHERE id = $1", &[&id]).await?;
+    Ok(changed == 1)
+}
+
+pub async fn create_customer(c: &mut Client, id: Uuid, phone: String, now: Timestamp) -> Result<()> {
+    execute(&*c, "INSERT INTO customers (id, phone, created_on) VALUES ($1, $2, $3)", &[&id, &phone, &Ts(now)]).await?;
+    Ok(())
+}
+
+/// One statement inserts the session only when its id is free and its customer (if any) is
+/// known. When nothing was inserted, the row that holds the id decides (`Exists`, as SQLite
+/// checks the id before the customer); without one, the customer was unknown.
+pub async fn create_session(c: &mut Client, session: SessionRecord) -> Result<CreateOutcome> {
+    let transaction = session.spec.transaction_data.as_ref();
+    let amount = transaction.map(|t| t.amount.to_string());
+    let currency = transaction.map(|t| match t.currency {
+        Currency::Eur => "EUR",
+    });
+    let inserted = execute(
+        &*c,
+        "INSERT INTO sessions (id, merchant_id, state, spec, amount, currency, token, expires_on, created_on,
+                               last_modified_on, last_correlation_id, version)
+         SELECT $1::uuid, $2::uuid, $3::text, $4::jsonb, $5::text::numeric(12,2), $6::text, $7::text,
+                $8::timestamptz, $9::timestamptz, $10::timestamptz, $11::uuid, $12::bigint
+          WHERE $13::uuid IS NULL OR EXISTS (SELECT 1 FROM customers WHERE id = $13)
+         ON CONFLICT (id) DO NOTHING",
+        &[
+            &session.id,
+            &session.merchant_id,
+            &session.state.as_str(),
+            &Json(&session.spec),
+            &amount,
+            &currency,
+            &session.token,
+            &Ts(session.expires_on),
+            &Ts(session.created_on),
+            &Ts(session.last_modified_on),
+            &session.last_correlation_id,
+            &session.version,
+            &session.spec.customer_id,
+        ],
+    )
+    .await?;
+    if inserted == 1 {
+        return Ok(CreateOutcome::Created(session));
+    }
+    match load_session(&*c, session.id, false).await? {
+        Some(existing) => Ok(CreateOutcome::Exists(existing)),
+        None if session.spec.customer_id.is_some() => Ok(CreateOutcome::CustomerNotFound),
+        // Sessions are never deleted, so a conflict always leaves a row to read.
+        None => Err(internal("a session was neither inserted nor found")),
+    }
+}
+
+pub async fn get_session(c: &mut Client, id: Uuid) -> Result<Option<SessionRecord>> {
+    load_session(&*c, id, false).await
+}
+
+pub async fn list_sessions(
+    c: &mut Client,
+    merchant_id: Uuid,
+    filter: SessionFilter,
+    now: Timestamp,
+) -> Result<Vec<SessionRecord>> {
+    let mut sql = Sql::new(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE merchant_id = "));
+    let merchant = sql.bind(merchant_id);
+    sql.push(&merchant);
+    // The effective state, as SQLite filters it: a live session past its expiry is Expired.
+    match filter.state {
+        None => {}
+        Some(State::Expired) => {
+            let now = sql.bind(Ts(now));
+            sql.push(&format!(
+                " AND (state = 'Expired' OR (state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= {now}))"
+            ));
+        }
+        Some(state) if LIVE_STATES.contains(&state) => {
+            let now = sql.bind(Ts(now));
+            sql.push(&format!(" AND state = '{}' AND expires_on > {now}", state.as_str()));
+        }
+        Some(state) => sql.push(&format!(" AND state = '{}'", state.as_str())),
+    }
+    if let Some(from) = filter.created_from {
+        let from = sql.bind(Ts(from));
+        sql.push(&format!(" AND created_on >= {from}"));
+    }
+    if let Some(to) = filter.created_to {
+        let to = sql.bind(Ts(to));
+        sql.push(&format!(" AND created_on < {to}"));
+    }
+    if let Some((time, id)) = filter.after {
+        let (time, id) = (sql.bind(Ts(time)), sql.bind(id));
+        sql.push(&format!(" AND (created_on, id) < ({time}, {id})"));
+    }
+    let limit = sql.bind(int8(filter.limit + 1));
+    sql.push(&format!(" ORDER BY created_on DESC, id DESC LIMIT {limit}"));
+    sql.query(&*c).await?.iter().map(session_from_row).collect()
+}
+
+/// Cancels in one short transaction: lock the row, decide with the domain rules exactly as the
+/// SQLite store does, then the conditional update, the event and its deliveries. Concurrent
+/// cancels (and the sweep) wait for the lock and then see the winner's committed row.
+pub async fn cancel_session(c: &mut Client, request: CancelRequest) -> Result<(CancelOutcome, usize)> {
+    let tx = c.transaction().await?;
+    let outcome = cancel_in(&tx, request).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn cancel_in(tx: &Transaction<'_>, request: CancelRequest) -> Result<(CancelOutcome, usize)> {
+    let Some(session) = load_session(tx, request.session_id, true).await? else {
+        return Ok((CancelOutcome::NotFound, 0));
+    };
+    if session.merchant_id != request.merchant_id {
+        return Ok((CancelOutcome::OtherMerchant, 0));
+    }
+    if let Some(if_match) = &request.if_match {
+        if !session.matches(if_match, request.now) {
+            return Ok((CancelOutcome::VersionMismatch, 0));
+        }
+    }
+    let from = session.effective_state(request.now);
+    match transition(from, Action::Cancel) {
+        Ok(Transition::Unchanged) => Ok((CancelOutcome::AlreadyCancelled(session), 0)),
+        Err(_) => Ok((CancelOutcome::InvalidTransition(from), 0)),
+        Ok(Transition::To(to)) => {
+            let Some(queued) = change_state(tx, &session, to, request.correlation_id, request.now).await? else {
+                // Cannot happen while the row is locked; kept as the same guard as SQLite's.
+                return Ok((CancelOutcome::VersionMismatch, 0));
+            };
+            let mut cancelled = session;
+            cancelled.state = to;
+            cancelled.version += 1;
+            cancelled.last_modified_on = request.now;
+            cancelled.last_correlation_id = request.correlation_id;
+            Ok((CancelOutcome::Cancelled(cancelled), queued))
+        }
+    }
+}
+
+/// Moves a live session to `to` with one conditional update, inserts its event and queues
+/// its deliveries; `None` when the condition no longer held. Mirrors SQLite's `change_state`,
+/// including dating an expiry at `expiresOn`.
+async fn change_state(
+    tx: &Transaction<'_>,
+    session: &SessionRecord,
+    to: State,
+    correlation_id: Uuid,
+    now: Timestamp,
+) -> Result<Option<usize>> {
+    let (changed_on, require_unexpired) = if to == State::Expired { (session.expires_on, false) } else { (now, true) };
+    let changed = execute(
+        tx,
+        "UPDATE sessions SET state = $2, version = version + 1, last_modified_on = $3, last_correlation_id = $4
+          WHERE id = $1 AND version = $5 AND state IN ('Created', 'Opened', 'Authenticated')
+            AND (NOT $6 OR expires_on > $7)",
+        &[&session.id, &to.as_str(), &Ts(changed_on), &correlation_id, &session.version, &require_unexpired, &Ts(now)],
+    )
+    .await?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    let Some(kind) = EventType::for_state(to) else {
+        return Ok(Some(0));
+    };
+    let event = NewEvent {
+        id: Uuid::now_v7(),
+        merchant_id: session.merchant_id,
+        session_id: session.id,
+        kind,
+        data: event_data(session.id, to, session.spec.kind.as_str(), session.created_on, changed_on),
+    };
+    record_events(tx, &[event], now).await.map(Some)
+}
+
+/// The event's `data` member, built exactly as the SQLite store builds it.
+fn event_data(id: Uuid, state: State, kind: &str, created_on: Timestamp, changed_on: Timestamp) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "state": state.as_str(),
+        "type": kind,
+        "createdOn": created_on,
+        "lastModifiedOn": changed_on,
+    })
+}
+
+/// Expires up to `batch` due sessions in one statement: `SKIP LOCKED` lets two sweeps (on two
+/// instances) share the work without waiting on each other, and a row a cancel committed
+/// meanwhile is re-checked under its lock and left alone. Each expiry is dated `expiresOn`, its
+/// event written in the same transaction. Answers (expired, deliveries queued).
+pub async fn expire_due(c: &mut Client, now: Timestamp, batch: usize) -> Result<(usize, usize)> {
+    let tx = c.transaction().await?;
+    let rows = query(
+        &tx,
+        "WITH due AS MATERIALIZED (
+             SELECT id FROM sessions
+              WHERE state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= $1
+              ORDER BY expires_on LIMIT $2
+                FOR UPDATE SKIP LOCKED)
+         UPDATE sessions s SET state = 'Expired', version = s.version + 1, last_modified_on = s.expires_on
+           FROM due WHERE s.id = due.id
+         RETURNING s.id, s.merchant_id, s.spec ->> 'type', s.created_on, s.expires_on",
+        &[&Ts(now), &int8(batch)],
+    )
+    .await?;
+    let mut expired = rows
+        .iter()
+        .map(|row| -> Result<_> {
+            let kind: String = row.try_get(2)?;
+            Ok((ts(row, 4)?, row.try_get::<_, Uuid>(0)?, row.try_get::<_, Uuid>(1)?, kind, ts(row, 3)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Events in the order the sweep took the sessions (as SQLite writes them), so their
+    // time-ordered ids follow the expiries.
+    expired.sort_by_key(|(expires_on, id, ..)| (*expires_on, *id));
+    let events: Vec<NewEvent> = expired
+        .iter()
+        .map(|(expires_on, id, merchant_id, kind, created_on)| NewEvent {
+            id: Uuid::now_v7(),
+            merchant_id: *merchant_id,
+            session_id: *id,
+            kind: EventType::RedirectSessionExpired,
+            data: event_data(*id, State::Expired, kind, *created_on, *expires_on),
+        })
+        .collect();
+    let queued = record_events(&tx, &events, now).await?;
+    tx.commit().await?;
+    Ok((expired.len(), queued))
+}
+
+pub async fn session_events(c: &mut Client, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>> {
+    let rows =
+        query(&*c, "SELECT id, type FROM events WHERE session_id = $1 ORDER BY created_on, id", &[&session_id]).await?;
+    rows.iter().map(|row| Ok((row.try_get(0)?, parse_event_type(row.try_get(1)?)?))).collect()
+}
+
+/// The first request inserts the record (`Proceed`). Any other finds it taken and reads it
+/// under a row lock to decide exactly as SQLite does: another request (`Reused`), done
+/// (`Replay`), running (`InProgress`), or abandoned past its lease — then taken over by moving
+/// `started_on`, so of two retries racing for an abandoned record only one proceeds.
+pub async fn idempotency_begin(
+    c: &mut Client,
+    key: IdempotencyKey,
+    fingerprint: [u8; 32],
+    now: Timestamp,
+    lease: Duration,
+) -> Result<IdempotencyBegin> {
+    // A record released or purged between the insert and the read is inserted again; three
+    // rounds are plenty for a race that needs another request to finish in between.
+    for _ in 0..3 {
+        let inserted = execute(
+            &*c,
+            "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+            &[&key.merchant_id, &key.request_id, &&fingerprint[..], &Ts(now)],
+        )
+        .await?;
+        if inserted == 1 {
+            return Ok(IdempotencyBegin::Proceed);
+        }
+        let tx = c.transaction().await?;
+        let decided = decide_idempotency(&tx, key, fingerprint, now, lease).await?;
+        tx.commit().await?;
+        if let Some(decided) = decided {
+            return Ok(decided);
+        }
+    }
+    Err(internal("the idempotency record kept vanishing"))
+}
+
+async fn decide_idempotency(
+    tx: &Transaction<'_>,
+    key: IdempotencyKey,
+    fingerprint: [u8; 32],
+    now: Timestamp,
+    lease: Duration,
+) -> Result<Option<IdempotencyBegin>> {
+    let Some(row) = query_opt(
+        tx,
+        "SELECT fingerprint, started_on, status, headers, body FROM idempotency
+          WHERE merchant_id = $1 AND request_id = $2 FOR UPDATE",
+        &[&key.merchant_id, &key.request_id],
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    if bytes32(&row, 0)? != fingerprint {
+        return Ok(Some(IdempotencyBegin::Reused));
+    }
+    if let Some(status) = row.try_get::<_, Option<i32>>(2)? {
+        let status = u16::try_from(status).map_err(|_| internal(format!("stored status {status}")))?;
+        let headers: Option<Json<serde_json::Value>> = row.try_get(3)?;
+        return Ok(Some(IdempotencyBegin::Replay(StoredResponse {
+            status,
+            headers: headers.and_then(|Json(h)| serde_json::from_value(h).ok()).unwrap_or_default(),
+            body: row.try_get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
+        })));
+    }
+    if ts(&row, 1)? > now.minus(lease) {
+        return Ok(Some(IdempotencyBegin::InProgress));
+    }
+    // The first attempt was abandoned (its process died); take it over.
+    execute(
+        tx,
+        "UPDATE idempotency SET started_on = $3 WHERE merchant_id = $1 AND request_id = $2",
+        &[&key.merchant_id, &key.request_id, &Ts(now)],
+    )
+    .await?;
+    Ok(Some(IdempotencyBegin::Proceed))
+}
+
+pub async fn idempotency_finish(
+    c: &mut Client,
+    key: IdempotencyKey,
+    response: StoredResponse,
+    now: Timestamp,
+) -> Result<()> {
+    execute(
+        &*c,
+        "UPDATE idempotency SET status = $3, headers = $4, body = $5, completed_on = $6
+          WHERE merchant_id = $1 AND request_id = $2",
+        &[
+            &key.merchant_id,
+            &key.request_id,
+            &i32::from(response.status),
+            &Json(&response.headers),
+            &response.body,
+            &Ts(now),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn idempotency_release(c: &mut Client, key: IdempotencyKey) -> Result<()> {
+    execute(
+        &*c,
+        "DELETE FROM idempotency WHERE merchant_id = $1 AND request_id = $2 AND status IS NULL",
+        &[&key.merchant_id, &key.request_id],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,1089 @@
+//! Tests against a real PostgreSQL server. Set `REDIRECT_SESSIONS_TEST_POSTGRES` to an admin
+//! URL (e.g. `postgres://postgres@127.0.0.1:5432/postgres`); each test creates its own
+//! database `rs_test_<uuid>` and drops it at the end. Without the variable each test prints
+//! that it was skipped and passes. Two `PostgresStore`s (two pools, two LISTEN connections)
+//! stand for two instances of the service.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use super::{PoolSettings, PostgresStore};
+use crate::domain::event::EventType;
+use crate::domain::request::SessionSpec;
+use crate::domain::session::State;
+use crate::domain::subscription::{EventMask, SubscriptionSpec};
+use crate::domain::time::Timestamp;
+use crate::domain::token::KeyPair;
+use crate::store::sqlite::SqliteStore;
+use crate::store::webhooks::{
+    AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, DeliveryFilter, DeliveryState, NextStep,
+    PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
+};
+use crate::store::{
+    CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey, Merchant, SessionFilter,
+    SessionRecord, Store, StoreError, StoredResponse,
+};
+
+const ENV: &str = "REDIRECT_SESSIONS_TEST_POSTGRES";
+
+const SETTINGS: PoolSettings = PoolSettings {
+    max_connections: 8,
+    acquire_timeout: Duration::from_secs(5),
+    connect_timeout: Duration::from_secs(5),
+};
+
+/// A fixed instant: 2026-01-31T11:59:59.123Z.
+const NOW: Timestamp = Timestamp::from_millis(1_769_860_799_123);
+
+/// A database of its own for one test, dropped (with its connections) when this goes away.
+struct TestDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// `None` (after saying so where the test output shows it) when no server is configured.
+    async fn create() -> Option<TestDb> {
+        let Ok(admin) = std::env::var(ENV) else {
+            // Straight to the stream: libtest hides `println!` output of passing tests.
+            let _ = writeln!(std::io::stderr(), "skipped: {ENV} not set");
+            return None;
+        };
+        let name = format!("rs_test_{}", Uuid::new_v4().simple());
+        raw(&admin).await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("CREATE DATABASE");
+        let mut url = url::Url::parse(&admin).expect("the admin URL parses");
+        url.set_path(&format!("/{name}"));
+        Some(TestDb { admin, name, url: url.to_string() })
+    }
+
+    async fn open(&self) -> PostgresStore {
+        PostgresStore::open(&self.url, SETTINGS, true).await.expect("the store opens")
+    }
+
+    /// A plain connection to the test database, for looking behind the store's back.
+    async fn sql(&self) -> tokio_postgres::Client {
+        raw(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop cannot await, and the test's runtime may be gone or panicking: use a thread
+        // with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin, NoTls).await {
+                    tokio::spawn(connection);
+                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connects to PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+macro_rules! test_db {
+    () => {
+        match TestDb::create().await {
+            Some(db) => db,
+            None => return,
+        }
+    };
+}
+
+fn spec_with(customer: Option<Uuid>, amount: &str) -> SessionSpec {
+    let mut spec = serde_json::json!({
+        "type": "NewTransactionIntent",
+        "transactionData": {
+            "type": "PassthroughDeposit",
+            "amount": serde_json::Number::from_string_unchecked(amount.to_owned()),
+            "currency": "EUR",
+            "externalReference": "order-1",
+        },
+        "redirectData": {
+            "successUrl": "https://shop.example/ok",
+            "failureUrl": "https://shop.example/fail",
+            "abortUrl": "https://shop.example/abort",
+        },
+        "locale": "de-DE",
+    });
+    if let Some(customer) = customer {
+        spec["customerId"] = serde_json::json!(customer);
+    }
+    serde_json::from_value(spec).expect("a valid spec")
+}
+
+fn new_customer_spec() -> SessionSpec {
+    serde_json::from_value(serde_json::json!({
+        "type": "NewCustomer",
+        "redirectData": {
+            "successUrl": "https://shop.example/ok",
+            "failureUrl": "https://shop.example/fail",
+            "abortUrl": "https://shop.example/abort",
+        },
+        "locale": "en-GB",
+    }))
+    .expect("a valid spec")
+}
+
+fn session(id: Uuid, merchant_id: Uuid, spec: SessionSpec, created_on: Timestamp, ttl: Duration) -> SessionRecord {
+    SessionRecord {
+        id,
+        merchant_id,
+        spec,
+        state: State::Created,
+        token: format!("token-{id}"),
+        expires_on: created_on.plus(ttl),
+        created_on,
+        last_modified_on: created_on,
+        last_correlation_id: id,
+        version: 1,
+    }
+}
+
+fn subscription(id: Uuid, merchant_id: Uuid, events: &[EventType], created_on: Timestamp) -> SubscriptionRecord {
+    let bits = events.iter().fold(0, |bits, e| bits | EventMask::of(*e).bits());
+    SubscriptionRecord {
+        id,
+        merchant_id,
+        spec: SubscriptionSpec {
+            callback_url: format!("https://hooks.example/{id}"),
+            api_key: format!("key-{id}"),
+            event_types: EventMask::from_bits(bits),
+        },
+        signing_secret: "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXM=".to_owned(),
+        created_on,
+        last_modified_on: created_on,
+        version: 1,
+    }
+}
+
+async fn merchant(store: &dyn Store, created_on: Timestamp) -> Uuid {
+    let id = Uuid::now_v7();
+    let mut hash = [0u8; 32];
+    hash[..16].copy_from_slice(id.as_bytes());
+    let merchant = Merchant { id, name: format!("merchant {id}"), disabled: false, created_on };
+    store.create_merchant(merchant, hash).await.expect("creates the merchant");
+    id
+}
+
+fn cancel(merchant_id: Uuid, session_id: Uuid, now: Timestamp) -> CancelRequest {
+    CancelRequest { merchant_id, session_id, if_match: None, correlation_id: Uuid::now_v7(), now }
+}
+
+const ALL_EVENTS: [EventType; 4] = [
+    EventType::RedirectSessionCancelled,
+    EventType::RedirectSessionExpired,
+    EventType::RedirectSessionCompleted,
+    EventType::RedirectSessionAborted,
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_apply_twice_and_from_two_instances_at_once() {
+    let db = test_db!();
+    let first = db.open().await;
+    first.ready().await.expect("ready after migrating");
+    drop(first);
+    // Again on a migrated database, and from two instances starting together.
+    let (a, b) =
+        tokio::join!(PostgresStore::open(&db.url, SETTINGS, true), PostgresStore::open(&db.url, SETTINGS, true));
+    let (a, b) = (a.expect("opens"), b.expect("opens"));
+    a.ready().await.expect("ready");
+    b.ready().await.expect("ready");
+    let sql = db.sql().await;
+    let versions: Vec<i32> = sql
+        .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+        .await
+        .expect("reads")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    // Pooled connections carry the statement timeout that bounds every query.
+    let timeout = a
+        .run(|c| Box::pin(async move { Ok(c.query_one("SHOW statement_timeout", &[]).await?.get::<_, String>(0)) }))
+        .await
+        .expect("shows");
+    assert_eq!(timeout, "10s");
+    // At most one current signing key, whatever the code does.
+    sql.batch_execute("INSERT INTO signing_keys VALUES ('a', '\\x00', '\\x00', now(), NULL)").await.expect("first");
+    let second = sql.batch_execute("INSERT INTO signing_keys VALUES ('b', '\\x00', '\\x00', now(), NULL)").await;
+    assert_eq!(second.expect_err("a second current key").code().map(|c| c.code()), Some("23505"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_is_not_migrated_is_not_ready() {
+    let db = test_db!();
+    let store = PostgresStore::open(&db.url, SETTINGS, false).await.expect("opens without migrating");
+    assert!(matches!(store.ready().await, Err(StoreError::Unavailable(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_unavailable_without_hanging() {
+    // Needs no server: nothing listens on port 1.
+    let started = std::time::Instant::now();
+    let result = PostgresStore::open("postgres://postgres@127.0.0.1:1/none", SETTINGS, true).await;
+    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{:?}", result.err());
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_runs_too_long_is_unavailable_and_its_connection_is_closed() {
+    let db = test_db!();
+    let store = db.open().await;
+    let started = std::time::Instant::now();
+    let result = store
+        .run_within(Duration::from_millis(300), |c| {
+            Box::pin(async move {
+                c.batch_execute("SELECT pg_sleep(30)").await?;
+                Ok(())
+            })
+        })
+        .await;
+    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The connection was closed, not handed to the next caller: the server ends its session.
+    let sql = db.sql().await;
+    let mut gone = false;
+    for _ in 0..50 {
+        let row = sql
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND datname = current_database()", &[])
+            .await
+            .expect("counts");
+        if row.get::<_, i64>(0) == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the abandoned statement's session ended");
+    store.list_merchants().await.expect("the pool goes on with a fresh connection");
+
+    // The server's own bound, statement_timeout, is a 503 too.
+    let timed_out = store
+        .run(|c| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                tx.batch_execute("SET LOCAL statement_timeout = '50ms'; SELECT pg_sleep(5)").await?;
+                Ok(())
+            })
+        })
+        .await;
+    assert!(matches!(timed_out, Err(StoreError::Unavailable(_))), "{timed_out:?}");
+    // Whereas a plain SQL error is Internal.
+    let broken =
+        store.run(|c| Box::pin(async move { Ok(c.batch_execute("SELECT * FROM no_such_table").await?) })).await;
+    assert!(matches!(broken, Err(StoreError::Internal(_))), "{broken:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_round_trip_to_the_millisecond() {
+    let db = test_db!();
+    let store = db.open().await;
+    let instants =
+        [NOW, Timestamp::from_millis(946_684_799_999), Timestamp::from_millis(-1), Timestamp::from_millis(1)];
+    for at in instants {
+        merchant(&store, at).await;
+    }
+    let mut stored: Vec<i64> =
+        store.list_merchants().await.expect("lists").iter().map(|m| m.created_on.millis()).collect();
+    let mut expected: Vec<i64> = instants.iter().map(|t| t.millis()).collect();
+    stored.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(stored, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_created_once_read_and_listed_with_a_cursor() {
+    let db = test_db!();
+    let store = db.open().await;
+    let m = merchant(&store, NOW).await;
+    let other = merchant(&store, NOW).await;
+    let customer = Uuid::now_v7();
+    store.create_customer(customer, "+4915112345678".to_owned(), NOW).await.expect("customer");
+
+    let first = session(Uuid::now_v7(), m, spec_with(Some(customer), "100.50"), NOW, Duration::from_secs(900));
+    assert!(matches!(store.create_session(first.clone()).await, Ok(CreateOutcome::Created(_))));
+    match store.create_session(first.clone()).await {
+        Ok(CreateOutcome::Exists(existing)) => assert_eq!(existing, first),
+        other => panic!("expected Exists, got {other:?}"),
+    }
+    // Another merchant's PUT of the same id sees it exists (the API answers 409).
+    let mut stolen = first.clone();
+    stolen.merchant_id = other;
+    assert!(matches!(store.create_session(stolen).await, Ok(CreateOutcome::Exists(s)) if s.merchant_id == m));
+    let unknown = session(Uuid::now_v7(), m, spec_with(Some(Uuid::now_v7()), "1"), NOW, Duration::from_secs(900));
+    assert!(matches!(store.create_session(unknown.clone()).await, Ok(CreateOutcome::CustomerNotFound)));
+    assert_eq!(store.get_session(unknown.id).await.expect("reads"), None);
+    assert_eq!(store.get_session(first.id).await.expect("reads"), Some(first.clone()));
+
+    // Money is exact in its own columns; sessions without a transaction have none.
+    let plain = session(Uuid::now_v7(), m, new_customer_spec(), NOW.plus(Duration::from_millis(1)), Duration::ZERO);
+    assert!(matches!(store.create_session(plain.clone()).await, Ok(CreateOutcome::Created(_))));
+    let sql = db.sql().await;
+    let money = |id: Uuid| {
+        let sql = &sql;
+        async move {
+            let row = sql.query_one("SELECT amount::text, currency FROM sessions WHERE id = $1", &[&id]).await;
+            let row = row.expect("reads");
+            (row.get::<_, Option<String>>(0), row.get::<_, Option<String>>(1))
+        }
+    };
+    assert_eq!(money(first.id).await, (Some("100.50".to_owned()), Some("EUR".to_owned())));
+    assert_eq!(money(plain.id).await, (None, None));
+
+    // Five more, a millisecond apart, then page through all seven newest first.
+    for i in 0..5u64 {
+        let created = NOW.plus(Duration::from_millis(10 + i));
+        let record = session(Uuid::now_v7(), m, spec_with(None, "5"), created, Duration::from_secs(900));
+        store.create_session(record).await.expect("creates");
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let filter = SessionFilter { after, limit: 3, ..SessionFilter::default() };
+        let mut page = store.list_sessions(m, filter, NOW).await.expect("lists");
+        let more = page.len() > 3;
+        page.truncate(3);
+        after = page.last().map(|s| (s.created_on, s.id));
+        seen.extend(page);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 7);
+    assert!(seen.windows(2).all(|w| (w[0].created_on, w[0].id) > (w[1].created_on, w[1].id)), "newest first");
+    // `plain` had no time to live: it is Expired for readers, the others are Created.
+    let expired = SessionFilter { state: Some(State::Expired), limit: 10, ..SessionFilter::default() };
+    let ids: Vec<Uuid> = store
+        .list_sessions(m, expired, NOW.plus(Duration::from_millis(2)))
+        .await
+        .expect("lists")
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, [plain.id]);
+    let created = SessionFilter { state: Some(State::Created), limit: 10, ..SessionFilter::default() };
+    assert_eq!(store.list_sessions(m, created, NOW.plus(Duration::from_millis(2))).await.expect("lists").len(), 6);
+    let window = SessionFilter {
+        created_from: Some(NOW.plus(Duration::from_millis(11))),
+        created_to: Some(NOW.plus(Duration::from_millis(13))),
+        limit: 10,
+        ..SessionFilter::default()
+    };
+    assert_eq!(store.list_sessions(m, window, NOW).await.expect("lists").len(), 2);
+    assert!(store
+        .list_sessions(other, SessionFilter { limit: 10, ..SessionFilter::default() }, NOW)
+        .await
+        .expect("lists")
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_cancels_on_two_instances_change_the_session_once() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let m = merchant(&*a, NOW).await;
+    a.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let target = session(Uuid::now_v7(), m, spec_with(None, "10"), NOW, Duration::from_secs(900));
+    a.create_session(target.clone()).await.expect("creates");
+
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store: Arc<PostgresStore> = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let request = cancel(m, target.id, NOW.plus(Duration::from_secs(1)));
+            tokio::spawn(async move { store.cancel_session(request).await })
+        })
+        .collect();
+    let (mut cancelled, mut already) = (0, 0);
+    for task in tasks {
+        match task.await.expect("joins").expect("no store error") {
+            CancelOutcome::Cancelled(_) => cancelled += 1,
+            CancelOutcome::AlreadyCancelled(s) => {
+                assert_eq!(s.state, State::Cancelled);
+                already += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((cancelled, already), (1, 49));
+    let events = b.session_events(target.id).await.expect("events");
+    assert_eq!(events.iter().map(|e| e.1).collect::<Vec<_>>(), [EventType::RedirectSessionCancelled]);
+    let stored = b.get_session(target.id).await.expect("reads").expect("exists");
+    assert_eq!((stored.state, stored.version), (State::Cancelled, 2));
+    let deliveries = a.list_deliveries(m, DeliveryFilter { limit: 10, ..DeliveryFilter::default() }).await;
+    assert_eq!(deliveries.expect("lists").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sweeps_on_two_instances_expire_each_session_once() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let m = merchant(&*a, NOW).await;
+    a.put_subscription(subscription(Uuid::now_v7(), m, &[EventType::RedirectSessionExpired], NOW))
+        .await
+        .expect("subscribes");
+    const SESSIONS: usize = 200;
+    for i in 0..SESSIONS as u64 {
+        let ttl = Duration::from_millis(1_000 + i);
+        a.create_session(session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, ttl)).await.expect("creates");
+    }
+    // One that is not due yet stays alone.
+    let later = session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, Duration::from_secs(3600));
+    a.create_session(later.clone()).await.expect("creates");
+
+    let sweep = |store: Arc<PostgresStore>| {
+        tokio::spawn(async move {
+            let mut total = 0;
+            loop {
+                let expired = store.expire_due(NOW.plus(Duration::from_secs(60)), 7).await.expect("sweeps");
+                if expired == 0 {
+                    return total;
+                }
+                total += expired;
+            }
+        })
+    };
+    let (x, y) = tokio::join!(sweep(a.clone()), sweep(b.clone()));
+    let (x, y) = (x.expect("joins"), y.expect("joins"));
+    assert_eq!(x + y, SESSIONS, "each session expired by exactly one sweep ({x} + {y})");
+
+    let sql = db.sql().await;
+    let row = sql
+        .query_one(
+            "SELECT count(*), count(DISTINCT session_id),
+                    count(*) FILTER (WHERE e.data ->> 'lastModifiedOn' = to_char(s.expires_on AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))
+               FROM events e JOIN sessions s ON s.id = e.session_id WHERE e.type = 'RedirectSessionExpired'",
+            &[],
+        )
+        .await
+        .expect("counts");
+    let counts: (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(counts, (SESSIONS as i64, SESSIONS as i64, SESSIONS as i64), "one event each, dated expiresOn");
+    let row = sql
+        .query_one(
+            "SELECT count(*) FROM sessions WHERE state = 'Expired' AND last_modified_on = expires_on AND version = 2",
+            &[],
+        )
+        .await
+        .expect("counts");
+    assert_eq!(row.get::<_, i64>(0), SESSIONS as i64);
+    let deliveries: i64 = sql.query_one("SELECT count(*) FROM deliveries", &[]).await.expect("counts").get(0);
+    assert_eq!(deliveries, SESSIONS as i64);
+    assert_eq!(a.get_session(later.id).await.expect("reads").expect("exists").state, State::Created);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_request_id_from_two_instances_proceeds_once() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let key = IdempotencyKey { merchant_id: Uuid::now_v7(), request_id: Uuid::now_v7() };
+    let lease = Duration::from_secs(60);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { store.idempotency_begin(key, [7; 32], NOW, lease).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.expect("joins").expect("no store error"));
+    }
+    assert_eq!(outcomes.iter().filter(|o| **o == IdempotencyBegin::Proceed).count(), 1);
+    assert_eq!(outcomes.iter().filter(|o| **o == IdempotencyBegin::InProgress).count(), 19);
+
+    // An abandoned record is taken over by exactly one of two racing retries.
+    let later = NOW.plus(Duration::from_secs(61));
+    let (x, y) =
+        tokio::join!(a.idempotency_begin(key, [7; 32], later, lease), b.idempotency_begin(key, [7; 32], later, lease));
+    let mut takeovers = [x.expect("begins"), y.expect("begins")];
+    takeovers.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(takeovers, [IdempotencyBegin::InProgress, IdempotencyBegin::Proceed]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_from_two_instances_never_overlap_and_expired_leases_move_on() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let m = merchant(&*a, NOW).await;
+    for _ in 0..2 {
+        a.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    }
+    for _ in 0..30 {
+        let s = session(Uuid::now_v7(), m, spec_with(None, "3"), NOW, Duration::from_secs(900));
+        a.create_session(s.clone()).await.expect("creates");
+        a.cancel_session(cancel(m, s.id, NOW)).await.expect("cancels");
+    }
+    let lease_until = NOW.plus(Duration::from_secs(60));
+    let claim = |store: Arc<PostgresStore>, owner: Uuid| {
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            loop {
+                let claimed = store.claim_deliveries(owner, NOW, lease_until, 7).await.expect("claims");
+                if claimed.is_empty() {
+                    return ids;
+                }
+                ids.extend(claimed.iter().map(|d| d.id));
+            }
+        })
+    };
+    let (owner_a, owner_b) = (Uuid::now_v7(), Uuid::now_v7());
+    let (x, y) = tokio::join!(claim(a.clone(), owner_a), claim(b.clone(), owner_b));
+    let (x, y) = (x.expect("joins"), y.expect("joins"));
+    let (set_x, set_y): (HashSet<Uuid>, HashSet<Uuid>) = (x.iter().copied().collect(), y.iter().copied().collect());
+    assert_eq!(set_x.len() + set_y.len(), x.len() + y.len(), "nobody claimed one delivery twice");
+    assert!(set_x.is_disjoint(&set_y), "no delivery claimed by both");
+    assert_eq!(set_x.len() + set_y.len(), 60);
+
+    // While the leases hold nothing is claimable; once they run out, the other owner gets them.
+    assert!(b
+        .claim_deliveries(owner_b, NOW.plus(Duration::from_secs(30)), lease_until, 100)
+        .await
+        .expect("claims")
+        .is_empty());
+    let after = NOW.plus(Duration::from_secs(61));
+    let taken = b.claim_deliveries(owner_b, after, after.plus(Duration::from_secs(60)), 100).await.expect("claims");
+    let taken_ids: HashSet<Uuid> = taken.iter().map(|d| d.id).collect();
+    assert!(set_x.is_subset(&taken_ids), "owner A's expired leases went to owner B");
+
+    // A's late result does not touch B's claim; B's does.
+    let one = *set_x.iter().next().expect("A claimed some");
+    let outcome = |owner: Uuid, attempt: i64| AttemptOutcome {
+        delivery_id: one,
+        owner,
+        attempt: AttemptRecord { attempt, started_on: after, duration_ms: 12, status: Some(200), error: None },
+        next: NextStep::Delivered,
+    };
+    a.record_attempts(vec![outcome(owner_a, 1)], after).await.expect("records");
+    let pending = |store: Arc<PostgresStore>| async move {
+        let filter = DeliveryFilter { state: Some(DeliveryState::Pending), limit: 100, ..DeliveryFilter::default() };
+        store.list_deliveries(m, filter).await.expect("lists").len()
+    };
+    assert_eq!(pending(a.clone()).await, 60);
+    b.record_attempts(vec![outcome(owner_b, 2)], after).await.expect("records");
+    assert_eq!(pending(a.clone()).await, 59);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_from_two_instances_agree_and_rotations_take_turns() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let candidate = KeyPair::generate().expect("a key");
+                store.signing_keys(candidate, NOW).await
+            })
+        })
+        .collect();
+    let mut kids = HashSet::new();
+    for task in tasks {
+        kids.insert(task.await.expect("joins").expect("keys").current.kid);
+    }
+    assert_eq!(kids.len(), 1, "every instance signs with the same key");
+    let first = kids.into_iter().next().expect("one kid");
+
+    let (x, y) = tokio::join!(
+        a.rotate_signing_key(KeyPair::generate().expect("a key"), NOW.plus(Duration::from_secs(1))),
+        b.rotate_signing_key(KeyPair::generate().expect("a key"), NOW.plus(Duration::from_secs(2)))
+    );
+    x.expect("rotates");
+    y.expect("rotates");
+    let keys = a.signing_keys(KeyPair::generate().expect("a key"), NOW).await.expect("keys");
+    assert_eq!(keys.previous.len(), 2);
+    assert!(keys.previous.iter().any(|(kid, _)| *kid == first));
+    assert!(keys.previous.iter().all(|(kid, _)| *kid != keys.current.kid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_and_the_sweep_racing_on_two_instances_record_one_end_per_session() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let m = merchant(&*a, NOW).await;
+    a.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        let s = session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, Duration::from_secs(10));
+        a.create_session(s.clone()).await.expect("creates");
+        ids.push(s.id);
+    }
+    // The merchant's clock says the sessions are live, the sweep's says they are due: both
+    // are right in their own instant, and whichever commits first wins each session.
+    let cancels = {
+        let (a, ids) = (a.clone(), ids.clone());
+        tokio::spawn(async move {
+            let mut cancelled = 0;
+            for id in ids {
+                match a.cancel_session(cancel(m, id, NOW.plus(Duration::from_secs(9)))).await.expect("cancels") {
+                    CancelOutcome::Cancelled(_) => cancelled += 1,
+                    CancelOutcome::InvalidTransition(State::Expired) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            cancelled
+        })
+    };
+    let sweeps = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let mut expired = 0;
+            loop {
+                let n = b.expire_due(NOW.plus(Duration::from_secs(11)), 3).await.expect("sweeps");
+                if n == 0 {
+                    return expired;
+                }
+                expired += n;
+            }
+        })
+    };
+    let (cancelled, expired) = (cancels.await.expect("joins"), sweeps.await.expect("joins"));
+    let expired = expired + b.expire_due(NOW.plus(Duration::from_secs(11)), 100).await.expect("sweeps");
+    assert_eq!(cancelled + expired, ids.len(), "{cancelled} cancelled + {expired} expired");
+    for id in ids {
+        let events = a.session_events(id).await.expect("events");
+        let state = a.get_session(id).await.expect("reads").expect("exists").state;
+        let expected = match state {
+            State::Cancelled => EventType::RedirectSessionCancelled,
+            State::Expired => EventType::RedirectSessionExpired,
+            other => panic!("left in {other:?}"),
+        };
+        assert_eq!(events.iter().map(|e| e.1).collect::<Vec<_>>(), [expected]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_of_concurrent_creates_on_two_instances_wins() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let m = merchant(&*a, NOW).await;
+    let record = session(Uuid::now_v7(), m, spec_with(None, "7.5"), NOW, Duration::from_secs(900));
+    let sub = subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let (record, sub) = (record.clone(), sub.clone());
+            tokio::spawn(async move {
+                let created = matches!(store.create_session(record).await, Ok(CreateOutcome::Created(_)));
+                let subscribed = matches!(store.put_subscription(sub).await, Ok(PutSubscriptionOutcome::Created(_)));
+                (created, subscribed)
+            })
+        })
+        .collect();
+    let (mut sessions, mut subscriptions) = (0, 0);
+    for task in tasks {
+        let (created, subscribed) = task.await.expect("joins");
+        sessions += usize::from(created);
+        subscriptions += usize::from(subscribed);
+    }
+    assert_eq!((sessions, subscriptions), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_subscription_while_events_are_queued_leaves_nothing_pending_for_it() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let m = merchant(&*a, NOW).await;
+    let doomed = Uuid::now_v7();
+    a.put_subscription(subscription(doomed, m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let mut ids = Vec::new();
+    for _ in 0..60 {
+        let s = session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, Duration::from_secs(900));
+        a.create_session(s.clone()).await.expect("creates");
+        ids.push(s.id);
+    }
+    let cancels: Vec<_> = ids
+        .chunks(10)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let chunk = chunk.to_vec();
+            tokio::spawn(async move {
+                for id in chunk {
+                    store.cancel_session(cancel(m, id, NOW)).await.expect("cancels");
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let deleted = b.delete_subscription(m, doomed, None, NOW).await.expect("deletes");
+    assert!(matches!(deleted, ChangeSubscriptionOutcome::Done(_)));
+    for task in cancels {
+        task.await.expect("joins");
+    }
+    let sql = db.sql().await;
+    let row = sql
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'Pending'), count(*) FROM deliveries WHERE subscription_id = $1",
+            &[&doomed],
+        )
+        .await
+        .expect("counts");
+    let (pending, all): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(pending, 0, "of {all} deliveries queued for the deleted subscription");
+}
+
+/// Waits up to `within` for a wake-up.
+async fn woken(notify: &Notify, within: Duration) -> bool {
+    tokio::time::timeout(within, notify.notified()).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queuing_on_one_instance_wakes_the_dispatcher_of_another() {
+    let db = test_db!();
+    let (a, b) = (db.open().await, db.open().await);
+    let wake_b = b.deliveries_queued();
+    // The listener wakes once when it starts listening; after that, only NOTIFY does.
+    assert!(woken(&wake_b, Duration::from_secs(10)).await, "B's listener connected");
+    assert!(!woken(&wake_b, Duration::from_millis(300)).await, "nothing queued yet");
+
+    let m = merchant(&a, NOW).await;
+    a.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let s = session(Uuid::now_v7(), m, spec_with(None, "2"), NOW, Duration::from_secs(900));
+    a.create_session(s.clone()).await.expect("creates");
+    assert!(!woken(&wake_b, Duration::from_millis(300)).await, "creating queues nothing");
+    a.cancel_session(cancel(m, s.id, NOW)).await.expect("cancels");
+    assert!(woken(&wake_b, Duration::from_secs(5)).await, "A's commit woke B");
+    assert!(woken(&a.deliveries_queued(), Duration::from_secs(1)).await, "and A's own dispatcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_and_the_listener_recover_when_the_server_drops_every_connection() {
+    let db = test_db!();
+    let (a, b) = (db.open().await, db.open().await);
+    let wake_b = b.deliveries_queued();
+    assert!(woken(&wake_b, Duration::from_secs(10)).await, "B's listener connected");
+    let m = merchant(&a, NOW).await;
+    a.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    a.list_merchants().await.expect("a pooled connection exists");
+
+    // What a restart does to every session: terminated by the server (57P01).
+    let admin = raw(&db.admin).await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db.name],
+        )
+        .await
+        .expect("terminates");
+
+    // The first call may meet a dead connection (then it is Unavailable, never Internal);
+    // soon calls succeed on fresh ones.
+    let mut recovered = false;
+    for _ in 0..50 {
+        match a.list_merchants().await {
+            Ok(_) => {
+                recovered = true;
+                break;
+            }
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(error) => panic!("a lost connection must be Unavailable: {error}"),
+        }
+    }
+    assert!(recovered, "the pool reconnected");
+    // B's listener reconnects (and wakes once for what it may have missed), then hears A again.
+    assert!(woken(&wake_b, Duration::from_secs(10)).await, "B's listener reconnected");
+    let s = session(Uuid::now_v7(), m, spec_with(None, "2"), NOW, Duration::from_secs(900));
+    a.create_session(s.clone()).await.expect("creates");
+    a.cancel_session(cancel(m, s.id, NOW)).await.expect("cancels");
+    assert!(woken(&wake_b, Duration::from_secs(5)).await, "A's commit woke B after the reconnect");
+}
+
+/// The same scenario on SQLite and PostgreSQL must read the same, line by line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_use_case_answers_as_the_sqlite_store_does() {
+    let db = test_db!();
+    let postgres = db.open().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let sqlite = SqliteStore::open(&dir.path().join("parity.db"), true).await.expect("opens SQLite");
+    let ids = Ids::new();
+    let from_sqlite = scenario(&sqlite, &ids).await;
+    let from_postgres = scenario(&postgres, &ids).await;
+    for (line, (s, p)) in from_sqlite.iter().zip(&from_postgres).enumerate() {
+        assert_eq!(s, p, "line {line} differs");
+    }
+    assert_eq!(from_sqlite.len(), from_postgres.len());
+}
+
+/// Fixed ids, so that both stores see the same inputs.
+struct Ids {
+    merchants: [Uuid; 2],
+    customer: Uuid,
+    subscriptions: [Uuid; 3],
+    sessions: [Uuid; 5],
+    request: Uuid,
+}
+
+impl Ids {
+    fn new() -> Self {
+        let mut subscriptions = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+        subscriptions.sort();
+        Ids {
+            merchants: [Uuid::now_v7(), Uuid::now_v7()],
+            customer: Uuid::now_v7(),
+            subscriptions,
+            sessions: [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()],
+            request: Uuid::now_v7(),
+        }
+    }
+}
+
+/// Runs every use case and writes down what came back, leaving out ids the store makes.
+async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
+    let mut log = Vec::new();
+    let at = |ms: u64| NOW.plus(Duration::from_millis(ms));
+    let [m1, m2] = ids.merchants;
+    let [s1, s2, s3] = ids.subscriptions;
+    let [a, b, c, d, e] = ids.sessions;
+
+    for (i, id) in [m1, m2].into_iter().enumerate() {
+        let merchant = Merchant { id, name: format!("m{i}"), disabled: false, created_on: at(i as u64) };
+        store.create_merchant(merchant, [i as u8; 32]).await.expect("merchant");
+    }
+    log.push(format!("{:?}", store.merchant_by_key([1; 32]).await));
+    log.push(format!("{:?}", store.rotate_merchant_key(m2, [9; 32]).await));
+    log.push(format!("{:?}", store.rotate_merchant_key(Uuid::nil(), [8; 32]).await));
+    log.push(format!("{:?}", store.disable_merchant(m2).await));
+    log.push(format!("{:?}", store.merchant_by_key([9; 32]).await));
+    log.push(format!("{:?}", store.list_merchants().await));
+    store.create_customer(ids.customer, "+4915112345678".to_owned(), NOW).await.expect("customer");
+
+    // Subscriptions.
+    let sub1 = subscription(s1, m1, &ALL_EVENTS, at(1));
+    let sub2 = subscription(s2, m1, &[EventType::RedirectSessionCancelled], at(2));
+    let sub3 = subscription(s3, m2, &ALL_EVENTS, at(3));
+    for record in [&sub1, &sub2, &sub3, &sub1] {
+        log.push(match store.put_subscription(record.clone()).await.expect("puts") {
+            PutSubscriptionOutcome::Created(r) => format!("created {r:?}"),
+            PutSubscriptionOutcome::Exists(r) => format!("exists {r:?}"),
+        });
+    }
+    log.push(format!("{:?}", store.get_subscription(s2).await));
+    log.push(format!("{:?}", store.list_subscriptions(m1, None, 1).await));
+    log.push(format!("{:?}", store.list_subscriptions(m1, Some((at(2), s2)), 1).await));
+    let patched = SubscriptionSpec { api_key: "new-key".to_owned(), ..sub2.spec.clone() };
+    let change = |o: Result<ChangeSubscriptionOutcome, StoreError>| format!("{o:?}");
+    log.push(change(store.patch_subscription(m1, s2, patched.clone(), Some("\"5\"".to_owned()), at(4)).await));
+    log.push(change(store.patch_subscription(m2, s2, patched.clone(), None, at(4)).await));
+    log.push(change(store.patch_subscription(m1, Uuid::nil(), patched.clone(), None, at(4)).await));
+    log.push(change(store.patch_subscription(m1, s2, patched.clone(), Some("W/\"1\"".to_owned()), at(4)).await));
+    log.push(change(store.patch_subscription(m1, s2, patched.clone(), None, at(5)).await));
+
+    // Sessions.
+    let ttl = Duration::from_secs(900);
+    let sessions = [
+        session(a, m1, spec_with(Some(ids.customer), "100.5"), at(10), ttl),
+        session(b, m1, spec_with(None, "0.01"), at(11), ttl),
+        session(c, m1, spec_with(Some(Uuid::nil()), "10000"), at(12), ttl),
+        session(d, m1, new_customer_spec(), at(13), Duration::from_secs(1)),
+        session(e, m2, spec_with(None, "42"), at(14), ttl),
+        session(a, m1, spec_with(None, "1"), at(15), ttl),
+        session(a, m2, spec_with(Some(ids.customer), "100.5"), at(15), ttl),
+    ];
+    for record in sessions {
+        log.push(match store.create_session(record).await.expect("creates") {
+            CreateOutcome::Created(s) => format!("created {s:?}"),
+            CreateOutcome::Exists(s) => format!("exists {s:?}"),
+            CreateOutcome::CustomerNotFound => "customer not found".to_owned(),
+        });
+    }
+    let later = at(2_000);
+    for filter in [
+        SessionFilter { limit: 10, ..SessionFilter::default() },
+        SessionFilter { limit: 1, ..SessionFilter::default() },
+        SessionFilter { limit: 10, after: Some((at(11), b)), ..SessionFilter::default() },
+        SessionFilter { limit: 10, state: Some(State::Expired), ..SessionFilter::default() },
+        SessionFilter {
+            limit: 10,
+            state: Some(State::Created),
+            created_from: Some(at(11)),
+            ..SessionFilter::default()
+        },
+        SessionFilter { limit: 10, created_to: Some(at(11)), ..SessionFilter::default() },
+    ] {
+        let listed = store.list_sessions(m1, filter.clone(), later).await.expect("lists");
+        log.push(format!("{filter:?} -> {:?}", listed.iter().map(|s| s.id).collect::<Vec<_>>()));
+    }
+
+    // Cancel and expire.
+    let request = |merchant: Uuid, session: Uuid, if_match: Option<&str>, now: Timestamp| CancelRequest {
+        merchant_id: merchant,
+        session_id: session,
+        if_match: if_match.map(str::to_owned),
+        correlation_id: ids.request,
+        now,
+    };
+    for r in [
+        request(m2, a, None, later),
+        request(m1, Uuid::nil(), None, later),
+        request(m1, a, Some("\"2\""), later),
+        request(m1, a, Some("\"0\", W/\"1\""), later),
+        request(m1, a, None, later),
+        request(m1, d, Some("\"1\""), later),
+        request(m1, d, Some("\"1-expired\""), later),
+        request(m1, d, None, later),
+        request(m2, e, None, later),
+    ] {
+        log.push(format!("{:?}", store.cancel_session(r).await));
+    }
+    log.push(format!("{:?}", store.expire_due(later, 10).await));
+    log.push(format!("{:?}", store.expire_due(later, 10).await));
+    log.push(format!("{:?}", store.get_session(d).await));
+    for session in [a, b, d, e] {
+        let events = store.session_events(session).await.expect("events");
+        log.push(format!("{:?}", events.iter().map(|e| e.1).collect::<Vec<_>>()));
+    }
+
+    // Deliveries: claim, record, list, redeliver.
+    let owner = Uuid::nil();
+    let mut claimed = store.claim_deliveries(owner, later, at(60_000), 10).await.expect("claims");
+    claimed.sort_by(|x, y| (x.event_type.as_str(), &x.callback_url).cmp(&(y.event_type.as_str(), &y.callback_url)));
+    for delivery in &claimed {
+        log.push(format!(
+            "claimed {} {} {} {} {} {} {} {}",
+            delivery.event_type.as_str(),
+            delivery.event_time,
+            delivery.data,
+            delivery.callback_url,
+            delivery.api_key,
+            delivery.signing_secret,
+            delivery.attempts,
+            delivery.retry_index
+        ));
+    }
+    log.push(format!("{}", store.claim_deliveries(owner, later, at(60_000), 10).await.expect("claims").len()));
+    let steps = [NextStep::Delivered, NextStep::RetryAt(at(9_000)), NextStep::Failed];
+    let outcomes: Vec<AttemptOutcome> = claimed
+        .iter()
+        .zip(steps.iter().cycle())
+        .map(|(delivery, next)| AttemptOutcome {
+            delivery_id: delivery.id,
+            owner,
+            attempt: AttemptRecord {
+                attempt: 1,
+                started_on: at(2_100),
+                duration_ms: 35,
+                status: if *next == NextStep::Delivered { Some(204) } else { None },
+                error: if *next == NextStep::Delivered { None } else { Some("connection refused".to_owned()) },
+            },
+            next: *next,
+        })
+        .collect();
+    // A result for a delivery this owner does not hold changes nothing.
+    let mut stale = outcomes.clone();
+    stale.iter_mut().for_each(|o| o.owner = Uuid::max());
+    store.record_attempts(stale, at(2_150)).await.expect("records");
+    store.record_attempts(outcomes, at(2_200)).await.expect("records");
+    let describe = |list: Vec<crate::store::webhooks::DeliveryRecord>| {
+        let mut lines: Vec<String> = list
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {} {} {:?} {:?} {} {} {:?}",
+                    d.event_type.as_str(),
+                    d.session_id,
+                    d.subscription_id,
+                    d.state,
+                    d.next_attempt_on,
+                    d.created_on,
+                    d.last_modified_on,
+                    d.attempts
+                )
+            })
+            .collect();
+        lines.sort();
+        lines
+    };
+    let all = DeliveryFilter { limit: 100, ..DeliveryFilter::default() };
+    let listed = store.list_deliveries(m1, all.clone()).await.expect("lists");
+    log.extend(describe(listed.clone()));
+    log.push(format!(
+        "{}",
+        store.list_deliveries(m1, DeliveryFilter { limit: 1, ..all.clone() }).await.expect("lists").len()
+    ));
+    let only_s2 = DeliveryFilter { subscription_id: Some(s2), state: Some(DeliveryState::Pending), ..all.clone() };
+    log.extend(describe(store.list_deliveries(m1, only_s2).await.expect("lists")));
+    for delivery in &listed {
+        let outcome = store.redeliver(m1, delivery.id, at(3_000)).await.expect("redelivers");
+        log.push(match outcome {
+            RedeliverOutcome::Queued(d) => format!("queued {:?} {:?} {}", d.state, d.next_attempt_on, d.attempts.len()),
+            other => format!("{other:?}"),
+        });
+    }
+    log.push(format!("{:?}", store.redeliver(m2, listed[0].id, at(3_000)).await));
+    log.push(format!("{:?}", store.redeliver(m1, Uuid::nil(), at(3_000)).await));
+    // Deleting a subscription cancels what is queued for it.
+    log.push(change(store.delete_subscription(m1, s1, Some("\"9\"".to_owned()), at(4_000)).await));
+    log.push(change(store.delete_subscription(m1, s1, None, at(4_000)).await));
+    log.push(format!("{:?}", store.get_subscription(s1).await));
+    log.extend(describe(store.list_deliveries(m1, all.clone()).await.expect("lists")));
+    for delivery in store.list_deliveries(m1, all.clone()).await.expect("lists") {
+        if delivery.subscription_id == s1 {
+            log.push(format!("{:?}", store.redeliver(m1, delivery.id, at(5_000)).await));
+        }
+    }
+    let claimed = store.claim_deliveries(Uuid::max(), at(9_000), at(70_000), 10).await.expect("claims");
+    store.release_claims(Uuid::max(), claimed.iter().map(|d| d.id).collect()).await.expect("releases");
+    log.push(format!("{}", store.claim_deliveries(owner, at(9_000), at(70_000), 10).await.expect("claims").len()));
+
+    // Idempotency.
+    let key = IdempotencyKey { merchant_id: m1, request_id: ids.request };
+    let lease = Duration::from_secs(60);
+    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], NOW, lease).await));
+    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], NOW, lease).await));
+    log.push(format!("{:?}", store.idempotency_begin(key, [2; 32], NOW, lease).await));
+    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], at(61_000), lease).await));
+    let response = StoredResponse {
+        status: 201,
+        headers: vec![
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("etag".to_owned(), "\"1\"".to_owned()),
+        ],
+        body: b"{\"id\":1}\x00\xff".to_vec(),
+    };
+    store.idempotency_finish(key, response, at(62_000)).await.expect("finishes");
+    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], at(63_000), lease).await));
+    store.idempotency_release(key).await.expect("releases");
+    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], at(64_000), lease).await));
+    let other = IdempotencyKey { merchant_id: m2, request_id: ids.request };
+    log.push(format!("{:?}", store.idempotency_begin(other, [1; 32], NOW, lease).await));
+    store.idempotency_release(other).await.expect("releases");
+    log.push(format!("{:?}", store.idempotency_begin(other, [3; 32], NOW, lease).await));
+
+    // Signing keys.
+    let first = KeyPair { kid: "k1".to_owned(), secret: [1; 32] };
+    let keys = store.signing_keys(first, NOW).await.expect("keys");
+    log.push(format!("{} {:?}", keys.current.kid, keys.previous));
+    let keys = store.signing_keys(KeyPair { kid: "k2".to_owned(), secret: [2; 32] }, NOW).await.expect("keys");
+    log.push(format!("{} {:?}", keys.current.kid, keys.previous));
+    store.rotate_signing_key(KeyPair { kid: "k3".to_owned(), secret: [3; 32] }, at(1)).await.expect("rotates");
+    let keys = store.signing_keys(KeyPair { kid: "k4".to_owned(), secret: [4; 32] }, NOW).await.expect("keys");
+    log.push(format!("{} {:?} {:?}", keys.current.kid, keys.current.secret, keys.previous));
+
+    // Retention: nothing is old yet; then everything finished is.
+    let keep = Retention { deliveries: Duration::from_secs(86_400), idempotency: Duration::from_secs(86_400) };
+    log.push(format!("{:?}", store.purge(at(5_000), keep, 100).await));
+    let gone = Retention { deliveries: Duration::ZERO, idempotency: Duration::ZERO };
+    log.push(format!("{:?}", store.purge(at(100_000), gone, 2).await));
+    log.push(format!("{:?}", store.purge(at(100_000), gone, 100).await));
+    log.push(format!("{:?}", store.purge(at(100_000), gone, 100).await));
+    log.extend(describe(store.list_deliveries(m1, all).await.expect("lists")));
+    log
+}

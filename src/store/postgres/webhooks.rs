@@ -1,0 +1,601 @@
+//! The PostgreSQL side of webhooks: the outbox (events and their deliveries, queued in the
+//! state change's transaction, with a `NOTIFY`), subscriptions, claiming with leases and
+//! `SKIP LOCKED`, recording attempts, and retention.
+//!
+//! Lock order, so that writers on different instances never wait on each other in a cycle:
+//! a subscription row before its deliveries, and several deliveries in id order.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::{GenericClient, Transaction};
+use tokio_postgres::types::Json;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{
+    execute, int8, internal, listen, parse_event_type, query, query_one, query_opt, ts, ts_opt, Client, Result, Sql, Ts,
+};
+use crate::domain::event::EventType;
+use crate::domain::subscription::{EventMask, SubscriptionSpec};
+use crate::domain::time::Timestamp;
+use crate::store::etag_matches;
+use crate::store::webhooks::{
+    AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
+    DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
+};
+
+/// An event about to be written with the state change that caused it.
+pub struct NewEvent {
+    pub id: Uuid,
+    pub merchant_id: Uuid,
+    pub session_id: Uuid,
+    pub kind: EventType,
+    pub data: serde_json::Value,
+}
+
+/// Inserts `events` and queues one delivery per event and subscription of its merchant that
+/// wants it, in the caller's transaction; answers how many deliveries. The subscriptions are
+/// read `FOR KEY SHARE`: a concurrent `delete_subscription` (which locks its row `FOR UPDATE`
+/// first) either waits for this commit and then cancels these deliveries too, or commits
+/// first and its subscription is no longer matched here. Either way no delivery stays pending
+/// for a deleted subscription.
+pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: Timestamp) -> Result<usize> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let merchants: Vec<Uuid> = events.iter().map(|e| e.merchant_id).collect();
+    let sessions: Vec<Uuid> = events.iter().map(|e| e.session_id).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let data: Vec<Json<&serde_json::Value>> = events.iter().map(|e| Json(&e.data)).collect();
+    execute(
+        tx,
+        "INSERT INTO events (id, merchant_id, session_id, type, data, created_on)
+         SELECT id, merchant_id, session_id, type, data, $6
+           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[])
+             AS e(id, merchant_id, session_id, type, data)",
+        &[&ids, &merchants, &sessions, &kinds, &data, &Ts(now)],
+    )
+    .await?;
+
+    let wanted = events.iter().fold(0, |mask, e| mask | EventMask::of(e.kind).bits());
+    let mut distinct = merchants.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    // Newest first, the order SQLite reads them in (through its by-merchant index).
+    let subscriptions = query(
+        tx,
+        "SELECT id, merchant_id, event_mask FROM subscriptions
+          WHERE merchant_id = ANY($1) AND (event_mask & $2) <> 0
+          ORDER BY created_on DESC, id DESC
+            FOR KEY SHARE",
+        &[&distinct, &mask_param(wanted)],
+    )
+    .await?
+    .iter()
+    .map(|row| Ok((row.try_get::<_, Uuid>(0)?, row.try_get::<_, Uuid>(1)?, row.try_get::<_, i32>(2)?)))
+    .collect::<Result<Vec<_>>>()?;
+
+    let (mut delivery_ids, mut event_ids, mut subscription_ids, mut merchant_ids) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for event in events {
+        let bit = EventMask::of(event.kind).bits();
+        for (subscription, merchant, mask) in &subscriptions {
+            if *merchant == event.merchant_id && i64::from(*mask) & bit != 0 {
+                delivery_ids.push(Uuid::now_v7());
+                event_ids.push(event.id);
+                subscription_ids.push(*subscription);
+                merchant_ids.push(*merchant);
+            }
+        }
+    }
+    if delivery_ids.is_empty() {
+        return Ok(0);
+    }
+    execute(
+        tx,
+        "INSERT INTO deliveries (id, event_id, subscription_id, merchant_id, state, next_attempt_on, created_on,
+                                 last_modified_on)
+         SELECT id, event_id, subscription_id, merchant_id, 'Pending', $5, $5, $5
+           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[]) AS d(id, event_id, subscription_id, merchant_id)",
+        &[&delivery_ids, &event_ids, &subscription_ids, &merchant_ids, &Ts(now)],
+    )
+    .await?;
+    notify_dispatchers(tx).await?;
+    Ok(delivery_ids.len())
+}
+
+/// Wakes every instance's dispatcher when the caller's transaction commits (PostgreSQL sends
+/// notifications on commit only, and drops them on rollback).
+async fn notify_dispatchers(tx: &Transaction<'_>) -> Result<()> {
+    execute(tx, "SELECT pg_notify($1, '')", &[&listen::CHANNEL]).await?;
+    Ok(())
+}
+
+/// An event mask as the `integer` column holds it.
+fn mask_param(bits: i64) -> i32 {
+    i32::try_from(bits).unwrap_or(0)
+}
+
+const SUBSCRIPTION_COLUMNS: &str =
+    "id, merchant_id, callback_url, api_key, event_mask, signing_secret, created_on, last_modified_on, version";
+
+fn subscription_from_row(row: &Row) -> Result<SubscriptionRecord> {
+    Ok(SubscriptionRecord {
+        id: row.try_get(0)?,
+        merchant_id: row.try_get(1)?,
+        spec: SubscriptionSpec {
+            callback_url: row.try_get(2)?,
+            api_key: row.try_get(3)?,
+            event_types: EventMask::from_bits(i64::from(row.try_get::<_, i32>(4)?)),
+        },
+        signing_secret: row.try_get(5)?,
+        created_on: ts(row, 6)?,
+        last_modified_on: ts(row, 7)?,
+        version: row.try_get(8)?,
+    })
+}
+
+async fn load_subscription<C: GenericClient>(c: &C, id: Uuid, lock: &str) -> Result<Option<SubscriptionRecord>> {
+    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 {lock}");
+    query_opt(c, &sql, &[&id]).await?.as_ref().map(subscription_from_row).transpose()
+}
+
+/// The subscription with this id, of any merchant.
+pub async fn get_subscription(c: &mut Client, id: Uuid) -> Result<Option<SubscriptionRecord>> {
+    load_subscription(&*c, id, "").await
+}
+
+/// Inserts the subscription unless its id exists.
+pub async fn put_subscription(c: &mut Client, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome> {
+    // A subscription deleted between the insert and the read is inserted again.
+    for _ in 0..3 {
+        let inserted = execute(
+            &*c,
+            &format!(
+                "INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (id) DO NOTHING"
+            ),
+            &[
+                &record.id,
+                &record.merchant_id,
+                &record.spec.callback_url,
+                &record.spec.api_key,
+                &mask_param(record.spec.event_types.bits()),
+                &record.signing_secret,
+                &Ts(record.created_on),
+                &Ts(record.last_modified_on),
+                &record.version,
+            ],
+        )
+        .await?;
+        if inserted == 1 {
+            return Ok(PutSubscriptionOutcome::Created(record));
+        }
+        if let Some(existing) = load_subscription(&*c, record.id, "").await? {
+            return Ok(PutSubscriptionOutcome::Exists(existing));
+        }
+    }
+    Err(internal("the subscription kept vanishing"))
+}
+
+/// A merchant's subscriptions, newest first, `limit + 1` at most.
+pub async fn list_subscriptions(
+    c: &mut Client,
+    merchant_id: Uuid,
+    after: Option<(Timestamp, Uuid)>,
+    limit: usize,
+) -> Result<Vec<SubscriptionRecord>> {
+    let mut sql = Sql::new(&format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE merchant_id = "));
+    let merchant = sql.bind(merchant_id);
+    sql.push(&merchant);
+    if let Some((time, id)) = after {
+        let (time, id) = (sql.bind(Ts(time)), sql.bind(id));
+        sql.push(&format!(" AND (created_on, id) < ({time}, {id})"));
+    }
+    let limit = sql.bind(int8(limit + 1));
+    sql.push(&format!(" ORDER BY created_on DESC, id DESC LIMIT {limit}"));
+    sql.query(&*c).await?.iter().map(subscription_from_row).collect()
+}
+
+/// The merchant's subscription locked with `lock`, or why it cannot be changed.
+async fn owned_subscription(
+    tx: &Transaction<'_>,
+    merchant_id: Uuid,
+    id: Uuid,
+    if_match: Option<&str>,
+    lock: &str,
+) -> Result<std::result::Result<SubscriptionRecord, ChangeSubscriptionOutcome>> {
+    Ok(match load_subscription(tx, id, lock).await? {
+        None => Err(ChangeSubscriptionOutcome::NotFound),
+        Some(s) if s.merchant_id != merchant_id => Err(ChangeSubscriptionOutcome::OtherMerchant),
+        Some(s) if if_match.is_some_and(|tag| !etag_matches(tag, &format!("\"{}\"", s.version))) => {
+            Err(ChangeSubscriptionOutcome::VersionMismatch)
+        }
+        Some(s) => Ok(s),
+    })
+}
+
+/// Replaces all three fields of a merchant's subscription. The row is locked before the
+/// `If-Match` check, so of two PATCHes with the same tag only the first succeeds.
+pub async fn patch_subscription(
+    c: &mut Client,
+    merchant_id: Uuid,
+    id: Uuid,
+    spec: SubscriptionSpec,
+    if_match: Option<String>,
+    now: Timestamp,
+) -> Result<ChangeSubscriptionOutcome> {
+    let tx = c.transaction().await?;
+    let mut record = match owned_subscription(&tx, merchant_id, id, if_match.as_deref(), "FOR NO KEY UPDATE").await? {
+        Ok(record) => record,
+        Err(outcome) => return Ok(outcome),
+    };
+    if record.spec != spec {
+        execute(
+            &tx,
+            "UPDATE subscriptions SET callback_url = $2, api_key = $3, event_mask = $4, last_modified_on = $5,
+                    version = version + 1
+              WHERE id = $1",
+            &[&id, &spec.callback_url, &spec.api_key, &mask_param(spec.event_types.bits()), &Ts(now)],
+        )
+        .await?;
+        record.spec = spec;
+        record.last_modified_on = now;
+        record.version += 1;
+    }
+    tx.commit().await?;
+    Ok(ChangeSubscriptionOutcome::Done(record))
+}
+
+/// Removes a merchant's subscription and cancels its queued deliveries (see `record_events`
+/// for why the subscription is locked `FOR UPDATE` first).
+pub async fn delete_subscription(
+    c: &mut Client,
+    merchant_id: Uuid,
+    id: Uuid,
+    if_match: Option<String>,
+    now: Timestamp,
+) -> Result<ChangeSubscriptionOutcome> {
+    let tx = c.transaction().await?;
+    let record = match owned_subscription(&tx, merchant_id, id, if_match.as_deref(), "FOR UPDATE").await? {
+        Ok(record) => record,
+        Err(outcome) => return Ok(outcome),
+    };
+    execute(
+        &tx,
+        "WITH doomed AS MATERIALIZED (
+             SELECT id FROM deliveries WHERE subscription_id = $1 AND state = 'Pending' ORDER BY id FOR NO KEY UPDATE)
+         UPDATE deliveries d SET state = 'Cancelled', lease_owner = NULL, lease_until = NULL, last_modified_on = $2
+           FROM doomed WHERE d.id = doomed.id",
+        &[&id, &Ts(now)],
+    )
+    .await?;
+    execute(&tx, "DELETE FROM subscriptions WHERE id = $1", &[&id]).await?;
+    tx.commit().await?;
+    Ok(ChangeSubscriptionOutcome::Done(record))
+}
+
+/// Claims up to `limit` due deliveries for `owner` until `lease_until`, with what is needed to
+/// send them. `SKIP LOCKED` lets dispatchers on several instances claim at once without
+/// waiting on each other, and a row claimed by another in the meantime is re-checked under its
+/// lock (its lease no longer due) and passed over: no delivery is claimed twice.
+pub async fn claim_deliveries(
+    c: &mut Client,
+    owner: Uuid,
+    now: Timestamp,
+    lease_until: Timestamp,
+    limit: usize,
+) -> Result<Vec<ClaimedDelivery>> {
+    let rows = query(
+        &*c,
+        "WITH due AS MATERIALIZED (
+             SELECT id FROM deliveries
+              WHERE state = 'Pending' AND next_attempt_on <= $3 AND (lease_until IS NULL OR lease_until <= $3)
+              ORDER BY next_attempt_on LIMIT $4
+                FOR UPDATE SKIP LOCKED
+         ), claimed AS (
+             UPDATE deliveries d SET lease_owner = $1, lease_until = $2 FROM due WHERE d.id = due.id
+             RETURNING d.id, d.event_id, d.subscription_id, d.attempts, d.retry_index, d.next_attempt_on
+         )
+         SELECT c.id, c.event_id, e.type, e.created_on, e.data, s.callback_url, s.api_key, s.signing_secret,
+                c.attempts, c.retry_index
+           FROM claimed c JOIN events e ON e.id = c.event_id JOIN subscriptions s ON s.id = c.subscription_id
+          ORDER BY c.next_attempt_on, c.id",
+        &[&owner, &Ts(lease_until), &Ts(now), &int8(limit)],
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let Json(data): Json<serde_json::Value> = row.try_get(4)?;
+            Ok(ClaimedDelivery {
+                id: row.try_get(0)?,
+                event_id: row.try_get(1)?,
+                event_type: parse_event_type(row.try_get(2)?)?,
+                event_time: ts(row, 3)?,
+                data: event_data_text(&data),
+                callback_url: row.try_get(5)?,
+                api_key: row.try_get(6)?,
+                signing_secret: row.try_get(7)?,
+                attempts: i64::from(row.try_get::<_, i32>(8)?),
+                retry_index: i64::from(row.try_get::<_, i32>(9)?),
+            })
+        })
+        .collect()
+}
+
+/// The event's `data` as compact JSON text with its members in the order the SQLite store
+/// writes them. `jsonb` keeps its own key order, and the text is signed and sent verbatim, so
+/// this keeps webhook bodies byte-identical across backends.
+fn event_data_text(data: &serde_json::Value) -> String {
+    const ORDER: [&str; 5] = ["id", "state", "type", "createdOn", "lastModifiedOn"];
+    let serde_json::Value::Object(members) = data else {
+        return data.to_string();
+    };
+    let mut ordered = serde_json::Map::new();
+    for key in ORDER {
+        if let Some(value) = members.get(key) {
+            ordered.insert(key.to_owned(), value.clone());
+        }
+    }
+    for (key, value) in members {
+        if !ordered.contains_key(key) {
+            ordered.insert(key.clone(), value.clone());
+        }
+    }
+    serde_json::Value::Object(ordered).to_string()
+}
+
+/// Records attempts and moves their deliveries on, each only while `owner` still holds its
+/// lease (a dispatcher whose lease ran out cannot overwrite the new owner's work). One
+/// transaction, two statements, whatever the batch size.
+pub async fn record_attempts(c: &mut Client, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<()> {
+    if outcomes.is_empty() {
+        return Ok(());
+    }
+    let int = |n: i64| i32::try_from(n).map_err(|_| internal(format!("{n} does not fit an integer column")));
+    let mut attempt_rows = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for outcome in &outcomes {
+        let a = &outcome.attempt;
+        attempt_rows.0.push(outcome.delivery_id);
+        attempt_rows.1.push(int(a.attempt)?);
+        attempt_rows.2.push(Ts(a.started_on));
+        attempt_rows.3.push(a.duration_ms);
+        attempt_rows.4.push(a.status.map(i32::from));
+        attempt_rows.5.push(a.error.clone());
+    }
+    // SQLite applies outcomes one by one, and the first for a delivery clears its lease, so a
+    // later one for the same delivery changes nothing: keep only the first per delivery.
+    let mut seen = std::collections::HashSet::new();
+    let mut moves = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for outcome in outcomes.iter().filter(|o| seen.insert(o.delivery_id)) {
+        let (state, retry_step, next) = match outcome.next {
+            NextStep::Delivered => (DeliveryState::Delivered, 0, now),
+            NextStep::Failed => (DeliveryState::Failed, 1, now),
+            NextStep::RetryAt(at) => (DeliveryState::Pending, 1, at),
+        };
+        moves.0.push(outcome.delivery_id);
+        moves.1.push(outcome.owner);
+        moves.2.push(state.as_str());
+        moves.3.push(int(outcome.attempt.attempt)?);
+        moves.4.push(retry_step);
+        moves.5.push(Ts(next));
+    }
+    let retries = outcomes.iter().any(|o| matches!(o.next, NextStep::RetryAt(_)));
+
+    let tx = c.transaction().await?;
+    execute(
+        &tx,
+        "INSERT INTO delivery_attempts (delivery_id, attempt, started_on, duration_ms, status, error)
+         SELECT * FROM unnest($1::uuid[], $2::int4[], $3::timestamptz[], $4::int8[], $5::int4[], $6::text[])
+         ON CONFLICT DO NOTHING",
+        &[&attempt_rows.0, &attempt_rows.1, &attempt_rows.2, &attempt_rows.3, &attempt_rows.4, &attempt_rows.5],
+    )
+    .await?;
+    execute(
+        &tx,
+        "WITH outcome AS (
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::int4[], $6::timestamptz[])
+               AS o(id, owner, state, attempt, retry_step, next_attempt_on)
+         ), held AS MATERIALIZED (
+             SELECT d.id FROM deliveries d JOIN outcome o ON o.id = d.id
+              WHERE d.lease_owner = o.owner AND d.state = 'Pending'
+              ORDER BY d.id FOR NO KEY UPDATE OF d
+         )
+         UPDATE deliveries d
+            SET state = o.state, attempts = GREATEST(d.attempts, o.attempt), retry_index = d.retry_index + o.retry_step,
+                next_attempt_on = o.next_attempt_on, lease_owner = NULL, lease_until = NULL, last_modified_on = $7
+           FROM outcome o, held h
+          WHERE d.id = o.id AND h.id = o.id",
+        &[&moves.0, &moves.1, &moves.2, &moves.3, &moves.4, &moves.5, &Ts(now)],
+    )
+    .await?;
+    if retries {
+        notify_dispatchers(&tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Gives up `owner`'s leases on deliveries it claimed but did not attempt.
+pub async fn release_claims(c: &mut Client, owner: Uuid, ids: Vec<Uuid>) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    execute(
+        &*c,
+        "WITH held AS MATERIALIZED (
+             SELECT id FROM deliveries WHERE id = ANY($1) AND lease_owner = $2 ORDER BY id FOR NO KEY UPDATE)
+         UPDATE deliveries d SET lease_owner = NULL, lease_until = NULL FROM held WHERE d.id = held.id",
+        &[&ids, &owner],
+    )
+    .await?;
+    Ok(())
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.event_id, e.type, e.session_id, d.subscription_id, d.merchant_id, d.state,
+     d.next_attempt_on, d.created_on, d.last_modified_on";
+
+fn delivery_from_row(row: &Row) -> Result<DeliveryRecord> {
+    let state: &str = row.try_get(6)?;
+    let state = DeliveryState::parse(state).ok_or_else(|| internal(format!("unknown delivery state {state}")))?;
+    Ok(DeliveryRecord {
+        id: row.try_get(0)?,
+        event_id: row.try_get(1)?,
+        event_type: parse_event_type(row.try_get(2)?)?,
+        session_id: row.try_get(3)?,
+        subscription_id: row.try_get(4)?,
+        merchant_id: row.try_get(5)?,
+        state,
+        next_attempt_on: if state == DeliveryState::Pending { ts_opt(row, 7)? } else { None },
+        created_on: ts(row, 8)?,
+        last_modified_on: ts(row, 9)?,
+        attempts: Vec::new(),
+    })
+}
+
+/// Fills in the attempts of `deliveries` with one query.
+async fn with_attempts<C: GenericClient>(c: &C, mut deliveries: Vec<DeliveryRecord>) -> Result<Vec<DeliveryRecord>> {
+    if deliveries.is_empty() {
+        return Ok(deliveries);
+    }
+    let ids: Vec<Uuid> = deliveries.iter().map(|d| d.id).collect();
+    let rows = query(
+        c,
+        "SELECT delivery_id, attempt, started_on, duration_ms, status, error FROM delivery_attempts
+          WHERE delivery_id = ANY($1) ORDER BY delivery_id, attempt",
+        &[&ids],
+    )
+    .await?;
+    let mut attempts: HashMap<Uuid, Vec<AttemptRecord>> = HashMap::new();
+    for row in &rows {
+        let status = row
+            .try_get::<_, Option<i32>>(4)?
+            .map(|s| u16::try_from(s).map_err(|_| internal(format!("stored status {s}"))))
+            .transpose()?;
+        attempts.entry(row.try_get(0)?).or_default().push(AttemptRecord {
+            attempt: i64::from(row.try_get::<_, i32>(1)?),
+            started_on: ts(row, 2)?,
+            duration_ms: row.try_get(3)?,
+            status,
+            error: row.try_get(5)?,
+        });
+    }
+    for delivery in &mut deliveries {
+        delivery.attempts = attempts.remove(&delivery.id).unwrap_or_default();
+    }
+    Ok(deliveries)
+}
+
+/// One delivery with its attempts, of any merchant; with `lock`, locked until the
+/// transaction ends.
+async fn get_delivery<C: GenericClient>(c: &C, id: Uuid, lock: &str) -> Result<Option<DeliveryRecord>> {
+    let sql = format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.id = $1 {lock}"
+    );
+    let Some(delivery) = query_opt(c, &sql, &[&id]).await?.as_ref().map(delivery_from_row).transpose()? else {
+        return Ok(None);
+    };
+    Ok(with_attempts(c, vec![delivery]).await?.pop())
+}
+
+/// A merchant's deliveries with their attempts, newest first, `limit + 1` at most.
+pub async fn list_deliveries(c: &mut Client, merchant_id: Uuid, filter: DeliveryFilter) -> Result<Vec<DeliveryRecord>> {
+    let mut sql = Sql::new(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.merchant_id = "
+    ));
+    let merchant = sql.bind(merchant_id);
+    sql.push(&merchant);
+    if let Some(subscription) = filter.subscription_id {
+        let subscription = sql.bind(subscription);
+        sql.push(&format!(" AND d.subscription_id = {subscription}"));
+    }
+    if let Some(state) = filter.state {
+        sql.push(&format!(" AND d.state = '{}'", state.as_str()));
+    }
+    if let Some((time, id)) = filter.after {
+        let (time, id) = (sql.bind(Ts(time)), sql.bind(id));
+        sql.push(&format!(" AND (d.created_on, d.id) < ({time}, {id})"));
+    }
+    let limit = sql.bind(int8(filter.limit + 1));
+    sql.push(&format!(" ORDER BY d.created_on DESC, d.id DESC LIMIT {limit}"));
+    let deliveries = sql.query(&*c).await?.iter().map(delivery_from_row).collect::<Result<Vec<_>>>()?;
+    with_attempts(&*c, deliveries).await
+}
+
+/// Queues a `Failed` (or `Delivered`) delivery again with a fresh retry schedule.
+pub async fn redeliver(c: &mut Client, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome> {
+    let tx = c.transaction().await?;
+    let Some(delivery) = get_delivery(&tx, id, "FOR NO KEY UPDATE OF d").await? else {
+        return Ok(RedeliverOutcome::NotFound);
+    };
+    if delivery.merchant_id != merchant_id {
+        return Ok(RedeliverOutcome::OtherMerchant);
+    }
+    match delivery.state {
+        DeliveryState::Cancelled => return Ok(RedeliverOutcome::Cancelled),
+        DeliveryState::Pending => return Ok(RedeliverOutcome::Queued(delivery)),
+        DeliveryState::Failed | DeliveryState::Delivered => {}
+    }
+    execute(
+        &tx,
+        "UPDATE deliveries SET state = 'Pending', retry_index = 0, next_attempt_on = $2, lease_owner = NULL,
+                lease_until = NULL, last_modified_on = $2
+          WHERE id = $1",
+        &[&id, &Ts(now)],
+    )
+    .await?;
+    notify_dispatchers(&tx).await?;
+    let queued = get_delivery(&tx, id, "").await?.ok_or_else(|| internal("the delivery vanished while locked"))?;
+    tx.commit().await?;
+    Ok(RedeliverOutcome::Queued(queued))
+}
+
+/// Deletes up to `batch` finished deliveries (with their attempts) and events older than the
+/// retention, and idempotency records older than theirs; answers how many rows went. Finished
+/// deliveries go in id order as on SQLite; `SKIP LOCKED` lets purges on several instances run
+/// side by side.
+pub async fn purge(c: &mut Client, now: Timestamp, retention: Retention, batch: usize) -> Result<usize> {
+    let cutoff = Ts(now.minus(retention.deliveries));
+    let batch = int8(batch);
+    let tx = c.transaction().await?;
+    let deliveries = query_one(
+        &tx,
+        "WITH doomed AS MATERIALIZED (
+             SELECT id FROM deliveries WHERE state <> 'Pending' AND last_modified_on < $1
+              ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+         ), attempts AS (
+             DELETE FROM delivery_attempts a USING doomed WHERE a.delivery_id = doomed.id RETURNING 1
+         ), gone AS (
+             DELETE FROM deliveries d USING doomed WHERE d.id = doomed.id RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM attempts) + (SELECT count(*) FROM gone)",
+        &[&cutoff, &batch],
+    )
+    .await?
+    .try_get::<_, i64>(0)?;
+    // A statement of its own, so that it sees the deliveries just deleted (as SQLite does).
+    let events = execute(
+        &tx,
+        "WITH doomed AS MATERIALIZED (
+             SELECT e.id FROM events e
+              WHERE e.created_on < $1 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
+              ORDER BY e.created_on LIMIT $2 FOR UPDATE OF e SKIP LOCKED)
+         DELETE FROM events e USING doomed WHERE e.id = doomed.id",
+        &[&cutoff, &batch],
+    )
+    .await?;
+    let idempotency = execute(
+        &tx,
+        "WITH doomed AS MATERIALIZED (
+             SELECT merchant_id, request_id FROM idempotency WHERE started_on < $1
+              ORDER BY started_on LIMIT $2 FOR UPDATE SKIP LOCKED)
+         DELETE FROM idempotency i USING doomed
+          WHERE i.merchant_id = doomed.merchant_id AND i.request_id = doomed.request_id",
+        &[&Ts(now.minus(retention.idempotency)), &batch],
+    )
+    .await?;
+    tx.commit().await?;
+    let removed = u64::try_from(deliveries).unwrap_or(0) + events + idempotency;
+    Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+}
