@@ -58,7 +58,7 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Opens (and migrates) the store and loads or creates the signing key.
     pub async fn open(config: Config) -> Result<AppState, StoreError> {
-        let store = store::open(&config.database_url, true).await?;
+        let store = store::open(&config, true).await?;
         let keyring = load_keyring(&store).await?;
         Ok(AppState(Arc::new(Shared {
             public_url: config.public_base(),

@@ -36,6 +36,11 @@ const DATABASE_SCHEMES: &str = "expected sqlite://PATH, sqlite:PATH, postgres://
 pub struct RawSettings {
     pub listen: Option<String>,
     pub database_url: Option<String>,
+    /// The file may also give a TOML integer.
+    #[serde(default, deserialize_with = "text_or_number")]
+    pub database_max_connections: Option<String>,
+    pub database_acquire_timeout: Option<String>,
+    pub database_connect_timeout: Option<String>,
     pub public_url: Option<String>,
     pub session_ttl: Option<String>,
     /// The file may also give a TOML array of durations.
@@ -86,6 +91,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Default: the SQLite file ./data/redirect-sessions.db.
     pub database_url: DatabaseUrl,
+    /// PostgreSQL connections per instance, 1 to 1000; default 16.
+    pub database_max_connections: usize,
+    /// How long a request waits for a free PostgreSQL connection; default 5s.
+    pub database_acquire_timeout: Duration,
+    /// How long opening a PostgreSQL connection may take; default 5s.
+    pub database_connect_timeout: Duration,
     /// Absolute http(s) URL without query, fragment or user info; default `http://<listen>`.
     pub public_url: url::Url,
     /// Between 1s and 24h; default 15m.
@@ -219,6 +230,18 @@ impl Layers {
         Ok(Config {
             listen,
             database_url: setting!(database_url, DEFAULT_DATABASE_URL, parse_database_url),
+            database_max_connections: setting!(database_max_connections, "16", |text| {
+                match text.parse::<usize>() {
+                    Ok(n) if (1..=1000).contains(&n) => Ok(n),
+                    _ => Err("expected a whole number from 1 to 1000".to_owned()),
+                }
+            }),
+            database_acquire_timeout: setting!(database_acquire_timeout, "5s", |text| {
+                duration_within(text, Duration::from_millis(1), Duration::from_secs(300), "more than 0 and at most 5m")
+            }),
+            database_connect_timeout: setting!(database_connect_timeout, "5s", |text| {
+                duration_within(text, Duration::from_millis(1), Duration::from_secs(300), "more than 0 and at most 5m")
+            }),
             public_url: setting!(public_url, &format!("http://{listen}"), parse_public_url),
             session_ttl: setting!(session_ttl, DEFAULT_SESSION_TTL, |text| {
                 duration_within(text, Duration::from_secs(1), hours(24), "from 1s to 24h")
@@ -303,7 +326,8 @@ fn env_layer(env: &HashMap<String, String>) -> Result<RawSettings, ConfigError> 
         };
     }
     Ok(from_env!(
-        text: listen, database_url, public_url, session_ttl, webhook_retry_schedule,
+        text: listen, database_url, database_max_connections, database_acquire_timeout, database_connect_timeout,
+            public_url, session_ttl, webhook_retry_schedule,
             webhook_timeout, webhook_concurrency, delivery_retention, rate_limit_per_key, rate_limit_per_ip, metrics_listen, log;
         switch: allow_private_callbacks, allow_http_redirect_urls, expiry_sweep, webhook_dispatcher
     ))

@@ -22,6 +22,15 @@ struct Cli {
     /// sqlite://PATH (default sqlite://./data/redirect-sessions.db) or postgres://…; also DATABASE_URL.
     #[arg(long, global = true, value_name = "URL")]
     database_url: Option<String>,
+    /// PostgreSQL connections per instance (default 16).
+    #[arg(long, global = true, value_name = "N")]
+    database_max_connections: Option<String>,
+    /// How long a request waits for a free PostgreSQL connection (default 5s).
+    #[arg(long, global = true, value_name = "DURATION")]
+    database_acquire_timeout: Option<String>,
+    /// How long opening a PostgreSQL connection may take (default 5s).
+    #[arg(long, global = true, value_name = "DURATION")]
+    database_connect_timeout: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -133,7 +142,13 @@ enum SigningKeyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut flags = RawSettings { database_url: cli.database_url.clone(), ..RawSettings::default() };
+    let mut flags = RawSettings {
+        database_url: cli.database_url.clone(),
+        database_max_connections: cli.database_max_connections.clone(),
+        database_acquire_timeout: cli.database_acquire_timeout.clone(),
+        database_connect_timeout: cli.database_connect_timeout.clone(),
+        ..RawSettings::default()
+    };
     if let Command::Serve(serve) = &cli.command {
         flags.listen = serve.listen.clone();
         flags.public_url = serve.public_url.clone();
@@ -173,7 +188,7 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> ExitCode {
     match command {
         Command::Serve(_) => serve(config).await,
-        Command::Migrate => match store::open(&config.database_url, true).await {
+        Command::Migrate => match store::open(&config, true).await {
             Ok(_) => {
                 println!("{}", serde_json::json!({"migrated": true}));
                 ExitCode::SUCCESS
@@ -227,7 +242,7 @@ where
     F: FnOnce(store::DynStore) -> Fut,
     Fut: std::future::Future<Output = Result<serde_json::Value, AdminError>>,
 {
-    let store = match store::open(&config.database_url, true).await {
+    let store = match store::open(config, true).await {
         Ok(store) => store,
         Err(error) => return failure(&error.to_string()),
     };

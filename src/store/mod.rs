@@ -300,18 +300,18 @@ pub trait Store: Send + Sync + 'static {
 /// A shared handle to the backend in use.
 pub type DynStore = Arc<dyn Store>;
 
-/// Opens the backend the URL names, migrating it when `migrate` is set.
-pub async fn open(url: &crate::config::DatabaseUrl, migrate: bool) -> Result<DynStore, StoreError> {
-    match url {
+/// Opens the backend the configured URL names, migrating it when `migrate` is set.
+pub async fn open(config: &crate::config::Config, migrate: bool) -> Result<DynStore, StoreError> {
+    match &config.database_url {
         crate::config::DatabaseUrl::Sqlite { path } => {
             let store = sqlite::SqliteStore::open(path, migrate).await?;
             Ok(Arc::new(store))
         }
         crate::config::DatabaseUrl::Postgres(url) => {
             let settings = postgres::PoolSettings {
-                max_connections: 16,
-                acquire_timeout: Duration::from_secs(5),
-                connect_timeout: Duration::from_secs(5),
+                max_connections: config.database_max_connections,
+                acquire_timeout: config.database_acquire_timeout,
+                connect_timeout: config.database_connect_timeout,
             };
             let store = postgres::PostgresStore::open(url, settings, migrate).await?;
             Ok(Arc::new(store))

@@ -537,6 +537,15 @@ pub async fn redeliver(c: &mut Client, merchant_id: Uuid, id: Uuid, now: Timesta
         DeliveryState::Pending => return Ok(RedeliverOutcome::Queued(delivery)),
         DeliveryState::Failed | DeliveryState::Delivered => {}
     }
+    // A delivery whose subscription is gone can never be sent again. The key-share lock makes
+    // a concurrent unsubscribe wait and then cancel this delivery with the others.
+    let subscribed = tx
+        .query_opt("SELECT 1 FROM subscriptions WHERE id = $1 FOR KEY SHARE", &[&delivery.subscription_id])
+        .await?
+        .is_some();
+    if !subscribed {
+        return Ok(RedeliverOutcome::Cancelled);
+    }
     execute(
         &tx,
         "UPDATE deliveries SET state = 'Pending', retry_index = 0, next_attempt_on = $2, lease_owner = NULL,

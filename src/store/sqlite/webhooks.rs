@@ -412,6 +412,10 @@ pub fn redeliver(c: &Connection, merchant_id: Uuid, id: Uuid, now: Timestamp) ->
         DeliveryState::Pending => return Ok(RedeliverOutcome::Queued(delivery)),
         DeliveryState::Failed | DeliveryState::Delivered => {}
     }
+    // A delivery whose subscription is gone can never be sent again.
+    if get_subscription(c, delivery.subscription_id)?.is_none() {
+        return Ok(RedeliverOutcome::Cancelled);
+    }
     c.execute(
         "UPDATE deliveries SET state = 'Pending', retry_index = 0, next_attempt_on = ?2, lease_owner = NULL,
                 lease_until = NULL, last_modified_on = ?2
