@@ -119,6 +119,48 @@ pub enum CancelOutcome {
     VersionMismatch,
 }
 
+/// What a cancel request does to the session it names, decided from the row as read (under
+/// whatever lock the backend holds) with the domain's state machine. Both backends use it, so
+/// they cannot disagree.
+#[derive(Debug)]
+pub enum CancelDecision {
+    /// Answer this without writing.
+    Answer(CancelOutcome),
+    /// Move the session to this state (and record the event).
+    Change(SessionRecord, State),
+}
+
+/// Decides a cancel of `session` (`None`: no such id).
+pub fn decide_cancel(session: Option<SessionRecord>, request: &CancelRequest) -> CancelDecision {
+    use crate::domain::session::{transition, Action, Transition};
+    let Some(session) = session else {
+        return CancelDecision::Answer(CancelOutcome::NotFound);
+    };
+    if session.merchant_id != request.merchant_id {
+        return CancelDecision::Answer(CancelOutcome::OtherMerchant);
+    }
+    if request.if_match.as_deref().is_some_and(|tag| !session.matches(tag, request.now)) {
+        return CancelDecision::Answer(CancelOutcome::VersionMismatch);
+    }
+    let from = session.effective_state(request.now);
+    match transition(from, Action::Cancel) {
+        Ok(Transition::Unchanged) => CancelDecision::Answer(CancelOutcome::AlreadyCancelled(session)),
+        Err(_) => CancelDecision::Answer(CancelOutcome::InvalidTransition(from)),
+        Ok(Transition::To(to)) => CancelDecision::Change(session, to),
+    }
+}
+
+impl SessionRecord {
+    /// This session after a state change written at `now` by the request `correlation_id`.
+    pub fn changed(mut self, to: State, now: Timestamp, correlation_id: Uuid) -> SessionRecord {
+        self.state = to;
+        self.version += 1;
+        self.last_modified_on = now;
+        self.last_correlation_id = correlation_id;
+        self
+    }
+}
+
 /// Which of a merchant's sessions to list, newest first.
 #[derive(Clone, Debug, Default)]
 pub struct SessionFilter {

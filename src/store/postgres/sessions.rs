@@ -13,11 +13,11 @@ use super::webhooks::{record_events, NewEvent};
 use super::{bytes32, execute, int8, internal, parse_event_type, query, query_opt, ts, Client, Result, Sql, Ts};
 use crate::domain::event::EventType;
 use crate::domain::request::{Currency, SessionSpec};
-use crate::domain::session::{transition, Action, State, Transition, LIVE_STATES};
+use crate::domain::session::{State, LIVE_STATES};
 use crate::domain::time::Timestamp;
 use crate::store::{
-    CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey, Merchant, SessionFilter,
-    SessionRecord, StoredResponse,
+    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey,
+    Merchant, SessionFilter, SessionRecord, StoredResponse,
 };
 
 const SESSION_COLUMNS: &str =
@@ -196,32 +196,15 @@ pub async fn cancel_session(c: &mut Client, request: CancelRequest) -> Result<(C
 }
 
 async fn cancel_in(tx: &Transaction<'_>, request: CancelRequest) -> Result<(CancelOutcome, usize)> {
-    let Some(session) = load_session(tx, request.session_id, true).await? else {
-        return Ok((CancelOutcome::NotFound, 0));
-    };
-    if session.merchant_id != request.merchant_id {
-        return Ok((CancelOutcome::OtherMerchant, 0));
-    }
-    if let Some(if_match) = &request.if_match {
-        if !session.matches(if_match, request.now) {
-            return Ok((CancelOutcome::VersionMismatch, 0));
-        }
-    }
-    let from = session.effective_state(request.now);
-    match transition(from, Action::Cancel) {
-        Ok(Transition::Unchanged) => Ok((CancelOutcome::AlreadyCancelled(session), 0)),
-        Err(_) => Ok((CancelOutcome::InvalidTransition(from), 0)),
-        Ok(Transition::To(to)) => {
+    let session = load_session(tx, request.session_id, true).await?;
+    match decide_cancel(session, &request) {
+        CancelDecision::Answer(outcome) => Ok((outcome, 0)),
+        CancelDecision::Change(session, to) => {
             let Some(queued) = change_state(tx, &session, to, request.correlation_id, request.now).await? else {
                 // Cannot happen while the row is locked; kept as the same guard as SQLite's.
                 return Ok((CancelOutcome::VersionMismatch, 0));
             };
-            let mut cancelled = session;
-            cancelled.state = to;
-            cancelled.version += 1;
-            cancelled.last_modified_on = request.now;
-            cancelled.last_correlation_id = request.correlation_id;
-            Ok((CancelOutcome::Cancelled(cancelled), queued))
+            Ok((CancelOutcome::Cancelled(session.changed(to, request.now, request.correlation_id)), queued))
         }
     }
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use self::worker::{internal, Readers, Writer};
 use crate::domain::event::EventType;
-use crate::domain::session::{transition, Action, State, Transition, LIVE_STATES};
+use crate::domain::session::{State, LIVE_STATES};
 use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
@@ -25,8 +25,8 @@ use crate::store::webhooks::{
     RedeliverOutcome, Retention, SubscriptionRecord,
 };
 use crate::store::{
-    CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey, Merchant, SessionFilter,
-    SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
+    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey,
+    Merchant, SessionFilter, SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
 };
 
 /// How much of the database file is memory-mapped. Mapped pages count towards the process's
@@ -411,35 +411,14 @@ impl Store for SqliteStore {
     async fn cancel_session(&self, request: CancelRequest) -> Result<CancelOutcome, StoreError> {
         let (outcome, queued) = self
             .writer
-            .run(move |c| {
-                let Some(session) = load_session(c, request.session_id)? else {
-                    return Ok((CancelOutcome::NotFound, 0));
-                };
-                if session.merchant_id != request.merchant_id {
-                    return Ok((CancelOutcome::OtherMerchant, 0));
-                }
-                if let Some(if_match) = &request.if_match {
-                    if !session.matches(if_match, request.now) {
+            .run(move |c| match decide_cancel(load_session(c, request.session_id)?, &request) {
+                CancelDecision::Answer(outcome) => Ok((outcome, 0)),
+                CancelDecision::Change(session, to) => {
+                    let Some(queued) = change_state(c, &session, to, request.correlation_id, request.now)? else {
+                        // Cannot happen with one writer; kept so both backends share one shape.
                         return Ok((CancelOutcome::VersionMismatch, 0));
-                    }
-                }
-                let from = session.effective_state(request.now);
-                match transition(from, Action::Cancel) {
-                    Ok(Transition::Unchanged) => Ok((CancelOutcome::AlreadyCancelled(session), 0)),
-                    Err(_) => Ok((CancelOutcome::InvalidTransition(from), 0)),
-                    Ok(Transition::To(to)) => {
-                        let Some(queued) = change_state(c, &session, to, request.correlation_id, request.now)? else {
-                            // Cannot happen with one writer; with several it means a race was
-                            // lost between the read and the write.
-                            return Ok((CancelOutcome::VersionMismatch, 0));
-                        };
-                        let mut cancelled = session;
-                        cancelled.state = to;
-                        cancelled.version += 1;
-                        cancelled.last_modified_on = request.now;
-                        cancelled.last_correlation_id = request.correlation_id;
-                        Ok((CancelOutcome::Cancelled(cancelled), queued))
-                    }
+                    };
+                    Ok((CancelOutcome::Cancelled(session.changed(to, request.now, request.correlation_id)), queued))
                 }
             })
             .await?;
