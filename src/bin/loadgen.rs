@@ -29,6 +29,9 @@ struct Args {
     server: PathBuf,
     scenarios: Vec<String>,
     prefill: usize,
+    /// An admin URL of a PostgreSQL server: the benchmark creates (and drops) its own database.
+    postgres: Option<String>,
+    instances: usize,
 }
 
 fn args() -> Result<Args, String> {
@@ -38,6 +41,8 @@ fn args() -> Result<Args, String> {
         server: PathBuf::from("target/release/redirect-sessions"),
         scenarios: ["ceiling", "create", "read", "cancel", "webhooks"].map(str::to_owned).to_vec(),
         prefill: 0,
+        postgres: None,
+        instances: 1,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -48,8 +53,13 @@ fn args() -> Result<Args, String> {
             "--server" => args.server = PathBuf::from(value()?),
             "--scenarios" => args.scenarios = value()?.split(',').map(str::to_owned).collect(),
             "--prefill" => args.prefill = value()?.parse().map_err(|_| "--prefill: a number")?,
-            _ => return Err(format!("unknown flag {flag}; flags: --connections N --duration 10s --server PATH --scenarios ceiling,create,read,cancel,webhooks --prefill N")),
+            "--postgres" => args.postgres = Some(value()?),
+            "--instances" => args.instances = value()?.parse().map_err(|_| "--instances: a number")?,
+            _ => return Err(format!("unknown flag {flag}; flags: --connections N --duration 10s --server PATH --scenarios ceiling,create,read,cancel,webhooks --prefill N --postgres ADMIN_URL --instances N")),
         }
+    }
+    if args.instances == 0 || (args.instances > 1 && args.postgres.is_none()) {
+        return Err("--instances above 1 needs --postgres (one SQLite file serves one instance)".to_owned());
     }
     Ok(args)
 }
@@ -66,43 +76,85 @@ fn main() {
     runtime.block_on(run(args));
 }
 
-/// The server under test, killed on drop.
+/// The servers under test (one per instance, one database), killed on drop.
 struct Server {
-    child: Child,
-    address: SocketAddr,
+    children: Vec<Child>,
+    addresses: Vec<SocketAddr>,
     dir: PathBuf,
+    database: String,
+    /// The admin URL and the name of the PostgreSQL database to drop at the end.
+    postgres: Option<(String, String)>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some((admin, name)) = &self.postgres {
+            psql(admin, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        }
     }
 }
 
+fn psql(url: &str, sql: &str) -> String {
+    let output = Command::new("psql").args([url, "-Atqc", sql]).output().expect("psql runs");
+    assert!(output.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
 impl Server {
-    /// Starts the server on a fresh database in a new temporary directory.
-    fn start(binary: &Path, extra: &[&str]) -> Server {
+    /// Starts `instances` servers on a fresh database: a SQLite file in a new temporary
+    /// directory, or a new database on the PostgreSQL server of `postgres` (an admin URL).
+    fn start(binary: &Path, postgres: Option<&str>, instances: usize, extra: &[&str]) -> Server {
         let dir = std::env::temp_dir().join(format!("loadgen-{}", Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("a temporary directory");
-        let (child, address) = Self::spawn(binary, &dir, extra);
-        Server { child, address, dir }
+        let (database, postgres) = match postgres {
+            None => (format!("sqlite://{}/bench.db", dir.display()), None),
+            Some(admin) => {
+                let name = format!("rs_bench_{}", Uuid::new_v4().simple());
+                psql(admin, &format!("CREATE DATABASE {name}"));
+                let (base, _) = admin.rsplit_once('/').expect("a URL with a database name");
+                (format!("{base}/{name}"), Some((admin.to_owned(), name)))
+            }
+        };
+        let mut server = Server { children: Vec::new(), addresses: Vec::new(), dir, database, postgres };
+        server.spawn_all(binary, instances, extra);
+        server
     }
 
-    /// Stops the server and starts it again on the same database with `extra` flags.
+    fn spawn_all(&mut self, binary: &Path, instances: usize, extra: &[&str]) {
+        for _ in 0..instances {
+            let (child, address) = Self::spawn(binary, &self.database, extra);
+            self.children.push(child);
+            self.addresses.push(address);
+        }
+    }
+
+    fn stop(&mut self) {
+        for child in &mut self.children {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        }
+        for mut child in self.children.drain(..) {
+            let _ = child.wait();
+        }
+        self.addresses.clear();
+    }
+
+    /// Stops the servers and starts them again on the same database with `extra` flags.
     fn restart(&mut self, binary: &Path, extra: &[&str]) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-        let (child, address) = Self::spawn(binary, &self.dir, extra);
-        self.child = child;
-        self.address = address;
+        let instances = self.children.len();
+        self.stop();
+        self.spawn_all(binary, instances, extra);
     }
 
-    fn spawn(binary: &Path, dir: &Path, extra: &[&str]) -> (Child, SocketAddr) {
-        let database = format!("sqlite://{}/bench.db", dir.display());
+    /// The first instance, for single-connection steps.
+    fn first(&self) -> SocketAddr {
+        self.addresses[0]
+    }
+
+    fn spawn(binary: &Path, database: &str, extra: &[&str]) -> (Child, SocketAddr) {
         let mut child = Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &database, "--rate-limit-per-key", "0"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", database, "--rate-limit-per-key", "0"])
             .args(["--allow-private-callbacks", "--allow-http-redirect-urls", "--log", "info"])
             .args(extra)
             .stderr(Stdio::piped())
@@ -129,35 +181,38 @@ impl Server {
         (child, address)
     }
 
-    fn database_url(&self) -> String {
-        format!("sqlite://{}/bench.db", self.dir.display())
-    }
-
     fn create_merchant(&self, binary: &Path) -> String {
         let output = Command::new(binary)
-            .args(["merchant", "create", "--name", "Bench", "--database-url", &self.database_url()])
+            .args(["merchant", "create", "--name", "Bench", "--database-url", &self.database])
             .output()
             .expect("merchant create runs");
         let created: serde_json::Value = serde_json::from_slice(&output.stdout).expect("merchant create prints JSON");
         created["apiKey"].as_str().expect("an apiKey").to_owned()
     }
 
-    /// Peak resident set size in MiB.
+    /// The highest peak resident set size of the instances, in MiB.
     fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
+        let peak = |child: &Child| {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .map_or(0.0, |kib| kib / 1024.0)
+        };
+        self.children.iter().map(peak).fold(0.0, f64::max)
     }
 
+    /// Bytes the database takes: the SQLite file and its WAL, or PostgreSQL's database size.
     fn database_bytes(&self) -> u64 {
-        ["bench.db", "bench.db-wal"]
-            .iter()
-            .filter_map(|f| std::fs::metadata(self.dir.join(f)).ok())
-            .map(|m| m.len())
-            .sum()
+        match &self.postgres {
+            Some(_) => psql(&self.database, "SELECT pg_database_size(current_database())").parse().unwrap_or(0),
+            None => ["bench.db", "bench.db-wal"]
+                .iter()
+                .filter_map(|f| std::fs::metadata(self.dir.join(f)).ok())
+                .map(|m| m.len())
+                .sum(),
+        }
     }
 }
 
@@ -189,7 +244,7 @@ type MakeRequest = Arc<dyn Fn(usize) -> Option<Request<Full<Bytes>>> + Send + Sy
 /// Runs `make` on `connections` connections for `duration` (or until it answers `None`).
 async fn load(
     name: &str,
-    address: SocketAddr,
+    targets: &[SocketAddr],
     connections: usize,
     duration: Duration,
     expect: u16,
@@ -199,8 +254,9 @@ async fn load(
     let started = Instant::now();
     let deadline = started + duration;
     let workers: Vec<_> = (0..connections)
-        .map(|_| {
+        .map(|worker| {
             let (make, sequence) = (make.clone(), sequence.clone());
+            let address = targets[worker % targets.len()];
             tokio::spawn(async move {
                 let (mut done, mut errors, mut latencies) = (0usize, 0usize, Vec::new());
                 let mut sender = None;
@@ -279,7 +335,7 @@ async fn create_sessions(
     limit: usize,
 ) -> (Stats, Vec<Uuid>) {
     let ids: Arc<Vec<Uuid>> = Arc::new((0..limit).map(|_| Uuid::new_v4()).collect());
-    let (address, key, list) = (server.address, key.to_owned(), ids.clone());
+    let (address, key, list) = (server.first(), key.to_owned(), ids.clone());
     let make: MakeRequest = Arc::new(move |n| {
         let id = list.get(n)?;
         Some(request(
@@ -290,7 +346,7 @@ async fn create_sessions(
             Some(Bytes::from_static(SESSION_BODY.as_bytes())),
         ))
     });
-    let stats = load(name, server.address, connections, duration, 201, make).await;
+    let stats = load(name, &server.addresses, connections, duration, 201, make).await;
     let created = ids.iter().take(stats.requests + stats.errors).copied().collect();
     (stats, created)
 }
@@ -325,19 +381,19 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
     // The receiver's own ceiling, measured by posting to it directly.
     let event = Bytes::from(r#"{"specversion":"1.0","data":{"id":"ceiling"}}"#);
     let make: MakeRequest = Arc::new(move |_| Some(request(Method::POST, hook, "/hook", "-", Some(event.clone()))));
-    let ceiling = load("receiver ceiling (POST 204)", hook, args.connections, args.duration, 204, make).await;
+    let ceiling = load("receiver ceiling (POST 204)", &[hook], args.connections, args.duration, 204, make).await;
     rows.push(row(&ceiling, None));
 
     let subscription =
         format!(r#"{{"callbackUrl":"http://{hook}/hook","apiKey":"bench","eventTypes":["RedirectSessionCancelled"]}}"#);
     let put = request(
         Method::PUT,
-        server.address,
+        server.first(),
         &format!("{BASE}/redirect-session-events/subscriptions/{}", Uuid::new_v4()),
         key,
         Some(Bytes::from(subscription)),
     );
-    let mut sender = connect(server.address).await.expect("connects");
+    let mut sender = connect(server.first()).await.expect("connects");
     let status = sender.send_request(put).await.expect("subscribes").status();
     assert_eq!(status, 201, "subscribing the receiver");
 
@@ -345,14 +401,20 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
     server.restart(&args.server, &["--no-webhook-dispatcher"]);
     let (_, backlog_ids) =
         create_sessions("create (for the backlog)", server, key, args.connections, args.duration, 100_000).await;
-    let (address, key_owned, list) = (server.address, key.to_owned(), Arc::new(backlog_ids));
+    let (address, key_owned, list) = (server.first(), key.to_owned(), Arc::new(backlog_ids));
     let make: MakeRequest = Arc::new(move |n| {
         let id = list.get(n)?;
         Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key_owned, None))
     });
-    let queued =
-        load("cancel (queues a delivery each)", server.address, args.connections, Duration::from_secs(3600), 200, make)
-            .await;
+    let queued = load(
+        "cancel (queues a delivery each)",
+        &server.addresses,
+        args.connections,
+        Duration::from_secs(3600),
+        200,
+        make,
+    )
+    .await;
     rows.push(row(&queued, None));
     arrivals.lock().expect("not poisoned").clear();
     let started = Instant::now();
@@ -371,13 +433,13 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
         latencies_us: Vec::new(),
     };
     rows.push(row(&drain, Some(&ceiling)));
-    let mut sender = connect(server.address).await.expect("connects");
+    let mut sender = connect(server.first()).await.expect("connects");
 
     // Idle latency: one cancel at a time, waiting for its delivery.
     let (_, idle_ids) = create_sessions("create (for webhooks)", server, key, 4, Duration::from_secs(60), 200).await;
     let mut idle_delays = Vec::new();
     for id in &idle_ids {
-        let cancel = request(Method::POST, server.address, &format!("{BASE}/redirect-sessions/{id}/cancel"), key, None);
+        let cancel = request(Method::POST, server.first(), &format!("{BASE}/redirect-sessions/{id}/cancel"), key, None);
         let response = sender.send_request(cancel).await.expect("cancels");
         let acknowledged = Instant::now();
         let _ = response.into_body().collect().await;
@@ -405,14 +467,15 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
         create_sessions("create (for webhooks)", server, key, args.connections, args.duration, 400_000).await;
     arrivals.lock().expect("not poisoned").clear();
     let acknowledged: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let (address, key_owned, list, acks) = (server.address, key.to_owned(), Arc::new(ids), acknowledged.clone());
+    let (address, key_owned, list, acks) = (server.first(), key.to_owned(), Arc::new(ids), acknowledged.clone());
     let make: MakeRequest = Arc::new(move |n| {
         let id = list.get(n)?;
         acks.lock().expect("not poisoned").insert(id.to_string(), Instant::now());
         Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key_owned, None))
     });
     let started = Instant::now();
-    let cancels = load("cancel (with a subscriber)", server.address, args.connections, args.duration, 200, make).await;
+    let cancels =
+        load("cancel (with a subscriber)", &server.addresses, args.connections, args.duration, 200, make).await;
     let expected = cancels.requests;
     let deadline = Instant::now() + Duration::from_secs(120);
     while arrivals.lock().expect("not poisoned").len() < expected && Instant::now() < deadline {
@@ -453,11 +516,11 @@ fn row(stats: &Stats, ceiling: Option<&Stats>) -> String {
 }
 
 async fn run(args: Args) {
-    let mut server = Server::start(&args.server, &[]);
+    let mut server = Server::start(&args.server, args.postgres.as_deref(), args.instances, &[]);
     let key = server.create_merchant(&args.server);
     let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
     let mut rows = Vec::new();
-    let address = server.address;
+    let address = server.first();
 
     if args.prefill > 0 {
         eprintln!("prefilling {} sessions…", args.prefill);
@@ -474,7 +537,8 @@ async fn run(args: Args) {
                 .expect("valid"),
         )
     });
-    let ceiling = load("ceiling: GET /health/live", address, args.connections, args.duration, 200, make).await;
+    let ceiling =
+        load("ceiling: GET /health/live", &server.addresses, args.connections, args.duration, 200, make).await;
     if wants("ceiling") {
         rows.push(row(&ceiling, Some(&ceiling)));
     }
@@ -493,7 +557,7 @@ async fn run(args: Args) {
             Some(request(Method::GET, address, &format!("{BASE}/redirect-sessions/{id}"), &key, None))
         });
         rows.push(row(
-            &load("read session", address, args.connections, args.duration, 200, make).await,
+            &load("read session", &server.addresses, args.connections, args.duration, 200, make).await,
             Some(&ceiling),
         ));
     }
@@ -504,7 +568,7 @@ async fn run(args: Args) {
             Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key, None))
         });
         rows.push(row(
-            &load("cancel session (each id once)", address, args.connections, args.duration, 200, make).await,
+            &load("cancel session (each id once)", &server.addresses, args.connections, args.duration, 200, make).await,
             Some(&ceiling),
         ));
     }
