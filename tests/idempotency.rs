@@ -352,9 +352,9 @@ async fn a_stored_outcome_survives_a_restart() {
     let first = answer(put_with_request_id(&server, id, request_id, &body).await).await;
     assert_eq!(first.status, 201);
     let api_key = server.api_key.clone();
-    let (path, _dir) = server.stop().await;
+    let database = server.stop_keeping_database().await;
 
-    let restarted = TestServer::start_on(test_config(&path), path).await;
+    let restarted = TestServer::start_on(test_config(&database), database).await;
     let again = answer(put_raw(&restarted, &api_key, id, request_id, &body).await).await;
     assert_eq!((again.status, again.replayed.as_deref()), (201, Some("true")));
     assert_eq!(again.body, first.body, "byte-identical after the restart");

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{assert_error, new_transaction_intent, status_and_json, BASE};
+use common::{assert_error, new_transaction_intent, status_and_json, TestDatabase, BASE};
 use reqwest::{Client, Method, Response};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -22,26 +22,26 @@ const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
 const DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(10);
 
-/// A temporary working directory with a database file in it.
+/// A temporary working directory, and a fresh database of the backend under test: on SQLite a
+/// file in the directory, on PostgreSQL a database of its own (dropped with the workspace).
 struct Workspace {
+    // Dropped before `dir` (fields drop in declaration order); a SQLite file goes with `dir`.
+    database: TestDatabase,
     dir: tempfile::TempDir,
 }
 
 impl Workspace {
     fn new() -> Workspace {
-        Workspace { dir: tempfile::tempdir().expect("a temporary directory") }
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        Workspace { database: TestDatabase::fresh_at(&dir.path().join("db")), dir }
     }
 
     fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    fn database(&self) -> PathBuf {
-        self.path().join("db")
-    }
-
     fn database_url(&self) -> String {
-        format!("sqlite://{}", self.database().display())
+        self.database.url().to_owned()
     }
 
     /// The binary, run in this directory, with no settings inherited from the environment.
@@ -267,19 +267,40 @@ fn merchant_create_prints_one_json_line_and_stores_only_a_hash_of_the_key() {
     let api_key = created["apiKey"].as_str().unwrap();
     assert!(api_key.len() >= 32, "a long random key: {api_key}");
 
-    let files = all_file_bytes(workspace.path());
-    assert!(files.iter().any(|(path, _)| *path == workspace.database()), "the database file exists");
-    let wal = PathBuf::from(format!("{}-wal", workspace.database().display()));
-    for (path, bytes) in &files {
-        assert!(!contains(bytes, api_key.as_bytes()), "the API key is stored in clear in {}", path.display());
+    match workspace.database.sqlite_path() {
+        Some(database) => {
+            let files = all_file_bytes(workspace.path());
+            assert!(files.iter().any(|(path, _)| path == database), "the database file exists");
+            let wal = PathBuf::from(format!("{}-wal", database.display()));
+            for (path, bytes) in &files {
+                assert!(!contains(bytes, api_key.as_bytes()), "the API key is stored in clear in {}", path.display());
+            }
+            // The search does find what is stored in clear: the merchant's name, in the file or its WAL.
+            assert!(
+                files
+                    .iter()
+                    .any(|(path, bytes)| (path == database || *path == wal) && contains(bytes, name.as_bytes())),
+                "the merchant's name should be somewhere in the database files"
+            );
+        }
+        None => {
+            // Every row of every table, as PostgreSQL prints it.
+            let tables = workspace.database.query_text(
+                "SELECT quote_ident(table_name) FROM information_schema.tables \
+                  WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+            );
+            assert!(tables.iter().any(|t| t == "merchants"), "the schema is there: {tables:?}");
+            let mut rows = Vec::new();
+            for table in &tables {
+                rows.extend(workspace.database.query_text(&format!("SELECT t::text FROM {table} t")));
+            }
+            for row in &rows {
+                assert!(!row.contains(api_key), "the API key is stored in clear: {row}");
+            }
+            // The search does find what is stored in clear: the merchant's name.
+            assert!(rows.iter().any(|row| row.contains(name)), "the merchant's name should be in a row: {rows:?}");
+        }
     }
-    // The search does find what is stored in clear: the merchant's name, in the file or its WAL.
-    assert!(
-        files
-            .iter()
-            .any(|(path, bytes)| (*path == workspace.database() || *path == wal) && contains(bytes, name.as_bytes())),
-        "the merchant's name should be somewhere in the database files"
-    );
 }
 
 #[test]
@@ -424,7 +445,7 @@ fn bad_setting_values_exit_2_with_one_line_on_stderr_naming_the_setting() {
         assert_eq!(lines.len(), 1, "{args:?} {env:?}: one line on stderr: {finished:?}");
         assert!(lines[0].contains(named), "{args:?} {env:?}: the line names {named}: {finished:?}");
     }
-    assert!(!workspace.database().exists(), "no bad setting got as far as creating the database");
+    assert!(!workspace.database.is_migrated(), "no bad setting got as far as creating the database");
 }
 
 /// The session TTL a served instance applies: `expiresOn - createdOn` of a new session.
@@ -479,7 +500,7 @@ async fn the_database_url_can_come_from_database_url_or_the_config_file() {
     migrate.env("DATABASE_URL", &url);
     let finished = run(migrate);
     assert_eq!(finished.code, Some(0), "{finished:?}");
-    assert!(workspace.database().exists(), "DATABASE_URL picked the file");
+    assert!(workspace.database.is_migrated(), "DATABASE_URL picked the database");
 
     let config = workspace.path().join("settings.toml");
     std::fs::write(&config, format!("database_url = {:?}\n", url)).unwrap();
@@ -562,7 +583,7 @@ fn migrate_on_a_fresh_file_exits_0_and_again_changes_nothing() {
         let finished = run(workspace.command(&["migrate", "--database-url", &url]));
         assert_eq!(finished.code, Some(0), "{finished:?}");
         assert_eq!(finished.single_json_line(), json!({"migrated": true}));
-        assert!(workspace.database().is_file());
+        assert!(workspace.database.is_migrated());
     }
 }
 

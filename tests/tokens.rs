@@ -164,9 +164,9 @@ async fn after_a_key_rotation_and_a_restart_the_jwks_lists_both_keys_and_old_tok
     let new_kid = rotated["kid"].as_str().unwrap().to_owned();
     assert_ne!(new_kid, old_kid);
     let api_key = server.api_key.clone();
-    let (path, _dir) = server.stop().await;
+    let database = server.stop_keeping_database().await;
 
-    let restarted = TestServer::start_on(test_config(&path), path).await;
+    let restarted = TestServer::start_on(test_config(&database), database).await;
     let keys = jwks(&restarted).await;
     let mut listed = kids(&keys);
     listed.sort();

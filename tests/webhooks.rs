@@ -521,7 +521,7 @@ async fn a_delivery_claimed_by_a_dispatcher_that_died_is_sent_once_its_lease_run
     let claimed = first.store().claim_deliveries(dead, claimed_on, lease_until, 10).await.expect("claim works");
     assert_eq!(claimed.len(), 1);
     let key = first.api_key.clone();
-    let (database, _dir) = first.stop().await;
+    let database = first.stop_keeping_database().await;
 
     let second = TestServer::start_on(test_config(&database), database).await;
     let delivered = wait_for_delivery_as(&second, &key, subscription, "the delivery", in_state("Delivered")).await;
@@ -559,7 +559,7 @@ async fn stopping_the_server_waits_for_an_attempt_in_flight_and_records_it() {
     assert_eq!(server.cancel_session(session).await.status(), 200);
     receiver.wait_for_requests(1).await;
     let key = server.api_key.clone();
-    let (database, _dir) = server.stop().await;
+    let database = server.stop_keeping_database().await;
 
     let mut config = test_config(&database);
     config.webhook_dispatcher = false;
@@ -670,8 +670,7 @@ impl Served {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_committed_before_a_kill_9_is_delivered_by_the_next_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let database_url = format!("sqlite://{}", dir.path().join("db").display());
+    let (database_url, _database) = fresh_database_url();
     let created = binary(&["merchant", "create", "--name", "Crash Shop", "--database-url", &database_url])
         .output()
         .expect("merchant create runs");

@@ -1,8 +1,14 @@
 //! The test harness: a real server on port 0 over a fresh database, a merchant with its key,
 //! and small helpers to call the API. Each test binary includes this module.
+//!
+//! The backend comes from `REDIRECT_SESSIONS_TEST_BACKEND`: `sqlite` (the default) or
+//! `postgres`. With `postgres`, every `TestDatabase` is a database of its own, `rs_test_<uuid>`,
+//! created through the admin URL in `REDIRECT_SESSIONS_TEST_POSTGRES` and dropped (with its
+//! connections) when the test is done with it — also when the test panicked.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use redirect_sessions::admin;
@@ -14,10 +20,257 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 /// The merchant API's base path.
 pub const BASE: &str = "/customer-authentication-service/v1";
+
+/// Which backend the integration tests run on: `sqlite` (default) or `postgres`.
+pub const BACKEND_ENV: &str = "REDIRECT_SESSIONS_TEST_BACKEND";
+/// The admin URL of the PostgreSQL server tests create their databases on.
+pub const POSTGRES_ENV: &str = "REDIRECT_SESSIONS_TEST_POSTGRES";
+
+/// The storage backend under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The backend `REDIRECT_SESSIONS_TEST_BACKEND` names; a value other than `sqlite` or
+/// `postgres` fails the test rather than silently testing the wrong thing.
+pub fn backend() -> Backend {
+    match std::env::var(BACKEND_ENV) {
+        Err(_) => Backend::Sqlite,
+        Ok(value) => match value.trim() {
+            "" | "sqlite" => Backend::Sqlite,
+            "postgres" => Backend::Postgres,
+            other => panic!("{BACKEND_ENV}={other:?}: expected `sqlite` or `postgres`"),
+        },
+    }
+}
+
+/// Whether the tests run on PostgreSQL.
+pub fn on_postgres() -> bool {
+    backend() == Backend::Postgres
+}
+
+/// The PostgreSQL admin URL, when one is configured.
+pub fn postgres_admin_url() -> Option<String> {
+    std::env::var(POSTGRES_ENV).ok().filter(|url| !url.trim().is_empty())
+}
+
+/// Says that (and why) a test does not run, where the test output shows it: libtest hides
+/// what passing tests print through `println!`/`eprintln!`, so this writes to the stream.
+pub fn skip(why: &str) {
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
+fn required_admin_url() -> String {
+    postgres_admin_url().unwrap_or_else(|| {
+        panic!("{BACKEND_ENV}=postgres needs {POSTGRES_ENV}, e.g. postgres://postgres@127.0.0.1:5432/postgres")
+    })
+}
+
+/// Runs `work` to its end on a runtime of its own in a thread of its own, so that it can be
+/// called from synchronous tests, from inside a test's runtime, and from `Drop`.
+fn on_own_runtime<T: Send + 'static>(work: impl std::future::Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        runtime.block_on(work)
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// A plain connection to PostgreSQL at `url` (its connection task runs on the current runtime).
+pub async fn connect_postgres(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL ({POSTGRES_ENV}): {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+async fn drop_postgres_database(admin: &str, name: &str) -> Result<(), tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(admin, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let dropped = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    drop(client);
+    let _ = connection.await;
+    dropped
+}
+
+enum Kind {
+    /// A SQLite file; the directory (when owned) goes with the value.
+    Sqlite { path: PathBuf, _dir: Option<tempfile::TempDir> },
+    /// A database of its own on the PostgreSQL server; `dropped` once removed.
+    Postgres { admin: String, name: String, dropped: bool },
+}
+
+/// A fresh, empty database of the backend under test, removed when this goes away.
+pub struct TestDatabase {
+    url: String,
+    kind: Kind,
+}
+
+impl TestDatabase {
+    /// A fresh database of the backend under test (from async code).
+    pub async fn create() -> TestDatabase {
+        match backend() {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("a temporary directory");
+                let path = dir.path().join("test.db");
+                Self::sqlite(path, Some(dir))
+            }
+            Backend::Postgres => Self::create_postgres(required_admin_url()).await,
+        }
+    }
+
+    /// A fresh database of the backend under test (from anywhere, also synchronous tests).
+    pub fn fresh() -> TestDatabase {
+        match backend() {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("a temporary directory");
+                let path = dir.path().join("test.db");
+                Self::sqlite(path, Some(dir))
+            }
+            Backend::Postgres => {
+                let admin = required_admin_url();
+                on_own_runtime(Self::create_postgres(admin))
+            }
+        }
+    }
+
+    /// On SQLite the file `path` (its directory belongs to the caller); on PostgreSQL a fresh
+    /// database as from `fresh`.
+    pub fn fresh_at(path: &Path) -> TestDatabase {
+        match backend() {
+            Backend::Sqlite => Self::sqlite(path.to_owned(), None),
+            Backend::Postgres => Self::fresh(),
+        }
+    }
+
+    /// A fresh PostgreSQL database regardless of the backend under test (for tests that only
+    /// make sense on PostgreSQL); `None` when no server is configured.
+    pub fn fresh_postgres() -> Option<TestDatabase> {
+        postgres_admin_url().map(|admin| on_own_runtime(Self::create_postgres(admin)))
+    }
+
+    fn sqlite(path: PathBuf, dir: Option<tempfile::TempDir>) -> TestDatabase {
+        TestDatabase { url: format!("sqlite://{}", path.display()), kind: Kind::Sqlite { path, _dir: dir } }
+    }
+
+    async fn create_postgres(admin: String) -> TestDatabase {
+        let name = format!("rs_test_{}", Uuid::new_v4().simple());
+        let client = connect_postgres(&admin).await;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+        let mut url = url::Url::parse(&admin).unwrap_or_else(|e| panic!("{POSTGRES_ENV} is not a URL: {e}"));
+        url.set_path(&format!("/{name}"));
+        TestDatabase { url: url.to_string(), kind: Kind::Postgres { admin, name, dropped: false } }
+    }
+
+    /// The URL to give `--database-url`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The setting for a `Config`.
+    pub fn database_url(&self) -> DatabaseUrl {
+        match &self.kind {
+            Kind::Sqlite { path, .. } => DatabaseUrl::Sqlite { path: path.clone() },
+            Kind::Postgres { .. } => DatabaseUrl::Postgres(self.url.clone()),
+        }
+    }
+
+    /// The SQLite file, when this is one.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match &self.kind {
+            Kind::Sqlite { path, .. } => Some(path),
+            Kind::Postgres { .. } => None,
+        }
+    }
+
+    /// The PostgreSQL database's name, when this is one.
+    pub fn postgres_name(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Sqlite { .. } => None,
+            Kind::Postgres { name, .. } => Some(name),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.kind, Kind::Postgres { .. })
+    }
+
+    /// A plain connection to this PostgreSQL database, for looking behind the service's back.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        assert!(self.is_postgres(), "sql() is for PostgreSQL databases");
+        connect_postgres(&self.url).await
+    }
+
+    /// The first column of every row `query` answers, as text (PostgreSQL only; callable from
+    /// synchronous tests).
+    pub fn query_text(&self, query: &str) -> Vec<String> {
+        assert!(self.is_postgres(), "query_text() is for PostgreSQL databases");
+        let (url, query) = (self.url.clone(), query.to_owned());
+        on_own_runtime(async move {
+            let client = connect_postgres(&url).await;
+            let rows = client.query(&query, &[]).await.unwrap_or_else(|e| panic!("{query}: {e}"));
+            rows.iter().map(|row| row.get::<_, Option<String>>(0).unwrap_or_default()).collect()
+        })
+    }
+
+    /// Whether the service's schema is there: the SQLite file exists, or the PostgreSQL
+    /// database has tables.
+    pub fn is_migrated(&self) -> bool {
+        match &self.kind {
+            Kind::Sqlite { path, .. } => path.is_file(),
+            Kind::Postgres { .. } => !self
+                .query_text("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'")
+                .is_empty(),
+        }
+    }
+
+    /// Removes the database now (from async code); `Drop` does the same from anywhere.
+    pub async fn remove(mut self) {
+        if let Kind::Postgres { admin, name, dropped } = &mut self.kind {
+            if let Err(error) = drop_postgres_database(admin, name).await {
+                let _ = writeln!(std::io::stderr(), "could not drop the test database {name}: {error}");
+            }
+            *dropped = true;
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Kind::Postgres { admin, name, dropped: false } = &self.kind {
+            // Drop cannot await, and the test's runtime may be busy, gone or panicking: use a
+            // runtime of its own on a thread of its own.
+            let (admin, name) = (admin.clone(), name.clone());
+            let result = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                runtime.block_on(drop_postgres_database(&admin, &name)).err().map(|e| (name, e.to_string()))
+            })
+            .join();
+            if let Ok(Some((name, error))) = result {
+                let _ = writeln!(std::io::stderr(), "could not drop the test database {name}: {error}");
+            }
+        }
+    }
+}
+
+/// A fresh database of the backend under test for the real binary: its `--database-url`, and
+/// the guard that removes it.
+pub fn fresh_database_url() -> (String, TestDatabase) {
+    let database = TestDatabase::fresh();
+    (database.url().to_owned(), database)
+}
 
 /// A running server and what a test needs to talk to it.
 pub struct TestServer {
@@ -27,17 +280,16 @@ pub struct TestServer {
     /// The key of a merchant created at start.
     pub api_key: String,
     pub merchant_id: Uuid,
-    pub database: PathBuf,
-    _dir: Option<tempfile::TempDir>,
+    database: Option<TestDatabase>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
 
-/// The settings tests start from: a fresh SQLite database, no rate limits, http redirect
-/// URLs and private callbacks allowed.
-pub fn test_config(database: &std::path::Path) -> Config {
+/// The settings tests start from: `database`, no rate limits, http redirect URLs and private
+/// callbacks allowed.
+pub fn test_config(database: &TestDatabase) -> Config {
     let mut config = Config::defaults();
-    config.database_url = DatabaseUrl::Sqlite { path: database.to_owned() };
+    config.database_url = database.database_url();
     config.rate_limit_per_key = 0;
     config.rate_limit_per_ip = 0;
     config.allow_http_redirect_urls = true;
@@ -46,24 +298,22 @@ pub fn test_config(database: &std::path::Path) -> Config {
 }
 
 impl TestServer {
-    /// A server with the test settings.
+    /// A server with the test settings over a fresh database.
     pub async fn start() -> TestServer {
         Self::start_with(|_| {}).await
     }
 
-    /// A server with the test settings changed by `adjust`.
+    /// A server over a fresh database with the test settings changed by `adjust`.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let database = dir.path().join("test.db");
+        let database = TestDatabase::create().await;
         let mut config = test_config(&database);
         adjust(&mut config);
-        let mut server = Self::start_on(config, database).await;
-        server._dir = Some(dir);
-        server
+        Self::start_on(config, database).await
     }
 
-    /// A server over an existing database file (for restart tests), with `config`.
-    pub async fn start_on(mut config: Config, database: PathBuf) -> TestServer {
+    /// A server over `database` (fresh, or kept from a stopped server for restart tests), with
+    /// `config` (whose database URL should be `database`'s).
+    pub async fn start_on(mut config: Config, database: TestDatabase) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
         let address = listener.local_addr().unwrap();
         config.listen = address;
@@ -80,29 +330,39 @@ impl TestServer {
             state,
             api_key: created["apiKey"].as_str().unwrap().to_owned(),
             merchant_id: created["merchantId"].as_str().unwrap().parse().unwrap(),
-            database,
-            _dir: None,
+            database: Some(database),
             stop: Some(stop),
             task: Some(task),
         }
     }
 
-    /// Stops the server gracefully and waits for it.
-    pub async fn stop(mut self) -> (PathBuf, Option<tempfile::TempDir>) {
+    /// Stops the server gracefully, waits for it, and removes its database.
+    pub async fn stop(self) {
+        let database = self.stop_keeping_database().await;
+        database.remove().await;
+    }
+
+    /// Stops the server gracefully and waits for it; answers its database for a restart.
+    pub async fn stop_keeping_database(mut self) -> TestDatabase {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             task.await.expect("the server task ends").expect("the server stops cleanly");
         }
-        (self.database.clone(), self._dir.take())
+        self.database.take().expect("the server has its database until it stops")
+        // `self` (and with it the store and its connections) goes away here.
+    }
+
+    /// The database behind the server.
+    pub fn database(&self) -> &TestDatabase {
+        self.database.as_ref().expect("the server has its database until it stops")
     }
 
     /// The store behind the server.
     pub fn store(&self) -> &DynStore {
         &self.state.store
     }
-
     /// Another merchant; answers its key and id.
     pub async fn another_merchant(&self) -> (String, Uuid) {
         let created = admin::create_merchant(self.store(), "Other Shop").await.expect("the admin command works");

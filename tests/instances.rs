@@ -1,0 +1,711 @@
+//! Several instances on one PostgreSQL database (SPEC §7, docs/DESIGN.md "PostgreSQL backend"):
+//! two real `redirect-sessions serve` processes share one database, and every guarantee a
+//! single instance gives holds across them — sessions, idempotency, cancel races, the expiry
+//! sweep, and webhook deliveries, also when one instance is killed with claims in flight.
+//!
+//! These tests only make sense on PostgreSQL: without `REDIRECT_SESSIONS_TEST_POSTGRES` each
+//! prints `skipped: …` and passes. Each test has a database of its own, dropped at the end.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use common::*;
+use futures_util::future::join_all;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
+/// How long a process may take to start, and a poll for a condition may take, before a test fails.
+const DEADLINE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(20);
+const PUBLIC_URL: &str = "https://pay.example.com";
+const CANCELLED: &str = "RedirectSessionCancelled";
+const EXPIRED: &str = "RedirectSessionExpired";
+
+// ---------------------------------------------------------------------------------------------
+// Two instances
+// ---------------------------------------------------------------------------------------------
+
+/// A running `serve` process; killed (SIGKILL) when dropped, so a failing test leaves no
+/// process behind.
+struct Instance {
+    name: &'static str,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    url: String,
+    client: reqwest::Client,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The binary with no settings inherited from the environment.
+fn binary(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args).stdin(Stdio::null()).env_remove("DATABASE_URL");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("REDIRECT_SESSIONS_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// The first `IP:port` with a non-zero port among the words of a log line (`address=…`).
+fn address_in(line: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .map(|word| word.rsplit('=').next().unwrap_or(word).trim_matches(|c| c == '"' || c == ','))
+        .filter_map(|word| word.parse::<SocketAddr>().ok())
+        .find(|address| address.port() != 0)
+}
+
+impl Instance {
+    /// Spawns `serve` on a free port over `database_url` with the test allowances and `args`;
+    /// `start` must then be awaited for its `listening` line. Its connections carry the
+    /// application name `name`, so that the test can tell them apart in `pg_stat_activity`.
+    fn spawn(name: &'static str, database_url: &str, args: &[&str]) -> Instance {
+        let url = format!("{database_url}?application_name={name}");
+        let mut all = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &url,
+            "--database-max-connections",
+            "8",
+            "--allow-private-callbacks",
+            "--allow-http-redirect-urls",
+            "--rate-limit-per-key",
+            "0",
+            // Behind one load balancer, instances share the public URL (redirectUrl, token issuer).
+            "--public-url",
+            PUBLIC_URL,
+        ];
+        all.extend(args);
+        let mut child = binary(&all).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let collected = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                match line {
+                    Ok(line) => collected.lock().unwrap().push(line),
+                    Err(_) => break,
+                }
+            }
+        });
+        Instance { name, child, lines, url: String::new(), client: reqwest::Client::new() }
+    }
+
+    /// Waits for the `listening` line and takes the address from it.
+    async fn start(mut self) -> Instance {
+        let deadline = Instant::now() + DEADLINE;
+        let address = loop {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains("listening")) {
+                break address_in(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("{} exited with {status} before listening: {:?}", self.name, self.lines());
+            }
+            assert!(Instant::now() < deadline, "{} did not log `listening`: {:?}", self.name, self.lines());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        self.url = format!("http://{address}");
+        self
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The id the dispatcher leases deliveries under (from its `webhook dispatcher started` line).
+    async fn dispatcher_id(&self) -> Uuid {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let started = self.lines().into_iter().find(|l| l.contains("webhook dispatcher started"));
+            if let Some(line) = started {
+                let id = line
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix("dispatcher.id="))
+                    .unwrap_or_else(|| panic!("no dispatcher.id in {line:?}"));
+                return id.trim_matches('"').parse().unwrap_or_else(|e| panic!("{id}: {e}"));
+            }
+            assert!(Instant::now() < deadline, "{}: no dispatcher started: {:?}", self.name, self.lines());
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn request(&self, method: Method, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.url)).header("x-api-key", key)
+    }
+
+    /// A request and its whole answer.
+    async fn call(&self, method: Method, path: &str, key: &str, body: Option<&Value>) -> Answer {
+        let mut request = self.request(method, path, key);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        Answer::of(request.send().await.unwrap()).await
+    }
+
+    async fn put_session(&self, key: &str, id: Uuid) -> Answer {
+        self.call(Method::PUT, &session_path(id), key, Some(&new_transaction_intent())).await
+    }
+
+    async fn get_session(&self, key: &str, id: Uuid) -> Answer {
+        self.call(Method::GET, &session_path(id), key, None).await
+    }
+
+    async fn cancel_session(&self, key: &str, id: Uuid) -> Answer {
+        self.call(Method::POST, &format!("{}/cancel", session_path(id)), key, None).await
+    }
+
+    /// The value of a counter on `/metrics`.
+    async fn counter(&self, name: &str) -> u64 {
+        let text = self.client.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in the metrics of {}:\n{text}", self.name))
+            .parse()
+            .expect("a counter is a number")
+    }
+
+    /// SIGKILL, as a crash; waits until the process is gone.
+    fn kill_9(&mut self) {
+        self.child.kill().expect("the child can be killed");
+        self.child.wait().expect("the child can be waited for");
+    }
+}
+
+/// A whole answer: status, the replay header, the body bytes.
+#[derive(Clone, Debug)]
+struct Answer {
+    status: u16,
+    replayed: bool,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    async fn of(response: reqwest::Response) -> Answer {
+        let status = response.status().as_u16();
+        let replayed = response.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+        Answer { status, replayed, body: response.bytes().await.unwrap().to_vec() }
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+fn session_path(id: Uuid) -> String {
+    format!("{BASE}/redirect-sessions/{id}")
+}
+
+/// Two instances on one fresh PostgreSQL database with one merchant. Field order matters: the
+/// processes go before their database is dropped.
+struct Pair {
+    a: Instance,
+    b: Instance,
+    key: String,
+    merchant_id: Uuid,
+    database: TestDatabase,
+}
+
+impl Pair {
+    /// `None` (after saying so) when no PostgreSQL server is configured.
+    async fn start(args: &[&str]) -> Option<Pair> {
+        let Some(database) = TestDatabase::fresh_postgres() else {
+            skip(&format!("{POSTGRES_ENV} not set; several instances need PostgreSQL"));
+            return None;
+        };
+        let url = database.url().to_owned();
+        let created = {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || {
+                binary(&["merchant", "create", "--name", "Two Instance Shop", "--database-url", &url])
+                    .output()
+                    .expect("merchant create runs")
+            })
+            .await
+            .unwrap()
+        };
+        assert!(created.status.success(), "{created:?}");
+        let merchant: Value = serde_json::from_slice(&created.stdout).expect("merchant create prints JSON");
+        // Both start at once.
+        let (a, b) = (Instance::spawn("instance_a", &url, args), Instance::spawn("instance_b", &url, args));
+        let (a, b) = (a.start().await, b.start().await);
+        Some(Pair {
+            a,
+            b,
+            key: merchant["apiKey"].as_str().unwrap().to_owned(),
+            merchant_id: merchant["merchantId"].as_str().unwrap().parse().unwrap(),
+            database,
+        })
+    }
+
+    /// Instance `i % 2`: spreads work over both.
+    fn either(&self, i: usize) -> &Instance {
+        if i % 2 == 0 {
+            &self.a
+        } else {
+            &self.b
+        }
+    }
+
+    /// Creates `n` sessions, alternating between the instances, all at once.
+    async fn create_sessions(&self, n: usize) -> Vec<Uuid> {
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        let answers = join_all(ids.iter().enumerate().map(|(i, id)| self.either(i).put_session(&self.key, *id))).await;
+        for answer in &answers {
+            assert_eq!(answer.status, 201, "{}", String::from_utf8_lossy(&answer.body));
+        }
+        ids
+    }
+
+    /// Subscribes `url` to `event_types` (through instance A).
+    async fn subscribe(&self, url: &str, event_types: &[&str]) -> Uuid {
+        let id = Uuid::new_v4();
+        let body = json!({"callbackUrl": url, "apiKey": "callback-key", "eventTypes": event_types});
+        let path = format!("{BASE}/redirect-session-events/subscriptions/{id}");
+        let answer = self.a.call(Method::PUT, &path, &self.key, Some(&body)).await;
+        assert_eq!(answer.status, 201, "{}", String::from_utf8_lossy(&answer.body));
+        id
+    }
+
+    /// The events of type `kind` per session, from the `events` table.
+    async fn events_per_session(&self, sql: &tokio_postgres::Client, kind: &str) -> HashMap<Uuid, i64> {
+        let rows = sql
+            .query("SELECT session_id, count(*) FROM events WHERE type = $1 GROUP BY session_id", &[&kind])
+            .await
+            .unwrap();
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect()
+    }
+}
+
+/// One number from SQL.
+async fn count(sql: &tokio_postgres::Client, query: &str) -> i64 {
+    sql.query_one(query, &[]).await.unwrap_or_else(|e| panic!("{query}: {e}")).get(0)
+}
+
+/// Waits until `check` holds, polling, or fails after `within` saying `what`.
+async fn until<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A webhook receiver that answers slowly and counts requests in flight
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Hook {
+    /// The `webhook-id` of every request, in arrival order.
+    received: Mutex<Vec<Uuid>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    delay_ms: AtomicU64,
+}
+
+/// Counts a request out of flight however its handler ends (also when the caller hangs up).
+struct InFlight(Arc<Hook>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn hook(State(hook): State<Arc<Hook>>, headers: HeaderMap) -> StatusCode {
+    let now = hook.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    let _in_flight = InFlight(hook.clone());
+    hook.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    hook.received.lock().unwrap().push(id.expect("a webhook-id header with a UUID"));
+    tokio::time::sleep(Duration::from_millis(hook.delay_ms.load(Ordering::SeqCst))).await;
+    StatusCode::NO_CONTENT
+}
+
+/// An HTTP receiver on 127.0.0.1:0 that answers 204 after `delay`.
+struct Receiver {
+    port: u16,
+    hook: Arc<Hook>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Receiver {
+    async fn start(delay: Duration) -> Receiver {
+        let shared = Arc::new(Hook::default());
+        shared.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port for the receiver");
+        let port = listener.local_addr().unwrap().port();
+        let app = Router::new().route("/hook", post(hook)).with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver { port, hook: shared, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn received(&self) -> Vec<Uuid> {
+        self.hook.received.lock().unwrap().clone()
+    }
+
+    /// How often each event id arrived.
+    fn receipts(&self) -> BTreeMap<Uuid, usize> {
+        let mut receipts = BTreeMap::new();
+        for id in self.received() {
+            *receipts.entry(id).or_default() += 1;
+        }
+        receipts
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.hook.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_created_on_one_instance_are_read_listed_and_cancelled_on_the_other() {
+    let Some(pair) = Pair::start(&[]).await else { return };
+    let key = &pair.key;
+    let mut created = Vec::new();
+    for (i, (creator, other)) in [(&pair.a, &pair.b), (&pair.b, &pair.a)].into_iter().cycle().take(6).enumerate() {
+        let id = Uuid::new_v4();
+        let answer = creator.put_session(key, id).await;
+        assert_eq!(answer.status, 201, "#{i}: {}", String::from_utf8_lossy(&answer.body));
+        assert_eq!(answer.json()["merchantId"], pair.merchant_id.to_string());
+        let read = other.get_session(key, id).await;
+        assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+        assert_eq!(read.json(), answer.json(), "the other instance reads what the first created");
+        // A repeated PUT on the other instance is the same session (and token).
+        let again = other.put_session(key, id).await;
+        assert_eq!((again.status, again.json()), (200, answer.json()));
+        created.push((id, creator, other));
+    }
+
+    // Both list every session, newest first, identically.
+    let list = format!("{BASE}/redirect-sessions");
+    let from_a = pair.a.call(Method::GET, &list, key, None).await;
+    let from_b = pair.b.call(Method::GET, &list, key, None).await;
+    assert_eq!((from_a.status, from_b.status), (200, 200));
+    let listed: BTreeSet<String> =
+        from_a.json()["items"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(listed, created.iter().map(|(id, ..)| id.to_string()).collect(), "{}", from_a.json());
+    assert_eq!(from_a.json()["items"], from_b.json()["items"]);
+
+    // Both publish the same signing keys: the key lives in the database.
+    let jwks = "/.well-known/jwks.json";
+    let (from_a, from_b) =
+        (pair.a.call(Method::GET, jwks, key, None).await, pair.b.call(Method::GET, jwks, key, None).await);
+    assert_eq!(from_a.json(), from_b.json());
+
+    // Cancelled on the other instance; the creator sees it, and a second cancel there is a no-op.
+    for (id, creator, other) in &created {
+        let cancelled = other.cancel_session(key, *id).await;
+        assert_eq!((cancelled.status, &cancelled.json()["state"]), (200, &json!("Cancelled")));
+        let read = creator.get_session(key, *id).await;
+        assert_eq!(read.json(), cancelled.json(), "the creator reads the cancel");
+        let again = creator.cancel_session(key, *id).await;
+        assert_eq!((again.status, again.json()), (200, cancelled.json()));
+    }
+    let sql = pair.database.sql().await;
+    let events = pair.events_per_session(&sql, CANCELLED).await;
+    assert_eq!(events.len(), created.len(), "{events:?}");
+    assert!(events.values().all(|n| *n == 1), "one event per session: {events:?}");
+    assert_eq!(count(&sql, "SELECT count(*) FROM events").await, created.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_request_id_sent_to_both_instances_at_once_executes_once() {
+    let Some(pair) = Pair::start(&[]).await else { return };
+    let key = &pair.key;
+    let body = new_transaction_intent();
+    let (mut in_progress, mut replayed) = (0, 0);
+    const ROUNDS: usize = 20;
+    let mut sessions = Vec::new();
+    for round in 0..ROUNDS {
+        let (id, put_id, cancel_id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        for (request_id, method, path, body, executed) in [
+            (put_id, Method::PUT, session_path(id), Some(&body), 201),
+            (cancel_id, Method::POST, format!("{}/cancel", session_path(id)), None, 200),
+        ] {
+            let send = |instance: &Instance| {
+                let mut request =
+                    instance.request(method.clone(), &path, key).header("x-request-id", request_id.to_string());
+                if let Some(body) = body {
+                    request = request.json(body);
+                }
+                async move { Answer::of(request.send().await.unwrap()).await }
+            };
+            let (from_a, from_b) = tokio::join!(send(&pair.a), send(&pair.b));
+            let answers = [from_a, from_b];
+            let ran: Vec<usize> = (0..2).filter(|&i| answers[i].status == executed && !answers[i].replayed).collect();
+            assert_eq!(ran.len(), 1, "round {round} {method}: exactly one executes: {answers:?}");
+            let (first, other_index) = (&answers[ran[0]], 1 - ran[0]);
+            let other = &answers[other_index];
+            if other.status == 409 {
+                assert_eq!(other.code(), "RequestInProgress", "round {round} {method}: {other:?}");
+                in_progress += 1;
+                // Safe to retry: the retry replays the first answer.
+                let retried = send([&pair.a, &pair.b][other_index]).await;
+                assert!(retried.replayed, "round {round} {method}: {retried:?}");
+                assert_eq!((retried.status, &retried.body), (first.status, &first.body));
+            } else {
+                assert!(other.replayed, "round {round} {method}: the other is a replay: {other:?}");
+                assert_eq!((other.status, &other.body), (first.status, &first.body), "byte for byte");
+                replayed += 1;
+            }
+        }
+        sessions.push(id);
+    }
+    let _ = writeln_stderr(&format!("{in_progress} answers were RequestInProgress, {replayed} replays"));
+
+    let sql = pair.database.sql().await;
+    assert_eq!(count(&sql, "SELECT count(*) FROM sessions").await, ROUNDS as i64, "one session per round");
+    assert_eq!(
+        count(&sql, "SELECT count(*) FROM sessions WHERE state = 'Cancelled' AND version = 2").await,
+        ROUNDS as i64
+    );
+    let events = pair.events_per_session(&sql, CANCELLED).await;
+    assert_eq!(events.keys().copied().collect::<BTreeSet<_>>(), sessions.iter().copied().collect());
+    assert!(events.values().all(|n| *n == 1), "one event per session: {events:?}");
+    assert_eq!(count(&sql, "SELECT count(*) FROM events").await, ROUNDS as i64);
+    let created = pair.a.counter("redirect_sessions_created_total").await
+        + pair.b.counter("redirect_sessions_created_total").await;
+    assert_eq!(created, ROUNDS as u64, "each session was created by one instance");
+}
+
+fn writeln_stderr(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(std::io::stderr(), "{text}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_cancels_over_both_instances_change_the_state_once() {
+    let Some(pair) = Pair::start(&[]).await else { return };
+    let sessions = pair.create_sessions(4).await;
+    let pair = &pair;
+    let cancels = sessions.iter().flat_map(|id| (0..50).map(move |i| (*id, i)));
+    let answers =
+        join_all(cancels.map(|(id, i)| async move { (id, pair.either(i).cancel_session(&pair.key, id).await) })).await;
+    let mut bodies: HashMap<Uuid, BTreeSet<Vec<u8>>> = HashMap::new();
+    for (id, answer) in &answers {
+        assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+        assert_eq!(answer.json()["state"], "Cancelled");
+        bodies.entry(*id).or_default().insert(answer.body.clone());
+    }
+    for (id, distinct) in &bodies {
+        assert_eq!(distinct.len(), 1, "all 50 answers for {id} show the one cancelled session");
+    }
+
+    let sql = pair.database.sql().await;
+    let events = pair.events_per_session(&sql, CANCELLED).await;
+    assert_eq!(events.keys().copied().collect::<BTreeSet<_>>(), sessions.iter().copied().collect());
+    assert!(events.values().all(|n| *n == 1), "one event per session: {events:?}");
+    assert_eq!(count(&sql, "SELECT count(*) FROM events").await, sessions.len() as i64);
+    assert_eq!(
+        count(&sql, "SELECT count(*) FROM sessions WHERE state = 'Cancelled' AND version = 2").await,
+        sessions.len() as i64,
+        "one state change each"
+    );
+    let cancelled = pair.a.counter("redirect_sessions_cancelled_total").await
+        + pair.b.counter("redirect_sessions_cancelled_total").await;
+    assert_eq!(cancelled, sessions.len() as u64, "each session was cancelled by one request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expiry_sweeps_of_both_instances_record_each_expiry_once() {
+    let Some(pair) = Pair::start(&["--session-ttl", "1s"]).await else { return };
+    const SESSIONS: i64 = 100;
+    // Created in waves over about two seconds, so that expiries fall due across several ticks
+    // of both sweeps.
+    let mut sessions = Vec::new();
+    for _ in 0..10 {
+        sessions.extend(pair.create_sessions(SESSIONS as usize / 10).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sql = pair.database.sql().await;
+    until(DEADLINE, "every session to be recorded as Expired", || async {
+        count(&sql, "SELECT count(*) FROM sessions WHERE state = 'Expired'").await == SESSIONS
+    })
+    .await;
+
+    let events = pair.events_per_session(&sql, EXPIRED).await;
+    assert_eq!(events.keys().copied().collect::<BTreeSet<_>>(), sessions.iter().copied().collect());
+    assert!(events.values().all(|n| *n == 1), "one event per session: {events:?}");
+    assert_eq!(count(&sql, "SELECT count(*) FROM events").await, SESSIONS, "no other events");
+    assert_eq!(count(&sql, "SELECT count(*) FROM sessions WHERE version = 2").await, SESSIONS, "written once");
+    let (by_a, by_b) = (
+        pair.a.counter("redirect_sessions_expired_total").await,
+        pair.b.counter("redirect_sessions_expired_total").await,
+    );
+    assert_eq!(by_a + by_b, SESSIONS as u64, "each expiry was recorded by one sweep (A {by_a}, B {by_b})");
+    let _ = writeln_stderr(&format!("instance A recorded {by_a} expiries, instance B {by_b}"));
+}
+
+/// Per-instance webhook concurrency in the delivery tests: more requests in flight at the
+/// receiver than this prove that both dispatchers were sending at once.
+const CONCURRENCY: &str = "4";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_dispatchers_share_the_deliveries_and_each_is_made_once() {
+    let Some(pair) = Pair::start(&["--webhook-concurrency", CONCURRENCY]).await else { return };
+    let receiver = Receiver::start(Duration::from_millis(100)).await;
+    pair.subscribe(&receiver.url(), &[CANCELLED]).await;
+    const SESSIONS: usize = 200;
+    let sessions = pair.create_sessions(SESSIONS).await;
+    let cancels =
+        join_all(sessions.iter().enumerate().map(|(i, id)| pair.either(i + 1).cancel_session(&pair.key, *id)));
+    for answer in cancels.await {
+        assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    }
+
+    let sql = pair.database.sql().await;
+    until(Duration::from_secs(60), "every delivery to be recorded as Delivered", || async {
+        count(&sql, "SELECT count(*) FROM deliveries WHERE state = 'Delivered'").await == SESSIONS as i64
+    })
+    .await;
+    let events: BTreeSet<Uuid> =
+        sql.query("SELECT id FROM events", &[]).await.unwrap().iter().map(|row| row.get(0)).collect();
+    assert_eq!(events.len(), SESSIONS);
+    let receipts = receiver.receipts();
+    assert_eq!(receipts.keys().copied().collect::<BTreeSet<_>>(), events, "every event arrived");
+    assert!(receipts.values().all(|n| *n == 1), "no event was sent twice: {receipts:?}");
+    assert_eq!(count(&sql, "SELECT count(*) FROM deliveries").await, SESSIONS as i64);
+    assert_eq!(count(&sql, "SELECT count(*) FROM deliveries WHERE attempts = 1").await, SESSIONS as i64);
+    assert_eq!(
+        count(&sql, "SELECT count(*) FROM delivery_attempts WHERE status = 204").await,
+        SESSIONS as i64,
+        "one attempt per delivery"
+    );
+    let limit: usize = CONCURRENCY.parse().unwrap();
+    let _ = writeln_stderr(&format!("at most {} requests were in flight at once", receiver.max_in_flight()));
+    assert!(
+        receiver.max_in_flight() > limit,
+        "at most {limit} requests were in flight at once ({}), so only one dispatcher was sending",
+        receiver.max_in_flight()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_claimed_by_a_killed_instance_are_made_by_the_other_once_the_lease_runs_out() {
+    // The lease is the webhook timeout plus 30 s (src/webhooks/dispatcher.rs, LEASE_MARGIN).
+    let args = ["--webhook-concurrency", CONCURRENCY, "--webhook-timeout", "1s"];
+    let Some(mut pair) = Pair::start(&args).await else { return };
+    // Slow enough that the dispatchers hold their claims for a while, well within the timeout.
+    let receiver = Receiver::start(Duration::from_millis(200)).await;
+    pair.subscribe(&receiver.url(), &[CANCELLED]).await;
+    let dead = pair.a.dispatcher_id().await;
+    const SESSIONS: usize = 100;
+    let sessions = pair.create_sessions(SESSIONS).await;
+    let cancels = join_all(sessions.iter().enumerate().map(|(i, id)| pair.either(i).cancel_session(&pair.key, *id)));
+    for answer in cancels.await {
+        assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    }
+
+    // Kill A while it holds claims.
+    let sql = pair.database.sql().await;
+    let held_by_a = format!("SELECT count(*) FROM deliveries WHERE state = 'Pending' AND lease_owner = '{dead}'");
+    until(DEADLINE, "instance A to claim deliveries", || async { count(&sql, &held_by_a).await > 0 }).await;
+    pair.a.kill_9();
+    // Once A's connections are gone, nothing of A's can still commit.
+    until(DEADLINE, "instance A's connections to end", || async {
+        count(&sql, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'instance_a'").await == 0
+    })
+    .await;
+    let orphans: HashMap<Uuid, i64> = sql
+        .query(
+            "SELECT id, (extract(epoch FROM lease_until) * 1000)::bigint FROM deliveries
+              WHERE state = 'Pending' AND lease_owner = $1",
+            &[&dead],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert!(!orphans.is_empty(), "instance A died holding claims");
+    let _ = writeln_stderr(&format!("instance A died holding {} claims", orphans.len()));
+
+    until(Duration::from_secs(75), "instance B to deliver everything", || async {
+        count(&sql, "SELECT count(*) FROM deliveries WHERE state = 'Delivered'").await == SESSIONS as i64
+    })
+    .await;
+
+    // Every event arrived; a delivery lost with A may have arrived once more than recorded.
+    let rows = sql
+        .query(
+            "SELECT d.id, d.event_id, d.attempts,
+                    (SELECT (extract(epoch FROM min(a.started_on)) * 1000)::bigint
+                       FROM delivery_attempts a WHERE a.delivery_id = d.id AND a.status BETWEEN 200 AND 299)
+               FROM deliveries d",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), SESSIONS);
+    let receipts = receiver.receipts();
+    for row in rows {
+        let (delivery, event, attempts, succeeded): (Uuid, Uuid, i32, Option<i64>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let received = receipts.get(&event).copied().unwrap_or(0);
+        assert!(received >= 1, "event {event} never arrived");
+        let lost = usize::from(orphans.contains_key(&delivery));
+        assert!(
+            received <= attempts as usize + lost,
+            "event {event} arrived {received} times, but {attempts} attempts were recorded (orphan: {lost})"
+        );
+        if let Some(lease_until) = orphans.get(&delivery) {
+            let succeeded = succeeded.expect("a successful attempt");
+            assert!(
+                succeeded >= *lease_until,
+                "{delivery} was sent again at {succeeded}, before its lease ({lease_until}) ran out"
+            );
+        }
+    }
+}
