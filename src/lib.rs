@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod metrics;
+pub mod migrate_data;
 pub mod store;
 pub mod telemetry;
 pub mod webhooks;

@@ -1,5 +1,5 @@
 //! The `redirect-sessions` command line: serve, migrate, merchant, customer, signing-key,
-//! openapi. Bad settings stop it with one line on stderr and exit code 2.
+//! openapi, migrate-data. Bad settings stop it with one line on stderr and exit code 2.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use redirect_sessions::admin::{self, AdminError};
 use redirect_sessions::app::{self, AppState};
 use redirect_sessions::config::{Config, RawSettings};
 use redirect_sessions::domain::validate::parse_uuid;
+use redirect_sessions::migrate_data::{self, MigrateDataError};
 use redirect_sessions::{api, store, telemetry};
 use uuid::Uuid;
 
@@ -52,6 +53,16 @@ enum Command {
     SigningKey(SigningKeyCommand),
     /// Print the OpenAPI document.
     Openapi,
+    /// Copy every row of a SQLite deployment into an empty PostgreSQL database (stop the service
+    /// first). Prints the rows copied per table as JSON. The global --database-url is ignored.
+    MigrateData {
+        /// The SQLite database to copy, opened read-only: sqlite://PATH.
+        #[arg(long, value_name = "URL")]
+        from: Option<String>,
+        /// The PostgreSQL database to fill: postgres://… It is migrated first and must hold no rows.
+        #[arg(long, value_name = "URL")]
+        to: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -166,7 +177,14 @@ fn main() -> ExitCode {
         flags.webhook_dispatcher = serve.no_webhook_dispatcher.then_some(false);
         flags.log = serve.log.clone();
     }
-    let env: HashMap<String, String> = std::env::vars().collect();
+    let mut env: HashMap<String, String> = std::env::vars().collect();
+    if let Command::MigrateData { .. } = &cli.command {
+        // migrate-data names both databases itself; a database URL given for the other commands
+        // (flag or environment) is ignored rather than checked.
+        flags.database_url = None;
+        env.remove("DATABASE_URL");
+        env.remove("REDIRECT_SESSIONS_DATABASE_URL");
+    }
     let config = match Config::load(cli.config.as_deref(), &env, &flags) {
         Ok(config) => config,
         Err(error) => return usage_error(&error.to_string()),
@@ -196,6 +214,21 @@ async fn run(command: Command, config: Config) -> ExitCode {
             Err(error) => failure(&error.to_string()),
         },
         Command::Openapi => unreachable!("handled before the runtime starts"),
+        Command::MigrateData { from, to } => {
+            let settings = store::postgres::PoolSettings {
+                max_connections: 1,
+                acquire_timeout: config.database_acquire_timeout,
+                connect_timeout: config.database_connect_timeout,
+            };
+            match migrate_data::migrate_data(from.as_deref(), to.as_deref(), settings).await {
+                Ok(summary) => {
+                    println!("{}", summary.to_json());
+                    ExitCode::SUCCESS
+                }
+                Err(MigrateDataError::Usage(message)) => usage_error(&message),
+                Err(MigrateDataError::Failed(message)) => failure(&message),
+            }
+        }
         Command::Merchant(command) => {
             if let MerchantCommand::RotateKey { merchant_id } | MerchantCommand::Disable { merchant_id } = &command {
                 if let Err(AdminError::Invalid(message)) = merchant_uuid(merchant_id) {

@@ -146,6 +146,25 @@ impl PostgresStore {
     }
 }
 
+/// Applies every migration to the database at `url` without starting a store (no pool kept,
+/// no `LISTEN` connection), and answers the connection settings a store would use, for a
+/// connection of the caller's own (`migrate-data` loads its rows through one).
+pub async fn migrate_database(url: &str, settings: PoolSettings) -> Result<tokio_postgres::Config> {
+    let config = connection_config(url, settings)?;
+    let manager =
+        Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let pool = Pool::builder(manager)
+        .max_size(1)
+        .wait_timeout(Some(settings.acquire_timeout))
+        .create_timeout(Some(settings.connect_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
+    let mut client = pool.get().await.map_err(pool_error)?;
+    schema::migrate(&mut client).await?;
+    Ok(config)
+}
+
 /// The connection settings: the URL, plus timeouts and keepalives so that every wait is bounded.
 fn connection_config(url: &str, settings: PoolSettings) -> Result<tokio_postgres::Config> {
     // The parser's message never repeats the URL, which may hold a password.

@@ -1,0 +1,655 @@
+//! `redirect-sessions migrate-data` (the real binary): a SQLite deployment made through the real
+//! API — a merchant, a customer, sessions of all three types (one cancelled, one expired), an
+//! idempotent request, two subscriptions, a delivered and a pending delivery — moves into a
+//! fresh PostgreSQL database, and a server on PostgreSQL then answers exactly as the SQLite one
+//! did: the same bodies and ETags, the same idempotent replay, the same JWKS, the same
+//! subscriptions and deliveries, and the pending delivery gets delivered. A second move into
+//! the now non-empty database is refused and changes nothing; bad arguments exit 2.
+//!
+//! Needs `REDIRECT_SESSIONS_TEST_POSTGRES` (an admin URL such as
+//! `postgres://postgres@127.0.0.1:5432/postgres`); without it the test says it was skipped. The
+//! in-process servers are this file's own (the shared harness picks its backend from the
+//! environment; this test needs SQLite first and PostgreSQL after).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use redirect_sessions::admin;
+use redirect_sessions::app::{self, AppState};
+use redirect_sessions::config::{Config, DatabaseUrl};
+use reqwest::{Client, Method, RequestBuilder};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+const ENV: &str = "REDIRECT_SESSIONS_TEST_POSTGRES";
+const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
+const BASE: &str = "/customer-authentication-service/v1";
+/// The same public URL for every server, so that `redirectUrl` and error links match.
+const PUBLIC_URL: &str = "https://pay.example.com";
+const SUBSCRIPTIONS: &str = "/customer-authentication-service/v1/redirect-session-events/subscriptions";
+const DELIVERIES: &str = "/customer-authentication-service/v1/redirect-session-events/deliveries";
+/// How long anything awaited may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(30);
+/// The tables migrate-data copies, in its order.
+const TABLES: [&str; 9] = [
+    "merchants",
+    "customers",
+    "sessions",
+    "events",
+    "idempotency",
+    "signing_keys",
+    "subscriptions",
+    "deliveries",
+    "delivery_attempts",
+];
+
+// ---------------------------------------------------------------------------------------------
+// Harness: an in-process server, a webhook receiver, a PostgreSQL database of the test's own
+
+/// A server on port 0 over `database`, with the test settings changed by `adjust`.
+struct Server {
+    url: String,
+    client: Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+    state: AppState,
+}
+
+impl Server {
+    async fn start(database: DatabaseUrl, adjust: impl FnOnce(&mut Config)) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+        let address = listener.local_addr().unwrap();
+        let mut config = Config::defaults();
+        config.database_url = database;
+        config.listen = address;
+        config.public_url = PUBLIC_URL.parse().unwrap();
+        config.rate_limit_per_key = 0;
+        config.rate_limit_per_ip = 0;
+        config.allow_private_callbacks = true;
+        adjust(&mut config);
+        let state = AppState::open(config).await.expect("the service starts");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app::serve(state.clone(), listener, async move {
+            let _ = stopped.await;
+        }));
+        Server { url: format!("http://{address}"), client: Client::new(), stop: Some(stop), task: Some(task), state }
+    }
+
+    fn request(&self, method: Method, path: &str, key: &str) -> RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.url)).header("x-api-key", key)
+    }
+
+    /// `GET path`: status, ETag and the exact body.
+    async fn read(&self, path: &str, key: &str) -> Read {
+        let response = self.request(Method::GET, path, key).send().await.unwrap();
+        let status = response.status().as_u16();
+        let etag = response.headers().get("etag").map(|v| v.to_str().unwrap().to_owned());
+        Read { status, etag, body: String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap() }
+    }
+
+    async fn json(&self, method: Method, path: &str, key: &str, body: Option<&Value>) -> (u16, Value) {
+        let mut request = self.request(method, path, key);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+    }
+
+    async fn deliveries(&self, key: &str) -> Vec<Value> {
+        let (status, body) = self.json(Method::GET, &format!("{DELIVERIES}?limit=100"), key, None).await;
+        assert_eq!(status, 200, "{body}");
+        body["items"].as_array().unwrap().clone()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("the server task ends").expect("the server stops cleanly");
+        }
+    }
+}
+
+/// What a GET answered.
+#[derive(Debug, PartialEq, Eq)]
+struct Read {
+    status: u16,
+    etag: Option<String>,
+    body: String,
+}
+
+/// A webhook receiver answering `status` (changeable) and recording each request's
+/// `webhook-id` and body.
+struct Receiver {
+    url: String,
+    status: Arc<AtomicU16>,
+    received: Arc<Mutex<Vec<Callback>>>,
+    task: JoinHandle<()>,
+}
+
+/// One callback a receiver got: its `webhook-id` and its body.
+type Callback = (String, Vec<u8>);
+
+impl Receiver {
+    async fn answering(status: u16) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (answer, received) = (Arc::new(AtomicU16::new(status)), Arc::new(Mutex::new(Vec::new())));
+        let (a, i) = (answer.clone(), received.clone());
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (a, i) = (a.clone(), i.clone());
+                async move {
+                    let id = headers.get("webhook-id").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+                    i.lock().unwrap().push((id, body.to_vec()));
+                    StatusCode::from_u16(a.load(Ordering::SeqCst)).unwrap()
+                }
+            }),
+        );
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver { url: format!("http://{address}/hook"), status: answer, received, task }
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.received.lock().unwrap().iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    fn bodies(&self) -> Vec<Vec<u8>> {
+        self.received.lock().unwrap().iter().map(|(_, body)| body.clone()).collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A PostgreSQL database of its own (`rs_test_<uuid>`), dropped with its connections at the end.
+struct TestDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn create(admin: &str) -> TestDb {
+        let name = format!("rs_test_{}", Uuid::new_v4().simple());
+        connect(admin).await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("CREATE DATABASE");
+        let mut url = url::Url::parse(admin).expect("the admin URL parses");
+        url.set_path(&format!("/{name}"));
+        TestDb { admin: admin.to_owned(), name, url: url.to_string() }
+    }
+
+    /// Rows per table and a digest of every row, to show that nothing changed.
+    async fn fingerprint(&self) -> Vec<(String, i64, String)> {
+        let client = connect(&self.url).await;
+        let mut out = Vec::new();
+        for table in TABLES {
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            out.push((table.to_owned(), row.get(0), row.get(1)));
+        }
+        out
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop cannot await and the test's runtime may be gone: a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin, NoTls).await {
+                    let connection = tokio::spawn(connection);
+                    if let Err(e) = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await
+                    {
+                        let _ = writeln!(std::io::stderr(), "could not drop {name}: {e}");
+                    }
+                    drop(client);
+                    let _ = connection.await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connects to PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+/// How the binary finished.
+#[derive(Debug)]
+struct Finished {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    fn error_lines(&self) -> Vec<&str> {
+        self.stderr.lines().filter(|l| l.starts_with("error:")).collect()
+    }
+}
+
+/// Runs the binary with `args` and no settings from the environment, to its end.
+async fn run(args: &[&str]) -> Finished {
+    let mut command = Command::new(BIN);
+    command.args(args).stdin(Stdio::null()).env_remove("DATABASE_URL");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("REDIRECT_SESSIONS_") {
+            command.env_remove(name);
+        }
+    }
+    let output = tokio::task::spawn_blocking(move || command.output().expect("the binary runs")).await.unwrap();
+    Finished {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Polls `check` until it answers `Some`, failing after the deadline.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request bodies
+
+fn redirect_data() -> Value {
+    json!({
+        "successUrl": "https://merchant.example/success",
+        "failureUrl": "https://merchant.example/failure",
+        "abortUrl": "https://merchant.example/abort",
+        "qrCodeSuccessUrl": "https://merchant.example/qr"
+    })
+}
+
+fn new_transaction_intent(amount: Value) -> Value {
+    json!({
+        "type": "NewTransactionIntent",
+        "transactionData": {"type": "PassthroughWithdrawal", "amount": amount, "currency": "EUR",
+                            "externalReference": "order-4711"},
+        "redirectData": redirect_data(),
+        "locale": "en-GB"
+    })
+}
+
+fn subscription(callback_url: &str, event_types: &[&str]) -> Value {
+    json!({"callbackUrl": callback_url, "apiKey": "callback-key", "eventTypes": event_types})
+}
+
+fn session_path(id: Uuid) -> String {
+    format!("{BASE}/redirect-sessions/{id}")
+}
+
+/// Everything a merchant can read, captured to compare servers.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    sessions: Vec<Read>,
+    session_list: Read,
+    subscriptions: Vec<Read>,
+    subscription_list: Read,
+    deliveries: Read,
+    jwks: Read,
+    replay: (u16, Option<String>, Vec<u8>),
+}
+
+async fn snapshot(server: &Server, key: &str, sessions: &[Uuid], subscriptions: &[Uuid], replay: &Replay) -> Snapshot {
+    let mut reads = Vec::new();
+    for id in sessions {
+        reads.push(server.read(&session_path(*id), key).await);
+    }
+    let mut subscription_reads = Vec::new();
+    for id in subscriptions {
+        subscription_reads.push(server.read(&format!("{SUBSCRIPTIONS}/{id}"), key).await);
+    }
+    let replayed = server
+        .request(Method::PUT, &session_path(replay.session), key)
+        .header("x-request-id", replay.request_id.to_string())
+        .header("content-type", "application/json")
+        .body(replay.body.clone())
+        .send()
+        .await
+        .unwrap();
+    let replayed = (
+        replayed.status().as_u16(),
+        replayed.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_owned()),
+        replayed.bytes().await.unwrap().to_vec(),
+    );
+    Snapshot {
+        sessions: reads,
+        session_list: server.read(&format!("{BASE}/redirect-sessions?limit=100"), key).await,
+        subscriptions: subscription_reads,
+        subscription_list: server.read(&format!("{SUBSCRIPTIONS}?limit=100"), key).await,
+        deliveries: server.read(&format!("{DELIVERIES}?limit=100"), key).await,
+        jwks: server.read("/.well-known/jwks.json", key).await,
+        replay: replayed,
+    }
+}
+
+/// The idempotent request: a PUT with `x-request-id`, sent again to see it replayed.
+struct Replay {
+    session: Uuid,
+    request_id: Uuid,
+    body: Vec<u8>,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
+    let Ok(admin_url) = std::env::var(ENV) else {
+        // Straight to the stream: libtest hides `println!` output of passing tests.
+        let _ = writeln!(std::io::stderr(), "skipped: {ENV} not set");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite_path = dir.path().join("deployment.db");
+    let sqlite = || DatabaseUrl::Sqlite { path: sqlite_path.clone() };
+    let delivered_to = Receiver::answering(200).await;
+    let failing = Receiver::answering(500).await;
+
+    // --- 1. On SQLite, with sessions living one second: one session expires and its event is
+    // delivered.
+    let first = Server::start(sqlite(), |c| c.session_ttl = Duration::from_secs(1)).await;
+    let merchant = admin::create_merchant(&first.state.store, "Moving Shop").await.unwrap();
+    let key = merchant["apiKey"].as_str().unwrap().to_owned();
+    let customer = admin::create_customer(&first.state.store, "+4915112345678").await.unwrap();
+    let customer: Uuid = customer["customerId"].as_str().unwrap().parse().unwrap();
+    let all_events =
+        ["RedirectSessionCancelled", "RedirectSessionExpired", "RedirectSessionCompleted", "RedirectSessionAborted"];
+    let (sub_ok, sub_failing) = (Uuid::new_v4(), Uuid::new_v4());
+    let body = subscription(&delivered_to.url, &all_events);
+    let (status, created) = first.json(Method::PUT, &format!("{SUBSCRIPTIONS}/{sub_ok}"), &key, Some(&body)).await;
+    assert_eq!(status, 201, "{created}");
+    let body = subscription(&failing.url, &["RedirectSessionCancelled"]);
+    let (status, created) = first.json(Method::PUT, &format!("{SUBSCRIPTIONS}/{sub_failing}"), &key, Some(&body)).await;
+    assert_eq!(status, 201, "{created}");
+
+    let expired = Uuid::new_v4();
+    let (status, body) =
+        first.json(Method::PUT, &session_path(expired), &key, Some(&new_transaction_intent(json!(100.5)))).await;
+    assert_eq!(status, 201, "{body}");
+    // Until the sweep has recorded the expiry (ETag without `-expired`) and its event is
+    // delivered, the moved copy could differ only because of timing.
+    eventually("the expiry recorded", || async {
+        let read = first.read(&session_path(expired), &key).await;
+        let body: Value = serde_json::from_str(&read.body).unwrap();
+        (body["state"] == "Expired" && !read.etag.as_deref().unwrap_or("-expired").contains("expired")).then_some(())
+    })
+    .await;
+    eventually("the expiry delivered", || async {
+        let deliveries = first.deliveries(&key).await;
+        (deliveries.len() == 1 && deliveries[0]["state"] == "Delivered").then_some(())
+    })
+    .await;
+    first.stop().await;
+
+    // --- 2. On SQLite again, sessions living 15 minutes, retries after 6 s: the other session
+    // types, an idempotent create, a cancel delivered to one receiver and failing at the other.
+    let second = Server::start(sqlite(), |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
+    let (cancelled, existing, new_customer, by_direction) =
+        (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let mut with_customer = new_transaction_intent(json!(100.50));
+    with_customer["customerId"] = json!(customer);
+    let replay =
+        Replay { session: cancelled, request_id: Uuid::new_v4(), body: serde_json::to_vec(&with_customer).unwrap() };
+    let response = second
+        .request(Method::PUT, &session_path(cancelled), &key)
+        .header("x-request-id", replay.request_id.to_string())
+        .header("content-type", "application/json")
+        .body(replay.body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let first_answer = response.bytes().await.unwrap().to_vec();
+    let bodies = [
+        (
+            existing,
+            json!({"type": "ExistingTransactionIntent", "transactionIntentId": Uuid::new_v4(),
+                   "customerId": customer, "redirectData": redirect_data(), "locale": "de"}),
+        ),
+        (
+            new_customer,
+            json!({"type": "NewCustomer", "redirectData": redirect_data(), "locale": "fr",
+                   "customerData": {"firstName": "Erika", "lastName": "Mustermann", "email": "erika@example.com",
+                                    "phoneNumber": "+4915112345678", "dateOfBirth": "1980-02-29"}}),
+        ),
+        (
+            by_direction,
+            json!({"type": "NewTransactionIntent",
+                   "transactionData": {"direction": "MerchantToCustomer", "amount": 0.01, "currency": "EUR"},
+                   "redirectData": redirect_data()}),
+        ),
+    ];
+    for (id, body) in &bodies {
+        let (status, answer) = second.json(Method::PUT, &session_path(*id), &key, Some(body)).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    let (status, answer) = second.json(Method::POST, &format!("{}/cancel", session_path(cancelled)), &key, None).await;
+    assert_eq!((status, &answer["state"]), (200, &json!("Cancelled")), "{answer}");
+    // One delivery delivered, one failed once and pending a retry in about 6 s.
+    eventually("the cancel delivered and failed once", || async {
+        let deliveries = second.deliveries(&key).await;
+        let of = |sub: Uuid| {
+            deliveries
+                .iter()
+                .find(|d| d["subscriptionId"] == json!(sub) && d["eventType"] == "RedirectSessionCancelled")
+                .cloned()
+        };
+        match (of(sub_ok), of(sub_failing)) {
+            (Some(ok), Some(bad))
+                if ok["state"] == "Delivered" && bad["attempts"].as_array().map(Vec::len) == Some(1) =>
+            {
+                Some(())
+            }
+            _ => None,
+        }
+    })
+    .await;
+    let sessions = [expired, cancelled, existing, new_customer, by_direction];
+    let subscriptions = [sub_ok, sub_failing];
+    let before = snapshot(&second, &key, &sessions, &subscriptions, &replay).await;
+    second.stop().await;
+    assert_eq!(before.replay, (201, Some("true".to_owned()), first_answer), "replayed on SQLite");
+    assert!(before.sessions.iter().all(|r| r.status == 200 && r.etag.is_some()), "{before:?}");
+    let pending: Vec<Value> = serde_json::from_str::<Value>(&before.deliveries.body).unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["state"] == "Pending")
+        .cloned()
+        .collect();
+    assert_eq!(pending.len(), 1, "{}", before.deliveries.body);
+    let pending_id = pending[0]["id"].as_str().unwrap().to_owned();
+    let pending_event = pending[0]["eventId"].as_str().unwrap().to_owned();
+    assert_eq!(failing.ids(), vec![pending_event.clone()], "the failing receiver saw the event once");
+
+    // --- 3. Move it.
+    let target = TestDb::create(&admin_url).await;
+    let from = format!("sqlite://{}", sqlite_path.display());
+    let started = Instant::now();
+    // The global --database-url is not for migrate-data: even an unusable one is ignored.
+    let moved = run(&["migrate-data", "--from", &from, "--to", &target.url, "--database-url", "mysql://ignored"]).await;
+    assert_eq!(moved.code, Some(0), "{moved:?}");
+    let _ = writeln!(std::io::stderr(), "migrate-data took {:?}", started.elapsed());
+    let lines: Vec<&str> = moved.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line on stdout: {moved:?}");
+    let summary: Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(
+        summary,
+        json!({"merchants": 1, "customers": 1, "sessions": 5, "events": 2, "idempotency": 1, "signing_keys": 1,
+               "subscriptions": 2, "deliveries": 3, "delivery_attempts": 3}),
+        "{moved:?}"
+    );
+    let source = rusqlite::Connection::open(&sqlite_path).unwrap();
+    for table in TABLES {
+        let rows: i64 = source.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap();
+        assert_eq!(summary[table], json!(rows), "{table}: every row of the source");
+    }
+    drop(source);
+    for table in TABLES {
+        assert!(moved.stderr.contains(&format!("{table}: ")), "a progress line for {table}: {}", moved.stderr);
+    }
+
+    // What only PostgreSQL has: the numeric amount beside the spec, and no leases.
+    let sql = connect(&target.url).await;
+    let amounts: Vec<(String, Option<String>, Option<String>)> = sql
+        .query("SELECT id::text, amount::text, currency FROM sessions", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let amount_of = |id: Uuid| {
+        let row = amounts.iter().find(|(i, ..)| *i == id.to_string()).unwrap();
+        (row.1.as_deref(), row.2.as_deref())
+    };
+    assert_eq!(amount_of(expired), (Some("100.50"), Some("EUR")));
+    assert_eq!(amount_of(cancelled), (Some("100.50"), Some("EUR")));
+    assert_eq!(amount_of(by_direction), (Some("0.01"), Some("EUR")));
+    assert_eq!(amount_of(existing), (None, None));
+    assert_eq!(amount_of(new_customer), (None, None));
+    let leased: i64 = sql
+        .query_one("SELECT count(*) FROM deliveries WHERE lease_owner IS NOT NULL OR lease_until IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leased, 0, "leases are cleared");
+    drop(sql);
+
+    // --- 4. On PostgreSQL (dispatcher off, so nothing moves while comparing): the same answers.
+    let postgres = || DatabaseUrl::Postgres(target.url.clone());
+    let third = Server::start(postgres(), |c| {
+        c.webhook_dispatcher = false;
+        c.expiry_sweep = false;
+    })
+    .await;
+    let after = snapshot(&third, &key, &sessions, &subscriptions, &replay).await;
+    third.stop().await;
+    for (index, (was, is)) in before.sessions.iter().zip(&after.sessions).enumerate() {
+        assert_eq!(was, is, "session {} reads the same (body and ETag)", sessions[index]);
+    }
+    assert_eq!(before.replay, after.replay, "the idempotent replay is byte-identical");
+    assert_eq!(before.jwks, after.jwks, "the same signing keys");
+    assert_eq!(before.subscriptions, after.subscriptions, "the subscriptions read the same");
+    assert_eq!(before.subscription_list, after.subscription_list, "the subscriptions list the same");
+    assert_eq!(before.deliveries, after.deliveries, "the deliveries list the same");
+    assert_eq!(before.session_list, after.session_list, "the sessions list the same");
+    assert_eq!(before, after);
+
+    // --- 5. With the dispatcher on and the receiver fixed, the pending delivery is delivered
+    // (the same event), and nothing already delivered is sent again.
+    failing.status.store(200, Ordering::SeqCst);
+    let delivered_before = delivered_to.ids();
+    let fourth = Server::start(postgres(), |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
+    let delivery = eventually("the pending delivery delivered on PostgreSQL", || async {
+        let deliveries = fourth.deliveries(&key).await;
+        deliveries.into_iter().find(|d| d["id"] == json!(pending_id) && d["state"] == "Delivered")
+    })
+    .await;
+    let statuses: Vec<Value> =
+        delivery["attempts"].as_array().unwrap().iter().map(|a| a["statusCode"].clone()).collect();
+    assert_eq!(statuses, [json!(500), json!(200)], "{delivery}");
+    assert_eq!(delivery["eventId"], json!(pending_event), "{delivery}");
+    assert_eq!(failing.ids(), [pending_event.clone(), pending_event.clone()], "the same event, attempted again");
+    let bodies = failing.bodies();
+    assert_eq!(bodies[0], bodies[1], "the same webhook body from SQLite and from PostgreSQL");
+    assert_eq!(delivered_to.ids(), delivered_before, "nothing delivered is sent again");
+    // The moved deployment goes on working: a new session on PostgreSQL.
+    let (status, answer) =
+        fourth.json(Method::PUT, &session_path(Uuid::new_v4()), &key, Some(&new_transaction_intent(json!(7)))).await;
+    assert_eq!(status, 201, "{answer}");
+    fourth.stop().await;
+
+    // --- 6. Moving again into the now non-empty database is refused and changes nothing.
+    let unchanged = target.fingerprint().await;
+    let again = run(&["migrate-data", "--from", &from, "--to", &target.url]).await;
+    assert_eq!(again.code, Some(1), "{again:?}");
+    assert_eq!(again.stdout, "", "{again:?}");
+    let errors = again.error_lines();
+    assert_eq!(errors.len(), 1, "one error line: {again:?}");
+    assert!(errors[0].contains("not empty"), "{again:?}");
+    assert_eq!(target.fingerprint().await, unchanged, "the refused move changed nothing");
+
+    // A source that was never migrated is refused before the target is touched.
+    let unmigrated = dir.path().join("unmigrated.db");
+    rusqlite::Connection::open(&unmigrated).unwrap().execute_batch("CREATE TABLE other (x INTEGER)").unwrap();
+    let unmigrated_url = format!("sqlite://{}", unmigrated.display());
+    let refused = run(&["migrate-data", "--from", &unmigrated_url, "--to", &target.url]).await;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    let errors = refused.error_lines();
+    assert_eq!(errors.len(), 1, "{refused:?}");
+    assert!(errors[0].contains(&format!("redirect-sessions migrate --database-url {unmigrated_url}")), "{refused:?}");
+    assert_eq!(target.fingerprint().await, unchanged, "the refused move changed nothing");
+
+    // --- 7. Bad arguments: one line on stderr, exit code 2, nothing touched.
+    bad_arguments_exit_2(&from, &target.url, dir.path()).await;
+    assert_eq!(target.fingerprint().await, unchanged, "bad arguments changed nothing");
+}
+
+async fn bad_arguments_exit_2(from: &str, to: &str, dir: &Path) {
+    let other_sqlite = format!("sqlite://{}", PathBuf::from(dir).join("other.db").display());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["migrate-data"], "--from"),
+        (vec!["migrate-data", "--to", to], "--from"),
+        (vec!["migrate-data", "--from", from], "--to"),
+        (vec!["migrate-data", "--from", to, "--to", to], "same"),
+        (vec!["migrate-data", "--from", from, "--to", from], "same"),
+        (vec!["migrate-data", "--from", to, "--to", "postgres://elsewhere/x"], "--from"),
+        (vec!["migrate-data", "--from", from, "--to", &other_sqlite], "--to"),
+        (vec!["migrate-data", "--from", "mysql://db/x", "--to", to], "--from"),
+        (vec!["migrate-data", "--from", from, "--to", "mysql://u:hunter2@db/x"], "--to"),
+    ];
+    for (args, named) in cases {
+        let finished = run(&args).await;
+        assert_eq!(finished.code, Some(2), "{args:?}: {finished:?}");
+        assert_eq!(finished.stdout, "", "{args:?}: {finished:?}");
+        let lines: Vec<&str> = finished.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line on stderr: {finished:?}");
+        assert!(lines[0].starts_with("error:") && lines[0].contains(named), "{args:?}: {finished:?}");
+        assert!(!lines[0].contains("hunter2"), "{args:?}: the password is not shown: {finished:?}");
+    }
+    assert!(!dir.join("other.db").exists(), "no bad argument created a file");
+}
