@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -577,8 +577,6 @@ async fn run(args: Args) {
     if wants("webhooks") {
         webhooks(&mut server, &key, &args, &mut rows).await;
     }
-    let stop = AtomicBool::new(false);
-    stop.store(true, Ordering::Relaxed);
 
     println!(
         "connections: {}, duration per scenario: {:?}, prefilled sessions: {}",
