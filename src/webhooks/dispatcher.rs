@@ -1,7 +1,8 @@
 //! The dispatcher: claims due deliveries with a lease, sends them with bounded concurrency,
 //! and records every attempt and what follows from it (see `docs/DESIGN.md`).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -42,14 +43,22 @@ pub async fn run(store: DynStore, client: WebhookClient, settings: DispatcherSet
     let slots = Arc::new(Semaphore::new(settings.concurrency));
     let (results, queue) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record_results(store.clone(), queue));
-    let context = Arc::new(Sender { client, settings, owner });
+    let context = Arc::new(Sender { client, settings, owner, in_flight: Mutex::new(HashSet::new()) });
     claim_loop(&store, &context, &slots, &results, stopped).await;
 
     // Let attempts in flight finish (each is bounded by the request timeout), then flush.
     let all = u32::try_from(context.settings.concurrency).unwrap_or(u32::MAX);
     let wait = context.settings.timeout + Duration::from_secs(1);
     if tokio::time::timeout(wait, slots.acquire_many(all)).await.is_err() {
-        tracing::warn!("webhook attempts still in flight at shutdown; their leases will expire");
+        // Give their deliveries back at once rather than when the lease runs out; a result
+        // that still arrives is then refused (the lease is gone), and another dispatcher sends
+        // them again: at least once.
+        let unfinished: Vec<Uuid> =
+            context.in_flight.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
+        tracing::warn!(deliveries = unfinished.len(), "webhook attempts still in flight at shutdown; releasing them");
+        if let Err(error) = store.release_claims(owner, unfinished).await {
+            tracing::warn!(%error, "could not release claimed deliveries; their leases will run out");
+        }
     }
     drop(results);
     let _ = recorder.await;
@@ -118,6 +127,8 @@ struct Sender {
     client: WebhookClient,
     settings: DispatcherSettings,
     owner: Uuid,
+    /// Deliveries claimed and not yet answered, so that shutdown can release them.
+    in_flight: Mutex<HashSet<Uuid>>,
 }
 
 impl Sender {
@@ -127,6 +138,7 @@ impl Sender {
         _slot: OwnedSemaphorePermit,
         results: mpsc::UnboundedSender<AttemptOutcome>,
     ) {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(delivery.id);
         let started = Timestamp::now();
         let body = cloud_event(&delivery);
         let event_id = delivery.event_id.to_string();
@@ -145,6 +157,7 @@ impl Sender {
         let result = self.client.post(&delivery.callback_url, &headers, body.into_bytes().into()).await;
         let next = next_step(&result, delivery.retry_index, &self.settings.retry_schedule, Timestamp::now());
         log_attempt(&delivery, &result, next);
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&delivery.id);
         let _ = results.send(AttemptOutcome {
             delivery_id: delivery.id,
             owner: self.owner,
