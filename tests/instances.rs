@@ -9,9 +9,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +17,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
+use common::binary::{command, Served};
 use common::*;
 use futures_util::future::join_all;
 use reqwest::Method;
@@ -28,7 +26,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
 /// How long a process may take to start, and a poll for a condition may take, before a test fails.
 const DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
@@ -40,43 +37,11 @@ const EXPIRED: &str = "RedirectSessionExpired";
 // Two instances
 // ---------------------------------------------------------------------------------------------
 
-/// A running `serve` process; killed (SIGKILL) when dropped, so a failing test leaves no
-/// process behind.
+/// A running `serve` process with a name; killed (SIGKILL) when dropped, so a failing test
+/// leaves no process behind.
 struct Instance {
     name: &'static str,
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    url: String,
-    client: reqwest::Client,
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// The binary with no settings inherited from the environment.
-fn binary(args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command.args(args).stdin(Stdio::null()).env_remove("DATABASE_URL");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("REDIRECT_SESSIONS_") {
-            command.env_remove(name);
-        }
-    }
-    command
-}
-
-/// The first `IP:port` with a non-zero port among the words of a log line (`address=…`).
-fn address_in(line: &str) -> Option<SocketAddr> {
-    line.split_whitespace()
-        .map(|word| word.rsplit('=').next().unwrap_or(word).trim_matches(|c| c == '"' || c == ','))
-        .filter_map(|word| word.parse::<SocketAddr>().ok())
-        .find(|address| address.port() != 0)
+    served: Served,
 }
 
 impl Instance {
@@ -102,40 +67,16 @@ impl Instance {
             PUBLIC_URL,
         ];
         all.extend(args);
-        let mut child = binary(&all).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let collected = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                match line {
-                    Ok(line) => collected.lock().unwrap().push(line),
-                    Err(_) => break,
-                }
-            }
-        });
-        Instance { name, child, lines, url: String::new(), client: reqwest::Client::new() }
+        Instance { name, served: Served::spawn(name, command(&all)) }
     }
 
     /// Waits for the `listening` line and takes the address from it.
-    async fn start(mut self) -> Instance {
-        let deadline = Instant::now() + DEADLINE;
-        let address = loop {
-            if let Some(line) = self.lines().into_iter().find(|l| l.contains("listening")) {
-                break address_in(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited with {status} before listening: {:?}", self.name, self.lines());
-            }
-            assert!(Instant::now() < deadline, "{} did not log `listening`: {:?}", self.name, self.lines());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        self.url = format!("http://{address}");
-        self
+    async fn start(self) -> Instance {
+        Instance { name: self.name, served: self.served.listening().await }
     }
 
     fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.served.lines()
     }
 
     /// The id the dispatcher leases deliveries under (from its `webhook dispatcher started` line).
@@ -156,7 +97,7 @@ impl Instance {
     }
 
     fn request(&self, method: Method, path: &str, key: &str) -> reqwest::RequestBuilder {
-        self.client.request(method, format!("{}{path}", self.url)).header("x-api-key", key)
+        self.served.request(method, path, key)
     }
 
     /// A request and its whole answer.
@@ -182,7 +123,8 @@ impl Instance {
 
     /// The value of a counter on `/metrics`.
     async fn counter(&self, name: &str) -> u64 {
-        let text = self.client.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap();
+        let text =
+            self.served.client.get(format!("{}/metrics", self.served.url)).send().await.unwrap().text().await.unwrap();
         text.lines()
             .find_map(|line| line.strip_prefix(&format!("{name} ")))
             .unwrap_or_else(|| panic!("no {name} in the metrics of {}:\n{text}", self.name))
@@ -192,8 +134,7 @@ impl Instance {
 
     /// SIGKILL, as a crash; waits until the process is gone.
     fn kill_9(&mut self) {
-        self.child.kill().expect("the child can be killed");
-        self.child.wait().expect("the child can be waited for");
+        self.served.kill_9();
     }
 }
 
@@ -247,7 +188,7 @@ impl Pair {
         let created = {
             let url = url.clone();
             tokio::task::spawn_blocking(move || {
-                binary(&["merchant", "create", "--name", "Two Instance Shop", "--database-url", &url])
+                command(&["merchant", "create", "--name", "Two Instance Shop", "--database-url", &url])
                     .output()
                     .expect("merchant create runs")
             })

@@ -11,14 +11,16 @@
 //! in-process servers are this file's own (the shared harness picks its backend from the
 //! environment; this test needs SQLite first and PostgreSQL after).
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
+use common::binary::{command, Finished};
 use redirect_sessions::admin;
 use redirect_sessions::app::{self, AppState};
 use redirect_sessions::config::{Config, DatabaseUrl};
@@ -31,7 +33,6 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 const ENV: &str = "REDIRECT_SESSIONS_TEST_POSTGRES";
-const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
 const BASE: &str = "/customer-authentication-service/v1";
 /// The same public URL for every server, so that `redirectUrl` and error links match.
 const PUBLIC_URL: &str = "https://pay.example.com";
@@ -245,29 +246,9 @@ async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// How the binary finished.
-#[derive(Debug)]
-struct Finished {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn error_lines(&self) -> Vec<&str> {
-        self.stderr.lines().filter(|l| l.starts_with("error:")).collect()
-    }
-}
-
 /// Runs the binary with `args` and no settings from the environment, to its end.
 async fn run(args: &[&str]) -> Finished {
-    let mut command = Command::new(BIN);
-    command.args(args).stdin(Stdio::null()).env_remove("DATABASE_URL");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("REDIRECT_SESSIONS_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = command(args);
     let output = tokio::task::spawn_blocking(move || command.output().expect("the binary runs")).await.unwrap();
     Finished {
         code: output.status.code(),

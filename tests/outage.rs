@@ -7,18 +7,19 @@
 //! `postgres` OS user when the tests run as root, since initdb refuses root), so it can stop and
 //! start the server at will. Without the PostgreSQL server binaries it says it was skipped.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
+mod common;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::binary::{command, Served};
+use common::new_transaction_intent;
 use reqwest::{Client, Method, Response};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
 const BASE: &str = "/customer-authentication-service/v1";
 /// A request that takes longer than this hangs, as far as this test is concerned.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -174,85 +175,7 @@ fn free_port() -> u16 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The real binary
-
-/// The binary with `args` and no settings from the environment.
-fn command(args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command.args(args).stdin(Stdio::null()).env_remove("DATABASE_URL");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("REDIRECT_SESSIONS_") {
-            command.env_remove(name);
-        }
-    }
-    command
-}
-
-/// A running `serve`: its log lines and the address it listens on; killed when dropped.
-struct Served {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    url: String,
-}
-
-impl Served {
-    fn start(args: &[&str]) -> Served {
-        let mut child = command(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("serve starts");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let collected = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                collected.lock().unwrap().push(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let address = loop {
-            let listening = lines.lock().unwrap().iter().find(|l| l.contains("listening")).cloned();
-            if let Some(line) = listening {
-                break address_in(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("serve exited with {status}: {:?}", lines.lock().unwrap());
-            }
-            assert!(Instant::now() < deadline, "serve did not start: {:?}", lines.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        Served { child, lines, url: format!("http://{address}") }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The first `IP:port` with a non-zero port among the words of a log line.
-fn address_in(line: &str) -> Option<SocketAddr> {
-    line.split_whitespace()
-        .map(|word| word.rsplit('=').next().unwrap_or(word).trim_matches(|c| c == '"' || c == ','))
-        .filter_map(|word| word.parse::<SocketAddr>().ok())
-        .find(|address| address.port() != 0)
-}
-
-fn new_transaction_intent() -> Value {
-    json!({
-        "type": "NewTransactionIntent",
-        "transactionData": {"type": "PassthroughWithdrawal", "amount": 100.5, "currency": "EUR"},
-        "redirectData": {
-            "successUrl": "https://merchant.example/success",
-            "failureUrl": "https://merchant.example/failure",
-            "abortUrl": "https://merchant.example/abort"
-        },
-        "locale": "en-GB"
-    })
-}
+// Requests
 
 /// A request that must be answered within `CLIENT_TIMEOUT`.
 async fn send(client: &Client, method: Method, url: String, key: &str, body: Option<&Value>) -> Response {

@@ -4,23 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::binary::{command, run, Served};
 use common::{assert_error, new_transaction_intent, status_and_json, TestDatabase, BASE};
-use reqwest::{Client, Method, Response};
+use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
-/// How long a child may take to start, answer or stop before a test fails.
-const DEADLINE: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(10);
 
 /// A temporary working directory, and a fresh database of the backend under test: on SQLite a
 /// file in the directory, on PostgreSQL a database of its own (dropped with the workspace).
@@ -46,13 +37,8 @@ impl Workspace {
 
     /// The binary, run in this directory, with no settings inherited from the environment.
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
-        command.args(args).current_dir(self.path()).stdin(Stdio::null()).env_remove("DATABASE_URL");
-        for (name, _) in std::env::vars() {
-            if name.starts_with("REDIRECT_SESSIONS_") {
-                command.env_remove(name);
-            }
-        }
+        let mut command = command(args);
+        command.current_dir(self.path());
         command
     }
 
@@ -79,120 +65,18 @@ impl Workspace {
         all.extend(args);
         let mut command = self.command(&all);
         command.envs(env.iter().copied());
-        Served::start(command)
+        Served::start_command(command)
     }
 }
 
-/// Kills a child that is still running when dropped.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
+/// The session calls of these tests, on a running `serve`.
+trait SessionCalls {
+    async fn put_session(&self, api_key: &str, id: Uuid, body: &Value) -> Response;
+    async fn get_session(&self, api_key: &str, id: Uuid) -> Response;
+    async fn cancel_session(&self, api_key: &str, id: Uuid) -> Response;
 }
 
-/// Waits for `child` to exit, failing the test after the deadline.
-fn wait_for_exit(child: &mut Child, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(status) = child.try_wait().expect("the child can be waited for") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "{what} did not exit within {DEADLINE:?}");
-        std::thread::sleep(POLL);
-    }
-}
-
-/// What a finished command printed and how it exited.
-#[derive(Debug)]
-struct Finished {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn single_json_line(&self) -> Value {
-        let lines: Vec<&str> = self.stdout.lines().collect();
-        assert_eq!(lines.len(), 1, "exactly one line on stdout: {self:?}");
-        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
-    }
-
-    fn stderr_lines(&self) -> Vec<&str> {
-        self.stderr.lines().collect()
-    }
-}
-
-fn read_all(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = pipe.read_to_string(&mut text);
-        text
-    })
-}
-
-/// Runs a command to its end (within the deadline).
-fn run(mut command: Command) -> Finished {
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = ChildGuard(command.spawn().expect("the binary starts"));
-    let stdout = read_all(child.0.stdout.take().unwrap());
-    let stderr = read_all(child.0.stderr.take().unwrap());
-    let status = wait_for_exit(&mut child.0, &format!("{command:?}"));
-    Finished { code: status.code(), stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
-}
-
-/// A running `serve` process: its log lines (stderr) and the address it listens on.
-struct Served {
-    child: ChildGuard,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<JoinHandle<()>>,
-    url: String,
-    client: Client,
-}
-
-impl Served {
-    fn start(mut command: Command) -> Served {
-        command.stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = ChildGuard(command.spawn().expect("the binary starts"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.0.stderr.take().unwrap();
-        let collected = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                match line {
-                    Ok(line) => collected.lock().unwrap().push(line),
-                    Err(_) => break,
-                }
-            }
-        });
-        let deadline = Instant::now() + DEADLINE;
-        let address = loop {
-            let listening = lines.lock().unwrap().iter().find(|l| l.contains("listening")).cloned();
-            if let Some(line) = listening {
-                break address_in(&line).unwrap_or_else(|| panic!("no listening address in {line:?}"));
-            }
-            if let Some(status) = child.0.try_wait().unwrap() {
-                let _ = reader.join();
-                panic!("serve exited with {status} before listening: {:?}", lines.lock().unwrap());
-            }
-            assert!(Instant::now() < deadline, "serve did not log `listening`: {:?}", lines.lock().unwrap());
-            std::thread::sleep(POLL);
-        };
-        Served { child, lines, reader: Some(reader), url: format!("http://{address}"), client: Client::new() }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    fn request(&self, method: Method, path: &str, api_key: &str) -> reqwest::RequestBuilder {
-        self.client.request(method, format!("{}{path}", self.url)).header("x-api-key", api_key)
-    }
-
+impl SessionCalls for Served {
     async fn put_session(&self, api_key: &str, id: Uuid, body: &Value) -> Response {
         self.request(Method::PUT, &format!("{BASE}/redirect-sessions/{id}"), api_key).json(body).send().await.unwrap()
     }
@@ -204,33 +88,6 @@ impl Served {
     async fn cancel_session(&self, api_key: &str, id: Uuid) -> Response {
         self.request(Method::POST, &format!("{BASE}/redirect-sessions/{id}/cancel"), api_key).send().await.unwrap()
     }
-
-    /// Waits for the process to exit and for its last log line to be read.
-    fn wait_for_exit(&mut self) -> ExitStatus {
-        let status = wait_for_exit(&mut self.child.0, "serve");
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        status
-    }
-
-    /// SIGKILL, as a crash.
-    fn kill_9(mut self) {
-        self.child.0.kill().expect("the child can be killed");
-        self.wait_for_exit();
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.0.id()
-    }
-}
-
-/// The first `IP:port` with a non-zero port among the words of a log line (`address=…`).
-fn address_in(line: &str) -> Option<SocketAddr> {
-    line.split_whitespace()
-        .map(|word| word.rsplit('=').next().unwrap_or(word).trim_matches(|c| c == '"' || c == ','))
-        .filter_map(|word| word.parse::<SocketAddr>().ok())
-        .find(|address| address.port() != 0)
 }
 
 fn millis(text: &Value) -> i64 {
@@ -535,7 +392,7 @@ async fn serve_logs_one_listening_line_with_the_address_it_is_bound_to() {
 async fn a_session_survives_kill_9_and_can_be_cancelled_after_a_restart() {
     let workspace = Workspace::new();
     let (_, key) = workspace.merchant("Durable Shop");
-    let served = workspace.serve(&[], &[]);
+    let mut served = workspace.serve(&[], &[]);
     let (id, request_id) = (Uuid::new_v4(), Uuid::new_v4());
     let put = |served: &Served| {
         served
@@ -567,8 +424,7 @@ async fn sigterm_stops_the_server_gracefully_with_exit_status_0() {
     // A pooled keep-alive connection stays open across the signal.
     assert_eq!(served.put_session(&key, Uuid::new_v4(), &new_transaction_intent()).await.status(), 201);
 
-    let signalled = Command::new("kill").args(["-TERM", &served.pid().to_string()]).status().unwrap();
-    assert!(signalled.success());
+    served.terminate();
     let status = served.wait_for_exit();
     assert_eq!(status.code(), Some(0), "{status}: {:?}", served.lines());
     let lines = served.lines();
@@ -594,7 +450,7 @@ async fn signing_key_rotate_makes_serve_publish_the_new_key_beside_the_old_one()
     let kids = |jwks: &Value| -> Vec<String> {
         jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect()
     };
-    let served = workspace.serve(&[], &[]);
+    let mut served = workspace.serve(&[], &[]);
     let (_, first) = status_and_json(jwks(&served).await.unwrap()).await;
     let first = kids(&first);
     assert_eq!(first.len(), 1, "{first:?}");

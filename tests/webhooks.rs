@@ -9,12 +9,9 @@
 mod common;
 mod webhook_support;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::binary::{command, Served};
 use common::*;
 use redirect_sessions::domain::time::Timestamp;
 use redirect_sessions::store::webhooks::{AttemptOutcome, AttemptRecord, NextStep, Retention};
@@ -575,103 +572,26 @@ async fn stopping_the_server_waits_for_an_attempt_in_flight_and_records_it() {
 
 // ----- The real binary, killed with SIGKILL between the commit and the delivery -----
 
-const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
-const PROCESS_DEADLINE: Duration = Duration::from_secs(30);
-
-/// The binary with no settings inherited from the environment.
-fn binary(args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command.args(args).stdin(Stdio::null()).env_remove("DATABASE_URL");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("REDIRECT_SESSIONS_") {
-            command.env_remove(name);
-        }
-    }
-    command
+/// `serve --listen 127.0.0.1:0 --database-url <url> <args>`; waits for its `listening` line.
+async fn serve(database_url: &str, args: &[&str]) -> Served {
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0", "--database-url", database_url];
+    all.extend(args);
+    Served::spawn("serve", command(&all)).listening().await
 }
 
-/// A running `serve`; killed (SIGKILL) when dropped, so a failing test leaves no process behind.
-struct Served {
-    child: Child,
-    url: String,
-    client: reqwest::Client,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+/// A call to a running `serve` and its JSON answer.
+async fn call(served: &Served, method: Method, path: &str, key: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut request = served.request(method, path, key);
+    if let Some(body) = body {
+        request = request.json(body);
     }
-}
-
-/// The first `IP:port` with a non-zero port among the words of a log line (`address=…`).
-fn address_in(line: &str) -> Option<SocketAddr> {
-    line.split_whitespace()
-        .map(|word| word.rsplit('=').next().unwrap_or(word).trim_matches(|c| c == '"' || c == ','))
-        .filter_map(|word| word.parse::<SocketAddr>().ok())
-        .find(|address| address.port() != 0)
-}
-
-impl Served {
-    /// `serve --listen 127.0.0.1:0 --database-url <url> <args>`; waits for its `listening` line.
-    async fn start(database_url: &str, args: &[&str]) -> Served {
-        let mut all = vec!["serve", "--listen", "127.0.0.1:0", "--database-url", database_url];
-        all.extend(args);
-        let mut child = binary(&all).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let collected = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                match line {
-                    Ok(line) => collected.lock().unwrap().push(line),
-                    Err(_) => break,
-                }
-            }
-        });
-        let mut served = Served { child, url: String::new(), client: reqwest::Client::new(), lines };
-        let deadline = Instant::now() + PROCESS_DEADLINE;
-        let address = loop {
-            let listening = served.lines().into_iter().find(|l| l.contains("listening"));
-            if let Some(line) = listening {
-                break address_in(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
-            }
-            if let Some(status) = served.child.try_wait().unwrap() {
-                panic!("serve exited with {status} before listening: {:?}", served.lines());
-            }
-            assert!(Instant::now() < deadline, "serve did not log `listening`: {:?}", served.lines());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        served.url = format!("http://{address}");
-        served
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    async fn call(&self, method: Method, path: &str, key: &str, body: Option<&Value>) -> (u16, Value) {
-        let mut request = self.client.request(method, format!("{}{path}", self.url)).header("x-api-key", key);
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        status_and_json(request.send().await.unwrap()).await
-    }
-
-    /// SIGKILL, as a crash; waits until the process is gone.
-    fn kill_9(&mut self) {
-        self.child.kill().expect("the child can be killed");
-        self.child.wait().expect("the child can be waited for");
-    }
+    status_and_json(request.send().await.unwrap()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_committed_before_a_kill_9_is_delivered_by_the_next_process() {
     let (database_url, _database) = fresh_database_url();
-    let created = binary(&["merchant", "create", "--name", "Crash Shop", "--database-url", &database_url])
+    let created = command(&["merchant", "create", "--name", "Crash Shop", "--database-url", &database_url])
         .output()
         .expect("merchant create runs");
     assert!(created.status.success(), "{created:?}");
@@ -682,25 +602,25 @@ async fn an_event_committed_before_a_kill_9_is_delivered_by_the_next_process() {
     let open = ["--allow-private-callbacks", "--allow-http-redirect-urls", "--rate-limit-per-key", "0"];
     let mut without_dispatcher = open.to_vec();
     without_dispatcher.push("--no-webhook-dispatcher");
-    let mut first = Served::start(&database_url, &without_dispatcher).await;
+    let mut first = serve(&database_url, &without_dispatcher).await;
     let subscription = Uuid::new_v4();
-    let (status, subscribed) = first
-        .call(
-            Method::PUT,
-            &subscription_path(subscription),
-            &key,
-            Some(&subscription_body(&receiver.url(), CALLBACK_KEY, &[CANCELLED])),
-        )
-        .await;
+    let (status, subscribed) = call(
+        &first,
+        Method::PUT,
+        &subscription_path(subscription),
+        &key,
+        Some(&subscription_body(&receiver.url(), CALLBACK_KEY, &[CANCELLED])),
+    )
+    .await;
     assert_eq!(status, 201, "{subscribed}");
     let secret = subscribed["signingSecret"].as_str().unwrap().to_owned();
     let session = Uuid::new_v4();
     let session_path = format!("{BASE}/redirect-sessions/{session}");
-    let (status, body) = first.call(Method::PUT, &session_path, &key, Some(&new_transaction_intent())).await;
+    let (status, body) = call(&first, Method::PUT, &session_path, &key, Some(&new_transaction_intent())).await;
     assert_eq!(status, 201, "{body}");
-    let (status, body) = first.call(Method::POST, &format!("{session_path}/cancel"), &key, None).await;
+    let (status, body) = call(&first, Method::POST, &format!("{session_path}/cancel"), &key, None).await;
     assert_eq!(status, 200, "{body}");
-    let (status, page) = first.call(Method::GET, &deliveries_path(), &key, None).await;
+    let (status, page) = call(&first, Method::GET, &deliveries_path(), &key, None).await;
     assert_eq!(status, 200, "{page}");
     let queued = &page["items"][0];
     assert_eq!((&queued["state"], &queued["attempts"]), (&json!("Pending"), &json!([])), "{page}");
@@ -709,7 +629,7 @@ async fn an_event_committed_before_a_kill_9_is_delivered_by_the_next_process() {
     first.kill_9();
     assert_eq!(receiver.connections(), 0, "the first process had no dispatcher");
 
-    let second = Served::start(&database_url, &open).await;
+    let second = serve(&database_url, &open).await;
     let received = receiver.wait_for_requests(1).await;
     assert_eq!(received[0].header("webhook-id"), event_id);
     let body = received[0].json();
@@ -721,7 +641,7 @@ async fn an_event_committed_before_a_kill_9_is_delivered_by_the_next_process() {
 
     let deadline = Instant::now() + DELIVERY_DEADLINE;
     loop {
-        let (_, page) = second.call(Method::GET, &deliveries_path(), &key, None).await;
+        let (_, page) = call(&second, Method::GET, &deliveries_path(), &key, None).await;
         if page["items"][0]["state"] == "Delivered" {
             assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
             break;

@@ -7,6 +7,8 @@
 //! connections) when the test is done with it — also when the test panicked.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
