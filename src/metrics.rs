@@ -103,10 +103,20 @@ impl Metrics {
         self.sessions_expired.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Renders everything in the Prometheus text exposition format 0.0.4.
-    pub fn render(&self) -> String {
+    /// Renders everything in the Prometheus text exposition format 0.0.4, with the store's
+    /// group-commit counters when it has them.
+    pub fn render(&self, write_batches: Option<(u64, u64)>) -> String {
         let mut out = String::with_capacity(4096);
         self.render_into(&mut out).expect("formatting into a String cannot fail");
+        if let Some((batches, jobs)) = write_batches {
+            let counters = [
+                ("store_write_batches_total", "Write transactions committed (each one fsync).", batches),
+                ("store_write_jobs_total", "Writes committed in those transactions.", jobs),
+            ];
+            for (name, help, value) in counters {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            }
+        }
         out
     }
 
@@ -222,21 +232,21 @@ redirect_sessions_expired_total 0
             expected += &format!("{h}_bucket{{{l},le=\"{le}\"}} {n}\n");
         }
         expected += &format!("{h}_sum{{{l}}} 0.0303\n{h}_count{{{l}}} 2\n{SESSIONS_AT_ZERO}");
-        assert_eq!(metrics.render(), expected);
+        assert_eq!(metrics.render(None), expected);
     }
 
     #[test]
     fn a_duration_exactly_on_a_bound_falls_in_that_bucket() {
         let metrics = Metrics::new();
         metrics.record_request("GET", "/r", 200, Duration::from_millis(1));
-        let out = metrics.render();
+        let out = metrics.render(None);
         assert!(out.contains("le=\"0.0005\"} 0\n"));
         assert!(out.contains("le=\"0.001\"} 1\n"));
     }
 
     #[test]
     fn a_fresh_registry_renders_session_counters_at_zero() {
-        assert!(Metrics::new().render().ends_with(SESSIONS_AT_ZERO));
+        assert!(Metrics::new().render(None).ends_with(SESSIONS_AT_ZERO));
     }
 
     #[test]
@@ -247,7 +257,7 @@ redirect_sessions_expired_total 0
         metrics.sessions_cancelled(3);
         metrics.sessions_expired(5);
         metrics.sessions_expired(0);
-        let out = metrics.render();
+        let out = metrics.render(None);
         assert!(out.contains("\nredirect_sessions_created_total 2\n"));
         assert!(out.contains("\nredirect_sessions_cancelled_total 3\n"));
         assert!(out.contains("\nredirect_sessions_expired_total 5\n"));
@@ -257,7 +267,7 @@ redirect_sessions_expired_total 0
     fn label_values_escape_backslash_quote_and_newline() {
         let metrics = Metrics::new();
         metrics.record_request("GET", "a\\b\"c\nd", 404, Duration::ZERO);
-        let out = metrics.render();
+        let out = metrics.render(None);
         let expected = r#"http_requests_total{method="GET",route="a\\b\"c\nd",status="404"} 1"#;
         assert!(out.contains(expected), "{out}");
     }
@@ -268,7 +278,7 @@ redirect_sessions_expired_total 0
         for (m, r, s) in [("POST", "/a", 201), ("GET", "/b", 200), ("GET", "/a", 500), ("GET", "/a", 200)] {
             metrics.record_request(m, r, s, Duration::ZERO);
         }
-        let out = metrics.render();
+        let out = metrics.render(None);
         let totals: Vec<&str> = out.lines().filter(|l| l.starts_with("http_requests_total{")).collect();
         assert_eq!(
             totals,
@@ -300,7 +310,7 @@ redirect_sessions_expired_total 0
         for handle in handles {
             handle.join().unwrap();
         }
-        let out = metrics.render();
+        let out = metrics.render(None);
         for status in [200, 404] {
             let l = format!("method=\"GET\",route=\"/r\",status=\"{status}\"");
             assert!(out.contains(&format!("http_requests_total{{{l}}} 40000\n")));

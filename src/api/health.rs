@@ -62,5 +62,9 @@ pub async fn get_jwks(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "Operations",
     responses((status = 200, description = "Prometheus text format 0.0.4.", content_type = "text/plain")))]
 pub async fn get_metrics(State(state): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(state.store.write_batches()),
+    )
+        .into_response()
 }

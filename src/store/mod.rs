@@ -235,6 +235,12 @@ pub trait Store: Send + Sync + 'static {
     /// `Ok` when the database answers and is migrated.
     async fn ready(&self) -> Result<(), StoreError>;
 
+    /// For a backend that commits concurrent writes together: `(batches, jobs)` committed so
+    /// far, for `/metrics`.
+    fn write_batches(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     async fn create_merchant(&self, merchant: Merchant, key_hash: [u8; 32]) -> Result<(), StoreError>;
     /// The enabled or disabled merchant whose key hashes to `key_hash`.
     async fn merchant_by_key(&self, key_hash: [u8; 32]) -> Result<Option<Merchant>, StoreError>;

@@ -123,6 +123,11 @@ fn connect(path: &Path, write: bool) -> Result<Connection, StoreError> {
     Ok(connection)
 }
 
+/// A session is live (it can still change state), written exactly as the condition of the
+/// `sessions_due` index so that the expiry sweep can use it. Comparisons rather than an `IN`
+/// list, which SQLite would build as a temporary table for every row it checks.
+const LIVE: &str = "(state = 'Created' OR state = 'Opened' OR state = 'Authenticated')";
+
 const SESSION_COLUMNS: &str =
     "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, last_correlation_id, version";
 
@@ -180,12 +185,11 @@ fn change_state(
 ) -> Result<Option<usize>, StoreError> {
     let (changed_on, require_unexpired) = if to == State::Expired { (session.expires_on, false) } else { (now, true) };
     let changed = connection
-        .prepare_cached(
+        .prepare_cached(&format!(
             "UPDATE sessions SET state = ?2, version = version + 1, last_modified_on = ?3,
                     last_correlation_id = ?4
-              WHERE id = ?1 AND version = ?5 AND state IN ('Created', 'Opened', 'Authenticated')
-                AND (?6 = 0 OR expires_on > ?7)",
-        )
+              WHERE id = ?1 AND version = ?5 AND {LIVE} AND (?6 = 0 OR expires_on > ?7)"
+        ))
         .and_then(|mut s| {
             s.execute(params![
                 session.id.as_bytes(),
@@ -249,6 +253,10 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn ready(&self) -> Result<(), StoreError> {
         self.readers.run(schema::check_current).await
+    }
+
+    fn write_batches(&self) -> Option<(u64, u64)> {
+        Some(self.writer.counts())
     }
 
     async fn create_merchant(&self, merchant: Merchant, key_hash: [u8; 32]) -> Result<(), StoreError> {
@@ -376,9 +384,9 @@ impl Store for SqliteStore {
                 let mut sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE merchant_id = ?1");
                 match filter.state {
                     None => {}
-                    Some(State::Expired) => sql.push_str(
-                        " AND (state = 'Expired' OR (state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= ?2))",
-                    ),
+                    Some(State::Expired) => {
+                        sql.push_str(&format!(" AND (state = 'Expired' OR ({LIVE} AND expires_on <= ?2))"))
+                    }
                     Some(state) if LIVE_STATES.contains(&state) => {
                         sql.push_str(&format!(" AND state = '{}' AND expires_on > ?2", state.as_str()))
                     }
@@ -432,7 +440,7 @@ impl Store for SqliteStore {
             .run(move |c| {
                 let sql = format!(
                     "SELECT {SESSION_COLUMNS} FROM sessions
-                      WHERE state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= ?1
+                      WHERE {LIVE} AND expires_on <= ?1
                       ORDER BY expires_on LIMIT ?2"
                 );
                 let due: Vec<SessionRecord> = c
@@ -712,5 +720,47 @@ mod tests {
         let journal: String = connection.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         let synchronous: i64 = connection.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!((journal.as_str(), synchronous), ("wal", 2), "synchronous=2 is FULL");
+    }
+
+    fn migrated() -> (Connection, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let connection = connect(&dir.path().join("d.db"), true).unwrap();
+        schema::migrate(&connection).unwrap();
+        (connection, dir)
+    }
+
+    #[test]
+    fn the_live_condition_names_exactly_the_live_states() {
+        let mut named: Vec<_> = LIVE.split('\'').skip(1).step_by(2).collect();
+        let mut live: Vec<_> = LIVE_STATES.iter().map(|s| s.as_str()).collect();
+        named.sort_unstable();
+        live.sort_unstable();
+        assert_eq!(named, live);
+    }
+
+    #[test]
+    fn writes_of_a_session_build_no_temporary_tables_and_the_sweep_uses_its_index() {
+        let (connection, _dir) = migrated();
+        let opcodes = |sql: &str| -> Vec<String> {
+            let mut statement = connection.prepare(&format!("EXPLAIN {sql}")).unwrap();
+            let params = vec![rusqlite::types::Value::Null; statement.parameter_count()];
+            let rows = statement.query_map(rusqlite::params_from_iter(params), |r| r.get::<_, String>(1)).unwrap();
+            rows.map(Result::unwrap).collect()
+        };
+        let insert =
+            format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)");
+        let update =
+            format!("UPDATE sessions SET state = ?2, version = version + 1 WHERE id = ?1 AND version = ?3 AND {LIVE}");
+        for sql in [insert, update] {
+            assert!(!opcodes(&sql).iter().any(|op| op == "OpenEphemeral"), "{sql}");
+        }
+        let plan: String = connection
+            .query_row(
+                &format!("EXPLAIN QUERY PLAN SELECT id FROM sessions WHERE {LIVE} AND expires_on <= ?1"),
+                [0],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("sessions_due"), "{plan}");
     }
 }

@@ -12,6 +12,7 @@ use crate::store::{SigningKeys, StoreError};
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/sqlite/0001_init.sql")),
     (2, "webhooks", include_str!("../../../migrations/sqlite/0002_webhooks.sql")),
+    (3, "live sessions index", include_str!("../../../migrations/sqlite/0003_live_sessions_index.sql")),
 ];
 
 /// Applies every migration not applied yet, each in its own transaction.

@@ -2,6 +2,8 @@
 //! (group commit), and a few readers. Async callers send closures and await the answer.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -21,17 +23,33 @@ type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 /// transaction is committed (one fsync) before any job of the batch is answered.
 pub struct Writer {
     jobs: Sender<WriteJob>,
+    counts: Arc<BatchCounts>,
+}
+
+/// How many batches the writer committed and how many jobs they held (their ratio is the
+/// mean batch size: how much group commit is saving).
+#[derive(Default)]
+pub struct BatchCounts {
+    pub batches: AtomicU64,
+    pub jobs: AtomicU64,
 }
 
 impl Writer {
     /// Starts the writer thread on `connection`.
     pub fn start(connection: Connection) -> (Writer, JoinHandle<()>) {
         let (jobs, queue) = crossbeam_channel::unbounded::<WriteJob>();
+        let counts = Arc::new(BatchCounts::default());
+        let loop_counts = counts.clone();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
-            .spawn(move || write_loop(connection, queue))
+            .spawn(move || write_loop(connection, queue, &loop_counts))
             .expect("the writer thread starts");
-        (Writer { jobs }, thread)
+        (Writer { jobs, counts }, thread)
+    }
+
+    /// The batches committed so far and the jobs in them.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.counts.batches.load(Ordering::Relaxed), self.counts.jobs.load(Ordering::Relaxed))
     }
 
     /// Runs `job` in the next batch and answers once that batch is durable. A job that
@@ -54,9 +72,9 @@ impl Writer {
     }
 }
 
-fn write_loop(connection: Connection, queue: Receiver<WriteJob>) {
+fn write_loop(connection: Connection, queue: Receiver<WriteJob>, counts: &BatchCounts) {
     while let Ok(first) = queue.recv() {
-        let mut batch = Vec::with_capacity(16);
+        let mut batch = Vec::with_capacity(64);
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -64,10 +82,12 @@ fn write_loop(connection: Connection, queue: Receiver<WriteJob>) {
                 Err(_) => break,
             }
         }
+        counts.batches.fetch_add(1, Ordering::Relaxed);
+        counts.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let replies = run_batch(&connection, batch);
-        let committed = connection.execute_batch("COMMIT").map_err(|e| internal(&e));
+        let committed = run(&connection, "COMMIT");
         if committed.is_err() {
-            let _ = connection.execute_batch("ROLLBACK");
+            let _ = run(&connection, "ROLLBACK");
         }
         for reply in replies {
             reply(committed.clone());
@@ -77,32 +97,38 @@ fn write_loop(connection: Connection, queue: Receiver<WriteJob>) {
 
 fn run_batch(connection: &Connection, batch: Vec<WriteJob>) -> Vec<Reply> {
     let mut replies = Vec::with_capacity(batch.len());
-    if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(error) = run(connection, "BEGIN IMMEDIATE") {
         // Nothing ran; the jobs are dropped and their callers see the failure.
         tracing::error!(%error, "could not begin a write transaction");
         return replies;
     }
     for job in batch {
-        if connection.execute_batch("SAVEPOINT job").is_err() {
+        if run(connection, "SAVEPOINT job").is_err() {
             continue;
         }
         match catch_unwind(AssertUnwindSafe(|| job(connection))) {
             Ok((true, reply)) => {
-                let _ = connection.execute_batch("RELEASE job");
+                let _ = run(connection, "RELEASE job");
                 replies.push(reply);
             }
             Ok((false, reply)) => {
-                let _ = connection.execute_batch("ROLLBACK TO job; RELEASE job");
+                let _ = run(connection, "ROLLBACK TO job").and_then(|()| run(connection, "RELEASE job"));
                 replies.push(reply);
             }
             Err(_) => {
                 // The job's answer channel was dropped with it; its caller sees an error.
                 tracing::error!("a write job panicked; its changes were rolled back");
-                let _ = connection.execute_batch("ROLLBACK TO job; RELEASE job");
+                let _ = run(connection, "ROLLBACK TO job").and_then(|()| run(connection, "RELEASE job"));
             }
         }
     }
     replies
+}
+
+/// Runs one statement of the batch protocol from the statement cache (`execute_batch` would
+/// parse it again for every job).
+fn run(connection: &Connection, sql: &str) -> Result<(), StoreError> {
+    connection.prepare_cached(sql).and_then(|mut statement| statement.execute([])).map(drop).map_err(|e| internal(&e))
 }
 
 /// Reader threads, each with its own connection, sharing one queue.
