@@ -10,6 +10,12 @@ use redirect_sessions::admin::{self, AdminError};
 use redirect_sessions::app::{self, AppState};
 use redirect_sessions::config::{Config, RawSettings};
 use redirect_sessions::domain::validate::parse_uuid;
+
+/// mimalloc rather than the system allocator: every request allocates and frees many small
+/// buffers on two or more threads, where glibc's allocator spent about a tenth of the server's
+/// time (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use redirect_sessions::migrate_data::{self, MigrateDataError};
 use redirect_sessions::{api, store, telemetry};
 use uuid::Uuid;

@@ -11,6 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::auth::SessionReadWithKey;
 use super::context::RequestContext;
 use super::extract::{empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error};
 use super::BASE;
@@ -249,11 +250,16 @@ pub async fn create_redirect_session(
 pub async fn get_redirect_session(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
+    read: Option<Extension<SessionReadWithKey>>,
     Path(raw_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = path_id(&raw_id, "redirectSessionId")?;
     let now = Timestamp::now();
-    match state.store.get_session(id).await.map_err(store_error)? {
+    let session = match read {
+        Some(Extension(read)) if read.id == id => read.session,
+        _ => state.store.get_session(id).await.map_err(store_error)?,
+    };
+    match session {
         None => Err(not_found()),
         Some(session) if session.merchant_id != merchant.id => Err(other_merchant()),
         Some(session) => Ok(session_response(StatusCode::OK, session, now, &state)),

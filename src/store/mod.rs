@@ -255,6 +255,13 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts the session unless its id exists (checking the customer first).
     async fn create_session(&self, session: SessionRecord) -> Result<CreateOutcome, StoreError>;
     async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError>;
+    /// `merchant_by_key` and `get_session` read together, at one point in time and in one
+    /// step (one transaction or round trip): the merchant API's most frequent request.
+    async fn merchant_and_session(
+        &self,
+        key_hash: [u8; 32],
+        id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<SessionRecord>), StoreError>;
     /// `limit + 1` at most, so the caller knows whether another page follows.
     async fn list_sessions(
         &self,

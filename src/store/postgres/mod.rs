@@ -410,6 +410,14 @@ impl Store for PostgresStore {
         self.run(move |c| Box::pin(sessions::get_session(c, id))).await
     }
 
+    async fn merchant_and_session(
+        &self,
+        key_hash: [u8; 32],
+        id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<SessionRecord>)> {
+        self.run(move |c| Box::pin(sessions::merchant_and_session(c, key_hash, id))).await
+    }
+
     async fn list_sessions(
         &self,
         merchant_id: Uuid,

@@ -24,19 +24,24 @@ const SESSION_COLUMNS: &str =
     "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, last_correlation_id, version";
 
 fn session_from_row(row: &Row) -> Result<SessionRecord> {
-    let state: &str = row.try_get(2)?;
-    let Json(spec): Json<SessionSpec> = row.try_get(3)?;
+    session_at(row, 0)
+}
+
+/// The session whose `SESSION_COLUMNS` start at column `at`.
+fn session_at(row: &Row, at: usize) -> Result<SessionRecord> {
+    let state: &str = row.try_get(at + 2)?;
+    let Json(spec): Json<SessionSpec> = row.try_get(at + 3)?;
     Ok(SessionRecord {
-        id: row.try_get(0)?,
-        merchant_id: row.try_get(1)?,
+        id: row.try_get(at)?,
+        merchant_id: row.try_get(at + 1)?,
         state: State::parse(state).ok_or_else(|| internal(format!("unknown session state {state}")))?,
         spec,
-        token: row.try_get(4)?,
-        expires_on: ts(row, 5)?,
-        created_on: ts(row, 6)?,
-        last_modified_on: ts(row, 7)?,
-        last_correlation_id: row.try_get(8)?,
-        version: row.try_get(9)?,
+        token: row.try_get(at + 4)?,
+        expires_on: ts(row, at + 5)?,
+        created_on: ts(row, at + 6)?,
+        last_modified_on: ts(row, at + 7)?,
+        last_correlation_id: row.try_get(at + 8)?,
+        version: row.try_get(at + 9)?,
     })
 }
 
@@ -142,6 +147,29 @@ pub async fn create_session(c: &mut Client, session: SessionRecord) -> Result<Cr
 
 pub async fn get_session(c: &mut Client, id: Uuid) -> Result<Option<SessionRecord>> {
     load_session(&*c, id, false).await
+}
+
+/// The merchant with this key and the session with this id, in one round trip.
+pub async fn merchant_and_session(
+    c: &mut Client,
+    key_hash: [u8; 32],
+    id: Uuid,
+) -> Result<(Option<Merchant>, Option<SessionRecord>)> {
+    let columns = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
+    let sql = format!(
+        "SELECT m.id, m.name, m.disabled, m.created_on, {}
+           FROM merchants m LEFT JOIN sessions s ON s.id = $2
+          WHERE m.api_key_hash = $1",
+        columns.join(", ")
+    );
+    let Some(row) = query_opt(&*c, &sql, &[&&key_hash[..], &id]).await? else {
+        return Ok((None, None));
+    };
+    let session = match row.try_get::<_, Option<Uuid>>(4)? {
+        None => None,
+        Some(_) => Some(session_at(&row, 4)?),
+    };
+    Ok((Some(merchant_from_row(&row)?), session))
 }
 
 pub async fn list_sessions(

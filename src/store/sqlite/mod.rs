@@ -132,22 +132,27 @@ const SESSION_COLUMNS: &str =
     "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, last_correlation_id, version";
 
 fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
+    session_at(row, 0)
+}
+
+/// The session whose `SESSION_COLUMNS` start at column `at`.
+fn session_at(row: &Row<'_>, at: usize) -> rusqlite::Result<SessionRecord> {
     let bad = |i: usize, what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.to_owned().into())
+        rusqlite::Error::FromSqlConversionFailure(at + i, rusqlite::types::Type::Text, what.to_owned().into())
     };
-    let state: String = row.get(2)?;
-    let spec: String = row.get(3)?;
+    let state: String = row.get(at + 2)?;
+    let spec: String = row.get(at + 3)?;
     Ok(SessionRecord {
-        id: uuid_at(row, 0)?,
-        merchant_id: uuid_at(row, 1)?,
+        id: uuid_at(row, at)?,
+        merchant_id: uuid_at(row, at + 1)?,
         state: State::parse(&state).ok_or_else(|| bad(2, "unknown state"))?,
         spec: serde_json::from_str(&spec).map_err(|_| bad(3, "unreadable spec"))?,
-        token: row.get(4)?,
-        expires_on: Timestamp::from_millis(row.get(5)?),
-        created_on: Timestamp::from_millis(row.get(6)?),
-        last_modified_on: Timestamp::from_millis(row.get(7)?),
-        last_correlation_id: uuid_at(row, 8)?,
-        version: row.get(9)?,
+        token: row.get(at + 4)?,
+        expires_on: Timestamp::from_millis(row.get(at + 5)?),
+        created_on: Timestamp::from_millis(row.get(at + 6)?),
+        last_modified_on: Timestamp::from_millis(row.get(at + 7)?),
+        last_correlation_id: uuid_at(row, at + 8)?,
+        version: row.get(at + 9)?,
     })
 }
 
@@ -371,6 +376,37 @@ impl Store for SqliteStore {
 
     async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
         self.point_reads.run(move |c| load_session(c, id))
+    }
+
+    async fn merchant_and_session(
+        &self,
+        key_hash: [u8; 32],
+        id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<SessionRecord>), StoreError> {
+        // One statement, so one read transaction: each costs WAL locks that are dearer than
+        // the lookups themselves.
+        self.point_reads.run(move |c| {
+            let columns = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
+            let sql = format!(
+                "SELECT m.id, m.name, m.disabled, m.created_on, {}
+                   FROM merchants m LEFT JOIN sessions s ON s.id = ?2
+                  WHERE m.api_key_hash = ?1",
+                columns.join(", ")
+            );
+            let mut statement = c.prepare_cached(&sql).map_err(|e| internal(&e))?;
+            let found = statement
+                .query_row(params![key_hash, id.as_bytes()], |row| {
+                    let merchant = merchant_from_row(row)?;
+                    let session = match row.get_ref(4)? {
+                        rusqlite::types::ValueRef::Null => None,
+                        _ => Some(session_at(row, 4)?),
+                    };
+                    Ok((merchant, session))
+                })
+                .optional()
+                .map_err(|e| internal(&e))?;
+            Ok(found.map_or((None, None), |(merchant, session)| (Some(merchant), session)))
+        })
     }
 
     async fn list_sessions(
