@@ -203,6 +203,26 @@ impl Server {
         self.children.iter().map(peak).fold(0.0, f64::max)
     }
 
+    /// CPU time (user and system) the instances have used so far.
+    fn cpu_time(&self) -> Duration {
+        // utime and stime are fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 Hz on
+        // Linux); the command name before them is in parentheses and may hold spaces.
+        let ticks = |child: &Child| -> u64 {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+            let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            after_name.split_whitespace().skip(11).take(2).filter_map(|t| t.parse::<u64>().ok()).sum()
+        };
+        Duration::from_millis(self.children.iter().map(ticks).sum::<u64>() * 10)
+    }
+
+    /// Runs `scenario` and records the server CPU time it took.
+    async fn measured(&self, scenario: impl std::future::Future<Output = Stats>) -> Stats {
+        let before = self.cpu_time();
+        let mut stats = scenario.await;
+        stats.server_cpu = Some(self.cpu_time().saturating_sub(before));
+        stats
+    }
+
     /// Bytes the database takes: the SQLite file and its WAL, or PostgreSQL's database size.
     fn database_bytes(&self) -> u64 {
         match &self.postgres {
@@ -223,6 +243,9 @@ struct Stats {
     errors: usize,
     elapsed: Duration,
     latencies_us: Vec<u32>,
+    /// CPU time the server processes used during the scenario, when measured. Steadier than
+    /// requests/s on a machine the load generator shares.
+    server_cpu: Option<Duration>,
 }
 
 impl Stats {
@@ -293,8 +316,14 @@ async fn load(
             })
         })
         .collect();
-    let mut stats =
-        Stats { name: name.to_owned(), requests: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    let mut stats = Stats {
+        name: name.to_owned(),
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+        server_cpu: None,
+    };
     for worker in workers {
         let (done, errors, latencies) = worker.await.expect("a worker finishes");
         stats.requests += done;
@@ -346,7 +375,7 @@ async fn create_sessions(
             Some(Bytes::from_static(SESSION_BODY.as_bytes())),
         ))
     });
-    let stats = load(name, &server.addresses, connections, duration, 201, make).await;
+    let stats = server.measured(load(name, &server.addresses, connections, duration, 201, make)).await;
     let created = ids.iter().take(stats.requests + stats.errors).copied().collect();
     (stats, created)
 }
@@ -431,6 +460,7 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
         errors: queued.requests - drained,
         elapsed: last.saturating_duration_since(started),
         latencies_us: Vec::new(),
+        server_cpu: None,
     };
     rows.push(row(&drain, Some(&ceiling)));
     let mut sender = connect(server.first()).await.expect("connects");
@@ -460,6 +490,7 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
         errors: 0,
         elapsed: Duration::from_secs(1),
         latencies_us: idle_delays,
+        server_cpu: None,
     };
 
     // Throughput: cancel many sessions as fast as possible and count deliveries per second.
@@ -495,6 +526,7 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
         errors: expected.saturating_sub(arrived.len()),
         elapsed: last.saturating_duration_since(started),
         latencies_us: delays,
+        server_cpu: None,
     };
     rows.push(row(&cancels, None));
     rows.push(row(&deliveries, Some(&ceiling)));
@@ -503,8 +535,12 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
 
 fn row(stats: &Stats, ceiling: Option<&Stats>) -> String {
     let ratio = ceiling.map_or("—".to_owned(), |c| format!("{:.0} %", 100.0 * stats.rate() / c.rate()));
+    let cpu = match stats.server_cpu {
+        Some(cpu) if stats.requests > 0 => format!("{:.1}", cpu.as_secs_f64() * 1e6 / stats.requests as f64),
+        _ => "—".to_owned(),
+    };
     format!(
-        "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
+        "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {cpu} |",
         stats.name,
         stats.rate(),
         stats.percentile_ms(0.5),
@@ -537,8 +573,9 @@ async fn run(args: Args) {
                 .expect("valid"),
         )
     });
-    let ceiling =
-        load("ceiling: GET /health/live", &server.addresses, args.connections, args.duration, 200, make).await;
+    let ceiling = server
+        .measured(load("ceiling: GET /health/live", &server.addresses, args.connections, args.duration, 200, make))
+        .await;
     if wants("ceiling") {
         rows.push(row(&ceiling, Some(&ceiling)));
     }
@@ -557,7 +594,7 @@ async fn run(args: Args) {
             Some(request(Method::GET, address, &format!("{BASE}/redirect-sessions/{id}"), &key, None))
         });
         rows.push(row(
-            &load("read session", &server.addresses, args.connections, args.duration, 200, make).await,
+            &server.measured(load("read session", &server.addresses, args.connections, args.duration, 200, make)).await,
             Some(&ceiling),
         ));
     }
@@ -568,7 +605,16 @@ async fn run(args: Args) {
             Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key, None))
         });
         rows.push(row(
-            &load("cancel session (each id once)", &server.addresses, args.connections, args.duration, 200, make).await,
+            &server
+                .measured(load(
+                    "cancel session (each id once)",
+                    &server.addresses,
+                    args.connections,
+                    args.duration,
+                    200,
+                    make,
+                ))
+                .await,
             Some(&ceiling),
         ));
     }
@@ -583,8 +629,8 @@ async fn run(args: Args) {
         args.connections, args.duration, args.prefill
     );
     println!();
-    println!("| scenario | requests/s | p50 ms | p99 ms | p99.9 ms | errors | vs ceiling |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| scenario | requests/s | p50 ms | p99 ms | p99.9 ms | errors | vs ceiling | server CPU µs/request |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in rows {
         println!("{row}");
     }

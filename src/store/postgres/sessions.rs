@@ -2,6 +2,7 @@
 //! records on PostgreSQL. Each function is one use case on one pooled connection; the ones
 //! that decide on a row lock it first, so concurrent instances take turns on it.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Transaction};
@@ -155,14 +156,16 @@ pub async fn merchant_and_session(
     key_hash: [u8; 32],
     id: Uuid,
 ) -> Result<(Option<Merchant>, Option<SessionRecord>)> {
-    let columns = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
-    let sql = format!(
-        "SELECT m.id, m.name, m.disabled, m.created_on, {}
-           FROM merchants m LEFT JOIN sessions s ON s.id = $2
-          WHERE m.api_key_hash = $1",
-        columns.join(", ")
-    );
-    let Some(row) = query_opt(&*c, &sql, &[&&key_hash[..], &id]).await? else {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let columns = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
+        format!(
+            "SELECT m.id, m.name, m.disabled, m.created_on, {}
+               FROM merchants m LEFT JOIN sessions s ON s.id = $2
+              WHERE m.api_key_hash = $1",
+            columns.join(", ")
+        )
+    });
+    let Some(row) = query_opt(&*c, &SQL, &[&&key_hash[..], &id]).await? else {
         return Ok((None, None));
     };
     let session = match row.try_get::<_, Option<Uuid>>(4)? {

@@ -6,7 +6,7 @@ mod webhooks;
 mod worker;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,7 +14,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use self::worker::{internal, Readers, Writer};
+use self::worker::{internal, BatchedReads, Readers, Writer};
 use crate::domain::event::EventType;
 use crate::domain::session::{State, LIVE_STATES};
 use crate::domain::subscription::SubscriptionSpec;
@@ -40,35 +40,8 @@ const READERS: usize = 4;
 pub struct SqliteStore {
     writer: Writer,
     readers: Readers,
-    point_reads: PointReads,
+    point_reads: BatchedReads,
     queued: Arc<Notify>,
-}
-
-/// Connections for point reads (one row by key, from cached pages: a few microseconds) made
-/// on the caller's thread. Handing such a read to a reader thread would cost two thread
-/// switches, more than the read itself. WAL readers never wait for the writer.
-struct PointReads {
-    path: std::path::PathBuf,
-    idle: std::sync::Mutex<Vec<Connection>>,
-}
-
-/// Idle point-read connections kept; more than the worker threads is never needed.
-const IDLE_POINT_READERS: usize = 16;
-
-impl PointReads {
-    fn run<R>(&self, read: impl FnOnce(&Connection) -> Result<R, StoreError>) -> Result<R, StoreError> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let connection = match idle {
-            Some(connection) => connection,
-            None => connect(&self.path, false)?,
-        };
-        let result = read(&connection);
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < IDLE_POINT_READERS {
-            idle.push(connection);
-        }
-        result
-    }
 }
 
 impl SqliteStore {
@@ -88,7 +61,7 @@ impl SqliteStore {
             let readers = (0..READERS).map(|_| connect(&path, false)).collect::<Result<Vec<_>, _>>()?;
             let (writer, _) = Writer::start(writer);
             let (readers, _) = Readers::start(readers);
-            let point_reads = PointReads { path, idle: std::sync::Mutex::new(Vec::new()) };
+            let (point_reads, _) = BatchedReads::start(connect(&path, false)?);
             Ok(SqliteStore { writer, readers, point_reads, queued: Arc::new(Notify::new()) })
         })
         .await
@@ -284,11 +257,13 @@ impl Store for SqliteStore {
     }
 
     async fn merchant_by_key(&self, key_hash: [u8; 32]) -> Result<Option<Merchant>, StoreError> {
-        self.point_reads.run(move |c| {
-            c.prepare_cached("SELECT id, name, disabled, created_on FROM merchants WHERE api_key_hash = ?1")
-                .and_then(|mut s| s.query_row(params![key_hash], merchant_from_row).optional())
-                .map_err(|e| internal(&e))
-        })
+        self.point_reads
+            .run(move |c| {
+                c.prepare_cached("SELECT id, name, disabled, created_on FROM merchants WHERE api_key_hash = ?1")
+                    .and_then(|mut s| s.query_row(params![key_hash], merchant_from_row).optional())
+                    .map_err(|e| internal(&e))
+            })
+            .await
     }
 
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StoreError> {
@@ -375,7 +350,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
-        self.point_reads.run(move |c| load_session(c, id))
+        self.point_reads.run(move |c| load_session(c, id)).await
     }
 
     async fn merchant_and_session(
@@ -383,30 +358,33 @@ impl Store for SqliteStore {
         key_hash: [u8; 32],
         id: Uuid,
     ) -> Result<(Option<Merchant>, Option<SessionRecord>), StoreError> {
-        // One statement, so one read transaction: each costs WAL locks that are dearer than
-        // the lookups themselves.
-        self.point_reads.run(move |c| {
+        // One statement: one job of a read batch instead of two.
+        static SQL: LazyLock<String> = LazyLock::new(|| {
             let columns = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
-            let sql = format!(
+            format!(
                 "SELECT m.id, m.name, m.disabled, m.created_on, {}
                    FROM merchants m LEFT JOIN sessions s ON s.id = ?2
                   WHERE m.api_key_hash = ?1",
                 columns.join(", ")
-            );
-            let mut statement = c.prepare_cached(&sql).map_err(|e| internal(&e))?;
-            let found = statement
-                .query_row(params![key_hash, id.as_bytes()], |row| {
-                    let merchant = merchant_from_row(row)?;
-                    let session = match row.get_ref(4)? {
-                        rusqlite::types::ValueRef::Null => None,
-                        _ => Some(session_at(row, 4)?),
-                    };
-                    Ok((merchant, session))
-                })
-                .optional()
-                .map_err(|e| internal(&e))?;
-            Ok(found.map_or((None, None), |(merchant, session)| (Some(merchant), session)))
-        })
+            )
+        });
+        self.point_reads
+            .run(move |c| {
+                let mut statement = c.prepare_cached(&SQL).map_err(|e| internal(&e))?;
+                let found = statement
+                    .query_row(params![key_hash, id.as_bytes()], |row| {
+                        let merchant = merchant_from_row(row)?;
+                        let session = match row.get_ref(4)? {
+                            rusqlite::types::ValueRef::Null => None,
+                            _ => Some(session_at(row, 4)?),
+                        };
+                        Ok((merchant, session))
+                    })
+                    .optional()
+                    .map_err(|e| internal(&e))?;
+                Ok(found.map_or((None, None), |(merchant, session)| (Some(merchant), session)))
+            })
+            .await
     }
 
     async fn list_sessions(
@@ -668,7 +646,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>, StoreError> {
-        self.point_reads.run(move |c| webhooks::get_subscription(c, id))
+        self.point_reads.run(move |c| webhooks::get_subscription(c, id)).await
     }
 
     async fn list_subscriptions(

@@ -172,6 +172,55 @@ impl Readers {
     }
 }
 
+/// Reads the most frequent request makes, answered in batches by one thread: the reads
+/// waiting when the thread looks share one read transaction, whose locks cost more than the
+/// reads. Only reads queued before the transaction began join it, so every read sees every
+/// write acknowledged before it was asked for.
+pub struct BatchedReads {
+    jobs: Sender<ReadJob>,
+}
+
+/// The most reads answered in one transaction.
+const MAX_READ_BATCH: usize = 256;
+
+impl BatchedReads {
+    /// Starts the thread on `connection`.
+    pub fn start(connection: Connection) -> (BatchedReads, JoinHandle<()>) {
+        let (jobs, queue) = crossbeam_channel::unbounded::<ReadJob>();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-batched-reads".to_owned())
+            .spawn(move || {
+                let mut batch = Vec::with_capacity(MAX_READ_BATCH);
+                while let Ok(first) = queue.recv() {
+                    batch.push(first);
+                    batch.extend(queue.try_iter().take(MAX_READ_BATCH - 1));
+                    let began = run(&connection, "BEGIN").is_ok();
+                    for job in batch.drain(..) {
+                        let _ = catch_unwind(AssertUnwindSafe(|| job(&connection)));
+                    }
+                    if began {
+                        let _ = run(&connection, "COMMIT");
+                    }
+                }
+            })
+            .expect("the batched-reads thread starts");
+        (BatchedReads { jobs }, thread)
+    }
+
+    /// Runs `job` in the next batch.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        let job: ReadJob = Box::new(move |connection| {
+            let _ = answer.send(job(connection));
+        });
+        self.jobs.send(job).map_err(|_| shutting_down())?;
+        answered.await.map_err(|_| StoreError::Internal("a read job panicked".to_owned()))?
+    }
+}
+
 fn shutting_down() -> StoreError {
     StoreError::Unavailable("the database is shutting down".to_owned())
 }
