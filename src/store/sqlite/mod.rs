@@ -310,25 +310,34 @@ impl Store for SqliteStore {
     }
 
     async fn create_session(&self, session: SessionRecord) -> Result<CreateOutcome, StoreError> {
+        // Everything that does not need the database happens here, off the writer's thread:
+        // the writer is the one thread every write waits for.
+        let spec = serde_json::to_string(&session.spec).map_err(|e| StoreError::Internal(e.to_string()))?;
+        static INSERT: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (id) DO NOTHING"
+            )
+        });
         self.writer
             .run(move |c| {
-                if let Some(existing) = load_session(c, session.id)? {
-                    return Ok(CreateOutcome::Exists(existing));
-                }
                 if let Some(customer) = session.spec.customer_id {
                     let known = c
                         .prepare_cached("SELECT 1 FROM customers WHERE id = ?1")
                         .and_then(|mut s| s.exists(params![customer.as_bytes()]))
                         .map_err(|e| internal(&e))?;
                     if !known {
-                        return Ok(CreateOutcome::CustomerNotFound);
+                        // An existing session is answered as such whatever its body says.
+                        return Ok(match load_session(c, session.id)? {
+                            Some(existing) => CreateOutcome::Exists(existing),
+                            None => CreateOutcome::CustomerNotFound,
+                        });
                     }
                 }
-                let spec = serde_json::to_string(&session.spec).map_err(|e| StoreError::Internal(e.to_string()))?;
-                let sql = format!(
-                    "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
-                );
-                c.prepare_cached(&sql)
+                // Insert first and look only when the id was taken: one index search for a
+                // new session instead of two.
+                let inserted = c
+                    .prepare_cached(&INSERT)
                     .and_then(|mut s| {
                         s.execute(params![
                             session.id.as_bytes(),
@@ -344,7 +353,12 @@ impl Store for SqliteStore {
                         ])
                     })
                     .map_err(|e| internal(&e))?;
-                Ok(CreateOutcome::Created(session))
+                if inserted == 1 {
+                    return Ok(CreateOutcome::Created(session));
+                }
+                let existing = load_session(c, session.id)?
+                    .ok_or_else(|| StoreError::Internal("a session id conflicted but no session has it".to_owned()))?;
+                Ok(CreateOutcome::Exists(existing))
             })
             .await
     }

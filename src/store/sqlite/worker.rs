@@ -308,4 +308,39 @@ mod tests {
         let rows: i64 = check.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
         assert_eq!(rows, 50);
     }
+
+    fn exists(n: i64) -> impl FnOnce(&Connection) -> Result<bool, StoreError> + Send + 'static {
+        move |c| c.query_row("SELECT count(*) FROM t WHERE n = ?1", [n], |r| r.get(0)).map_err(|e| internal(&e))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batched_read_sees_every_write_answered_before_it_was_asked() {
+        let (writer, dir) = writer();
+        let writer = Arc::new(writer);
+        let reads = Arc::new(BatchedReads::start(Connection::open(dir.path().join("w.db")).unwrap()).0);
+        // Writes and reads interleave from many tasks, so reads share batches (and their
+        // snapshot) with reads asked before and after other tasks' writes were answered.
+        let tasks: Vec<_> = (0..300)
+            .map(|n| {
+                let (writer, reads) = (writer.clone(), reads.clone());
+                tokio::spawn(async move {
+                    writer.run(insert(n)).await.unwrap();
+                    reads.run(exists(n)).await.unwrap()
+                })
+            })
+            .collect();
+        for (n, task) in tasks.into_iter().enumerate() {
+            assert!(task.await.unwrap(), "row {n} was answered as written but a later read missed it");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_read_is_an_error_for_its_caller_only() {
+        let (writer, dir) = writer();
+        writer.run(insert(7)).await.unwrap();
+        let reads = BatchedReads::start(Connection::open(dir.path().join("w.db")).unwrap()).0;
+        let panicked = reads.run(|_| -> Result<(), StoreError> { panic!("boom") }).await;
+        assert!(panicked.is_err());
+        assert!(reads.run(exists(7)).await.unwrap());
+    }
 }
