@@ -223,15 +223,13 @@ impl Server {
         stats
     }
 
-    /// Bytes the database takes: the SQLite file and its WAL, or PostgreSQL's database size.
-    fn database_bytes(&self) -> u64 {
+    /// Bytes the database takes, and of those the SQLite WAL's: the file grows to the most it
+    /// held between two checkpoints and stays that size. PostgreSQL: the database's size.
+    fn database_bytes(&self) -> (u64, u64) {
+        let size = |file: &str| std::fs::metadata(self.dir.join(file)).map_or(0, |m| m.len());
         match &self.postgres {
-            Some(_) => psql(&self.database, "SELECT pg_database_size(current_database())").parse().unwrap_or(0),
-            None => ["bench.db", "bench.db-wal"]
-                .iter()
-                .filter_map(|f| std::fs::metadata(self.dir.join(f)).ok())
-                .map(|m| m.len())
-                .sum(),
+            Some(_) => (psql(&self.database, "SELECT pg_database_size(current_database())").parse().unwrap_or(0), 0),
+            None => (size("bench.db") + size("bench.db-wal"), size("bench.db-wal")),
         }
     }
 }
@@ -619,7 +617,7 @@ async fn run(args: Args) {
         ));
     }
     let sessions = created.len() + args.prefill;
-    let database = server.database_bytes();
+    let (database, wal) = server.database_bytes();
     if wants("webhooks") {
         webhooks(&mut server, &key, &args, &mut rows).await;
     }
@@ -638,8 +636,10 @@ async fn run(args: Args) {
     println!("server peak RSS: {:.1} MiB", server.peak_rss_mib());
     if sessions > 0 {
         println!(
-            "database: {database} bytes for {sessions} sessions = {:.0} bytes per session",
-            database as f64 / sessions as f64
+            "database: {database} bytes for {sessions} sessions = {:.0} bytes per session \
+             ({wal} of them the WAL; {:.0} bytes per session without it)",
+            database as f64 / sessions as f64,
+            (database - wal) as f64 / sessions as f64
         );
     }
 }

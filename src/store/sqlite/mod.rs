@@ -33,6 +33,10 @@ use crate::store::{
 /// resident memory, so this bounds what reads can add to it.
 const MMAP_BYTES: u64 = 32 * 1024 * 1024;
 
+/// WAL frames (pages) after which the committing writer copies the WAL into the database
+/// file (SQLite's default is 1000).
+const WAL_CHECKPOINT_FRAMES: u32 = 8000;
+
 /// How many reader connections (and threads) serve reads.
 const READERS: usize = 4;
 
@@ -59,7 +63,7 @@ impl SqliteStore {
                 schema::migrate(&writer)?;
             }
             let readers = (0..READERS).map(|_| connect(&path, false)).collect::<Result<Vec<_>, _>>()?;
-            let (writer, _) = Writer::start(writer);
+            let (writer, _) = Writer::start(writer, Some(connect(&path, false)?));
             let (readers, _) = Readers::start(readers);
             let (point_reads, _) = BatchedReads::start(connect(&path, false)?);
             Ok(SqliteStore { writer, readers, point_reads, queued: Arc::new(Notify::new()) })
@@ -89,7 +93,8 @@ fn connect(path: &Path, write: bool) -> Result<Connection, StoreError> {
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 5000;
              PRAGMA cache_size = -{cache_kib};
-             PRAGMA mmap_size = {MMAP_BYTES};"
+             PRAGMA mmap_size = {MMAP_BYTES};
+             PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_FRAMES};"
         ))
         .map_err(|e| internal(&e))?;
     connection.set_prepared_statement_cache_capacity(64);

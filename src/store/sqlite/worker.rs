@@ -26,6 +26,10 @@ pub struct Writer {
     counts: Arc<BatchCounts>,
 }
 
+/// How long the checkpointer waits after a checkpoint before the next: frames written
+/// meanwhile are copied together, and a page written by many batches is copied once.
+const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// How many batches the writer committed and how many jobs they held (their ratio is the
 /// mean batch size: how much group commit is saving).
 #[derive(Default)]
@@ -35,14 +39,37 @@ pub struct BatchCounts {
 }
 
 impl Writer {
-    /// Starts the writer thread on `connection`.
-    pub fn start(connection: Connection) -> (Writer, JoinHandle<()>) {
+    /// Starts the writer thread on `connection`, and with `checkpoints` a checkpointer thread
+    /// that copies committed WAL frames into the database file beside it.
+    ///
+    /// Copying the WAL (and fsyncing the database file) on the writer stalls every write
+    /// queued behind it; the checkpointer does most of that work in the background. The
+    /// writer still checkpoints when the WAL reaches its connection's `wal_autocheckpoint`:
+    /// by then little is left to copy, and only a checkpoint made between two of its own
+    /// transactions lets SQLite start the WAL over, which bounds its size.
+    pub fn start(connection: Connection, checkpoints: Option<Connection>) -> (Writer, JoinHandle<()>) {
         let (jobs, queue) = crossbeam_channel::unbounded::<WriteJob>();
         let counts = Arc::new(BatchCounts::default());
         let loop_counts = counts.clone();
+        let (committed, commits) = crossbeam_channel::bounded::<()>(1);
+        if let Some(checkpoints) = checkpoints {
+            std::thread::Builder::new()
+                .name("sqlite-checkpoint".to_owned())
+                .spawn(move || {
+                    // Ends when the writer does (its sender is dropped).
+                    while commits.recv().is_ok() {
+                        let result = checkpoints.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                        if let Err(error) = result {
+                            tracing::warn!(%error, "background checkpoint failed; the writer will checkpoint");
+                        }
+                        std::thread::sleep(CHECKPOINT_PAUSE);
+                    }
+                })
+                .expect("the checkpointer thread starts");
+        }
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
-            .spawn(move || write_loop(connection, queue, &loop_counts))
+            .spawn(move || write_loop(connection, queue, &loop_counts, &committed))
             .expect("the writer thread starts");
         (Writer { jobs, counts }, thread)
     }
@@ -72,7 +99,7 @@ impl Writer {
     }
 }
 
-fn write_loop(connection: Connection, queue: Receiver<WriteJob>, counts: &BatchCounts) {
+fn write_loop(connection: Connection, queue: Receiver<WriteJob>, counts: &BatchCounts, committed: &Sender<()>) {
     while let Ok(first) = queue.recv() {
         let mut batch = Vec::with_capacity(64);
         batch.push(first);
@@ -85,13 +112,15 @@ fn write_loop(connection: Connection, queue: Receiver<WriteJob>, counts: &BatchC
         counts.batches.fetch_add(1, Ordering::Relaxed);
         counts.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let replies = run_batch(&connection, batch);
-        let committed = run(&connection, "COMMIT");
-        if committed.is_err() {
+        let result = run(&connection, "COMMIT");
+        if result.is_err() {
             let _ = run(&connection, "ROLLBACK");
         }
         for reply in replies {
-            reply(committed.clone());
+            reply(result.clone());
         }
+        // Wakes the checkpointer unless it is already due to run.
+        let _ = committed.try_send(());
     }
 }
 
@@ -244,7 +273,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let connection = Connection::open(dir.path().join("w.db")).unwrap();
         connection.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (n INTEGER PRIMARY KEY)").unwrap();
-        (Writer::start(connection).0, dir)
+        (Writer::start(connection, None).0, dir)
     }
 
     fn insert(n: i64) -> impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static {
@@ -342,5 +371,46 @@ mod tests {
         let panicked = reads.run(|_| -> Result<(), StoreError> { panic!("boom") }).await;
         assert!(panicked.is_err());
         assert!(reads.run(exists(7)).await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_the_checkpointer_the_wal_starts_over_and_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let connection = Connection::open(&path).unwrap();
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 100;
+                 CREATE TABLE pages (n INTEGER PRIMARY KEY, filler BLOB)",
+            )
+            .unwrap();
+        let writer = Arc::new(Writer::start(connection, Some(Connection::open(&path).unwrap())).0);
+        // About one 4 KiB page per row, 3,000 rows in concurrent batches: without the WAL
+        // starting over, its file would grow past 3,000 pages.
+        for round in 0..30 {
+            let jobs: Vec<_> = (0..100)
+                .map(|i| {
+                    let writer = writer.clone();
+                    tokio::spawn(async move {
+                        let row = round * 100 + i;
+                        writer
+                            .run(move |c| {
+                                c.execute("INSERT INTO pages VALUES (?1, zeroblob(3500))", [row])
+                                    .map(drop)
+                                    .map_err(|e| internal(&e))
+                            })
+                            .await
+                    })
+                })
+                .collect();
+            for job in jobs {
+                job.await.unwrap().unwrap();
+            }
+        }
+        let wal_pages = std::fs::metadata(dir.path().join("w.db-wal")).unwrap().len() / 4096;
+        assert!(wal_pages < 1_500, "the WAL grew to {wal_pages} pages");
+        let rows: i64 =
+            Connection::open(&path).unwrap().query_row("SELECT count(*) FROM pages", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 3_000);
     }
 }
