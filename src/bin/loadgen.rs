@@ -531,6 +531,26 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
     rows.push(row(&idle, None).replace(&format!("{:.0}", idle.rate()), "—"));
 }
 
+/// The `n`th of `len` sessions in an order that jumps across the whole set (each one once):
+/// reads and cancels then touch old and new sessions alike, not the pages just written in
+/// creation order. `n` past the end stays past it.
+fn spread(n: usize, len: usize) -> usize {
+    // A stride coprime with `len` visits every index once.
+    const STRIDES: [usize; 3] = [2_654_435_761, 1_000_003, 7];
+    match STRIDES.iter().find(|&&stride| len > 0 && gcd(stride % len, len) == 1) {
+        Some(&stride) if n < len => ((n as u128 * stride as u128) % len as u128) as usize,
+        _ => n,
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 fn row(stats: &Stats, ceiling: Option<&Stats>) -> String {
     let ratio = ceiling.map_or("—".to_owned(), |c| format!("{:.0} %", 100.0 * stats.rate() / c.rate()));
     let cpu = match stats.server_cpu {
@@ -556,11 +576,13 @@ async fn run(args: Args) {
     let mut rows = Vec::new();
     let address = server.first();
 
+    let mut prefilled = Vec::new();
     if args.prefill > 0 {
         eprintln!("prefilling {} sessions…", args.prefill);
-        let (stats, _) =
+        let (stats, ids) =
             create_sessions("prefill", &server, &key, args.connections, Duration::from_secs(3600), args.prefill).await;
         eprintln!("prefilled {} sessions at {:.0}/s", stats.requests, stats.rate());
+        prefilled = ids;
     }
     let make: MakeRequest = Arc::new(move |_| {
         Some(
@@ -584,11 +606,12 @@ async fn run(args: Args) {
                 .await;
         rows.push(row(&stats, Some(&ceiling)));
         created = ids;
+        created.extend(prefilled);
     }
     if wants("read") {
         let (key, list) = (key.clone(), Arc::new(created.clone()));
         let make: MakeRequest = Arc::new(move |n| {
-            let id = list.get(n % list.len().max(1))?;
+            let id = list.get(spread(n % list.len().max(1), list.len()))?;
             Some(request(Method::GET, address, &format!("{BASE}/redirect-sessions/{id}"), &key, None))
         });
         rows.push(row(
@@ -599,7 +622,7 @@ async fn run(args: Args) {
     if wants("cancel") {
         let (key, list) = (key.clone(), Arc::new(created.clone()));
         let make: MakeRequest = Arc::new(move |n| {
-            let id = list.get(n)?;
+            let id = list.get(spread(n, list.len()))?;
             Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key, None))
         });
         rows.push(row(
@@ -616,7 +639,7 @@ async fn run(args: Args) {
             Some(&ceiling),
         ));
     }
-    let sessions = created.len() + args.prefill;
+    let sessions = created.len();
     let (database, wal) = server.database_bytes();
     if wants("webhooks") {
         webhooks(&mut server, &key, &args, &mut rows).await;

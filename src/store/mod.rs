@@ -274,7 +274,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records `Expired` and its event for up to `batch` sessions whose time has passed;
     /// answers how many it expired.
     async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize, StoreError>;
-    /// The events of one session, oldest first (for operators and tests).
+    /// The events of one session, oldest first (for operators and tests; SQLite has no index
+    /// for it and reads the events table).
     async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>, StoreError>;
 
     async fn idempotency_begin(

@@ -81,6 +81,8 @@ fn connect(path: &Path, write: bool) -> Result<Connection, StoreError> {
     };
     let connection = Connection::open_with_flags(path, flags)
         .map_err(|e| StoreError::Unavailable(format!("cannot open the SQLite database {}: {e}", path.display())))?;
+    // Savepoints (one per job of a write batch) journal the pages they change in temporary
+    // storage: memory, not a temporary file.
     // WAL lets readers run beside the writer; synchronous=FULL fsyncs the WAL on every commit,
     // so an acknowledged write survives power loss. Reads go through a shared memory map of
     // the file (no read syscall per page, and one copy of each page for all connections), so
@@ -94,7 +96,8 @@ fn connect(path: &Path, write: bool) -> Result<Connection, StoreError> {
              PRAGMA busy_timeout = 5000;
              PRAGMA cache_size = -{cache_kib};
              PRAGMA mmap_size = {MMAP_BYTES};
-             PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_FRAMES};"
+             PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_FRAMES};
+             PRAGMA temp_store = MEMORY;"
         ))
         .map_err(|e| internal(&e))?;
     connection.set_prepared_statement_cache_capacity(64);
