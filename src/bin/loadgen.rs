@@ -271,6 +271,7 @@ async fn load(
     expect: u16,
     make: MakeRequest,
 ) -> Stats {
+    eprintln!("{name}…");
     let sequence = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let deadline = started + duration;
@@ -658,11 +659,15 @@ async fn run(args: Args) {
     println!();
     println!("server peak RSS: {:.1} MiB", server.peak_rss_mib());
     if sessions > 0 {
+        let per_session = |bytes: u64| bytes as f64 / sessions as f64;
+        let wal = if wal > 0 {
+            format!(" ({wal} of them the WAL; {:.0} bytes per session without it)", per_session(database - wal))
+        } else {
+            String::new()
+        };
         println!(
-            "database: {database} bytes for {sessions} sessions = {:.0} bytes per session \
-             ({wal} of them the WAL; {:.0} bytes per session without it)",
-            database as f64 / sessions as f64,
-            (database - wal) as f64 / sessions as f64
+            "database: {database} bytes for {sessions} sessions = {:.0} bytes per session{wal}",
+            per_session(database)
         );
     }
 }
