@@ -416,6 +416,53 @@ async fn a_session_survives_kill_9_and_can_be_cancelled_after_a_restart() {
     assert_eq!((status, &cancelled["state"]), (200, &json!("Cancelled")), "{cancelled}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_create_answered_before_a_kill_9_amid_concurrent_writes_survives_it() {
+    // Many writers at once share write batches (group commit); the process dies while batches
+    // are in flight. Every create that was answered 201 must be there after the restart.
+    let workspace = Workspace::new();
+    let (_, key) = workspace.merchant("Crashing Shop");
+    let unlimited = ["--rate-limit-per-key", "0"];
+    let mut served = workspace.serve(&unlimited, &[]);
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..48)
+        .map(|_| {
+            let (client, url, key, answered) =
+                (served.client.clone(), served.url.clone(), key.clone(), answered.clone());
+            tokio::spawn(async move {
+                loop {
+                    let id = Uuid::new_v4();
+                    let sent = client
+                        .put(format!("{url}{BASE}/redirect-sessions/{id}"))
+                        .header("x-api-key", &key)
+                        .json(&new_transaction_intent())
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(response) if response.status() == 201 => answered.lock().unwrap().push(id),
+                        Ok(response) => panic!("create answered {} before the crash", response.status()),
+                        Err(_) => return, // the server is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    while answered.lock().unwrap().len() < 500 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    served.kill_9();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let answered = answered.lock().unwrap().clone();
+    let restarted = workspace.serve(&unlimited, &[]);
+    for id in answered {
+        let (status, session) = status_and_json(restarted.get_session(&key, id).await).await;
+        assert_eq!(status, 200, "session {id} was answered 201 before the crash but is gone: {session}");
+    }
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_server_gracefully_with_exit_status_0() {
     let workspace = Workspace::new();

@@ -192,12 +192,7 @@ impl Readers {
         &self,
         job: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let (answer, answered) = oneshot::channel();
-        let job: ReadJob = Box::new(move |connection| {
-            let _ = answer.send(job(connection));
-        });
-        self.jobs.send(job).map_err(|_| shutting_down())?;
-        answered.await.map_err(|_| StoreError::Internal("a read job panicked".to_owned()))?
+        ask(&self.jobs, job).await
     }
 }
 
@@ -241,13 +236,21 @@ impl BatchedReads {
         &self,
         job: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let (answer, answered) = oneshot::channel();
-        let job: ReadJob = Box::new(move |connection| {
-            let _ = answer.send(job(connection));
-        });
-        self.jobs.send(job).map_err(|_| shutting_down())?;
-        answered.await.map_err(|_| StoreError::Internal("a read job panicked".to_owned()))?
+        ask(&self.jobs, job).await
     }
+}
+
+/// Queues a read job and awaits its answer.
+async fn ask<R: Send + 'static>(
+    jobs: &Sender<ReadJob>,
+    job: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, StoreError> {
+    let (answer, answered) = oneshot::channel();
+    let job: ReadJob = Box::new(move |connection| {
+        let _ = answer.send(job(connection));
+    });
+    jobs.send(job).map_err(|_| shutting_down())?;
+    answered.await.map_err(|_| StoreError::Internal("a read job panicked".to_owned()))?
 }
 
 fn shutting_down() -> StoreError {
