@@ -218,12 +218,16 @@ impl BatchedReads {
                 while let Ok(first) = queue.recv() {
                     batch.push(first);
                     batch.extend(queue.try_iter().take(MAX_READ_BATCH - 1));
+                    // A transaction left open would pin every later read to its snapshot.
+                    if !connection.is_autocommit() {
+                        let _ = run(&connection, "ROLLBACK");
+                    }
                     let began = run(&connection, "BEGIN").is_ok();
                     for job in batch.drain(..) {
                         let _ = catch_unwind(AssertUnwindSafe(|| job(&connection)));
                     }
-                    if began {
-                        let _ = run(&connection, "COMMIT");
+                    if began && run(&connection, "COMMIT").is_err() {
+                        let _ = run(&connection, "ROLLBACK");
                     }
                 }
             })
