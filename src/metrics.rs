@@ -245,6 +245,14 @@ redirect_sessions_expired_total 0
     }
 
     #[test]
+    fn the_stores_group_commit_counters_follow_when_it_has_them() {
+        let out = Metrics::new().render(Some((3, 40)));
+        assert!(out.contains("\n# TYPE store_write_batches_total counter\nstore_write_batches_total 3\n"), "{out}");
+        assert!(out.contains("\n# TYPE store_write_jobs_total counter\nstore_write_jobs_total 40\n"), "{out}");
+        assert!(!Metrics::new().render(None).contains("store_write"));
+    }
+
+    #[test]
     fn a_fresh_registry_renders_session_counters_at_zero() {
         assert!(Metrics::new().render(None).ends_with(SESSIONS_AT_ZERO));
     }
