@@ -324,14 +324,7 @@ async fn snapshot(server: &Server, key: &str, sessions: &[Uuid], subscriptions: 
     for id in subscriptions {
         subscription_reads.push(server.read(&format!("{SUBSCRIPTIONS}/{id}"), key).await);
     }
-    let replayed = server
-        .request(Method::PUT, &session_path(replay.session), key)
-        .header("x-request-id", replay.request_id.to_string())
-        .header("content-type", "application/json")
-        .body(replay.body.clone())
-        .send()
-        .await
-        .unwrap();
+    let replayed = replay.send(server, key).await;
     let replayed = (
         replayed.status().as_u16(),
         replayed.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_owned()),
@@ -353,6 +346,20 @@ struct Replay {
     session: Uuid,
     request_id: Uuid,
     body: Vec<u8>,
+}
+
+impl Replay {
+    /// The idempotent create, sent (again) to `server`.
+    async fn send(&self, server: &Server, key: &str) -> reqwest::Response {
+        server
+            .request(Method::PUT, &session_path(self.session), key)
+            .header("x-request-id", self.request_id.to_string())
+            .header("content-type", "application/json")
+            .body(self.body.clone())
+            .send()
+            .await
+            .unwrap()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -415,14 +422,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     with_customer["customerId"] = json!(customer);
     let replay =
         Replay { session: cancelled, request_id: Uuid::new_v4(), body: serde_json::to_vec(&with_customer).unwrap() };
-    let response = second
-        .request(Method::PUT, &session_path(cancelled), &key)
-        .header("x-request-id", replay.request_id.to_string())
-        .header("content-type", "application/json")
-        .body(replay.body.clone())
-        .send()
-        .await
-        .unwrap();
+    let response = replay.send(&second, &key).await;
     assert_eq!(response.status(), 201);
     let first_answer = response.bytes().await.unwrap().to_vec();
     let bodies = [

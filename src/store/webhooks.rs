@@ -150,6 +150,31 @@ pub enum RedeliverOutcome {
     Cancelled,
 }
 
+/// What a redelivery comes to, decided from the delivery alone.
+pub enum RedeliverDecision {
+    /// Nothing changes; answer this.
+    Answer(RedeliverOutcome),
+    /// A `Failed` or `Delivered` delivery to queue again, once its subscription is known to
+    /// still exist.
+    Requeue(DeliveryRecord),
+}
+
+/// Decides a redelivery of `delivery` (`None`: no such id) for `merchant_id`.
+pub fn decide_redelivery(delivery: Option<DeliveryRecord>, merchant_id: Uuid) -> RedeliverDecision {
+    let answer = RedeliverDecision::Answer;
+    let Some(delivery) = delivery else {
+        return answer(RedeliverOutcome::NotFound);
+    };
+    if delivery.merchant_id != merchant_id {
+        return answer(RedeliverOutcome::OtherMerchant);
+    }
+    match delivery.state {
+        DeliveryState::Cancelled => answer(RedeliverOutcome::Cancelled),
+        DeliveryState::Pending => answer(RedeliverOutcome::Queued(delivery)),
+        DeliveryState::Failed | DeliveryState::Delivered => RedeliverDecision::Requeue(delivery),
+    }
+}
+
 /// How long records are kept.
 #[derive(Clone, Copy, Debug)]
 pub struct Retention {

@@ -20,8 +20,9 @@ use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
 use crate::store::etag_matches;
 use crate::store::webhooks::{
-    AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
-    DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
+    decide_redelivery, AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter,
+    DeliveryRecord, DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverDecision, RedeliverOutcome, Retention,
+    SubscriptionRecord,
 };
 
 /// An event about to be written with the state change that caused it.
@@ -526,17 +527,10 @@ pub async fn list_deliveries(c: &mut Client, merchant_id: Uuid, filter: Delivery
 /// Queues a `Failed` (or `Delivered`) delivery again with a fresh retry schedule.
 pub async fn redeliver(c: &mut Client, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome> {
     let tx = c.transaction().await?;
-    let Some(delivery) = get_delivery(&tx, id, "FOR NO KEY UPDATE OF d").await? else {
-        return Ok(RedeliverOutcome::NotFound);
+    let delivery = match decide_redelivery(get_delivery(&tx, id, "FOR NO KEY UPDATE OF d").await?, merchant_id) {
+        RedeliverDecision::Requeue(delivery) => delivery,
+        RedeliverDecision::Answer(answer) => return Ok(answer),
     };
-    if delivery.merchant_id != merchant_id {
-        return Ok(RedeliverOutcome::OtherMerchant);
-    }
-    match delivery.state {
-        DeliveryState::Cancelled => return Ok(RedeliverOutcome::Cancelled),
-        DeliveryState::Pending => return Ok(RedeliverOutcome::Queued(delivery)),
-        DeliveryState::Failed | DeliveryState::Delivered => {}
-    }
     // A delivery whose subscription is gone can never be sent again. The key-share lock makes
     // a concurrent unsubscribe wait and then cancel this delivery with the others.
     let subscribed = tx

@@ -11,8 +11,9 @@ use crate::domain::event::EventType;
 use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
 use crate::store::webhooks::{
-    AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
-    DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
+    decide_redelivery, AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter,
+    DeliveryRecord, DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverDecision, RedeliverOutcome, Retention,
+    SubscriptionRecord,
 };
 use crate::store::{etag_matches, StoreError};
 
@@ -401,17 +402,10 @@ pub fn list_deliveries(c: &Connection, merchant_id: Uuid, filter: &DeliveryFilte
 
 /// Queues a `Failed` (or `Delivered`) delivery again with a fresh retry schedule.
 pub fn redeliver(c: &Connection, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome> {
-    let Some(delivery) = get_delivery(c, id)? else {
-        return Ok(RedeliverOutcome::NotFound);
+    let delivery = match decide_redelivery(get_delivery(c, id)?, merchant_id) {
+        RedeliverDecision::Requeue(delivery) => delivery,
+        RedeliverDecision::Answer(answer) => return Ok(answer),
     };
-    if delivery.merchant_id != merchant_id {
-        return Ok(RedeliverOutcome::OtherMerchant);
-    }
-    match delivery.state {
-        DeliveryState::Cancelled => return Ok(RedeliverOutcome::Cancelled),
-        DeliveryState::Pending => return Ok(RedeliverOutcome::Queued(delivery)),
-        DeliveryState::Failed | DeliveryState::Delivered => {}
-    }
     // A delivery whose subscription is gone can never be sent again.
     if get_subscription(c, delivery.subscription_id)?.is_none() {
         return Ok(RedeliverOutcome::Cancelled);
