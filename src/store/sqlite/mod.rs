@@ -152,8 +152,8 @@ fn merchant_from_row(row: &Row<'_>) -> rusqlite::Result<Merchant> {
 }
 
 fn load_session(connection: &Connection, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
-    let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1");
-    let mut statement = connection.prepare_cached(&sql).map_err(|e| internal(&e))?;
+    static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"));
+    let mut statement = connection.prepare_cached(&SQL).map_err(|e| internal(&e))?;
     statement.query_row(params![id.as_bytes()], session_from_row).optional().map_err(|e| internal(&e))
 }
 
@@ -169,13 +169,17 @@ fn change_state(
     correlation_id: Uuid,
     now: Timestamp,
 ) -> Result<Option<usize>, StoreError> {
-    let (changed_on, require_unexpired) = if to == State::Expired { (session.expires_on, false) } else { (now, true) };
-    let changed = connection
-        .prepare_cached(&format!(
+    // Built once: this runs on the writer, the thread every write waits for.
+    static UPDATE: LazyLock<String> = LazyLock::new(|| {
+        format!(
             "UPDATE sessions SET state = ?2, version = version + 1, last_modified_on = ?3,
                     last_correlation_id = ?4
               WHERE id = ?1 AND version = ?5 AND {LIVE} AND (?6 = 0 OR expires_on > ?7)"
-        ))
+        )
+    });
+    let (changed_on, require_unexpired) = if to == State::Expired { (session.expires_on, false) } else { (now, true) };
+    let changed = connection
+        .prepare_cached(&UPDATE)
         .and_then(|mut s| {
             s.execute(params![
                 session.id.as_bytes(),
