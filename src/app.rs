@@ -26,7 +26,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often old records are purged, and how many of each kind per transaction.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 const PURGE_BATCH: usize = 1000;
-/// Idempotency records are kept at least this long (SPEC §4).
+/// Idempotency records are kept at least this long (docs/DESIGN.md "Idempotency").
 const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// How often each instance re-reads the signing keys (another instance may have rotated).
 const KEYS_EVERY: Duration = Duration::from_secs(30);
@@ -42,6 +42,10 @@ pub struct Shared {
     pub config: Config,
     /// `config.public_url` without a trailing slash.
     pub public_url: String,
+    /// The hosted page: `<public_url>/pay`, every session's `redirectUrl` and tokens' audience.
+    pub pay_url: String,
+    /// Delivers one-time codes to customers.
+    pub code_sender: crate::hosted::sender::CodeSender,
     pub keyring: RwLock<Arc<Keyring>>,
     pub metrics: Metrics,
     pub limits: api::ratelimit::Limits,
@@ -60,8 +64,13 @@ impl AppState {
     pub async fn open(config: Config) -> Result<AppState, StoreError> {
         let store = store::open(&config, true).await?;
         let keyring = load_keyring(&store).await?;
+        let code_sender = crate::hosted::sender::CodeSender::new(config.otp_sender.clone())
+            .map_err(|e| StoreError::Internal(format!("cannot build the one-time code sender: {e}")))?;
+        let public_url = config.public_base();
         Ok(AppState(Arc::new(Shared {
-            public_url: config.public_base(),
+            pay_url: format!("{public_url}{}", crate::hosted::PAY_PATH),
+            public_url,
+            code_sender,
             limits: api::ratelimit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip),
             config,
             store,

@@ -24,6 +24,8 @@ const DEFAULT_DELIVERY_RETENTION: &str = "30d";
 const DEFAULT_RATE_LIMIT_PER_KEY: &str = "1000";
 const DEFAULT_RATE_LIMIT_PER_IP: &str = "0";
 const DEFAULT_LOG: &str = "info";
+const DEFAULT_OTP_SENDER: &str = "log";
+const MAX_TOKEN_LEN: usize = 4096;
 /// `metrics_listen` needs a spelling for "no separate listener" so a later layer can undo an earlier one.
 const METRICS_OFF: &str = "off";
 const MAX_RETRIES: usize = 20;
@@ -63,6 +65,11 @@ pub struct RawSettings {
     pub expiry_sweep: Option<bool>,
     pub webhook_dispatcher: Option<bool>,
     pub log: Option<String>,
+    pub otp_sender: Option<String>,
+    pub otp_http_url: Option<String>,
+    /// A secret: errors about it never echo it, and the file must give it as a string.
+    #[serde(default, deserialize_with = "secret_text")]
+    pub otp_http_token: Option<String>,
 }
 
 /// Where the data lives.
@@ -80,6 +87,29 @@ impl fmt::Debug for DatabaseUrl {
         match self {
             DatabaseUrl::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
             DatabaseUrl::Postgres(url) => f.debug_tuple("Postgres").field(&redact(url)).finish(),
+        }
+    }
+}
+
+/// How one-time codes reach customers (`otp_sender`, docs/OPERATIONS.md).
+#[derive(Clone, PartialEq, Eq)]
+pub enum OtpSender {
+    /// One log line per code, for development.
+    Log,
+    /// `POST` to `url`, with `Authorization: Bearer <token>` when a token is set.
+    Http { url: url::Url, token: Option<String> },
+}
+
+// Hand-written so that logging a `Config` with `{:?}` never prints the bearer token.
+impl fmt::Debug for OtpSender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OtpSender::Log => f.write_str("Log"),
+            OtpSender::Http { url, token } => f
+                .debug_struct("Http")
+                .field("url", &url.as_str())
+                .field("token", &token.as_ref().map(|_| "<redacted>"))
+                .finish(),
         }
     }
 }
@@ -125,6 +155,8 @@ pub struct Config {
     pub webhook_dispatcher: bool,
     /// Log filter, passed through as-is; default "info".
     pub log: String,
+    /// `log` (default) or `http` with its URL and optional bearer token; Debug hides the token.
+    pub otp_sender: OtpSender,
 }
 
 /// A bad setting; its Display is one line naming the setting and where it came from.
@@ -193,6 +225,29 @@ impl Origin {
             Origin::Flag => format!("invalid --{} {shown}: {problem}", field.replace('_', "-")),
         })
     }
+
+    /// Like `error`, for a secret: names the setting and its layer but never the value.
+    fn secret_error(&self, field: &str, problem: &str) -> ConfigError {
+        let upper = field.to_ascii_uppercase();
+        ConfigError(match self {
+            Origin::Default => format!("invalid built-in default {field}: {problem}"),
+            Origin::File(path) => format!("invalid setting {field} in {}: {problem}", path.display()),
+            Origin::Env => format!("invalid {ENV_PREFIX}{upper}: {problem}"),
+            Origin::PlainEnv => format!("invalid {upper}: {problem}"),
+            Origin::Flag => format!("invalid --{}: {problem}", field.replace('_', "-")),
+        })
+    }
+
+    /// Where a value came from, for a message about another setting that depends on it.
+    fn source(&self, field: &str) -> String {
+        match self {
+            Origin::Default => "the default".to_owned(),
+            Origin::File(path) => format!("{field} in {}", path.display()),
+            Origin::Env => format!("{ENV_PREFIX}{}", field.to_ascii_uppercase()),
+            Origin::PlainEnv => field.to_ascii_uppercase(),
+            Origin::Flag => format!("--{}", field.replace('_', "-")),
+        }
+    }
 }
 
 /// Layers in increasing priority; defaults are not a layer but the fallback of `parse`.
@@ -213,6 +268,52 @@ impl Layers {
         let (text, origin) =
             self.winner(get).map_or((default, &Origin::Default), |(text, origin)| (text.as_str(), origin));
         parse(text).map_err(|problem| origin.error(field, text, &problem))
+    }
+
+    /// `otp_sender` with `otp_http_url` and `otp_http_token`, which only make sense together:
+    /// `http` needs a URL, and a URL or token under `log` is refused rather than ignored.
+    fn otp_sender(&self) -> Result<OtpSender, ConfigError> {
+        let (kind, kind_origin) = self
+            .winner(|r| &r.otp_sender)
+            .map_or((DEFAULT_OTP_SENDER, &Origin::Default), |(text, origin)| (text.as_str(), origin));
+        let http = match kind {
+            "log" => false,
+            "http" => true,
+            _ => return Err(kind_origin.error("otp_sender", kind, "expected log or http")),
+        };
+        let url = self
+            .winner(|r| &r.otp_http_url)
+            .map(|(text, origin)| {
+                let url = parse_otp_http_url(text)
+                    .map_err(|problem| origin.error("otp_http_url", &mask_user_info(text), &problem))?;
+                Ok((url, text, origin))
+            })
+            .transpose()?;
+        let token = self
+            .winner(|r| &r.otp_http_token)
+            .map(|(text, origin)| {
+                check_token(text).map_err(|problem| origin.secret_error("otp_http_token", &problem))?;
+                Ok((text.clone(), origin))
+            })
+            .transpose()?;
+        if !http {
+            let problem = format!(
+                "only used when otp_sender is http, but otp_sender is log ({}); \
+                 set otp_sender to http or remove this setting",
+                kind_origin.source("otp_sender")
+            );
+            if let Some((_, text, origin)) = url {
+                return Err(origin.error("otp_http_url", &mask_user_info(text), &problem));
+            }
+            if let Some((_, origin)) = token {
+                return Err(origin.secret_error("otp_http_token", &problem));
+            }
+            return Ok(OtpSender::Log);
+        }
+        match url {
+            Some((url, _, _)) => Ok(OtpSender::Http { url, token: token.map(|(token, _)| token) }),
+            None => Err(kind_origin.error("otp_sender", kind, "otp_http_url is required when otp_sender is http")),
+        }
     }
 
     fn resolve(&self) -> Result<Config, ConfigError> {
@@ -273,6 +374,7 @@ impl Layers {
             expiry_sweep: switch!(expiry_sweep, true),
             webhook_dispatcher: switch!(webhook_dispatcher, true),
             log: setting!(log, DEFAULT_LOG, |text| Ok(text.to_owned())),
+            otp_sender: self.otp_sender()?,
         })
     }
 }
@@ -328,7 +430,8 @@ fn env_layer(env: &HashMap<String, String>) -> Result<RawSettings, ConfigError> 
     Ok(from_env!(
         text: listen, database_url, database_max_connections, database_acquire_timeout, database_connect_timeout,
             public_url, session_ttl, webhook_retry_schedule,
-            webhook_timeout, webhook_concurrency, delivery_retention, rate_limit_per_key, rate_limit_per_ip, metrics_listen, log;
+            webhook_timeout, webhook_concurrency, delivery_retention, rate_limit_per_key, rate_limit_per_ip, metrics_listen, log,
+            otp_sender, otp_http_url, otp_http_token;
         switch: allow_private_callbacks, allow_http_redirect_urls, expiry_sweep, webhook_dispatcher
     ))
 }
@@ -345,20 +448,51 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     text.parse().map_err(|_| "expected an IP address and port such as 127.0.0.1:8080".to_owned())
 }
 
-fn parse_public_url(text: &str) -> Result<url::Url, String> {
-    let expected = "expected an absolute http(s) URL";
-    let url = url::Url::parse(text).map_err(|_| expected.to_owned())?;
+const HTTP_URL_HINT: &str = "expected an absolute http(s) URL";
+
+/// An absolute http(s) URL with a host and no user info.
+fn parse_http_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|_| HTTP_URL_HINT.to_owned())?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(expected.to_owned());
+        return Err(HTTP_URL_HINT.to_owned());
     }
-    // Links built from it are handed to customers, so anything beyond scheme, host and path is a mistake.
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!("{expected} without user info"));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("{expected} without query or fragment"));
+        return Err(format!("{HTTP_URL_HINT} without user info"));
     }
     Ok(url)
+}
+
+fn parse_public_url(text: &str) -> Result<url::Url, String> {
+    // Links built from it are handed to customers, so anything beyond scheme, host and path is a mistake.
+    let url = parse_http_url(text)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{HTTP_URL_HINT} without query or fragment"));
+    }
+    Ok(url)
+}
+
+/// The `http` one-time-code sender's endpoint: a query is allowed, a fragment (never sent) is not,
+/// and credentials belong in `otp_http_token`, not in user info.
+fn parse_otp_http_url(text: &str) -> Result<url::Url, String> {
+    let url = parse_http_url(text).map_err(|problem| {
+        if problem.ends_with("user info") {
+            format!("{problem} (give the credential as otp_http_token)")
+        } else {
+            problem
+        }
+    })?;
+    if url.fragment().is_some() {
+        return Err(format!("{HTTP_URL_HINT} without fragment"));
+    }
+    Ok(url)
+}
+
+/// A bearer token: 1 to 4096 visible ASCII characters, no spaces. The message never repeats it.
+fn check_token(text: &str) -> Result<(), String> {
+    if (1..=MAX_TOKEN_LEN).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(());
+    }
+    Err(format!("expected 1 to {MAX_TOKEN_LEN} visible ASCII characters without spaces (value not shown)"))
 }
 
 fn parse_rate(text: &str) -> Result<u32, String> {
@@ -499,6 +633,20 @@ fn redact(text: &str) -> String {
     out
 }
 
+/// Masks the whole user info of a URL (`user@` as well as `user:password@`): in an endpoint URL a
+/// lone user name is as likely a token as a name.
+fn mask_user_info(text: &str) -> String {
+    if let Some(scheme_end) = text.find("://") {
+        let start = scheme_end + 3;
+        let authority = &text[start..];
+        let authority = &authority[..authority.find(['/', '?', '#']).unwrap_or(authority.len())];
+        if let Some(at) = authority.rfind('@') {
+            return format!("{}***{}", &text[..start], &text[start + at..]);
+        }
+    }
+    text.to_owned()
+}
+
 fn text_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
     struct Visitor;
     impl de::Visitor<'_> for Visitor {
@@ -535,6 +683,33 @@ fn text_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Str
                 items.push(item);
             }
             Ok(items.join(","))
+        }
+    }
+    deserializer.deserialize_any(Visitor).map(Some)
+}
+
+/// A string only; any other TOML value is refused without repeating it (serde's own message would).
+fn secret_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    struct Visitor;
+    impl de::Visitor<'_> for Visitor {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<String, E> {
+            Err(E::custom("expected a string (value not shown)"))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<String, E> {
+            Err(E::custom("expected a string (value not shown)"))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<String, E> {
+            Err(E::custom("expected a string (value not shown)"))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<String, E> {
+            Err(E::custom("expected a string (value not shown)"))
         }
     }
     deserializer.deserialize_any(Visitor).map(Some)
@@ -604,6 +779,7 @@ mod tests {
         assert_eq!(config.metrics_listen, None);
         assert!(config.expiry_sweep && config.webhook_dispatcher);
         assert_eq!(config.log, "info");
+        assert_eq!(config.otp_sender, OtpSender::Log);
     }
 
     #[test]
@@ -907,5 +1083,167 @@ mod tests {
         assert!(parse_database_url("./data/x.db").unwrap_err().contains("sqlite://PATH"));
         assert!(parse_database_url("mysql://db/x").unwrap_err().contains("postgres://"));
         assert!(parse_database_url("").is_err());
+    }
+
+    const TOKEN: &str = "tok-3f9a_Zq.~+/=";
+
+    fn otp_http(url: &str, token: Option<&str>) -> OtpSender {
+        OtpSender::Http { url: url.parse().unwrap(), token: token.map(str::to_owned) }
+    }
+
+    fn otp_flags(sender: Option<&str>, url: Option<&str>, token: Option<&str>) -> RawSettings {
+        RawSettings {
+            otp_sender: sender.map(str::to_owned),
+            otp_http_url: url.map(str::to_owned),
+            otp_http_token: token.map(str::to_owned),
+            ..no_flags()
+        }
+    }
+
+    #[test]
+    fn the_otp_sender_defaults_to_log() {
+        assert_eq!(load(None, &env(&[]), &no_flags()).otp_sender, OtpSender::Log);
+        let flags = otp_flags(Some("log"), None, None);
+        assert_eq!(load(None, &env(&[]), &flags).otp_sender, OtpSender::Log);
+    }
+
+    #[test]
+    fn the_file_can_choose_the_http_otp_sender() {
+        let file = TempToml::new(&format!(
+            "otp_sender = \"http\"\notp_http_url = \"https://sms.example.com/v1/otp?tenant=7\"\n\
+             otp_http_token = \"{TOKEN}\"\n"
+        ));
+        let config = load(Some(&file), &env(&[]), &no_flags());
+        assert_eq!(config.otp_sender, otp_http("https://sms.example.com/v1/otp?tenant=7", Some(TOKEN)));
+    }
+
+    #[test]
+    fn the_environment_can_choose_the_http_otp_sender() {
+        let vars = env(&[
+            ("REDIRECT_SESSIONS_OTP_SENDER", "http"),
+            ("REDIRECT_SESSIONS_OTP_HTTP_URL", "http://127.0.0.1:9000/otp"),
+            ("REDIRECT_SESSIONS_OTP_HTTP_TOKEN", TOKEN),
+        ]);
+        let config = load(None, &vars, &no_flags());
+        assert_eq!(config.otp_sender, otp_http("http://127.0.0.1:9000/otp", Some(TOKEN)));
+    }
+
+    #[test]
+    fn flags_can_choose_the_http_otp_sender_over_the_file_and_environment() {
+        let file = TempToml::new("otp_sender = \"http\"\notp_http_url = \"https://file.example/otp\"\n");
+        let vars = env(&[("REDIRECT_SESSIONS_OTP_HTTP_URL", "https://env.example/otp")]);
+        let flags = otp_flags(Some("http"), Some("https://flag.example/otp"), Some(TOKEN));
+        let config = load(Some(&file), &vars, &flags);
+        assert_eq!(config.otp_sender, otp_http("https://flag.example/otp", Some(TOKEN)));
+        // The token is optional.
+        let config = load(Some(&file), &vars, &otp_flags(None, None, None));
+        assert_eq!(config.otp_sender, otp_http("https://env.example/otp", None));
+    }
+
+    #[test]
+    fn the_http_otp_sender_without_a_url_is_rejected_naming_the_url_setting() {
+        let flags = otp_flags(Some("http"), None, Some(TOKEN));
+        let message = error(None, &env(&[]), &flags);
+        assert_eq!(message, "invalid --otp-sender \"http\": otp_http_url is required when otp_sender is http");
+        let file = TempToml::new("otp_sender = \"http\"\n");
+        let message = error(Some(&file), &env(&[]), &no_flags());
+        assert!(message.starts_with("invalid setting otp_sender = \"http\" in "), "{message}");
+        assert!(message.ends_with(": otp_http_url is required when otp_sender is http"), "{message}");
+    }
+
+    #[test]
+    fn an_unknown_otp_sender_is_rejected() {
+        let vars = env(&[("REDIRECT_SESSIONS_OTP_SENDER", "sms")]);
+        assert_eq!(
+            error(None, &vars, &no_flags()),
+            "invalid REDIRECT_SESSIONS_OTP_SENDER \"sms\": expected log or http"
+        );
+    }
+
+    #[test]
+    fn otp_http_urls_with_other_schemes_relative_or_with_user_info_or_fragment_are_rejected() {
+        for (bad, problem) in [
+            ("ftp://sms.example/otp", "expected an absolute http(s) URL"),
+            ("/otp", "expected an absolute http(s) URL"),
+            ("sms.example/otp", "expected an absolute http(s) URL"),
+            ("https://sms.example/otp#x", "expected an absolute http(s) URL without fragment"),
+        ] {
+            let flags = otp_flags(Some("http"), Some(bad), None);
+            let expected = format!("invalid --otp-http-url {bad:?}: {problem}");
+            assert_eq!(error(None, &env(&[]), &flags), expected);
+        }
+        for bad in ["https://user:secret@sms.example/otp", "https://secret@sms.example/otp"] {
+            let vars = env(&[("REDIRECT_SESSIONS_OTP_SENDER", "http"), ("REDIRECT_SESSIONS_OTP_HTTP_URL", bad)]);
+            let message = error(None, &vars, &no_flags());
+            assert_eq!(
+                message,
+                "invalid REDIRECT_SESSIONS_OTP_HTTP_URL \"https://***@sms.example/otp\": \
+                 expected an absolute http(s) URL without user info (give the credential as otp_http_token)"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_otp_tokens_are_rejected_without_being_shown() {
+        let too_long = "x".repeat(4097);
+        for bad in ["tok en secret", "", "secret\u{e9}", "secret\t", too_long.as_str()] {
+            let flags = otp_flags(Some("http"), Some("https://sms.example/otp"), Some(bad));
+            let message = error(None, &env(&[]), &flags);
+            assert_eq!(
+                message,
+                "invalid --otp-http-token: expected 1 to 4096 visible ASCII characters without spaces (value not shown)"
+            );
+        }
+        assert!(check_token(&"x".repeat(4096)).is_ok());
+        let vars = env(&[("REDIRECT_SESSIONS_OTP_HTTP_TOKEN", "has a secret space")]);
+        let message = error(None, &vars, &otp_flags(Some("http"), Some("https://sms.example/otp"), None));
+        assert!(message.starts_with("invalid REDIRECT_SESSIONS_OTP_HTTP_TOKEN: "), "{message}");
+        assert!(!message.contains("secret"), "{message}");
+    }
+
+    #[test]
+    fn a_token_of_the_wrong_toml_type_is_not_shown() {
+        let file = TempToml::new("otp_sender = \"http\"\notp_http_token = 982451653\n");
+        let message = error(Some(&file), &env(&[]), &no_flags());
+        assert!(message.starts_with("invalid setting otp_http_token in "), "{message}");
+        assert!(!message.contains("982451653"), "{message}");
+    }
+
+    #[test]
+    fn an_otp_url_or_token_while_the_sender_is_log_is_rejected() {
+        let flags = otp_flags(None, Some("https://sms.example/otp"), None);
+        assert_eq!(
+            error(None, &env(&[]), &flags),
+            "invalid --otp-http-url \"https://sms.example/otp\": only used when otp_sender is http, \
+             but otp_sender is log (the default); set otp_sender to http or remove this setting"
+        );
+        let vars = env(&[("REDIRECT_SESSIONS_OTP_SENDER", "log"), ("REDIRECT_SESSIONS_OTP_HTTP_TOKEN", TOKEN)]);
+        let message = error(None, &vars, &no_flags());
+        assert_eq!(
+            message,
+            "invalid REDIRECT_SESSIONS_OTP_HTTP_TOKEN: only used when otp_sender is http, \
+             but otp_sender is log (REDIRECT_SESSIONS_OTP_SENDER); set otp_sender to http or remove this setting"
+        );
+        // A later layer switching back to log does not silently drop an earlier layer's URL.
+        let file = TempToml::new("otp_sender = \"http\"\notp_http_url = \"https://sms.example/otp\"\n");
+        let message = error(Some(&file), &env(&[]), &otp_flags(Some("log"), None, None));
+        assert!(message.starts_with("invalid setting otp_http_url = \"https://sms.example/otp\" in "), "{message}");
+        assert!(
+            message.ends_with("but otp_sender is log (--otp-sender); set otp_sender to http or remove this setting")
+        );
+    }
+
+    #[test]
+    fn debug_output_of_the_config_never_shows_the_otp_token() {
+        let flags = otp_flags(Some("http"), Some("https://sms.example/otp"), Some(TOKEN));
+        let shown = format!("{:?}", load(None, &env(&[]), &flags));
+        assert!(!shown.contains(TOKEN), "{shown}");
+        assert!(
+            shown.contains(r#"otp_sender: Http { url: "https://sms.example/otp", token: Some("<redacted>") }"#),
+            "{shown}"
+        );
+        let without = format!("{:?}", otp_http("https://sms.example/otp", None));
+        assert_eq!(without, r#"Http { url: "https://sms.example/otp", token: None }"#);
+        assert_eq!(format!("{:?}", OtpSender::Log), "Log");
     }
 }

@@ -1,5 +1,5 @@
 //! The one error type of the HTTP API: an explicit status and `code` per case, rendered as the
-//! error body of SPEC §2.2. Internal causes are logged once and never sent.
+//! error body of docs/ERRORS.md. Internal causes are logged once and never sent.
 
 use std::fmt;
 
@@ -172,7 +172,7 @@ impl ApiError {
         Self::new(ErrorCode::ServiceUnavailable, message).with_retry_after(1)
     }
 
-    /// The error body of SPEC §2.2 as bytes.
+    /// The error body of docs/ERRORS.md as bytes.
     pub fn body(&self, correlation_id: Uuid, public_url: &str) -> Vec<u8> {
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]

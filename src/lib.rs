@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod hosted;
 pub mod metrics;
 pub mod migrate_data;
 pub mod store;

@@ -118,6 +118,16 @@ struct ServeArgs {
     /// Log filter, e.g. info or info,redirect_sessions=debug.
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
+    /// How one-time codes reach customers: log (a log line, development) or http (default log).
+    #[arg(long, value_name = "log|http")]
+    otp_sender: Option<String>,
+    /// Where the http one-time-code sender POSTs codes (required with --otp-sender http).
+    #[arg(long, value_name = "URL")]
+    otp_http_url: Option<String>,
+    /// Bearer token for the http one-time-code sender; flags are visible to other local users,
+    /// so prefer REDIRECT_SESSIONS_OTP_HTTP_TOKEN or the config file.
+    #[arg(long, value_name = "TOKEN")]
+    otp_http_token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -182,6 +192,9 @@ fn main() -> ExitCode {
         flags.expiry_sweep = serve.no_expiry_sweep.then_some(false);
         flags.webhook_dispatcher = serve.no_webhook_dispatcher.then_some(false);
         flags.log = serve.log.clone();
+        flags.otp_sender = serve.otp_sender.clone();
+        flags.otp_http_url = serve.otp_http_url.clone();
+        flags.otp_http_token = serve.otp_http_token.clone();
     }
     let mut env: HashMap<String, String> = std::env::vars().collect();
     if let Command::MigrateData { .. } = &cli.command {

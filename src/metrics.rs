@@ -46,7 +46,33 @@ pub struct Metrics {
     sessions_created: AtomicU64,
     sessions_cancelled: AtomicU64,
     sessions_expired: AtomicU64,
+    hosted: [AtomicU64; HOSTED_EVENTS.len()],
 }
+
+/// What happens on the hosted page, counted (`redirect_sessions_hosted_<name>_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hosted {
+    /// A browser arrived with a valid token.
+    Arrival,
+    CodeSent,
+    /// The sender could not deliver a code.
+    CodeFailed,
+    /// A wrong (or expired, or used-up) code was entered.
+    CodeWrong,
+    Authentication,
+    Completion,
+    Abort,
+}
+
+const HOSTED_EVENTS: [(Hosted, &str, &str); 7] = [
+    (Hosted::Arrival, "arrivals", "Browsers that arrived on the hosted page with a valid token."),
+    (Hosted::CodeSent, "codes_sent", "One-time codes sent."),
+    (Hosted::CodeFailed, "codes_failed", "One-time codes the sender could not deliver."),
+    (Hosted::CodeWrong, "codes_wrong", "Codes entered that were wrong, expired or used up."),
+    (Hosted::Authentication, "authentications", "Customers authenticated with a one-time code."),
+    (Hosted::Completion, "completions", "Sessions the customer completed."),
+    (Hosted::Abort, "aborts", "Sessions the customer gave up."),
+];
 
 /// One series' values, gathered so series can be sorted for deterministic output. Rendering
 /// holds the read lock throughout, which only delays requests that introduce a new key.
@@ -101,6 +127,12 @@ impl Metrics {
     /// `n` redirect sessions expired.
     pub fn sessions_expired(&self, n: u64) {
         self.sessions_expired.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Something happened on the hosted page.
+    pub fn hosted(&self, what: Hosted) {
+        let index = HOSTED_EVENTS.iter().position(|(event, _, _)| *event == what).expect("every event is listed");
+        self.hosted[index].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Renders everything in the Prometheus text exposition format 0.0.4, with the store's
@@ -178,6 +210,12 @@ impl Metrics {
             writeln!(out, "# TYPE {name} counter")?;
             writeln!(out, "{name} {}", counter.load(Ordering::Relaxed))?;
         }
+        for ((_, what, help), counter) in HOSTED_EVENTS.iter().zip(&self.hosted) {
+            let name = format!("redirect_sessions_hosted_{what}_total");
+            writeln!(out, "# HELP {name} {help}")?;
+            writeln!(out, "# TYPE {name} counter")?;
+            writeln!(out, "{name} {}", counter.load(Ordering::Relaxed))?;
+        }
         Ok(())
     }
 }
@@ -201,7 +239,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    const SESSIONS_AT_ZERO: &str = "\
+    const COUNTERS_AT_ZERO: &str = "\
 # HELP redirect_sessions_created_total Redirect sessions created.
 # TYPE redirect_sessions_created_total counter
 redirect_sessions_created_total 0
@@ -211,6 +249,27 @@ redirect_sessions_cancelled_total 0
 # HELP redirect_sessions_expired_total Redirect sessions expired.
 # TYPE redirect_sessions_expired_total counter
 redirect_sessions_expired_total 0
+# HELP redirect_sessions_hosted_arrivals_total Browsers that arrived on the hosted page with a valid token.
+# TYPE redirect_sessions_hosted_arrivals_total counter
+redirect_sessions_hosted_arrivals_total 0
+# HELP redirect_sessions_hosted_codes_sent_total One-time codes sent.
+# TYPE redirect_sessions_hosted_codes_sent_total counter
+redirect_sessions_hosted_codes_sent_total 0
+# HELP redirect_sessions_hosted_codes_failed_total One-time codes the sender could not deliver.
+# TYPE redirect_sessions_hosted_codes_failed_total counter
+redirect_sessions_hosted_codes_failed_total 0
+# HELP redirect_sessions_hosted_codes_wrong_total Codes entered that were wrong, expired or used up.
+# TYPE redirect_sessions_hosted_codes_wrong_total counter
+redirect_sessions_hosted_codes_wrong_total 0
+# HELP redirect_sessions_hosted_authentications_total Customers authenticated with a one-time code.
+# TYPE redirect_sessions_hosted_authentications_total counter
+redirect_sessions_hosted_authentications_total 0
+# HELP redirect_sessions_hosted_completions_total Sessions the customer completed.
+# TYPE redirect_sessions_hosted_completions_total counter
+redirect_sessions_hosted_completions_total 0
+# HELP redirect_sessions_hosted_aborts_total Sessions the customer gave up.
+# TYPE redirect_sessions_hosted_aborts_total counter
+redirect_sessions_hosted_aborts_total 0
 ";
 
     #[test]
@@ -231,7 +290,7 @@ redirect_sessions_expired_total 0
         for (le, n) in BUCKET_LABELS.iter().chain(&["+Inf"]).zip(counts) {
             expected += &format!("{h}_bucket{{{l},le=\"{le}\"}} {n}\n");
         }
-        expected += &format!("{h}_sum{{{l}}} 0.0303\n{h}_count{{{l}}} 2\n{SESSIONS_AT_ZERO}");
+        expected += &format!("{h}_sum{{{l}}} 0.0303\n{h}_count{{{l}}} 2\n{COUNTERS_AT_ZERO}");
         assert_eq!(metrics.render(None), expected);
     }
 
@@ -253,8 +312,20 @@ redirect_sessions_expired_total 0
     }
 
     #[test]
+    fn hosted_page_counters_count_each_event_apart() {
+        let metrics = Metrics::new();
+        metrics.hosted(Hosted::CodeSent);
+        metrics.hosted(Hosted::CodeSent);
+        metrics.hosted(Hosted::Abort);
+        let text = metrics.render(None);
+        assert!(text.contains("redirect_sessions_hosted_codes_sent_total 2\n"), "{text}");
+        assert!(text.contains("redirect_sessions_hosted_aborts_total 1\n"), "{text}");
+        assert!(text.contains("redirect_sessions_hosted_arrivals_total 0\n"), "{text}");
+    }
+
+    #[test]
     fn a_fresh_registry_renders_session_counters_at_zero() {
-        assert!(Metrics::new().render(None).ends_with(SESSIONS_AT_ZERO));
+        assert!(Metrics::new().render(None).ends_with(COUNTERS_AT_ZERO));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! milliseconds), versions and states, so the API answers exactly as before (ETags, tokens,
 //! replayed idempotent bodies, JWKS); delivery leases are cleared, since they belonged to the
 //! old process. The numeric `amount` and `currency` columns PostgreSQL keeps are derived from
-//! each session's transaction data, as the PostgreSQL store does when it creates a session.
+//! each session's transaction data, as the PostgreSQL store does when it creates a session; a
+//! transaction intent's `amount_cents` becomes the same exact `numeric` amount.
 //!
 //! A reader thread streams batches of rows from SQLite while the async side writes them, so
 //! memory stays flat whatever the size of the database.
@@ -32,7 +33,7 @@ use crate::store::postgres::{self, PoolSettings};
 
 /// The SQLite schema this build copies from: the last migration in `migrations/sqlite/`. A new
 /// SQLite migration must teach this module its columns before this number moves.
-pub const SQLITE_SCHEMA_VERSION: i64 = 4; // 3 and 4 only changed indexes: the columns are those of 2
+pub const SQLITE_SCHEMA_VERSION: i64 = 5; // 3 and 4 only changed indexes; 5 added the customer flow
 
 /// Rows per batch handed from the reader thread to the writer.
 const BATCH: usize = 4096;
@@ -302,18 +303,26 @@ fn tables() -> Vec<Table> {
         },
         Table {
             name: "customers",
-            select: "SELECT id, phone, created_on FROM customers",
-            columns: "id, phone, created_on",
-            types: vec![Type::UUID, Type::TEXT, Type::TIMESTAMPTZ],
-            convert: |r| Ok(vec![uuid(r, 0)?, get::<String>(r, 1)?, ts(r, 2)?]),
+            select: "SELECT id, phone, created_on, first_name, last_name FROM customers",
+            columns: "id, phone, created_on, first_name, last_name",
+            types: vec![Type::UUID, Type::TEXT, Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT],
+            convert: |r| {
+                Ok(vec![
+                    uuid(r, 0)?,
+                    get::<String>(r, 1)?,
+                    ts(r, 2)?,
+                    get::<Option<String>>(r, 3)?,
+                    get::<Option<String>>(r, 4)?,
+                ])
+            },
         },
         Table {
             name: "sessions",
             select: "SELECT id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on,
-                            last_correlation_id, version
+                            last_correlation_id, version, customer_id, transaction_intent_id
                        FROM sessions",
             columns: "id, merchant_id, state, spec, amount, currency, token, expires_on, created_on, last_modified_on,
-                      last_correlation_id, version",
+                      last_correlation_id, version, customer_id, transaction_intent_id",
             types: vec![
                 Type::UUID,
                 Type::UUID,
@@ -327,8 +336,69 @@ fn tables() -> Vec<Table> {
                 Type::TIMESTAMPTZ,
                 Type::UUID,
                 Type::INT8,
+                Type::UUID,
+                Type::UUID,
             ],
             convert: session_row,
+        },
+        Table {
+            name: "one_time_codes",
+            select: "SELECT session_id, phone, code_hash, code_expires_on, wrong_attempts, codes_sent, last_sent_on
+                       FROM one_time_codes",
+            columns: "session_id, phone, code_hash, code_expires_on, wrong_attempts, codes_sent, last_sent_on",
+            types: vec![
+                Type::UUID,
+                Type::TEXT,
+                Type::BYTEA,
+                Type::TIMESTAMPTZ,
+                Type::INT4,
+                Type::INT4,
+                Type::TIMESTAMPTZ,
+            ],
+            convert: |r| {
+                Ok(vec![
+                    uuid(r, 0)?,
+                    get::<String>(r, 1)?,
+                    get::<Option<Vec<u8>>>(r, 2)?,
+                    ts(r, 3)?,
+                    get::<i32>(r, 4)?,
+                    get::<i32>(r, 5)?,
+                    ts(r, 6)?,
+                ])
+            },
+        },
+        Table {
+            name: "transaction_intents",
+            select: "SELECT id, merchant_id, session_id, customer_id, flow, amount_cents, currency, created_on
+                       FROM transaction_intents",
+            columns: "id, merchant_id, session_id, customer_id, flow, amount, currency, created_on",
+            types: vec![
+                Type::UUID,
+                Type::UUID,
+                Type::UUID,
+                Type::UUID,
+                Type::TEXT,
+                Type::NUMERIC,
+                Type::TEXT,
+                Type::TIMESTAMPTZ,
+            ],
+            convert: |r| {
+                let cents: i64 = r.get(5).map_err(|e| e.to_string())?;
+                let cents = u64::try_from(cents).map_err(|_| {
+                    let id = r.get::<_, [u8; 16]>(0).map(Uuid::from_bytes).map(|u| u.to_string()).unwrap_or_default();
+                    format!("transaction intent {id} has a negative amount ({cents} cents)")
+                })?;
+                Ok(vec![
+                    uuid(r, 0)?,
+                    uuid(r, 1)?,
+                    uuid(r, 2)?,
+                    uuid(r, 3)?,
+                    get::<String>(r, 4)?,
+                    Box::new(Numeric(cents)),
+                    get::<String>(r, 6)?,
+                    ts(r, 7)?,
+                ])
+            },
         },
         Table {
             name: "events",
@@ -486,6 +556,8 @@ fn session_row(r: &rusqlite::Row<'_>) -> Result<Row, String> {
         ts(r, 7)?,
         uuid(r, 8)?,
         get::<i64>(r, 9)?,
+        uuid_opt(r, 10)?,
+        uuid_opt(r, 11)?,
     ])
 }
 
@@ -499,6 +571,11 @@ fn get<T: rusqlite::types::FromSql + ToSql + Send + Sync + 'static>(
 fn uuid(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
     let bytes: [u8; 16] = r.get(index).map_err(|e| e.to_string())?;
     Ok(Box::new(Uuid::from_bytes(bytes)))
+}
+
+fn uuid_opt(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
+    let bytes: Option<[u8; 16]> = r.get(index).map_err(|e| e.to_string())?;
+    Ok(Box::new(bytes.map(Uuid::from_bytes)))
 }
 
 fn ts(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {

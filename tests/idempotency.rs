@@ -1,4 +1,4 @@
-//! Idempotency by `x-request-id` (SPEC §4): the first outcome is stored and replayed byte for
+//! Idempotency by `x-request-id` (docs/DESIGN.md "Idempotency"): the first outcome is stored and replayed byte for
 //! byte, a reused id for another request is refused, a request still running is reported, and
 //! records are per merchant and survive a restart.
 

@@ -650,3 +650,211 @@ async fn deliveries_claimed_by_a_killed_instance_are_made_by_the_other_once_the_
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The hosted page on one instance, the merchant's cancel on the other
+// ---------------------------------------------------------------------------------------------
+
+const HOSTED_COMPLETED: &str = "RedirectSessionCompleted";
+
+/// An SMS gateway on 127.0.0.1:0 for the `http` one-time-code sender: records every code.
+struct CodeGateway {
+    port: u16,
+    sent: Arc<Mutex<Vec<Value>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for CodeGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn gateway_code(State(sent): State<Arc<Mutex<Vec<Value>>>>, body: axum::body::Bytes) -> StatusCode {
+    let body: Value = serde_json::from_slice(&body).expect("the sender posts JSON");
+    sent.lock().unwrap().push(body);
+    StatusCode::OK
+}
+
+impl CodeGateway {
+    async fn start() -> CodeGateway {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port for the gateway");
+        let port = listener.local_addr().unwrap().port();
+        let app = Router::new().route("/otp", post(gateway_code)).with_state(sent.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        CodeGateway { port, sent, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/otp", self.port)
+    }
+
+    /// The last code sent for `session`.
+    fn code(&self, session: Uuid) -> Option<String> {
+        let sent = self.sent.lock().unwrap();
+        let last = sent.iter().rev().find(|body| body["redirectSessionId"] == session.to_string());
+        last.map(|body| body["code"].as_str().expect("a code").to_owned())
+    }
+}
+
+/// One answer of the hosted page: status and `Location`.
+#[derive(Debug)]
+struct PageAnswer {
+    status: u16,
+    location: Option<String>,
+    set_cookie: Option<String>,
+    body: String,
+}
+
+impl PageAnswer {
+    async fn of(response: reqwest::Response) -> PageAnswer {
+        let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+        let (status, location, set_cookie) = (response.status().as_u16(), header("location"), header("set-cookie"));
+        PageAnswer { status, location, set_cookie, body: response.text().await.unwrap() }
+    }
+}
+
+/// A customer's browser on one instance's hosted page: its own cookie, no redirects followed.
+struct PayBrowser {
+    client: reqwest::Client,
+    base: String,
+    cookie: String,
+}
+
+impl PayBrowser {
+    /// `GET /pay?token=…`, which must answer 303 with the cookie.
+    async fn arrive(instance: &Instance, token: &str) -> PayBrowser {
+        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let base = instance.served.url.clone();
+        let query = url::form_urlencoded::Serializer::new(String::new()).append_pair("token", token).finish();
+        let answer = PageAnswer::of(client.get(format!("{base}/pay?{query}")).send().await.unwrap()).await;
+        assert_eq!((answer.status, answer.location.as_deref()), (303, Some("/pay")), "{answer:?}");
+        let set = answer.set_cookie.expect("the arrival sets the cookie");
+        let cookie = set.split(';').next().unwrap().to_owned();
+        assert!(cookie.starts_with("rs_pay="), "{set}");
+        assert!(set.contains("; Secure"), "the public URL is https: {set}");
+        PayBrowser { client, base, cookie }
+    }
+
+    /// Submits a form with the CSRF token.
+    async fn submit(&self, path: &str, fields: &[(&str, &str)]) -> PageAnswer {
+        let csrf = self.cookie.strip_prefix("rs_pay=").unwrap().split_once('.').unwrap().0;
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("csrf", csrf)
+            .extend_pairs(fields)
+            .finish();
+        let request = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        PageAnswer::of(request.send().await.unwrap()).await
+    }
+}
+
+/// The customer's steps on instance A, in order, until one is not `303 /pay`; before the step
+/// numbered `cancel_at` it tells the merchant to cancel, so that the two race. Answers every
+/// step taken with its answer.
+async fn customer_journey(
+    a: &Instance,
+    gateway: &CodeGateway,
+    id: Uuid,
+    token: &str,
+    phone: &str,
+    cancel_at: usize,
+    go: tokio::sync::oneshot::Sender<()>,
+) -> Vec<(&'static str, PageAnswer)> {
+    let browser = PayBrowser::arrive(a, token).await;
+    let mut go = Some(go);
+    let mut steps = Vec::new();
+    for (i, step) in ["code", "verify", "confirm"].into_iter().enumerate() {
+        if i == cancel_at {
+            let _ = go.take().expect("one go").send(());
+        }
+        let answer = match step {
+            "code" => browser.submit("/pay/code", &[("phone", phone)]).await,
+            "verify" => {
+                let code = gateway.code(id).expect("a code was sent");
+                browser.submit("/pay/verify", &[("code", &code)]).await
+            }
+            _ => browser.submit("/pay/confirm", &[]).await,
+        };
+        let on = answer.status == 303 && answer.location.as_deref() == Some("/pay");
+        steps.push((step, answer));
+        if !on {
+            break;
+        }
+    }
+    steps
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_customer_finishing_on_one_instance_races_the_merchant_cancelling_on_the_other_with_one_winner() {
+    let gateway = CodeGateway::start().await;
+    let url = gateway.url();
+    let Some(pair) = Pair::start(&["--otp-sender", "http", "--otp-http-url", &url]).await else { return };
+    const SESSIONS: usize = 21;
+    let ids = pair.create_sessions(SESSIONS).await;
+    let mut tokens = Vec::new();
+    for id in &ids {
+        let read = pair.a.get_session(&pair.key, *id).await;
+        assert_eq!(read.status, 200);
+        tokens.push(read.json()["token"].as_str().unwrap().to_owned());
+    }
+
+    let pair = &pair;
+    let gateway = &gateway;
+    let outcomes = join_all(ids.iter().zip(&tokens).enumerate().map(|(i, (id, token))| async move {
+        let (go, went) = tokio::sync::oneshot::channel();
+        let phone = format!("+49151400000{i:02}");
+        // The cancel lands around the sending of the code, its entry or the confirmation.
+        let journey = customer_journey(&pair.a, gateway, *id, token, &phone, i % 3, go);
+        let cancel = async {
+            let _ = went.await;
+            pair.b.cancel_session(&pair.key, *id).await
+        };
+        let (steps, cancelled) = tokio::join!(journey, cancel);
+        (*id, steps, cancelled)
+    }))
+    .await;
+
+    let sql = pair.database.sql().await;
+    let completed_events = pair.events_per_session(&sql, HOSTED_COMPLETED).await;
+    let cancelled_events = pair.events_per_session(&sql, CANCELLED).await;
+    let (mut completed, mut cancelled) = (0, 0);
+    let mut lost_at: BTreeMap<&str, usize> = BTreeMap::new();
+    for (id, steps, cancel) in &outcomes {
+        let session = pair.b.get_session(&pair.key, *id).await.json();
+        let (last_step, last) = steps.last().expect("at least one step");
+        let events = (completed_events.get(id).copied(), cancelled_events.get(id).copied());
+        match session["state"].as_str() {
+            Some("Completed") => {
+                completed += 1;
+                assert_eq!(events, (Some(1), None), "{id}: {session}");
+                assert_eq!(steps.len(), 3, "{id}: {steps:?}");
+                assert!(steps.iter().all(|(_, a)| a.status == 303), "{id}: {steps:?}");
+                assert_eq!(cancel.status, 400, "{}", String::from_utf8_lossy(&cancel.body));
+                assert_eq!(cancel.code(), "InvalidRedirectSessionStateTransition");
+                assert!(session["transactionIntentId"].is_string(), "{session}");
+            }
+            Some("Cancelled") => {
+                cancelled += 1;
+                *lost_at.entry(last_step).or_default() += 1;
+                assert_eq!(events, (None, Some(1)), "{id}: {session}");
+                assert_eq!(cancel.status, 200, "{}", String::from_utf8_lossy(&cancel.body));
+                assert_eq!(last.status, 409, "{id}: the losing step {last_step}: {last:?}");
+                assert!(last.body.contains("id=\"outcome\""), "{id}: {last:?}");
+                assert!(steps[..steps.len() - 1].iter().all(|(_, a)| a.status == 303), "{id}: {steps:?}");
+                assert!(session.get("transactionIntentId").is_none(), "{session}");
+            }
+            _ => panic!("{id} ended neither Completed nor Cancelled: {session}"),
+        }
+    }
+    assert_eq!(completed_events.len() + cancelled_events.len(), SESSIONS, "one event per session");
+    assert_eq!(count(&sql, "SELECT count(*) FROM events").await, SESSIONS as i64, "no other events");
+    let _ = writeln_stderr(&format!("{completed} completed, {cancelled} cancelled (the customer lost at {lost_at:?})"));
+}

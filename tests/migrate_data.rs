@@ -1,10 +1,14 @@
 //! `redirect-sessions migrate-data` (the real binary): a SQLite deployment made through the real
 //! API — a merchant, a customer, sessions of all three types (one cancelled, one expired), an
-//! idempotent request, two subscriptions, a delivered and a pending delivery — moves into a
-//! fresh PostgreSQL database, and a server on PostgreSQL then answers exactly as the SQLite one
-//! did: the same bodies and ETags, the same idempotent replay, the same JWKS, the same
-//! subscriptions and deliveries, and the pending delivery gets delivered. A second move into
-//! the now non-empty database is refused and changes nothing; bad arguments exit 2.
+//! idempotent request, two subscriptions, a delivered and a pending delivery — and through the
+//! store's customer steps (as the hosted page takes them: a sign-in that links the known
+//! customer and finishes with a transaction intent, a registration of a new customer with
+//! names, a code sent and not entered yet) moves into a fresh PostgreSQL database, and a server
+//! on PostgreSQL then answers exactly as the SQLite one did: the same bodies and ETags, the same
+//! hosted-page views, the same idempotent replay, the same JWKS, the same subscriptions and
+//! deliveries, and the pending delivery gets delivered; the code sent on SQLite is accepted on
+//! PostgreSQL. A second move into the now non-empty database is refused and changes nothing;
+//! bad arguments exit 2.
 //!
 //! Needs `REDIRECT_SESSIONS_TEST_POSTGRES` (an admin URL such as
 //! `postgres://postgres@127.0.0.1:5432/postgres`); without it the test says it was skipped. The
@@ -24,6 +28,11 @@ use common::binary::{command, Finished};
 use redirect_sessions::admin;
 use redirect_sessions::app::{self, AppState};
 use redirect_sessions::config::{Config, DatabaseUrl};
+use redirect_sessions::domain::intent::{Flow, Intent};
+use redirect_sessions::domain::otp::{hash_code, CodeCheck, OtpState};
+use redirect_sessions::domain::session::State;
+use redirect_sessions::domain::time::Timestamp;
+use redirect_sessions::store::customer::{CodeEntered, CodeRecorded, Finish, Step, StepOutcome};
 use reqwest::{Client, Method, RequestBuilder};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -41,10 +50,12 @@ const DELIVERIES: &str = "/customer-authentication-service/v1/redirect-session-e
 /// How long anything awaited may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(30);
 /// The tables migrate-data copies, in its order.
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 11] = [
     "merchants",
     "customers",
     "sessions",
+    "one_time_codes",
+    "transaction_intents",
     "events",
     "idempotency",
     "signing_keys",
@@ -313,6 +324,8 @@ struct Snapshot {
     deliveries: Read,
     jwks: Read,
     replay: (u16, Option<String>, Vec<u8>),
+    /// What the hosted page reads for each session (customer, intent, sign-in state).
+    hosted: Vec<String>,
 }
 
 async fn snapshot(server: &Server, key: &str, sessions: &[Uuid], subscriptions: &[Uuid], replay: &Replay) -> Snapshot {
@@ -338,7 +351,91 @@ async fn snapshot(server: &Server, key: &str, sessions: &[Uuid], subscriptions: 
         deliveries: server.read(&format!("{DELIVERIES}?limit=100"), key).await,
         jwks: server.read("/.well-known/jwks.json", key).await,
         replay: replayed,
+        hosted: hosted_views(server, sessions).await,
     }
+}
+
+async fn hosted_views(server: &Server, sessions: &[Uuid]) -> Vec<String> {
+    let mut views = Vec::new();
+    for id in sessions {
+        let view = server.state.store.hosted_view(*id).await.expect("the hosted view reads");
+        views.push(format!("{view:?}"));
+    }
+    views
+}
+
+/// The key the one-time codes of this test are hashed under, and the code sent.
+const CODE_KEY: [u8; 32] = [9; 32];
+const CODE: &str = "123456";
+
+fn customer_step(session_id: Uuid) -> Step {
+    Step { session_id, correlation_id: Uuid::new_v4(), now: Timestamp::now() }
+}
+
+/// Opens the session and records a code sent to `phone`, as the hosted page does.
+async fn send_code(server: &Server, id: Uuid, phone: &str) {
+    let store = &server.state.store;
+    let opened = store.open_session(customer_step(id)).await.unwrap();
+    assert!(matches!(&opened, StepOutcome::Done(s) if s.state == State::Opened), "{opened:?}");
+    let sent = OtpState::after_send(None, phone.to_owned(), hash_code(&CODE_KEY, id, CODE), Timestamp::now());
+    assert_eq!(store.record_code(customer_step(id), sent, 0).await.unwrap(), CodeRecorded::Recorded);
+}
+
+/// The rows of the columns and tables of the customer flow, as comparable text: ids as hex,
+/// times as Unix milliseconds, amounts in cents. `(SQLite query, PostgreSQL query)`.
+const CUSTOMER_FLOW_ROWS: [(&str, &str, &str); 4] = [
+    (
+        "sessions",
+        "SELECT lower(hex(id)) || '|' || CASE WHEN customer_id IS NULL THEN '-' ELSE lower(hex(customer_id)) END || '|'
+                || CASE WHEN transaction_intent_id IS NULL THEN '-' ELSE lower(hex(transaction_intent_id)) END
+           FROM sessions",
+        "SELECT replace(id::text, '-', '') || '|' || coalesce(replace(customer_id::text, '-', ''), '-') || '|'
+                || coalesce(replace(transaction_intent_id::text, '-', ''), '-')
+           FROM sessions",
+    ),
+    (
+        "customers",
+        "SELECT lower(hex(id)) || '|' || phone || '|' || created_on || '|' || coalesce(first_name, '-') || '|'
+                || coalesce(last_name, '-')
+           FROM customers",
+        "SELECT replace(id::text, '-', '') || '|' || phone || '|' || (extract(epoch FROM created_on) * 1000)::bigint
+                || '|' || coalesce(first_name, '-') || '|' || coalesce(last_name, '-')
+           FROM customers",
+    ),
+    (
+        "one_time_codes",
+        "SELECT lower(hex(session_id)) || '|' || phone || '|' || CASE WHEN code_hash IS NULL THEN '-' ELSE lower(hex(code_hash)) END || '|'
+                || code_expires_on || '|' || wrong_attempts || '|' || codes_sent || '|' || last_sent_on
+           FROM one_time_codes",
+        "SELECT replace(session_id::text, '-', '') || '|' || phone || '|' || coalesce(encode(code_hash, 'hex'), '-')
+                || '|' || (extract(epoch FROM code_expires_on) * 1000)::bigint || '|' || wrong_attempts || '|'
+                || codes_sent || '|' || (extract(epoch FROM last_sent_on) * 1000)::bigint
+           FROM one_time_codes",
+    ),
+    (
+        "transaction_intents",
+        "SELECT lower(hex(id)) || '|' || lower(hex(merchant_id)) || '|' || lower(hex(session_id)) || '|'
+                || lower(hex(customer_id)) || '|' || flow || '|' || amount_cents || '|' || currency || '|' || created_on
+           FROM transaction_intents",
+        "SELECT replace(id::text, '-', '') || '|' || replace(merchant_id::text, '-', '') || '|'
+                || replace(session_id::text, '-', '') || '|' || replace(customer_id::text, '-', '') || '|' || flow
+                || '|' || (amount * 100)::bigint || '|' || currency || '|'
+                || (extract(epoch FROM created_on) * 1000)::bigint
+           FROM transaction_intents",
+    ),
+];
+
+/// `id` as the queries of `CUSTOMER_FLOW_ROWS` write it.
+fn hex(id: Uuid) -> String {
+    id.simple().to_string()
+}
+
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn merchant_id(merchant: &Value) -> Uuid {
+    merchant["merchantId"].as_str().expect("the merchant's id").parse().unwrap()
 }
 
 /// The idempotent request: a PUT with `x-request-id`, sent again to see it replayed.
@@ -448,6 +545,47 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         let (status, answer) = second.json(Method::PUT, &session_path(*id), &key, Some(body)).await;
         assert_eq!(status, 201, "{answer}");
     }
+    // The customer's side, through the store as the hosted page drives it: a sign-in with the
+    // known customer's phone that finishes with a new intent, a registration of a new customer
+    // (with names), and a code sent, entered wrongly once, and not yet entered rightly.
+    let (finished, registered, signing_in) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let registration = json!({"type": "NewCustomer", "redirectData": redirect_data(), "locale": "de",
+                               "customerData": {"firstName": "Max", "lastName": "Muster"}});
+    for (id, body) in [
+        (finished, new_transaction_intent(json!(100.5))),
+        (registered, registration),
+        (signing_in, new_transaction_intent(json!(3))),
+    ] {
+        let (status, answer) = second.json(Method::PUT, &session_path(id), &key, Some(&body)).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    let (registered_customer, intent) = (Uuid::new_v4(), Intent { id: Uuid::new_v4(), flow: Flow::PayOut });
+    let store = &second.state.store;
+    send_code(&second, finished, "+4915112345678").await;
+    match store.enter_code(customer_step(finished), hash_code(&CODE_KEY, finished, CODE), Uuid::new_v4()).await {
+        Ok(CodeEntered::Authenticated(s)) => assert_eq!(s.customer_id, Some(customer), "the phone's customer"),
+        other => panic!("{other:?}"),
+    }
+    match store.finish(customer_step(finished), Finish::CreateIntent(intent.clone())).await {
+        Ok(StepOutcome::Done(s)) => {
+            assert_eq!((s.state, s.transaction_intent_id), (State::Completed, Some(intent.id)))
+        }
+        other => panic!("{other:?}"),
+    }
+    send_code(&second, registered, "+4917612345678").await;
+    match store.enter_code(customer_step(registered), hash_code(&CODE_KEY, registered, CODE), registered_customer).await
+    {
+        Ok(CodeEntered::Authenticated(s)) => {
+            assert_eq!((s.state, s.customer_id), (State::Completed, Some(registered_customer)))
+        }
+        other => panic!("{other:?}"),
+    }
+    send_code(&second, signing_in, "+4915112345678").await;
+    match store.enter_code(customer_step(signing_in), hash_code(&CODE_KEY, signing_in, "000000"), Uuid::new_v4()).await
+    {
+        Ok(CodeEntered::Refused(CodeCheck::Wrong { tries_left: 4 })) => {}
+        other => panic!("{other:?}"),
+    }
     let (status, answer) = second.json(Method::POST, &format!("{}/cancel", session_path(cancelled)), &key, None).await;
     assert_eq!((status, &answer["state"]), (200, &json!("Cancelled")), "{answer}");
     // One delivery delivered, one failed once and pending a retry in about 6 s.
@@ -459,9 +597,14 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
                 .find(|d| d["subscriptionId"] == json!(sub) && d["eventType"] == "RedirectSessionCancelled")
                 .cloned()
         };
+        // The expiry, the two completions and the cancel, all delivered to the first receiver.
+        let delivered_ok =
+            deliveries.iter().filter(|d| d["subscriptionId"] == json!(sub_ok) && d["state"] == "Delivered").count();
         match (of(sub_ok), of(sub_failing)) {
             (Some(ok), Some(bad))
-                if ok["state"] == "Delivered" && bad["attempts"].as_array().map(Vec::len) == Some(1) =>
+                if ok["state"] == "Delivered"
+                    && bad["attempts"].as_array().map(Vec::len) == Some(1)
+                    && delivered_ok == 4 =>
             {
                 Some(())
             }
@@ -469,7 +612,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         }
     })
     .await;
-    let sessions = [expired, cancelled, existing, new_customer, by_direction];
+    let sessions = [expired, cancelled, existing, new_customer, by_direction, finished, registered, signing_in];
     let subscriptions = [sub_ok, sub_failing];
     let before = snapshot(&second, &key, &sessions, &subscriptions, &replay).await;
     second.stop().await;
@@ -500,8 +643,9 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     let summary: Value = serde_json::from_str(lines[0]).unwrap();
     assert_eq!(
         summary,
-        json!({"merchants": 1, "customers": 1, "sessions": 5, "events": 2, "idempotency": 1, "signing_keys": 1,
-               "subscriptions": 2, "deliveries": 3, "delivery_attempts": 3}),
+        json!({"merchants": 1, "customers": 2, "sessions": 8, "one_time_codes": 3, "transaction_intents": 1,
+               "events": 4, "idempotency": 1, "signing_keys": 1, "subscriptions": 2, "deliveries": 5,
+               "delivery_attempts": 5}),
         "{moved:?}"
     );
     let source = rusqlite::Connection::open(&sqlite_path).unwrap();
@@ -509,13 +653,48 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         let rows: i64 = source.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap();
         assert_eq!(summary[table], json!(rows), "{table}: every row of the source");
     }
+    // The customer flow's columns and tables, value for value.
+    let sql = connect(&target.url).await;
+    let mut moved_rows = Vec::new();
+    for (table, from_sqlite, from_postgres) in CUSTOMER_FLOW_ROWS {
+        let mut was: Vec<String> = source
+            .prepare(from_sqlite)
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut is: Vec<String> = sql.query(from_postgres, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        was.sort();
+        is.sort();
+        assert_eq!(was, is, "{table}: the same values");
+        moved_rows.extend(is);
+    }
     drop(source);
+    for expected in [
+        format!("{}|{}|{}", hex(finished), hex(customer), hex(intent.id)),
+        format!("{}|{}|-", hex(registered), hex(registered_customer)),
+        format!("{}|-|-", hex(signing_in)),
+        format!("{}|{}|-", hex(cancelled), hex(customer)),
+        format!("{}|+4917612345678|", hex(registered_customer)),
+        "|Max|Muster".to_owned(),
+        format!(
+            "{}|{}|{}|{}|PayOut|10050|EUR|",
+            hex(intent.id),
+            hex(merchant_id(&merchant)),
+            hex(finished),
+            hex(customer)
+        ),
+        format!("{}|+4915112345678|{}|", hex(signing_in), hex_bytes(&hash_code(&CODE_KEY, signing_in, CODE))),
+        format!("{}|+4915112345678|-|", hex(finished)),
+    ] {
+        assert!(moved_rows.iter().any(|row| row.contains(&expected)), "{expected} in {moved_rows:#?}");
+    }
     for table in TABLES {
         assert!(moved.stderr.contains(&format!("{table}: ")), "a progress line for {table}: {}", moved.stderr);
     }
 
     // What only PostgreSQL has: the numeric amount beside the spec, and no leases.
-    let sql = connect(&target.url).await;
     let amounts: Vec<(String, Option<String>, Option<String>)> = sql
         .query("SELECT id::text, amount::text, currency FROM sessions", &[])
         .await
@@ -558,6 +737,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     assert_eq!(before.subscription_list, after.subscription_list, "the subscriptions list the same");
     assert_eq!(before.deliveries, after.deliveries, "the deliveries list the same");
     assert_eq!(before.session_list, after.session_list, "the sessions list the same");
+    assert_eq!(before.hosted, after.hosted, "the hosted page reads the same");
     assert_eq!(before, after);
 
     // --- 5. With the dispatcher on and the receiver fixed, the pending delivery is delivered
@@ -578,6 +758,20 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     let bodies = failing.bodies();
     assert_eq!(bodies[0], bodies[1], "the same webhook body from SQLite and from PostgreSQL");
     assert_eq!(delivered_to.ids(), delivered_before, "nothing delivered is sent again");
+    // The moved deployment goes on working: the code sent on SQLite signs in on PostgreSQL (its
+    // wrong entry still counted), linking the phone's customer; and a new session.
+    let store = &fourth.state.store;
+    match store.enter_code(customer_step(signing_in), hash_code(&CODE_KEY, signing_in, "999999"), Uuid::new_v4()).await
+    {
+        Ok(CodeEntered::Refused(CodeCheck::Wrong { tries_left: 3 })) => {}
+        other => panic!("{other:?}"),
+    }
+    match store.enter_code(customer_step(signing_in), hash_code(&CODE_KEY, signing_in, CODE), Uuid::new_v4()).await {
+        Ok(CodeEntered::Authenticated(s)) => {
+            assert_eq!((s.state, s.customer_id), (State::Authenticated, Some(customer)))
+        }
+        other => panic!("{other:?}"),
+    }
     // The moved deployment goes on working: a new session on PostgreSQL.
     let (status, answer) =
         fourth.json(Method::PUT, &session_path(Uuid::new_v4()), &key, Some(&new_transaction_intent(json!(7)))).await;

@@ -1,4 +1,4 @@
-//! The real `redirect-sessions` binary as a child process (SPEC §7): admin commands, the
+//! The real `redirect-sessions` binary as a child process (README.md): admin commands, the
 //! OpenAPI command, bad settings, layered settings, serving, crash durability and graceful
 //! shutdown.
 

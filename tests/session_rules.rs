@@ -1,5 +1,5 @@
-//! What a redirect-session request may contain (SPEC §3.1) and the errors of the HTTP edge
-//! (SPEC §2.1–2.2): every failing field at once, exact status and `code`, and the correlation
+//! What a redirect-session request may contain (docs/API.md) and the errors of the HTTP edge
+//! (docs/API.md, docs/ERRORS.md): every failing field at once, exact status and `code`, and the correlation
 //! id on every answer.
 
 mod common;

@@ -1,5 +1,5 @@
 //! Redirect sessions end to end over HTTP: create, repeat, read, list, cancel, races, expiry
-//! and the metrics they leave (SPEC §2–3). Request validation and the errors of the HTTP edge
+//! and the metrics they leave (docs/API.md). Request validation and the errors of the HTTP edge
 //! are in `session_rules.rs`.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The subscriptions API (SPEC §5.1) and the deliveries API (SPEC §2 "our additions"):
+//! The subscriptions API (docs/WEBHOOKS.md) and the deliveries API (docs/API.md):
 //! create, replace, delete, read, list, validation, ownership; list and redeliver deliveries.
 
 // The shared harness calls `.ok().expect(..)`; it is not this file's to change.

@@ -1,4 +1,4 @@
-//! Session tokens (SPEC §3.2): EdDSA JWTs verifiable with the published JWKS, with the
+//! Session tokens (docs/DESIGN.md "Tokens"): EdDSA JWTs verifiable with the published JWKS, with the
 //! documented claims; stable across repeated PUTs; still verifiable after a key rotation.
 
 mod common;

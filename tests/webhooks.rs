@@ -1,4 +1,4 @@
-//! Webhook delivery (SPEC §5.2) against a real receiver: headers, CloudEvents body and
+//! Webhook delivery (docs/WEBHOOKS.md) against a real receiver: headers, CloudEvents body and
 //! signature; retries (schedule, jitter, Retry-After), timeouts, redirects and redelivery; which
 //! events go to which subscription; expiry; the SSRF guard in both modes; leases of a dead
 //! dispatcher; shutdown with an attempt in flight; an event that survives `kill -9` of the real

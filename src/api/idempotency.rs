@@ -1,4 +1,4 @@
-//! `x-request-id` idempotency (SPEC §4) for every mutating merchant request: the first
+//! `x-request-id` idempotency (docs/DESIGN.md "Idempotency") for every mutating merchant request: the first
 //! outcome is stored and replayed byte for byte; see `docs/DESIGN.md`.
 
 use std::panic::AssertUnwindSafe;

@@ -29,7 +29,7 @@ pub fn router(state: AppState) -> Router {
         .merge(deliveries::router())
         .layer(from_fn_with_state(state.clone(), idempotency::middleware))
         .layer(from_fn_with_state(state.clone(), auth::middleware));
-    let mut public = Router::new().merge(health::router()).merge(docs::router());
+    let mut public = Router::new().merge(health::router()).merge(docs::router()).merge(crate::hosted::router());
     if state.config.metrics_listen.is_none() {
         public = public.route("/metrics", get(health::get_metrics));
     }

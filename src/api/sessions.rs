@@ -46,12 +46,16 @@ pub struct RedirectSession {
     pub kind: SessionType,
     pub state: SessionState,
     pub merchant_id: Uuid,
+    /// The customer: the one named at create, or the one linked when the customer authenticated
+    /// on the hosted page (an existing customer with that phone, or one registered then).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub customer_id: Option<Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub customer_data: Option<CustomerData>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transaction_data: Option<TransactionData>,
+    /// The transaction intent: the one named at create (`ExistingTransactionIntent`), or the one
+    /// the session created when the customer confirmed (`NewTransactionIntent`, `Completed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transaction_intent_id: Option<Uuid>,
     pub redirect_data: RedirectData,
@@ -83,10 +87,10 @@ impl RedirectSession {
             kind: spec.kind,
             state,
             merchant_id: session.merchant_id,
-            customer_id: spec.customer_id,
+            customer_id: session.customer_id,
             customer_data: spec.customer_data,
             transaction_data: spec.transaction_data,
-            transaction_intent_id: spec.transaction_intent_id,
+            transaction_intent_id: session.transaction_intent_id,
             redirect_data: spec.redirect_data,
             locale: spec.locale,
             token: session.token,
@@ -202,6 +206,8 @@ pub async fn create_redirect_session(
         id,
         merchant_id: merchant.id,
         token: state.keyring().sign(&claims),
+        customer_id: spec.customer_id,
+        transaction_intent_id: spec.transaction_intent_id,
         spec,
         state: SessionState::Created,
         expires_on,

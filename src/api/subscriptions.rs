@@ -1,4 +1,4 @@
-//! Event subscriptions (SPEC §5.1): create (PUT), replace (PATCH), delete, read, list.
+//! Event subscriptions (docs/WEBHOOKS.md): create (PUT), replace (PATCH), delete, read, list.
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};

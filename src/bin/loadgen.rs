@@ -39,7 +39,7 @@ fn args() -> Result<Args, String> {
         connections: 256,
         duration: Duration::from_secs(10),
         server: PathBuf::from("target/release/redirect-sessions"),
-        scenarios: ["ceiling", "create", "read", "cancel", "webhooks"].map(str::to_owned).to_vec(),
+        scenarios: ["ceiling", "create", "read", "cancel", "pay", "webhooks"].map(str::to_owned).to_vec(),
         prefill: 0,
         postgres: None,
         instances: 1,
@@ -55,7 +55,7 @@ fn args() -> Result<Args, String> {
             "--prefill" => args.prefill = value()?.parse().map_err(|_| "--prefill: a number")?,
             "--postgres" => args.postgres = Some(value()?),
             "--instances" => args.instances = value()?.parse().map_err(|_| "--instances: a number")?,
-            _ => return Err(format!("unknown flag {flag}; flags: --connections N --duration 10s --server PATH --scenarios ceiling,create,read,cancel,webhooks --prefill N --postgres ADMIN_URL --instances N")),
+            _ => return Err(format!("unknown flag {flag}; flags: --connections N --duration 10s --server PATH --scenarios ceiling,create,read,cancel,pay,webhooks --prefill N --postgres ADMIN_URL --instances N")),
         }
     }
     if args.instances == 0 || (args.instances > 1 && args.postgres.is_none()) {
@@ -380,6 +380,35 @@ async fn create_sessions(
 }
 
 /// A webhook receiver answering 204 that records when each session's event arrived.
+/// Creates `n` sessions and arrives on the hosted page with each token as a browser does (a form
+/// POST); answers the cookies the page handed out.
+async fn arrived_browsers(address: SocketAddr, key: &str, n: usize) -> Vec<String> {
+    let mut sender = connect(address).await.expect("the server answers");
+    let mut cookies = Vec::with_capacity(n);
+    for _ in 0..n {
+        let path = format!("{BASE}/redirect-sessions/{}", Uuid::new_v4());
+        let body = Some(Bytes::from_static(SESSION_BODY.as_bytes()));
+        let response = sender.send_request(request(Method::PUT, address, &path, key, body)).await.expect("created");
+        let body = response.into_body().collect().await.expect("a body").to_bytes();
+        let session: serde_json::Value = serde_json::from_slice(&body).expect("a session");
+        let token = session["token"].as_str().expect("a token");
+        let form = url::form_urlencoded::Serializer::new(String::new()).append_pair("token", token).finish();
+        let arrival = Request::builder()
+            .method(Method::POST)
+            .uri("/pay")
+            .header("host", address.to_string())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form)))
+            .expect("valid");
+        let response = sender.send_request(arrival).await.expect("arrived");
+        assert_eq!(response.status(), 303, "arriving on the hosted page");
+        let cookie = response.headers()["set-cookie"].to_str().expect("ASCII");
+        cookies.push(cookie.split(';').next().expect("a cookie").to_owned());
+        let _ = response.into_body().collect().await;
+    }
+    cookies
+}
+
 async fn receiver() -> (SocketAddr, Arc<Mutex<HashMap<String, Instant>>>) {
     let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let seen = arrivals.clone();
@@ -630,6 +659,32 @@ async fn run(args: Args) {
             &server
                 .measured(load(
                     "cancel session (each id once)",
+                    &server.addresses,
+                    args.connections,
+                    args.duration,
+                    200,
+                    make,
+                ))
+                .await,
+            Some(&ceiling),
+        ));
+    }
+    if wants("pay") {
+        let cookies = Arc::new(arrived_browsers(address, &key, 256).await);
+        let make: MakeRequest = Arc::new(move |n| {
+            Some(
+                Request::builder()
+                    .uri("/pay")
+                    .header("host", address.to_string())
+                    .header("cookie", &cookies[n % cookies.len()])
+                    .body(Full::default())
+                    .expect("valid"),
+            )
+        });
+        rows.push(row(
+            &server
+                .measured(load(
+                    "hosted page: GET /pay (with cookie)",
                     &server.addresses,
                     args.connections,
                     args.duration,

@@ -1,4 +1,4 @@
-//! `Locale`: the language (and region) the hosted page speaks, normalised as SPEC §3.1 says.
+//! `Locale`: the language (and region) the hosted page speaks, normalised as docs/API.md says.
 
 use std::fmt;
 

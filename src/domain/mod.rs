@@ -2,8 +2,10 @@
 //! parsing. Plain Rust with no I/O, so that every rule can be unit- and property-tested.
 
 pub mod event;
+pub mod intent;
 pub mod locale;
 pub mod money;
+pub mod otp;
 pub mod request;
 pub mod session;
 pub mod subscription;

@@ -1,5 +1,5 @@
 //! The create-session request: its three shapes, parsed from untrusted JSON into a
-//! normalised `SessionSpec` with every failing field reported at once (SPEC §3.1).
+//! normalised `SessionSpec` with every failing field reported at once (docs/API.md).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -123,7 +123,7 @@ pub struct RedirectData {
 }
 
 /// Everything the merchant chose for a session, normalised. Two requests with equal specs are
-/// the same request (SPEC §3.1: "same values after normalisation").
+/// the same request (docs/API.md: "same values after normalisation").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SessionSpec {

@@ -51,7 +51,7 @@ pub struct InvalidTransition {
     pub action: Action,
 }
 
-/// All states, in the order of the table in SPEC §3.3.
+/// All states, in the order of the table in docs/DESIGN.md.
 pub const ALL_STATES: [State; 7] = [
     State::Created,
     State::Opened,

@@ -1,5 +1,5 @@
 //! Event subscriptions: the PUT/PATCH body parsed into a normalised `SubscriptionSpec`, with
-//! every failing field reported at once (SPEC §5.1).
+//! every failing field reported at once (docs/WEBHOOKS.md).
 
 use serde_json::Value;
 

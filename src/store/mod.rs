@@ -2,6 +2,7 @@
 //! the backends. Every method that changes a session writes its event in the same
 //! transaction.
 
+pub mod customer;
 pub mod postgres;
 pub mod sqlite;
 pub mod webhooks;
@@ -47,6 +48,10 @@ pub struct SessionRecord {
     pub last_modified_on: Timestamp,
     pub last_correlation_id: Uuid,
     pub version: i64,
+    /// The customer: the one the merchant named at create, or the one the hosted page linked.
+    pub customer_id: Option<Uuid>,
+    /// The transaction intent: the one the merchant named, or the one the session created.
+    pub transaction_intent_id: Option<Uuid>,
 }
 
 impl SessionRecord {
@@ -229,9 +234,28 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// The `data` of a session's event: what changed, the customer and the intent when known.
+/// Both backends store exactly this text, and webhooks send it.
+pub fn event_data(session: &SessionRecord, to: State, changed_on: Timestamp) -> serde_json::Value {
+    let mut data = serde_json::json!({
+        "id": session.id,
+        "state": to.as_str(),
+        "type": session.spec.kind.as_str(),
+        "createdOn": session.created_on,
+        "lastModifiedOn": changed_on,
+    });
+    if let Some(customer) = session.customer_id {
+        data["customerId"] = serde_json::json!(customer);
+    }
+    if let Some(intent) = session.transaction_intent_id {
+        data["transactionIntentId"] = serde_json::json!(intent);
+    }
+    data
+}
+
 /// The storage a backend provides, one method per use case.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: customer::CustomerStore + Send + Sync + 'static {
     /// `Ok` when the database answers and is migrated.
     async fn ready(&self) -> Result<(), StoreError>;
 

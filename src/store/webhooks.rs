@@ -180,6 +180,6 @@ pub fn decide_redelivery(delivery: Option<DeliveryRecord>, merchant_id: Uuid) ->
 pub struct Retention {
     /// Finished deliveries, their attempts and their events.
     pub deliveries: Duration,
-    /// Idempotency records.
+    /// Idempotency records, and the one-time-code state of sessions (a session lives at most a day).
     pub idempotency: Duration,
 }

@@ -6,6 +6,7 @@
 //! Connections are plain TCP (`NoTls`): run PostgreSQL on a private network, over a Unix
 //! socket, or behind a TLS-terminating proxy. Keeping TLS out keeps the dependency tree small.
 
+mod customer;
 mod listen;
 mod schema;
 mod sessions;

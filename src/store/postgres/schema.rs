@@ -10,6 +10,7 @@ use crate::store::{SigningKeys, StoreError};
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/postgres/0001_init.sql")),
     (2, "webhooks", include_str!("../../../migrations/postgres/0002_webhooks.sql")),
+    (3, "customer flow", include_str!("../../../migrations/postgres/0003_customer_flow.sql")),
 ];
 
 /// Advisory lock keys (arbitrary constants; each names one critical section).

@@ -21,15 +21,16 @@ use crate::store::{
     Merchant, SessionFilter, SessionRecord, StoredResponse,
 };
 
-const SESSION_COLUMNS: &str =
-    "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, last_correlation_id, version";
+pub(super) const SESSION_COLUMNS: &str =
+    "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, \
+     last_correlation_id, version, customer_id, transaction_intent_id";
 
 fn session_from_row(row: &Row) -> Result<SessionRecord> {
     session_at(row, 0)
 }
 
 /// The session whose `SESSION_COLUMNS` start at column `at`.
-fn session_at(row: &Row, at: usize) -> Result<SessionRecord> {
+pub(super) fn session_at(row: &Row, at: usize) -> Result<SessionRecord> {
     let state: &str = row.try_get(at + 2)?;
     let Json(spec): Json<SessionSpec> = row.try_get(at + 3)?;
     Ok(SessionRecord {
@@ -43,6 +44,8 @@ fn session_at(row: &Row, at: usize) -> Result<SessionRecord> {
         last_modified_on: ts(row, at + 7)?,
         last_correlation_id: row.try_get(at + 8)?,
         version: row.try_get(at + 9)?,
+        customer_id: row.try_get(at + 10)?,
+        transaction_intent_id: row.try_get(at + 11)?,
     })
 }
 
@@ -52,7 +55,7 @@ fn merchant_from_row(row: &Row) -> Result<Merchant> {
 
 /// The session with this id; with `lock`, locked until the transaction ends, as the latest
 /// committed version (READ COMMITTED re-reads a row it had to wait for).
-async fn load_session<C: GenericClient>(c: &C, id: Uuid, lock: bool) -> Result<Option<SessionRecord>> {
+pub(super) async fn load_session<C: GenericClient>(c: &C, id: Uuid, lock: bool) -> Result<Option<SessionRecord>> {
     let row = if lock {
         query_opt(c, &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1 FOR NO KEY UPDATE"), &[&id]).await?
     } else {
@@ -113,9 +116,9 @@ pub async fn create_session(c: &mut Client, session: SessionRecord) -> Result<Cr
     let inserted = execute(
         &*c,
         "INSERT INTO sessions (id, merchant_id, state, spec, amount, currency, token, expires_on, created_on,
-                               last_modified_on, last_correlation_id, version)
+                               last_modified_on, last_correlation_id, version, customer_id, transaction_intent_id)
          SELECT $1::uuid, $2::uuid, $3::text, $4::jsonb, $5::text::numeric(12,2), $6::text, $7::text,
-                $8::timestamptz, $9::timestamptz, $10::timestamptz, $11::uuid, $12::bigint
+                $8::timestamptz, $9::timestamptz, $10::timestamptz, $11::uuid, $12::bigint, $14::uuid, $15::uuid
           WHERE $13::uuid IS NULL OR EXISTS (SELECT 1 FROM customers WHERE id = $13)
          ON CONFLICT (id) DO NOTHING",
         &[
@@ -132,6 +135,8 @@ pub async fn create_session(c: &mut Client, session: SessionRecord) -> Result<Cr
             &session.last_correlation_id,
             &session.version,
             &session.spec.customer_id,
+            &session.customer_id,
+            &session.transaction_intent_id,
         ],
     )
     .await?;
@@ -240,10 +245,11 @@ async fn cancel_in(tx: &Transaction<'_>, request: CancelRequest) -> Result<(Canc
     }
 }
 
-/// Moves a live session to `to` with one conditional update, inserts its event and queues
-/// its deliveries; `None` when the condition no longer held. Mirrors SQLite's `change_state`,
-/// including dating an expiry at `expiresOn`.
-async fn change_state(
+/// Moves a live session to `to` with one conditional update (writing its customer and intent
+/// as `session` has them), inserts its event and queues its deliveries (with the `NOTIFY` that
+/// wakes the dispatchers when this transaction commits); `None` when the condition no longer
+/// held. Mirrors SQLite's `change_state`, including dating an expiry at `expiresOn`.
+pub(super) async fn change_state(
     tx: &Transaction<'_>,
     session: &SessionRecord,
     to: State,
@@ -253,10 +259,21 @@ async fn change_state(
     let (changed_on, require_unexpired) = if to == State::Expired { (session.expires_on, false) } else { (now, true) };
     let changed = execute(
         tx,
-        "UPDATE sessions SET state = $2, version = version + 1, last_modified_on = $3, last_correlation_id = $4
+        "UPDATE sessions SET state = $2, version = version + 1, last_modified_on = $3, last_correlation_id = $4,
+                customer_id = $8, transaction_intent_id = $9
           WHERE id = $1 AND version = $5 AND state IN ('Created', 'Opened', 'Authenticated')
             AND (NOT $6 OR expires_on > $7)",
-        &[&session.id, &to.as_str(), &Ts(changed_on), &correlation_id, &session.version, &require_unexpired, &Ts(now)],
+        &[
+            &session.id,
+            &to.as_str(),
+            &Ts(changed_on),
+            &correlation_id,
+            &session.version,
+            &require_unexpired,
+            &Ts(now),
+            &session.customer_id,
+            &session.transaction_intent_id,
+        ],
     )
     .await?;
     if changed == 0 {
@@ -270,20 +287,9 @@ async fn change_state(
         merchant_id: session.merchant_id,
         session_id: session.id,
         kind,
-        data: event_data(session.id, to, session.spec.kind.as_str(), session.created_on, changed_on),
+        data: crate::store::event_data(session, to, changed_on),
     };
     record_events(tx, &[event], now).await.map(Some)
-}
-
-/// The event's `data` member, built exactly as the SQLite store builds it.
-fn event_data(id: Uuid, state: State, kind: &str, created_on: Timestamp, changed_on: Timestamp) -> serde_json::Value {
-    serde_json::json!({
-        "id": id,
-        "state": state.as_str(),
-        "type": kind,
-        "createdOn": created_on,
-        "lastModifiedOn": changed_on,
-    })
 }
 
 /// Expires up to `batch` due sessions in one statement: `SKIP LOCKED` lets two sweeps (on two
@@ -291,38 +297,36 @@ fn event_data(id: Uuid, state: State, kind: &str, created_on: Timestamp, changed
 /// meanwhile is re-checked under its lock and left alone. Each expiry is dated `expiresOn`, its
 /// event written in the same transaction. Answers (expired, deliveries queued).
 pub async fn expire_due(c: &mut Client, now: Timestamp, batch: usize) -> Result<(usize, usize)> {
+    // The sessions as they were written (state and version as the sweep changed them; the
+    // event needs only what an expiry does not change: id, type, customer, intent, times).
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let columns = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
+        format!(
+            "WITH due AS MATERIALIZED (
+                 SELECT id FROM sessions
+                  WHERE state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= $1
+                  ORDER BY expires_on LIMIT $2
+                    FOR UPDATE SKIP LOCKED)
+             UPDATE sessions s SET state = 'Expired', version = s.version + 1, last_modified_on = s.expires_on
+               FROM due WHERE s.id = due.id
+             RETURNING {}",
+            columns.join(", ")
+        )
+    });
     let tx = c.transaction().await?;
-    let rows = query(
-        &tx,
-        "WITH due AS MATERIALIZED (
-             SELECT id FROM sessions
-              WHERE state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= $1
-              ORDER BY expires_on LIMIT $2
-                FOR UPDATE SKIP LOCKED)
-         UPDATE sessions s SET state = 'Expired', version = s.version + 1, last_modified_on = s.expires_on
-           FROM due WHERE s.id = due.id
-         RETURNING s.id, s.merchant_id, s.spec ->> 'type', s.created_on, s.expires_on",
-        &[&Ts(now), &int8(batch)],
-    )
-    .await?;
-    let mut expired = rows
-        .iter()
-        .map(|row| -> Result<_> {
-            let kind: String = row.try_get(2)?;
-            Ok((ts(row, 4)?, row.try_get::<_, Uuid>(0)?, row.try_get::<_, Uuid>(1)?, kind, ts(row, 3)?))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let rows = query(&tx, &SQL, &[&Ts(now), &int8(batch)]).await?;
+    let mut expired = rows.iter().map(session_from_row).collect::<Result<Vec<_>>>()?;
     // Events in the order the sweep took the sessions (as SQLite writes them), so their
     // time-ordered ids follow the expiries.
-    expired.sort_by_key(|(expires_on, id, ..)| (*expires_on, *id));
+    expired.sort_by_key(|session| (session.expires_on, session.id));
     let events: Vec<NewEvent> = expired
         .iter()
-        .map(|(expires_on, id, merchant_id, kind, created_on)| NewEvent {
+        .map(|session| NewEvent {
             id: Uuid::now_v7(),
-            merchant_id: *merchant_id,
-            session_id: *id,
+            merchant_id: session.merchant_id,
+            session_id: session.id,
             kind: EventType::RedirectSessionExpired,
-            data: event_data(*id, State::Expired, kind, *created_on, *expires_on),
+            data: crate::store::event_data(session, State::Expired, session.expires_on),
         })
         .collect();
     let queued = record_events(&tx, &events, now).await?;

@@ -15,11 +15,14 @@ use uuid::Uuid;
 
 use super::{PoolSettings, PostgresStore};
 use crate::domain::event::EventType;
+use crate::domain::intent::{Flow, Intent};
+use crate::domain::otp::{hash_code, CodeCheck, OtpState};
 use crate::domain::request::SessionSpec;
 use crate::domain::session::State;
 use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
+use crate::store::customer::{CodeEntered, CodeRecorded, CustomerStore, Finish, Step, StepOutcome};
 use crate::store::sqlite::SqliteStore;
 use crate::store::webhooks::{
     AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, DeliveryFilter, DeliveryState, NextStep,
@@ -147,7 +150,6 @@ fn session(id: Uuid, merchant_id: Uuid, spec: SessionSpec, created_on: Timestamp
     SessionRecord {
         id,
         merchant_id,
-        spec,
         state: State::Created,
         token: format!("token-{id}"),
         expires_on: created_on.plus(ttl),
@@ -155,6 +157,9 @@ fn session(id: Uuid, merchant_id: Uuid, spec: SessionSpec, created_on: Timestamp
         last_modified_on: created_on,
         last_correlation_id: id,
         version: 1,
+        customer_id: spec.customer_id,
+        transaction_intent_id: spec.transaction_intent_id,
+        spec,
     }
 }
 
@@ -215,7 +220,7 @@ async fn migrations_apply_twice_and_from_two_instances_at_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     // Pooled connections carry the statement timeout that bounds every query.
     let timeout = a
         .run(|c| Box::pin(async move { Ok(c.query_one("SHOW statement_timeout", &[]).await?.get::<_, String>(0)) }))
@@ -1085,5 +1090,685 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
     log.push(format!("{:?}", store.purge(at(100_000), gone, 100).await));
     log.push(format!("{:?}", store.purge(at(100_000), gone, 100).await));
     log.extend(describe(store.list_deliveries(m1, all).await.expect("lists")));
+    log
+}
+
+// ---------------------------------------------------------------------------------------------
+// The customer's side (CustomerStore)
+
+/// The key codes are hashed under in these tests.
+const CODE_KEY: [u8; 32] = [3; 32];
+const CODE: &str = "123456";
+
+fn step(session_id: Uuid, now: Timestamp) -> Step {
+    Step { session_id, correlation_id: Uuid::now_v7(), now }
+}
+
+fn right_code(session: Uuid) -> [u8; 32] {
+    hash_code(&CODE_KEY, session, CODE)
+}
+
+fn wrong_code(session: Uuid) -> [u8; 32] {
+    hash_code(&CODE_KEY, session, "000000")
+}
+
+fn registration_spec(first_name: &str, last_name: &str) -> SessionSpec {
+    serde_json::from_value(serde_json::json!({
+        "type": "NewCustomer",
+        "customerData": {"firstName": first_name, "lastName": last_name, "phoneNumber": "+4915112345678"},
+        "redirectData": {
+            "successUrl": "https://shop.example/ok",
+            "failureUrl": "https://shop.example/fail",
+            "abortUrl": "https://shop.example/abort",
+        },
+        "locale": "de-DE",
+    }))
+    .expect("a valid spec")
+}
+
+fn existing_intent_spec(customer: Uuid, intent: Uuid) -> SessionSpec {
+    serde_json::from_value(serde_json::json!({
+        "type": "ExistingTransactionIntent",
+        "customerId": customer,
+        "transactionIntentId": intent,
+        "redirectData": {
+            "successUrl": "https://shop.example/ok",
+            "failureUrl": "https://shop.example/fail",
+            "abortUrl": "https://shop.example/abort",
+        },
+        "locale": "de-DE",
+    }))
+    .expect("a valid spec")
+}
+
+/// Creates the session, opens it and records a code sent to `phone`, all at `now`.
+async fn with_code(store: &dyn Store, record: SessionRecord, phone: &str, now: Timestamp) -> Uuid {
+    let id = record.id;
+    assert!(matches!(store.create_session(record).await.expect("creates"), CreateOutcome::Created(_)));
+    match store.open_session(step(id, now)).await.expect("opens") {
+        StepOutcome::Done(s) => assert_eq!(s.state, State::Opened),
+        other => panic!("expected Done, got {other:?}"),
+    }
+    let sent = OtpState::after_send(None, phone.to_owned(), right_code(id), now);
+    assert_eq!(store.record_code(step(id, now), sent, 0).await.expect("records"), CodeRecorded::Recorded);
+    id
+}
+
+/// `with_code`, then the right code: the session as it is after.
+async fn authenticated(store: &dyn Store, record: SessionRecord, phone: &str, now: Timestamp) -> SessionRecord {
+    let id = with_code(store, record, phone, now).await;
+    match store.enter_code(step(id, now), right_code(id), Uuid::now_v7()).await.expect("enters") {
+        CodeEntered::Authenticated(s) => s,
+        other => panic!("expected Authenticated, got {other:?}"),
+    }
+}
+
+/// Each event's type and `data` of one session, oldest first, read behind the store's back.
+async fn event_rows(sql: &tokio_postgres::Client, session: Uuid) -> Vec<(String, serde_json::Value)> {
+    sql.query("SELECT type, data FROM events WHERE session_id = $1 ORDER BY created_on, id", &[&session])
+        .await
+        .expect("reads events")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arriving_opens_a_session_once_without_an_event() {
+    let db = test_db!();
+    let store = db.open().await;
+    let m = merchant(&store, NOW).await;
+    let record = session(Uuid::now_v7(), m, spec_with(None, "10"), NOW, Duration::from_secs(900));
+    store.create_session(record.clone()).await.expect("creates");
+
+    let first = step(record.id, NOW.plus(Duration::from_secs(1)));
+    let opened = match store.open_session(first.clone()).await.expect("opens") {
+        StepOutcome::Done(s) => s,
+        other => panic!("expected Done, got {other:?}"),
+    };
+    assert_eq!((opened.state, opened.version), (State::Opened, 2));
+    assert_eq!((opened.last_modified_on, opened.last_correlation_id), (first.now, first.correlation_id));
+    assert_eq!(store.get_session(record.id).await.expect("reads"), Some(opened.clone()));
+    // Arriving again answers the session as it is and writes nothing.
+    match store.open_session(step(record.id, NOW.plus(Duration::from_secs(2)))).await.expect("opens") {
+        StepOutcome::Done(s) => assert_eq!(s, opened),
+        other => panic!("expected Done, got {other:?}"),
+    }
+    assert_eq!(store.get_session(record.id).await.expect("reads"), Some(opened));
+    assert!(store.session_events(record.id).await.expect("events").is_empty(), "opening records no event");
+
+    assert!(matches!(store.open_session(step(Uuid::now_v7(), NOW)).await, Ok(StepOutcome::NotFound)));
+    // Cancelled, or expired by the clock: not allowed, nothing written.
+    let cancelled = session(Uuid::now_v7(), m, spec_with(None, "10"), NOW, Duration::from_secs(900));
+    store.create_session(cancelled.clone()).await.expect("creates");
+    store.cancel_session(cancel(m, cancelled.id, NOW)).await.expect("cancels");
+    assert!(matches!(
+        store.open_session(step(cancelled.id, NOW)).await,
+        Ok(StepOutcome::NotAllowed(_, State::Cancelled))
+    ));
+    let late = session(Uuid::now_v7(), m, spec_with(None, "10"), NOW, Duration::from_secs(1));
+    store.create_session(late.clone()).await.expect("creates");
+    assert!(matches!(
+        store.open_session(step(late.id, NOW.plus(Duration::from_secs(1)))).await,
+        Ok(StepOutcome::NotAllowed(_, State::Expired))
+    ));
+    assert_eq!(store.get_session(late.id).await.expect("reads"), Some(late));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_are_counted_and_the_right_one_links_one_customer_per_phone() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    let phone = "+4915199990001";
+    let record = session(Uuid::now_v7(), m, spec_with(None, "10"), NOW, Duration::from_secs(900));
+    let id = record.id;
+    store.create_session(record).await.expect("creates");
+    let sent = OtpState::after_send(None, phone.to_owned(), right_code(id), NOW);
+
+    // Not before the customer arrived; then only against the state the caller saw.
+    assert_eq!(
+        store.record_code(step(id, NOW), sent.clone(), 0).await.expect("records"),
+        CodeRecorded::NotAllowed(State::Created)
+    );
+    assert_eq!(
+        store.record_code(step(Uuid::now_v7(), NOW), sent.clone(), 0).await.expect("records"),
+        CodeRecorded::NotFound
+    );
+    store.open_session(step(id, NOW)).await.expect("opens");
+    assert!(matches!(
+        store.enter_code(step(id, NOW), right_code(id), Uuid::now_v7()).await,
+        Ok(CodeEntered::Refused(CodeCheck::NoCode))
+    ));
+    assert_eq!(store.record_code(step(id, NOW), sent.clone(), 1).await.expect("records"), CodeRecorded::Raced);
+    assert_eq!(store.record_code(step(id, NOW), sent.clone(), 0).await.expect("records"), CodeRecorded::Recorded);
+    assert_eq!(store.record_code(step(id, NOW), sent.clone(), 0).await.expect("records"), CodeRecorded::Raced);
+
+    // Wrong entries are counted (and committed), each telling how many are left.
+    let at = NOW.plus(Duration::from_secs(5));
+    for left in [4, 3] {
+        match store.enter_code(step(id, at), wrong_code(id), Uuid::now_v7()).await.expect("enters") {
+            CodeEntered::Refused(CodeCheck::Wrong { tries_left }) => assert_eq!(tries_left, left),
+            other => panic!("expected Wrong, got {other:?}"),
+        }
+    }
+    let view = store.hosted_view(id).await.expect("reads").expect("exists");
+    let otp = view.otp.expect("a code was sent");
+    assert_eq!((otp.wrong_attempts, otp.codes_sent, otp.code_hash), (2, 1, Some(right_code(id))));
+    assert_eq!(view.session.state, State::Opened);
+    assert_eq!(view.customer_phone, None);
+
+    // The right one: Authenticated, linked to a customer registered with this phone.
+    let new_customer = Uuid::now_v7();
+    let signed_in = match store.enter_code(step(id, at), right_code(id), new_customer).await.expect("enters") {
+        CodeEntered::Authenticated(s) => s,
+        other => panic!("expected Authenticated, got {other:?}"),
+    };
+    assert_eq!(
+        (signed_in.state, signed_in.version, signed_in.customer_id),
+        (State::Authenticated, 3, Some(new_customer))
+    );
+    assert_eq!(store.get_session(id).await.expect("reads"), Some(signed_in.clone()));
+    let row = sql
+        .query_one(
+            "SELECT phone, first_name, last_name, created_on = $2 FROM customers WHERE id = $1",
+            &[&new_customer, &super::Ts(at)],
+        )
+        .await
+        .expect("the customer was registered");
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, Option<String>>(1),
+            row.get::<_, Option<String>>(2),
+            row.get::<_, bool>(3)
+        ),
+        (phone.to_owned(), None, None, true)
+    );
+    // The code is used up: it signs in once.
+    let view = store.hosted_view(id).await.expect("reads").expect("exists");
+    assert_eq!(view.otp.expect("still there").code_hash, None);
+    assert_eq!(view.customer_phone.as_deref(), Some(phone));
+    assert!(matches!(
+        store.enter_code(step(id, at), right_code(id), Uuid::now_v7()).await,
+        Ok(CodeEntered::NotAllowed(_, State::Authenticated))
+    ));
+    assert!(store.session_events(id).await.expect("events").is_empty(), "signing in records no event");
+
+    // Another session with the same phone finds that customer; a session naming its customer
+    // keeps it whatever phone the code went to.
+    let again = session(Uuid::now_v7(), m, spec_with(None, "20"), NOW, Duration::from_secs(900));
+    let again = authenticated(&store, again, phone, at).await;
+    assert_eq!(again.customer_id, Some(new_customer));
+    let named = Uuid::now_v7();
+    store.create_customer(named, "+4915100000000".to_owned(), NOW).await.expect("customer");
+    let naming = session(Uuid::now_v7(), m, spec_with(Some(named), "30"), NOW, Duration::from_secs(900));
+    assert_eq!(authenticated(&store, naming, phone, at).await.customer_id, Some(named));
+    let customers: i64 =
+        sql.query_one("SELECT count(*) FROM customers WHERE phone = $1", &[&phone]).await.expect("counts").get(0);
+    assert_eq!(customers, 1);
+
+    // Five wrong entries use a code up, even for the right code after them.
+    let exhausted = session(Uuid::now_v7(), m, spec_with(None, "40"), NOW, Duration::from_secs(900));
+    let exhausted = with_code(&store, exhausted, phone, NOW).await;
+    for _ in 0..5 {
+        store.enter_code(step(exhausted, at), wrong_code(exhausted), Uuid::now_v7()).await.expect("enters");
+    }
+    assert!(matches!(
+        store.enter_code(step(exhausted, at), right_code(exhausted), Uuid::now_v7()).await,
+        Ok(CodeEntered::Refused(CodeCheck::TooManyTries))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_completes_with_one_event_naming_the_new_customer() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    store.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let record = session(Uuid::now_v7(), m, registration_spec("Erika", "Mustermann"), NOW, Duration::from_secs(900));
+    let id = with_code(&store, record, "+4915199990002", NOW).await;
+    let new_customer = Uuid::now_v7();
+    let at = NOW.plus(Duration::from_secs(3));
+    let done = match store.enter_code(step(id, at), right_code(id), new_customer).await.expect("enters") {
+        CodeEntered::Authenticated(s) => s,
+        other => panic!("expected Authenticated, got {other:?}"),
+    };
+    assert_eq!((done.state, done.version, done.customer_id), (State::Completed, 4, Some(new_customer)));
+    assert_eq!(store.get_session(id).await.expect("reads"), Some(done.clone()));
+    let events = event_rows(&sql, id).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, "RedirectSessionCompleted");
+    assert_eq!(events[0].1, crate::store::event_data(&done, State::Completed, at));
+    assert_eq!(events[0].1["customerId"], serde_json::json!(new_customer));
+    let row = sql
+        .query_one("SELECT phone, first_name, last_name FROM customers WHERE id = $1", &[&new_customer])
+        .await
+        .expect("registered");
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, Option<String>>(1), row.get::<_, Option<String>>(2)),
+        ("+4915199990002".to_owned(), Some("Erika".to_owned()), Some("Mustermann".to_owned()))
+    );
+    // The webhook body has the members in the order SQLite writes them, the customer last.
+    let claimed =
+        store.claim_deliveries(Uuid::now_v7(), at, at.plus(Duration::from_secs(60)), 10).await.expect("claims");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].data, crate::store::event_data(&done, State::Completed, at).to_string());
+    assert!(claimed[0].data.ends_with(&format!(",\"customerId\":\"{new_customer}\"}}")), "{}", claimed[0].data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishing_creates_the_intent_and_giving_up_aborts() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    store.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let phone = "+4915199990003";
+    let at = NOW.plus(Duration::from_secs(10));
+    let intent = Intent { id: Uuid::now_v7(), flow: Flow::PayIn };
+
+    // Not before the customer signed in.
+    let opened = session(Uuid::now_v7(), m, spec_with(None, "100.50"), NOW, Duration::from_secs(900));
+    let opened = with_code(&store, opened, phone, NOW).await;
+    assert!(matches!(
+        store.finish(step(opened, at), Finish::CreateIntent(intent.clone())).await,
+        Ok(StepOutcome::NotAllowed(_, State::Opened))
+    ));
+    assert!(matches!(store.finish(step(Uuid::now_v7(), at), Finish::Acknowledge).await, Ok(StepOutcome::NotFound)));
+
+    let record = session(Uuid::now_v7(), m, spec_with(None, "100.50"), NOW, Duration::from_secs(900));
+    let signed_in = authenticated(&store, record, phone, NOW).await;
+    let finishing = step(signed_in.id, at);
+    let done = match store.finish(finishing.clone(), Finish::CreateIntent(intent.clone())).await.expect("finishes") {
+        StepOutcome::Done(s) => s,
+        other => panic!("expected Done, got {other:?}"),
+    };
+    assert_eq!((done.state, done.version, done.transaction_intent_id), (State::Completed, 4, Some(intent.id)));
+    assert_eq!((done.last_modified_on, done.last_correlation_id), (at, finishing.correlation_id));
+    assert_eq!(store.get_session(done.id).await.expect("reads"), Some(done.clone()));
+    let events = event_rows(&sql, done.id).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, "RedirectSessionCompleted");
+    assert_eq!(events[0].1["transactionIntentId"], serde_json::json!(intent.id));
+    assert_eq!(events[0].1["customerId"], serde_json::json!(signed_in.customer_id.expect("linked")));
+    assert_eq!(events[0].1, crate::store::event_data(&done, State::Completed, at));
+    let row = sql
+        .query_one(
+            "SELECT merchant_id, session_id, customer_id, flow, amount::text, currency, created_on = $2
+               FROM transaction_intents WHERE id = $1",
+            &[&intent.id, &super::Ts(at)],
+        )
+        .await
+        .expect("the intent was recorded");
+    assert_eq!(
+        (
+            row.get::<_, Uuid>(0),
+            row.get::<_, Uuid>(1),
+            row.get::<_, Uuid>(2),
+            row.get::<_, String>(3),
+            row.get::<_, String>(4),
+            row.get::<_, String>(5),
+            row.get::<_, bool>(6)
+        ),
+        (
+            m,
+            done.id,
+            signed_in.customer_id.expect("linked"),
+            "PayIn".to_owned(),
+            "100.50".to_owned(),
+            "EUR".to_owned(),
+            true
+        )
+    );
+    let view = store.hosted_view(done.id).await.expect("reads").expect("exists");
+    assert_eq!((view.intent_flow, view.merchant_name), (Some(Flow::PayIn), format!("merchant {m}")));
+    // Finishing twice changes nothing.
+    assert!(matches!(
+        store.finish(step(done.id, at), Finish::Acknowledge).await,
+        Ok(StepOutcome::NotAllowed(_, State::Completed))
+    ));
+    let claimed =
+        store.claim_deliveries(Uuid::now_v7(), at, at.plus(Duration::from_secs(60)), 10).await.expect("claims");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].data, crate::store::event_data(&done, State::Completed, at).to_string());
+
+    // Giving up: from Opened (and Authenticated), not from Created.
+    match store.finish(step(opened, at), Finish::GiveUp).await.expect("gives up") {
+        StepOutcome::Done(s) => assert_eq!((s.state, s.version), (State::Aborted, 3)),
+        other => panic!("expected Done, got {other:?}"),
+    }
+    let events = event_rows(&sql, opened).await;
+    assert_eq!(events.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["RedirectSessionAborted"]);
+    assert_eq!(events[0].1.get("customerId"), None, "no customer was linked");
+    let created = session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, Duration::from_secs(900));
+    store.create_session(created.clone()).await.expect("creates");
+    assert!(matches!(
+        store.finish(step(created.id, at), Finish::GiveUp).await,
+        Ok(StepOutcome::NotAllowed(_, State::Created))
+    ));
+    let intents: i64 = sql.query_one("SELECT count(*) FROM transaction_intents", &[]).await.expect("counts").get(0);
+    assert_eq!(intents, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_and_a_cancel_racing_on_two_instances_have_one_winner() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let sql = db.sql().await;
+    let m = merchant(&*a, NOW).await;
+    a.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    const SESSIONS: usize = 50;
+    let mut sessions = Vec::new();
+    for i in 0..SESSIONS {
+        let record = session(Uuid::now_v7(), m, spec_with(None, "5"), NOW, Duration::from_secs(900));
+        sessions.push(authenticated(&*a, record, &format!("+49151777{i:05}"), NOW).await.id);
+    }
+    let at = NOW.plus(Duration::from_secs(30));
+    let races: Vec<_> = sessions
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let (a, b) = (a.clone(), b.clone());
+            tokio::spawn(async move {
+                let finish = if i % 2 == 0 {
+                    Finish::CreateIntent(Intent { id: Uuid::now_v7(), flow: Flow::PayOut })
+                } else {
+                    Finish::Acknowledge
+                };
+                let (finished, cancelled) =
+                    tokio::join!(a.finish(step(id, at), finish), b.cancel_session(cancel(m, id, at)));
+                (id, finished.expect("finishes"), cancelled.expect("cancels"))
+            })
+        })
+        .collect();
+    let (mut completed, mut cancels, mut intents_made) = (0, 0, 0);
+    for race in races {
+        let (id, finished, cancelled) = race.await.expect("joins");
+        let stored = a.get_session(id).await.expect("reads").expect("exists");
+        match (finished, cancelled) {
+            (StepOutcome::Done(s), CancelOutcome::InvalidTransition(State::Completed)) => {
+                assert_eq!((s.state, &stored), (State::Completed, &s));
+                intents_made += usize::from(s.transaction_intent_id.is_some());
+                completed += 1;
+            }
+            (StepOutcome::NotAllowed(_, State::Cancelled), CancelOutcome::Cancelled(s)) => {
+                assert_eq!(stored, s);
+                assert_eq!((stored.state, stored.transaction_intent_id), (State::Cancelled, None));
+                cancels += 1;
+            }
+            other => panic!("{id}: not exactly one winner: {other:?}"),
+        }
+        assert_eq!(stored.version, 4, "one change after signing in");
+        let events = a.session_events(id).await.expect("events");
+        let expected = match stored.state {
+            State::Completed => EventType::RedirectSessionCompleted,
+            _ => EventType::RedirectSessionCancelled,
+        };
+        assert_eq!(events.iter().map(|e| e.1).collect::<Vec<_>>(), [expected], "{id}");
+    }
+    assert_eq!(completed + cancels, SESSIONS);
+    let _ = writeln!(std::io::stderr(), "{completed} finished first, {cancels} cancelled first");
+    let intents: i64 = sql.query_one("SELECT count(*) FROM transaction_intents", &[]).await.expect("counts").get(0);
+    assert_eq!(intents, intents_made as i64, "an intent only for a finish that won");
+    let deliveries: i64 = sql.query_one("SELECT count(*) FROM deliveries", &[]).await.expect("counts").get(0);
+    assert_eq!(deliveries, SESSIONS as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_entered_as_the_session_expires_never_both_authenticates_and_expires_it() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let sql = db.sql().await;
+    let m = merchant(&*a, NOW).await;
+    let ttl = Duration::from_secs(10);
+    let expires_on = NOW.plus(ttl);
+    let code_hash = |id: Uuid| {
+        let sql = &sql;
+        async move {
+            let row = sql.query_one("SELECT code_hash FROM one_time_codes WHERE session_id = $1", &[&id]).await;
+            row.expect("a code row").get::<_, Option<Vec<u8>>>(0)
+        }
+    };
+
+    // Entered at the instant it expires: refused as Expired, nothing consumed or linked, even
+    // before the sweep wrote the expiry down.
+    let record = session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, ttl);
+    let id = with_code(&*a, record, "+4915199990004", NOW).await;
+    let before = a.get_session(id).await.expect("reads").expect("exists");
+    assert!(matches!(
+        a.enter_code(step(id, expires_on), right_code(id), Uuid::now_v7()).await,
+        Ok(CodeEntered::NotAllowed(_, State::Expired))
+    ));
+    assert_eq!(a.get_session(id).await.expect("reads"), Some(before));
+    assert!(code_hash(id).await.is_some(), "the code was not used");
+
+    // A millisecond before, on one instance, while the sweep runs on the other: whichever
+    // commits first wins each session, and the other sees it.
+    const SESSIONS: usize = 40;
+    let mut ids = Vec::new();
+    for i in 0..SESSIONS {
+        let record = session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, ttl);
+        ids.push(with_code(&*a, record, &format!("+49151888{i:05}"), NOW).await);
+    }
+    let just_before = expires_on.minus(Duration::from_millis(1));
+    let entries: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let a = a.clone();
+            tokio::spawn(async move { (id, a.enter_code(step(id, just_before), right_code(id), Uuid::now_v7()).await) })
+        })
+        .collect();
+    let sweeps = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let mut expired = 0;
+            loop {
+                let n = b.expire_due(expires_on, 3).await.expect("sweeps");
+                expired += n;
+                if n == 0 && expired > 0 {
+                    return expired;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut outcomes = Vec::new();
+    for entry in entries {
+        outcomes.push(entry.await.expect("joins"));
+    }
+    sweeps.await.expect("joins");
+    // Sessions the sweep skipped while a sign-in held them are expired now.
+    while b.expire_due(expires_on, 100).await.expect("sweeps") > 0 {}
+    let (mut signed_in, mut too_late) = (0, 0);
+    for (id, entered) in outcomes {
+        let stored = a.get_session(id).await.expect("reads").expect("exists");
+        assert_eq!(stored.state, State::Expired, "{id}");
+        let events = a.session_events(id).await.expect("events");
+        assert_eq!(events.iter().map(|e| e.1).collect::<Vec<_>>(), [EventType::RedirectSessionExpired], "{id}");
+        match entered.expect("enters") {
+            // Signed in first, expired after: the expiry came on top of the sign-in.
+            CodeEntered::Authenticated(s) => {
+                assert_eq!((s.state, s.version), (State::Authenticated, 3));
+                assert_eq!((stored.version, stored.customer_id), (4, s.customer_id));
+                assert!(s.customer_id.is_some());
+                assert_eq!(code_hash(id).await, None);
+                // The sweep's event names the customer the sign-in linked.
+                let data = &event_rows(&sql, id).await[0].1;
+                assert_eq!(data, &crate::store::event_data(&stored, State::Expired, expires_on));
+                assert_eq!(data["customerId"], serde_json::json!(s.customer_id.expect("linked")));
+                signed_in += 1;
+            }
+            // Expired first: nothing of the sign-in happened.
+            CodeEntered::NotAllowed(_, State::Expired) => {
+                assert_eq!((stored.version, stored.customer_id), (3, None));
+                assert!(code_hash(id).await.is_some(), "the code was not used");
+                assert_eq!(event_rows(&sql, id).await[0].1.get("customerId"), None);
+                too_late += 1;
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    let _ = writeln!(std::io::stderr(), "{signed_in} signed in first, {too_late} expired first");
+    let customers: i64 = sql.query_one("SELECT count(*) FROM customers", &[]).await.expect("counts").get(0);
+    assert_eq!(customers, signed_in as i64, "a customer only for a sign-in that won");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sessions_registering_one_new_phone_at_once_link_the_same_customer() {
+    let db = test_db!();
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let sql = db.sql().await;
+    let m = merchant(&*a, NOW).await;
+    const PHONES: usize = 20;
+    let mut pairs = Vec::new();
+    for i in 0..PHONES {
+        let phone = format!("+49151666{i:05}");
+        let x = with_code(
+            &*a,
+            session(Uuid::now_v7(), m, registration_spec("A", "B"), NOW, Duration::from_secs(900)),
+            &phone,
+            NOW,
+        )
+        .await;
+        let y = with_code(
+            &*b,
+            session(Uuid::now_v7(), m, spec_with(None, "3"), NOW, Duration::from_secs(900)),
+            &phone,
+            NOW,
+        )
+        .await;
+        pairs.push((x, y));
+    }
+    let at = NOW.plus(Duration::from_secs(1));
+    let races: Vec<_> = pairs
+        .into_iter()
+        .map(|(x, y)| {
+            let (a, b) = (a.clone(), b.clone());
+            tokio::spawn(async move {
+                tokio::join!(
+                    a.enter_code(step(x, at), right_code(x), Uuid::now_v7()),
+                    b.enter_code(step(y, at), right_code(y), Uuid::now_v7())
+                )
+            })
+        })
+        .collect();
+    for race in races {
+        match race.await.expect("joins") {
+            (Ok(CodeEntered::Authenticated(x)), Ok(CodeEntered::Authenticated(y))) => {
+                assert_eq!(x.state, State::Completed, "the registration completed");
+                assert_eq!(y.state, State::Authenticated);
+                assert!(x.customer_id.is_some());
+                assert_eq!(x.customer_id, y.customer_id, "one customer for one phone");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let row = sql.query_one("SELECT count(*), count(DISTINCT phone) FROM customers", &[]).await.expect("counts");
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (PHONES as i64, PHONES as i64));
+}
+
+/// The customer's steps on SQLite and PostgreSQL must read the same, line by line (and the
+/// webhook bodies must be the same bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_customer_step_answers_as_the_sqlite_store_does() {
+    let db = test_db!();
+    let postgres = db.open().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let sqlite = SqliteStore::open(&dir.path().join("parity.db"), true).await.expect("opens SQLite");
+    let ids: Vec<Uuid> = (0..17).map(|_| Uuid::now_v7()).collect();
+    let from_sqlite = customer_scenario(&sqlite, &ids).await;
+    let from_postgres = customer_scenario(&postgres, &ids).await;
+    for (line, (s, p)) in from_sqlite.iter().zip(&from_postgres).enumerate() {
+        assert_eq!(s, p, "line {line} differs");
+    }
+    assert_eq!(from_sqlite.len(), from_postgres.len());
+    let codes: i64 = db.sql().await.query_one("SELECT count(*) FROM one_time_codes", &[]).await.expect("counts").get(0);
+    assert_eq!(codes, 0, "purged");
+    let expired = from_postgres.iter().find(|line| line.starts_with("claimed RedirectSessionExpired"));
+    let expired = expired.expect("the expiry was delivered");
+    assert!(
+        expired.ends_with(&format!(",\"customerId\":\"{}\",\"transactionIntentId\":\"{}\"}}", ids[2], ids[16])),
+        "{expired}"
+    );
+}
+
+async fn customer_scenario(store: &dyn Store, ids: &[Uuid]) -> Vec<String> {
+    let mut log = Vec::new();
+    let at = |ms: u64| NOW.plus(Duration::from_millis(ms));
+    let m = ids[0];
+    let merchant = Merchant { id: m, name: "Parity Shop".to_owned(), disabled: false, created_on: NOW };
+    store.create_merchant(merchant, [5; 32]).await.expect("merchant");
+    store.put_subscription(subscription(ids[1], m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let named = ids[2];
+    store.create_customer(named, "+4915100000001".to_owned(), NOW).await.expect("customer");
+    let step_at = |session: Uuid, ms: u64, correlation: usize| Step {
+        session_id: session,
+        correlation_id: ids[correlation],
+        now: at(ms),
+    };
+    let ttl = Duration::from_secs(900);
+    let [pay, register, named_pay, give_up, late] = [ids[3], ids[4], ids[5], ids[6], ids[7]];
+    for record in [
+        session(pay, m, spec_with(None, "100.5"), at(1), ttl),
+        session(register, m, registration_spec("Erika", "Mustermann"), at(2), ttl),
+        session(named_pay, m, spec_with(Some(named), "7"), at(3), ttl),
+        session(give_up, m, spec_with(None, "8"), at(4), ttl),
+        // Expires by the clock; its event names the customer and the intent.
+        session(late, m, existing_intent_spec(named, ids[16]), at(5), Duration::from_secs(1)),
+    ] {
+        store.create_session(record).await.expect("creates");
+    }
+    log.push(format!("{:?}", store.hosted_view(pay).await));
+    log.push(format!("{:?}", store.hosted_view(Uuid::nil()).await));
+    for session in [pay, register, named_pay, give_up, late, Uuid::nil()] {
+        log.push(format!("{:?}", store.open_session(step_at(session, 10, 8)).await));
+        log.push(format!("{:?}", store.open_session(step_at(session, 11, 9)).await));
+    }
+    log.push(format!("{:?}", store.open_session(step_at(late, 5_000, 9)).await));
+    let phone = "+4915199990005";
+    for (session, seen) in [(pay, 1), (pay, 0), (pay, 0), (register, 0), (named_pay, 0), (late, 0), (Uuid::nil(), 0)] {
+        let sent = OtpState::after_send(None, phone.to_owned(), right_code(session), at(20));
+        log.push(format!("{:?}", store.record_code(step_at(session, 20, 10), sent, seen).await));
+    }
+    log.push(format!("{:?}", store.enter_code(step_at(give_up, 30, 11), right_code(give_up), ids[12]).await));
+    log.push(format!("{:?}", store.enter_code(step_at(pay, 30, 11), wrong_code(pay), ids[12]).await));
+    log.push(format!("{:?}", store.hosted_view(pay).await));
+    log.push(format!("{:?}", store.finish(step_at(pay, 35, 11), Finish::Acknowledge).await));
+    log.push(format!("{:?}", store.enter_code(step_at(pay, 40, 11), right_code(pay), ids[12]).await));
+    log.push(format!("{:?}", store.enter_code(step_at(pay, 41, 11), right_code(pay), ids[12]).await));
+    log.push(format!("{:?}", store.enter_code(step_at(register, 42, 11), right_code(register), ids[13]).await));
+    log.push(format!("{:?}", store.enter_code(step_at(named_pay, 43, 11), right_code(named_pay), ids[14]).await));
+    log.push(format!("{:?}", store.enter_code(step_at(late, 5_000, 11), right_code(late), ids[14]).await));
+    log.push(format!("{:?}", store.enter_code(step_at(pay, 44, 11), right_code(pay), ids[14]).await));
+    let intent = Intent { id: ids[15], flow: Flow::PayIn };
+    log.push(format!("{:?}", store.finish(step_at(pay, 50, 11), Finish::CreateIntent(intent.clone())).await));
+    log.push(format!("{:?}", store.finish(step_at(pay, 51, 11), Finish::GiveUp).await));
+    log.push(format!("{:?}", store.finish(step_at(named_pay, 52, 11), Finish::Acknowledge).await));
+    log.push(format!("{:?}", store.finish(step_at(give_up, 53, 11), Finish::GiveUp).await));
+    log.push(format!("{:?}", store.finish(step_at(register, 54, 11), Finish::GiveUp).await));
+    for session in [pay, register, named_pay, give_up, late] {
+        log.push(format!("{:?}", store.hosted_view(session).await));
+        let events = store.session_events(session).await.expect("events");
+        log.push(format!("{:?}", events.iter().map(|e| e.1).collect::<Vec<_>>()));
+    }
+    log.push(format!("{:?}", store.expire_due(at(10_000), 10).await));
+    let mut claimed = store.claim_deliveries(Uuid::nil(), at(10_000), at(60_000), 100).await.expect("claims");
+    claimed.sort_by(|x, y| x.data.cmp(&y.data));
+    for delivery in &claimed {
+        log.push(format!("claimed {} {} {}", delivery.event_type.as_str(), delivery.event_time, delivery.data));
+    }
+    // Sign-in states go with the idempotency records' retention.
+    let day = Duration::from_secs(86_400);
+    log.push(format!("{:?}", store.purge(at(20_000), Retention { deliveries: day, idempotency: day }, 100).await));
+    let codes_gone = Retention { deliveries: day, idempotency: Duration::ZERO };
+    log.push(format!("{:?}", store.purge(at(20_000), codes_gone, 2).await));
+    log.push(format!("{:?}", store.purge(at(20_000), codes_gone, 100).await));
+    log.push(format!("{:?}", store.purge(at(20_000), codes_gone, 100).await));
+    for session in [pay, register, named_pay] {
+        log.push(format!("{:?}", store.hosted_view(session).await));
+    }
     log
 }

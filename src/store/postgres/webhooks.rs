@@ -329,7 +329,9 @@ pub async fn claim_deliveries(
 /// writes them. `jsonb` keeps its own key order, and the text is signed and sent verbatim, so
 /// this keeps webhook bodies byte-identical across backends.
 fn event_data_text(data: &serde_json::Value) -> String {
-    const ORDER: [&str; 5] = ["id", "state", "type", "createdOn", "lastModifiedOn"];
+    // As `crate::store::event_data` builds it: the optional members come last.
+    const ORDER: [&str; 7] =
+        ["id", "state", "type", "createdOn", "lastModifiedOn", "customerId", "transactionIntentId"];
     let serde_json::Value::Object(members) = data else {
         return data.to_string();
     };
@@ -555,9 +557,9 @@ pub async fn redeliver(c: &mut Client, merchant_id: Uuid, id: Uuid, now: Timesta
 }
 
 /// Deletes up to `batch` finished deliveries (with their attempts) and events older than the
-/// retention, and idempotency records older than theirs; answers how many rows went. Finished
-/// deliveries go in id order as on SQLite; `SKIP LOCKED` lets purges on several instances run
-/// side by side.
+/// retention, and idempotency records and one-time-code states older than theirs; answers how
+/// many rows went. Finished deliveries go in id order as on SQLite; `SKIP LOCKED` lets purges
+/// on several instances run side by side.
 pub async fn purge(c: &mut Client, now: Timestamp, retention: Retention, batch: usize) -> Result<usize> {
     let cutoff = Ts(now.minus(retention.deliveries));
     let batch = int8(batch);
@@ -598,7 +600,18 @@ pub async fn purge(c: &mut Client, now: Timestamp, retention: Retention, batch: 
         &[&Ts(now.minus(retention.idempotency)), &batch],
     )
     .await?;
+    // A session lives at most a day, so a day after its last code a sign-in state is history
+    // (as on SQLite). A row a sign-in holds is left for the next purge.
+    let codes = execute(
+        &tx,
+        "WITH doomed AS MATERIALIZED (
+             SELECT session_id FROM one_time_codes WHERE last_sent_on < $1
+              ORDER BY last_sent_on LIMIT $2 FOR UPDATE SKIP LOCKED)
+         DELETE FROM one_time_codes o USING doomed WHERE o.session_id = doomed.session_id",
+        &[&Ts(now.minus(retention.idempotency)), &batch],
+    )
+    .await?;
     tx.commit().await?;
-    let removed = u64::try_from(deliveries).unwrap_or(0) + events + idempotency;
+    let removed = u64::try_from(deliveries).unwrap_or(0) + events + idempotency + codes;
     Ok(usize::try_from(removed).unwrap_or(usize::MAX))
 }

@@ -1,6 +1,7 @@
 //! The embedded SQLite backend: WAL, `synchronous=FULL`, one writer thread with group commit
 //! and a few reader threads (see `docs/DESIGN.md`).
 
+mod customer;
 mod schema;
 mod webhooks;
 mod worker;
@@ -109,8 +110,8 @@ fn connect(path: &Path, write: bool) -> Result<Connection, StoreError> {
 /// list, which SQLite would build as a temporary table for every row it checks.
 const LIVE: &str = "(state = 'Created' OR state = 'Opened' OR state = 'Authenticated')";
 
-const SESSION_COLUMNS: &str =
-    "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, last_correlation_id, version";
+const SESSION_COLUMNS: &str = "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, \
+     last_correlation_id, version, customer_id, transaction_intent_id";
 
 fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
     session_at(row, 0)
@@ -134,7 +135,14 @@ fn session_at(row: &Row<'_>, at: usize) -> rusqlite::Result<SessionRecord> {
         last_modified_on: Timestamp::from_millis(row.get(at + 7)?),
         last_correlation_id: uuid_at(row, at + 8)?,
         version: row.get(at + 9)?,
+        customer_id: optional_uuid_at(row, at + 10)?,
+        transaction_intent_id: optional_uuid_at(row, at + 11)?,
     })
+}
+
+fn optional_uuid_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<Uuid>> {
+    let bytes: Option<[u8; 16]> = row.get(index)?;
+    Ok(bytes.map(Uuid::from_bytes))
 }
 
 fn uuid_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
@@ -157,8 +165,8 @@ fn load_session(connection: &Connection, id: Uuid) -> Result<Option<SessionRecor
     statement.query_row(params![id.as_bytes()], session_from_row).optional().map_err(|e| internal(&e))
 }
 
-/// Moves a live session to `to` with one conditional update, inserts its event and queues
-/// its deliveries. `None` when the condition no longer held (another writer won, or the clock
+/// Moves a live session to `to` with one conditional update (writing its customer and intent
+/// as `session` has them), inserts its event and queues its deliveries. `None` when the condition no longer held (another writer won, or the clock
 /// expired it); else how many deliveries were queued. An expiry is dated `expiresOn`, the
 /// instant it happened, not the instant the sweep wrote it down, so that recording it does not
 /// change what readers see.
@@ -173,7 +181,7 @@ fn change_state(
     static UPDATE: LazyLock<String> = LazyLock::new(|| {
         format!(
             "UPDATE sessions SET state = ?2, version = version + 1, last_modified_on = ?3,
-                    last_correlation_id = ?4
+                    last_correlation_id = ?4, customer_id = ?8, transaction_intent_id = ?9
               WHERE id = ?1 AND version = ?5 AND {LIVE} AND (?6 = 0 OR expires_on > ?7)"
         )
     });
@@ -188,7 +196,9 @@ fn change_state(
                 correlation_id.as_bytes(),
                 session.version,
                 require_unexpired,
-                now.millis()
+                now.millis(),
+                session.customer_id.map(|id| *id.as_bytes()),
+                session.transaction_intent_id.map(|id| *id.as_bytes())
             ])
         })
         .map_err(|e| internal(&e))?;
@@ -198,13 +208,7 @@ fn change_state(
     let Some(event) = EventType::for_state(to) else {
         return Ok(Some(0));
     };
-    let data = serde_json::json!({
-        "id": session.id,
-        "state": to.as_str(),
-        "type": session.spec.kind.as_str(),
-        "createdOn": session.created_on,
-        "lastModifiedOn": changed_on,
-    });
+    let data = crate::store::event_data(session, to, changed_on);
     let event_id = Uuid::now_v7();
     connection
         .prepare_cached(
@@ -327,7 +331,7 @@ impl Store for SqliteStore {
         let spec = serde_json::to_string(&session.spec).map_err(|e| StoreError::Internal(e.to_string()))?;
         static INSERT: LazyLock<String> = LazyLock::new(|| {
             format!(
-                "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (id) DO NOTHING"
             )
         });
@@ -361,7 +365,9 @@ impl Store for SqliteStore {
                             session.created_on.millis(),
                             session.last_modified_on.millis(),
                             session.last_correlation_id.as_bytes(),
-                            session.version
+                            session.version,
+                            session.customer_id.map(|id| *id.as_bytes()),
+                            session.transaction_intent_id.map(|id| *id.as_bytes())
                         ])
                     })
                     .map_err(|e| internal(&e))?;
@@ -787,8 +793,9 @@ mod tests {
             let rows = statement.query_map(rusqlite::params_from_iter(params), |r| r.get::<_, String>(1)).unwrap();
             rows.map(Result::unwrap).collect()
         };
-        let insert =
-            format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)");
+        let insert = format!(
+            "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        );
         let update =
             format!("UPDATE sessions SET state = ?2, version = version + 1 WHERE id = ?1 AND version = ?3 AND {LIVE}");
         for sql in [insert, update] {

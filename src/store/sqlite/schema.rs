@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "webhooks", include_str!("../../../migrations/sqlite/0002_webhooks.sql")),
     (3, "live sessions index", include_str!("../../../migrations/sqlite/0003_live_sessions_index.sql")),
     (4, "no events by session", include_str!("../../../migrations/sqlite/0004_no_events_by_session.sql")),
+    (5, "customer flow", include_str!("../../../migrations/sqlite/0005_customer_flow.sql")),
 ];
 
 /// Applies every migration not applied yet, each in its own transaction.

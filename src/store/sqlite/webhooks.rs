@@ -441,5 +441,13 @@ pub fn purge(c: &Connection, now: Timestamp, retention: Retention, batch: usize)
             params![idempotency_cutoff, batch],
         )
         .map_err(|e| internal(&e))?;
+    // A session lives at most a day, so a day after its last code a sign-in state is history.
+    removed += c
+        .execute(
+            "DELETE FROM one_time_codes WHERE session_id IN (
+                 SELECT session_id FROM one_time_codes WHERE last_sent_on < ?1 LIMIT ?2)",
+            params![idempotency_cutoff, batch],
+        )
+        .map_err(|e| internal(&e))?;
     Ok(removed)
 }
