@@ -388,6 +388,7 @@ async fn arrived_browsers(address: SocketAddr, key: &str, n: usize) -> Vec<Strin
     for _ in 0..n {
         let path = format!("{BASE}/redirect-sessions/{}", Uuid::new_v4());
         let body = Some(Bytes::from_static(SESSION_BODY.as_bytes()));
+        sender.ready().await.expect("the connection stays open");
         let response = sender.send_request(request(Method::PUT, address, &path, key, body)).await.expect("created");
         let body = response.into_body().collect().await.expect("a body").to_bytes();
         let session: serde_json::Value = serde_json::from_slice(&body).expect("a session");
@@ -400,6 +401,7 @@ async fn arrived_browsers(address: SocketAddr, key: &str, n: usize) -> Vec<Strin
             .header("content-type", "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(form)))
             .expect("valid");
+        sender.ready().await.expect("the connection stays open");
         let response = sender.send_request(arrival).await.expect("arrived");
         assert_eq!(response.status(), 303, "arriving on the hosted page");
         let cookie = response.headers()["set-cookie"].to_str().expect("ASCII");
