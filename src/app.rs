@@ -2,7 +2,6 @@
 //! and a graceful shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use crate::config::Config;
 use crate::domain::time::Timestamp;
 use crate::domain::token::{KeyPair, Keyring};
 use crate::metrics::Metrics;
+use crate::server;
 use crate::store::webhooks::Retention;
 use crate::store::{self, DynStore, StoreError};
 use crate::webhooks::client::WebhookClient;
@@ -91,8 +91,9 @@ async fn load_keyring(store: &DynStore) -> Result<Keyring, StoreError> {
     Ok(Keyring::new(&keys.current, &keys.previous))
 }
 
-/// Serves on `listener` until `shutdown` resolves, then stops accepting, finishes in-flight
-/// requests and stops the background jobs.
+/// Serves on `listener` (and on `metrics_listen`, when set) until `shutdown` resolves, then stops
+/// accepting, finishes in-flight requests and stops the background jobs. Both listeners apply
+/// the `http_*` limits (`server`).
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
@@ -113,35 +114,32 @@ pub async fn serve(
             retry_schedule: state.config.webhook_retry_schedule.clone(),
             timeout: state.config.webhook_timeout,
             concurrency: state.config.webhook_concurrency,
+            per_subscription: state.config.webhook_concurrency_per_subscription,
         };
         jobs.push(tokio::spawn(dispatcher::run(state.store.clone(), client, settings, stopped.clone())));
     }
 
+    let limits = server::Limits::of(&state.config);
     let metrics_server = match state.config.metrics_listen {
         Some(address) => {
             let metrics_listener = TcpListener::bind(address).await?;
             tracing::info!(address = %metrics_listener.local_addr()?, "metrics listening");
             let app = api::metrics_router(state.clone());
             let mut stopped = stopped.clone();
-            Some(tokio::spawn(async move {
-                let until = async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                };
-                axum::serve(metrics_listener, app).with_graceful_shutdown(until).await
-            }))
+            Some(tokio::spawn(server::serve(metrics_listener, app, limits, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })))
         }
         None => None,
     };
 
     let address = listener.local_addr()?;
     tracing::info!(%address, public_url = %state.public_url, "listening");
-    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .await;
+    server::serve(listener, api::router(state.clone()), limits, async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+    })
+    .await;
     let _ = stop.send(true);
     for job in jobs {
         let _ = job.await;
@@ -150,7 +148,7 @@ pub async fn serve(
         let _ = server.await;
     }
     tracing::info!("stopped");
-    result
+    Ok(())
 }
 
 /// Records `Expired` (and its event) for sessions whose time has passed, in batches.

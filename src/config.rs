@@ -13,6 +13,8 @@ use std::{
 
 use serde::{de, Deserializer};
 
+use crate::secrets::SecretKey;
+
 const ENV_PREFIX: &str = "REDIRECT_SESSIONS_";
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_DATABASE_URL: &str = "sqlite://./data/redirect-sessions.db";
@@ -20,11 +22,15 @@ const DEFAULT_SESSION_TTL: &str = "15m";
 const DEFAULT_RETRY_SCHEDULE: &str = "5s,5m,30m,2h,5h,10h,10h";
 const DEFAULT_WEBHOOK_TIMEOUT: &str = "10s";
 const DEFAULT_WEBHOOK_CONCURRENCY: &str = "256";
+const DEFAULT_WEBHOOK_CONCURRENCY_PER_SUBSCRIPTION: &str = "16";
 const DEFAULT_DELIVERY_RETENTION: &str = "30d";
 const DEFAULT_RATE_LIMIT_PER_KEY: &str = "1000";
 const DEFAULT_RATE_LIMIT_PER_IP: &str = "0";
 const DEFAULT_LOG: &str = "info";
 const DEFAULT_OTP_SENDER: &str = "log";
+const DEFAULT_HTTP_HEADER_TIMEOUT: &str = "10s";
+const DEFAULT_HTTP_BODY_TIMEOUT: &str = "30s";
+const DEFAULT_HTTP_MAX_CONNECTIONS: &str = "10000";
 const MAX_TOKEN_LEN: usize = 4096;
 /// `metrics_listen` needs a spelling for "no separate listener" so a later layer can undo an earlier one.
 const METRICS_OFF: &str = "off";
@@ -52,6 +58,9 @@ pub struct RawSettings {
     /// The file may also give a TOML integer.
     #[serde(default, deserialize_with = "text_or_number")]
     pub webhook_concurrency: Option<String>,
+    /// The file may also give a TOML integer.
+    #[serde(default, deserialize_with = "text_or_number")]
+    pub webhook_concurrency_per_subscription: Option<String>,
     pub delivery_retention: Option<String>,
     pub allow_private_callbacks: Option<bool>,
     pub allow_http_redirect_urls: Option<bool>,
@@ -62,6 +71,11 @@ pub struct RawSettings {
     #[serde(default, deserialize_with = "text_or_number")]
     pub rate_limit_per_ip: Option<String>,
     pub metrics_listen: Option<String>,
+    pub http_header_timeout: Option<String>,
+    pub http_body_timeout: Option<String>,
+    /// The file may also give a TOML integer.
+    #[serde(default, deserialize_with = "text_or_number")]
+    pub http_max_connections: Option<String>,
     pub expiry_sweep: Option<bool>,
     pub webhook_dispatcher: Option<bool>,
     pub log: Option<String>,
@@ -70,6 +84,12 @@ pub struct RawSettings {
     /// A secret: errors about it never echo it, and the file must give it as a string.
     #[serde(default, deserialize_with = "secret_text")]
     pub otp_http_token: Option<String>,
+    /// A secret (base64 of 32 bytes); the file must give it as a string.
+    #[serde(default, deserialize_with = "secret_text")]
+    pub secrets_key: Option<String>,
+    /// Secrets, comma separated; the file may also give a TOML array of strings.
+    #[serde(default, deserialize_with = "secret_text_or_list")]
+    pub secrets_old_keys: Option<String>,
 }
 
 /// Where the data lives.
@@ -137,6 +157,8 @@ pub struct Config {
     pub webhook_timeout: Duration,
     /// Webhook attempts in flight per instance, 1 to 10000; default 256.
     pub webhook_concurrency: usize,
+    /// Webhook attempts in flight per subscription (leases it may hold), 1 to 10000; default 16.
+    pub webhook_concurrency_per_subscription: usize,
     /// How long finished deliveries, their attempts and events are kept, 1h to 3650d; default 30d.
     pub delivery_retention: Duration,
     /// Default false.
@@ -149,6 +171,13 @@ pub struct Config {
     pub rate_limit_per_ip: u32,
     /// Separate metrics listener; default None (metrics served on the main listener).
     pub metrics_listen: Option<SocketAddr>,
+    /// How long a client may take to send a request's headers (also the idle time allowed between
+    /// requests on a kept-alive connection), 100ms to 5m; default 10s.
+    pub http_header_timeout: Duration,
+    /// How long a client may take to send a request's whole body, 100ms to 10m; default 30s.
+    pub http_body_timeout: Duration,
+    /// Connections open at once per listener, 1 to 1000000; default 10000.
+    pub http_max_connections: usize,
     /// Default true.
     pub expiry_sweep: bool,
     /// Default true.
@@ -157,6 +186,11 @@ pub struct Config {
     pub log: String,
     /// `log` (default) or `http` with its URL and optional bearer token; Debug hides the token.
     pub otp_sender: OtpSender,
+    /// The key that encrypts secrets at rest (`crate::secrets`); required with PostgreSQL, on
+    /// SQLite a key file beside the database when not set. Debug shows only its id.
+    pub secrets_key: Option<SecretKey>,
+    /// Earlier keys that still decrypt (for rotation); default none.
+    pub secrets_old_keys: Vec<SecretKey>,
 }
 
 /// A bad setting; its Display is one line naming the setting and where it came from.
@@ -316,6 +350,18 @@ impl Layers {
         }
     }
 
+    /// A secret setting: an error names the setting and its layer, never the value.
+    fn secret<T>(
+        &self,
+        field: &str,
+        get: fn(&RawSettings) -> &Option<String>,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        self.winner(get)
+            .map(|(text, origin)| parse(text).map_err(|problem| origin.secret_error(field, &problem)))
+            .transpose()
+    }
+
     fn resolve(&self) -> Result<Config, ConfigError> {
         macro_rules! setting {
             ($field:ident, $default:expr, $parse:expr) => {
@@ -358,6 +404,14 @@ impl Layers {
                     _ => Err("expected a whole number from 1 to 10000".to_owned()),
                 }
             }),
+            webhook_concurrency_per_subscription: setting!(
+                webhook_concurrency_per_subscription,
+                DEFAULT_WEBHOOK_CONCURRENCY_PER_SUBSCRIPTION,
+                |text| match text.parse::<usize>() {
+                    Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+                    _ => Err("expected a whole number from 1 to 10000".to_owned()),
+                }
+            ),
             delivery_retention: setting!(delivery_retention, DEFAULT_DELIVERY_RETENTION, |text| {
                 duration_within(text, hours(1), hours(24 * 3650), "from 1h to 3650d")
             }),
@@ -371,10 +425,26 @@ impl Layers {
                 }
                 parse_listen(text).map(Some).map_err(|e| format!("{e}, or {METRICS_OFF}"))
             }),
+            http_header_timeout: setting!(http_header_timeout, DEFAULT_HTTP_HEADER_TIMEOUT, |text| {
+                duration_within(text, Duration::from_millis(100), Duration::from_secs(300), "from 100ms to 5m")
+            }),
+            http_body_timeout: setting!(http_body_timeout, DEFAULT_HTTP_BODY_TIMEOUT, |text| {
+                duration_within(text, Duration::from_millis(100), Duration::from_secs(600), "from 100ms to 10m")
+            }),
+            http_max_connections: setting!(http_max_connections, DEFAULT_HTTP_MAX_CONNECTIONS, |text| {
+                match text.parse::<usize>() {
+                    Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+                    _ => Err("expected a whole number from 1 to 1000000".to_owned()),
+                }
+            }),
             expiry_sweep: switch!(expiry_sweep, true),
             webhook_dispatcher: switch!(webhook_dispatcher, true),
             log: setting!(log, DEFAULT_LOG, |text| Ok(text.to_owned())),
             otp_sender: self.otp_sender()?,
+            secrets_key: self.secret("secrets_key", |r| &r.secrets_key, SecretKey::parse)?,
+            secrets_old_keys: self
+                .secret("secrets_old_keys", |r| &r.secrets_old_keys, parse_key_list)?
+                .unwrap_or_default(),
         })
     }
 }
@@ -430,8 +500,9 @@ fn env_layer(env: &HashMap<String, String>) -> Result<RawSettings, ConfigError> 
     Ok(from_env!(
         text: listen, database_url, database_max_connections, database_acquire_timeout, database_connect_timeout,
             public_url, session_ttl, webhook_retry_schedule,
-            webhook_timeout, webhook_concurrency, delivery_retention, rate_limit_per_key, rate_limit_per_ip, metrics_listen, log,
-            otp_sender, otp_http_url, otp_http_token;
+            webhook_timeout, webhook_concurrency, webhook_concurrency_per_subscription, delivery_retention, rate_limit_per_key, rate_limit_per_ip, metrics_listen, log,
+            http_header_timeout, http_body_timeout, http_max_connections,
+            otp_sender, otp_http_url, otp_http_token, secrets_key, secrets_old_keys;
         switch: allow_private_callbacks, allow_http_redirect_urls, expiry_sweep, webhook_dispatcher
     ))
 }
@@ -493,6 +564,17 @@ fn check_token(text: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(format!("expected 1 to {MAX_TOKEN_LEN} visible ASCII characters without spaces (value not shown)"))
+}
+
+/// Comma separated keys (`secrets_old_keys`); messages say which entry, never its value.
+fn parse_key_list(text: &str) -> Result<Vec<SecretKey>, String> {
+    text.split(',')
+        .enumerate()
+        .map(|(index, item)| match item.trim() {
+            "" => Err(format!("entry {} is empty; expected comma separated base64 keys", index + 1)),
+            item => SecretKey::parse(item).map_err(|problem| format!("entry {}: {problem}", index + 1)),
+        })
+        .collect()
 }
 
 fn parse_rate(text: &str) -> Result<u32, String> {
@@ -710,6 +792,48 @@ fn secret_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Stri
         }
         fn visit_f64<E: de::Error>(self, _: f64) -> Result<String, E> {
             Err(E::custom("expected a string (value not shown)"))
+        }
+    }
+    deserializer.deserialize_any(Visitor).map(Some)
+}
+
+/// A string or an array of strings (joined with commas); other values are refused without
+/// repeating them.
+fn secret_text_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    struct Visitor;
+    impl<'de> de::Visitor<'de> for Visitor {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a comma separated string or an array of strings")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<SecretString>()? {
+                items.push(item.0);
+            }
+            Ok(items.join(","))
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<String, E> {
+            Err(E::custom("expected a string or an array of strings (value not shown)"))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<String, E> {
+            Err(E::custom("expected a string or an array of strings (value not shown)"))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<String, E> {
+            Err(E::custom("expected a string or an array of strings (value not shown)"))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<String, E> {
+            Err(E::custom("expected a string or an array of strings (value not shown)"))
+        }
+    }
+    /// One element of the array: a string, refused without repeating it otherwise.
+    struct SecretString(String);
+    impl<'de> serde::Deserialize<'de> for SecretString {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            secret_text(deserializer).map(|text| SecretString(text.unwrap_or_default()))
         }
     }
     deserializer.deserialize_any(Visitor).map(Some)
@@ -968,6 +1092,57 @@ mod tests {
         for bad in ["0s", "6m"] {
             let vars = env(&[("REDIRECT_SESSIONS_WEBHOOK_TIMEOUT", bad)]);
             assert!(error(None, &vars, &no_flags()).starts_with("invalid REDIRECT_SESSIONS_WEBHOOK_TIMEOUT"));
+        }
+    }
+
+    #[test]
+    fn webhook_concurrency_per_subscription_defaults_to_16_and_comes_from_every_layer() {
+        assert_eq!(Config::defaults().webhook_concurrency_per_subscription, 16);
+        let file = TempToml::new("webhook_concurrency_per_subscription = 4\n");
+        assert_eq!(load(Some(&file), &env(&[]), &no_flags()).webhook_concurrency_per_subscription, 4);
+        let vars = env(&[("REDIRECT_SESSIONS_WEBHOOK_CONCURRENCY_PER_SUBSCRIPTION", "8")]);
+        assert_eq!(load(Some(&file), &vars, &no_flags()).webhook_concurrency_per_subscription, 8);
+        let flags = RawSettings { webhook_concurrency_per_subscription: Some("2".into()), ..no_flags() };
+        assert_eq!(load(Some(&file), &vars, &flags).webhook_concurrency_per_subscription, 2);
+        for bad in ["0", "10001", "x"] {
+            let flags = RawSettings { webhook_concurrency_per_subscription: Some(bad.into()), ..no_flags() };
+            let expected = format!(
+                "invalid --webhook-concurrency-per-subscription \"{bad}\": expected a whole number from 1 to 10000"
+            );
+            assert_eq!(error(None, &env(&[]), &flags), expected);
+        }
+    }
+
+    #[test]
+    fn http_limits_default_and_come_from_every_layer() {
+        let config = Config::defaults();
+        assert_eq!((config.http_header_timeout, config.http_body_timeout), (secs(10), secs(30)));
+        assert_eq!(config.http_max_connections, 10_000);
+        let file = TempToml::new("http_header_timeout = \"5s\"\nhttp_max_connections = 50\n");
+        let vars = env(&[("REDIRECT_SESSIONS_HTTP_BODY_TIMEOUT", "2s")]);
+        let flags = RawSettings { http_max_connections: Some("7".into()), ..no_flags() };
+        let config = load(Some(&file), &vars, &flags);
+        assert_eq!((config.http_header_timeout, config.http_body_timeout), (secs(5), secs(2)));
+        assert_eq!(config.http_max_connections, 7);
+    }
+
+    #[test]
+    fn http_limits_outside_their_ranges_are_rejected() {
+        for (flags, expected) in [
+            (
+                RawSettings { http_header_timeout: Some("50ms".into()), ..no_flags() },
+                "invalid --http-header-timeout \"50ms\": expected a duration from 100ms to 5m",
+            ),
+            (
+                RawSettings { http_body_timeout: Some("11m".into()), ..no_flags() },
+                "invalid --http-body-timeout \"11m\": expected a duration from 100ms to 10m",
+            ),
+            (
+                RawSettings { http_max_connections: Some("0".into()), ..no_flags() },
+                "invalid --http-max-connections \"0\": expected a whole number from 1 to 1000000",
+            ),
+        ] {
+            assert_eq!(error(None, &env(&[]), &flags), expected);
         }
     }
 
@@ -1245,5 +1420,67 @@ mod tests {
         let without = format!("{:?}", otp_http("https://sms.example/otp", None));
         assert_eq!(without, r#"Http { url: "https://sms.example/otp", token: None }"#);
         assert_eq!(format!("{:?}", OtpSender::Log), "Log");
+    }
+
+    /// Base64 of 32 bytes, each `byte`.
+    fn secrets_key_text(byte: u8) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode([byte; 32])
+    }
+
+    #[test]
+    fn the_secrets_keys_come_from_every_layer_and_debug_shows_only_their_ids() {
+        assert!(Config::defaults().secrets_key.is_none() && Config::defaults().secrets_old_keys.is_empty());
+        let (a, b, c) = (secrets_key_text(1), secrets_key_text(2), secrets_key_text(3));
+        let file = TempToml::new(&format!("secrets_key = \"{a}\"\nsecrets_old_keys = [\"{b}\", \"{c}\"]\n"));
+        let config = load(Some(&file), &env(&[]), &no_flags());
+        let id = |text: &str| SecretKey::parse(text).unwrap().id();
+        assert_eq!(config.secrets_key.as_ref().map(SecretKey::id), Some(id(&a)));
+        assert_eq!(config.secrets_old_keys.iter().map(SecretKey::id).collect::<Vec<_>>(), [id(&b), id(&c)]);
+        let vars = env(&[("REDIRECT_SESSIONS_SECRETS_KEY", &b), ("REDIRECT_SESSIONS_SECRETS_OLD_KEYS", &a)]);
+        let flags = RawSettings { secrets_key: Some(c.clone()), ..no_flags() };
+        let config = load(Some(&file), &vars, &flags);
+        assert_eq!(config.secrets_key.as_ref().map(SecretKey::id), Some(id(&c)));
+        assert_eq!(config.secrets_old_keys.iter().map(SecretKey::id).collect::<Vec<_>>(), [id(&a)]);
+        let shown = format!("{config:?}");
+        for key in [&a, &b, &c] {
+            assert!(!shown.contains(key.as_str()), "{shown}");
+        }
+        assert!(shown.contains(&id(&c)), "{shown}");
+    }
+
+    #[test]
+    fn malformed_secrets_keys_are_named_but_never_shown() {
+        let good = secrets_key_text(7);
+        let cases = [
+            (
+                RawSettings { secrets_key: Some("c2hvcnQ=".into()), ..no_flags() },
+                env(&[]),
+                "invalid --secrets-key: expected the base64 of 32 bytes, got 5 bytes (value not shown)",
+            ),
+            (
+                no_flags(),
+                env(&[("REDIRECT_SESSIONS_SECRETS_KEY", "not base64!")]),
+                "invalid REDIRECT_SESSIONS_SECRETS_KEY: expected the base64 of 32 bytes (value not shown)",
+            ),
+            (
+                no_flags(),
+                env(&[("REDIRECT_SESSIONS_SECRETS_OLD_KEYS", &format!("{good},,{good}"))]),
+                "invalid REDIRECT_SESSIONS_SECRETS_OLD_KEYS: entry 2 is empty; expected comma separated base64 keys",
+            ),
+            (
+                RawSettings { secrets_old_keys: Some(format!("{good},AAAA")), ..no_flags() },
+                env(&[]),
+                "invalid --secrets-old-keys: entry 2: expected the base64 of 32 bytes, got 3 bytes (value not shown)",
+            ),
+        ];
+        for (flags, vars, expected) in cases {
+            let message = error(None, &vars, &flags);
+            assert_eq!(message, expected);
+            assert!(!message.contains(&good));
+        }
+        let file = TempToml::new("secrets_key = 12345\n");
+        let message = error(Some(&file), &env(&[]), &no_flags());
+        assert!(message.contains("secrets_key") && !message.contains("12345"), "{message}");
     }
 }

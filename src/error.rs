@@ -181,12 +181,13 @@ impl ApiError {
             message: &'a str,
             more_info: String,
             correlation_id: Uuid,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            details: Option<Details<'a>>,
+            details: Details<'a>,
         }
+        // Always present; `{}` when no member applies.
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]
         struct Details<'a> {
+            #[serde(skip_serializing_if = "<[FieldError]>::is_empty")]
             validation_error_reasons: &'a [FieldError],
         }
         let body = Body {
@@ -194,7 +195,7 @@ impl ApiError {
             message: &self.message,
             more_info: format!("{public_url}/docs/errors#{}", self.code),
             correlation_id,
-            details: (!self.validation.is_empty()).then_some(Details { validation_error_reasons: &self.validation }),
+            details: Details { validation_error_reasons: &self.validation },
         };
         serde_json::to_vec(&body).expect("error bodies serialise")
     }
@@ -239,14 +240,16 @@ pub struct ErrorBody {
     /// `<public-url>/docs/errors#<code>`.
     pub more_info: String,
     pub correlation_id: Uuid,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub details: Option<ErrorDetails>,
+    /// Always present: `{}` when nothing applies, else only the members that apply.
+    pub details: ErrorDetails,
 }
 
-/// The details that apply to an error.
+/// The details that apply to an error; each member only when it applies.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorDetails {
+    /// `Validation` only: every failing field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub validation_error_reasons: Vec<FieldError>,
 }
 
@@ -279,5 +282,22 @@ mod tests {
                 ]}
             })
         );
+    }
+
+    #[test]
+    fn an_error_without_details_has_an_empty_details_object() {
+        for error in [
+            ApiError::new(ErrorCode::NotFound, "No such route."),
+            ApiError::new(ErrorCode::Unauthorized, "A valid x-api-key header is required."),
+            ApiError::unavailable("later"),
+            ApiError::internal(&"boom"),
+        ] {
+            let body: serde_json::Value =
+                serde_json::from_slice(&error.body(Uuid::nil(), "https://pay.example")).unwrap();
+            assert_eq!(body["details"], serde_json::json!({}), "{body}");
+            let mut keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            assert_eq!(keys, ["code", "correlationId", "details", "message", "moreInfo"]);
+        }
     }
 }

@@ -10,6 +10,8 @@ pub mod error;
 pub mod hosted;
 pub mod metrics;
 pub mod migrate_data;
+pub mod secrets;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod webhooks;

@@ -17,7 +17,7 @@ use redirect_sessions::domain::validate::parse_uuid;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use redirect_sessions::migrate_data::{self, MigrateDataError};
-use redirect_sessions::{api, store, telemetry};
+use redirect_sessions::{api, secrets, store, telemetry};
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -38,6 +38,14 @@ struct Cli {
     /// How long opening a PostgreSQL connection may take (default 5s).
     #[arg(long, global = true, value_name = "DURATION")]
     database_connect_timeout: Option<String>,
+    /// The key that encrypts secrets at rest: base64 of 32 bytes (required with PostgreSQL; on
+    /// SQLite a key file beside the database otherwise). Prefer REDIRECT_SESSIONS_SECRETS_KEY:
+    /// flags are visible to other local users.
+    #[arg(long, global = true, value_name = "KEY")]
+    secrets_key: Option<String>,
+    /// Earlier keys that still decrypt, comma separated (for rotation).
+    #[arg(long, global = true, value_name = "KEYS")]
+    secrets_old_keys: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +65,9 @@ enum Command {
     /// Manage the keys that sign session tokens.
     #[command(subcommand, name = "signing-key")]
     SigningKey(SigningKeyCommand),
+    /// Manage the key that encrypts secrets at rest.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// Print the OpenAPI document.
     Openapi,
     /// Copy every row of a SQLite deployment into an empty PostgreSQL database (stop the service
@@ -91,6 +102,10 @@ struct ServeArgs {
     /// Webhook attempts in flight per instance (default 256).
     #[arg(long, value_name = "N")]
     webhook_concurrency: Option<String>,
+    /// Webhook attempts in flight per subscription, so one slow receiver cannot take every
+    /// slot (default 16).
+    #[arg(long, value_name = "N")]
+    webhook_concurrency_per_subscription: Option<String>,
     /// How long finished deliveries, their attempts and events are kept (default 30d).
     #[arg(long, value_name = "DURATION")]
     delivery_retention: Option<String>,
@@ -109,6 +124,16 @@ struct ServeArgs {
     /// Serve /metrics on this separate address instead of the main listener.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// How long a client may take to send a request's headers, also the idle time allowed
+    /// between requests on a connection (default 10s).
+    #[arg(long, value_name = "DURATION")]
+    http_header_timeout: Option<String>,
+    /// How long a client may take to send a request's whole body; then 408 (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    http_body_timeout: Option<String>,
+    /// Connections open at once per listener; more wait until one closes (default 10000).
+    #[arg(long, value_name = "N")]
+    http_max_connections: Option<String>,
     /// Do not run the expiry sweep in this instance.
     #[arg(long)]
     no_expiry_sweep: bool,
@@ -162,6 +187,15 @@ enum CustomerCommand {
 }
 
 #[derive(Subcommand)]
+enum SecretsCommand {
+    /// Encrypt every stored secret again with secrets_key (values of earlier keys are read with
+    /// secrets_old_keys); prints the counts as JSON.
+    Rotate,
+    /// Print a new random key ({"secretsKey"}) for secrets_key.
+    GenerateKey,
+}
+
+#[derive(Subcommand)]
 enum SigningKeyCommand {
     /// Make a new key current; tokens signed with the old key stay valid.
     Rotate,
@@ -174,6 +208,8 @@ fn main() -> ExitCode {
         database_max_connections: cli.database_max_connections.clone(),
         database_acquire_timeout: cli.database_acquire_timeout.clone(),
         database_connect_timeout: cli.database_connect_timeout.clone(),
+        secrets_key: cli.secrets_key.clone(),
+        secrets_old_keys: cli.secrets_old_keys.clone(),
         ..RawSettings::default()
     };
     if let Command::Serve(serve) = &cli.command {
@@ -183,12 +219,16 @@ fn main() -> ExitCode {
         flags.webhook_retry_schedule = serve.webhook_retry_schedule.clone();
         flags.webhook_timeout = serve.webhook_timeout.clone();
         flags.webhook_concurrency = serve.webhook_concurrency.clone();
+        flags.webhook_concurrency_per_subscription = serve.webhook_concurrency_per_subscription.clone();
         flags.delivery_retention = serve.delivery_retention.clone();
         flags.allow_private_callbacks = serve.allow_private_callbacks.then_some(true);
         flags.allow_http_redirect_urls = serve.allow_http_redirect_urls.then_some(true);
         flags.rate_limit_per_key = serve.rate_limit_per_key.clone();
         flags.rate_limit_per_ip = serve.rate_limit_per_ip.clone();
         flags.metrics_listen = serve.metrics_listen.clone();
+        flags.http_header_timeout = serve.http_header_timeout.clone();
+        flags.http_body_timeout = serve.http_body_timeout.clone();
+        flags.http_max_connections = serve.http_max_connections.clone();
         flags.expiry_sweep = serve.no_expiry_sweep.then_some(false);
         flags.webhook_dispatcher = serve.no_webhook_dispatcher.then_some(false);
         flags.log = serve.log.clone();
@@ -214,6 +254,22 @@ fn main() -> ExitCode {
     if let Command::Openapi = cli.command {
         print!("{}", api::docs::openapi_json());
         return ExitCode::SUCCESS;
+    }
+    if let Command::Secrets(SecretsCommand::GenerateKey) = cli.command {
+        return match secrets::SecretKey::generate() {
+            Ok(key) => {
+                println!("{}", serde_json::json!({"secretsKey": key.to_base64(), "keyId": key.id()}));
+                ExitCode::SUCCESS
+            }
+            Err(error) => failure(&error.to_string()),
+        };
+    }
+    // Every other command but migrate-data opens the configured database, whose secrets need
+    // the key.
+    if !matches!(cli.command, Command::MigrateData { .. }) {
+        if let Err(message) = secrets::check_config(&config) {
+            return usage_error(&message);
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -279,6 +335,14 @@ async fn run(command: Command, config: Config) -> ExitCode {
             }
             admin_command(&config, |store| async move { admin::create_customer(&store, &phone).await }).await
         }
+        Command::Secrets(SecretsCommand::Rotate) => match store::rotate_secrets(&config).await {
+            Ok((key_id, counts)) => {
+                println!("{}", counts.to_json(&key_id));
+                ExitCode::SUCCESS
+            }
+            Err(error) => failure(&error.to_string()),
+        },
+        Command::Secrets(SecretsCommand::GenerateKey) => unreachable!("handled before the runtime starts"),
         Command::SigningKey(SigningKeyCommand::Rotate) => {
             admin_command(&config, |store| async move { admin::rotate_signing_key(&store).await }).await
         }

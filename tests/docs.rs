@@ -127,7 +127,8 @@ async fn a_panic_in_a_handler_is_answered_with_the_standard_500_body() {
     assert!(content_type(&response).starts_with("application/json"), "{}", content_type(&response));
     let body = assert_error(response, 500, "GeneralErrorOccurred").await;
     let members: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(members, ["code", "message", "moreInfo", "correlationId"], "{body}");
+    assert_eq!(members, ["code", "message", "moreInfo", "correlationId", "details"], "{body}");
+    assert_eq!(body["details"], json!({}), "nothing applies: {body}");
     assert!(!body.to_string().contains("boom"), "the cause must not be sent: {body}");
     assert!(!body.to_string().contains("secret"), "the cause must not be sent: {body}");
 

@@ -706,7 +706,7 @@ async fn a_new_transaction_intent_is_authenticated_by_code_confirmed_and_shown_a
     assert_eq!(page.text("qr-text"), expected);
     assert!(page.tag("qr-code").starts_with("<div"), "{}", page.tag("qr-code"));
     assert!(page.body.contains("<svg"), "an inline QR code: {page:?}");
-    assert_eq!(page.back(), SUCCESS_URL, "no qrCodeSuccessUrl: back to successUrl");
+    assert_eq!(page.back(), new_transaction_intent()["redirectData"]["qrCodeSuccessUrl"], "on to qrCodeSuccessUrl");
     assert!(!page.has("abort") && !page.has("done") && !page.has("confirm"), "{page:?}");
     assert_eq!(events(&server, id).await, [COMPLETED]);
 
@@ -1005,7 +1005,10 @@ async fn a_new_customer_is_registered_by_code_and_sent_straight_back_to_the_succ
     let body = json!({
         "type": "NewCustomer",
         "customerData": {"firstName": "Erika", "lastName": "Mustermann"},
-        "redirectData": {"successUrl": SUCCESS_URL, "failureUrl": FAILURE_URL, "abortUrl": ABORT_URL},
+        "redirectData": {
+            "successUrl": SUCCESS_URL, "failureUrl": FAILURE_URL, "abortUrl": ABORT_URL,
+            "qrCodeSuccessUrl": QR_SUCCESS_URL
+        },
         "locale": "de-DE"
     });
     let (created, browser) = opened(&server, &body).await;

@@ -32,6 +32,7 @@ use redirect_sessions::domain::intent::{Flow, Intent};
 use redirect_sessions::domain::otp::{hash_code, CodeCheck, OtpState};
 use redirect_sessions::domain::session::State;
 use redirect_sessions::domain::time::Timestamp;
+use redirect_sessions::secrets::SecretKey;
 use redirect_sessions::store::customer::{CodeEntered, CodeRecorded, Finish, Step, StepOutcome};
 use reqwest::{Client, Method, RequestBuilder};
 use serde_json::{json, Value};
@@ -87,6 +88,8 @@ impl Server {
         config.rate_limit_per_key = 0;
         config.rate_limit_per_ip = 0;
         config.allow_private_callbacks = true;
+        // The same key on both sides: migrate-data copies the encrypted secrets as they are.
+        config.secrets_key = Some(SecretKey::parse(common::binary::SECRETS_KEY).unwrap());
         adjust(&mut config);
         let state = AppState::open(config).await.expect("the service starts");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -717,6 +720,24 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         .unwrap()
         .get(0);
     assert_eq!(leased, 0, "leases are cleared");
+    // The secrets move encrypted, exactly as they were (the same key opens them on both sides).
+    let sealed_on_sqlite: Vec<(String, String, String)> = {
+        let source = rusqlite::Connection::open(&sqlite_path).unwrap();
+        let mut statement =
+            source.prepare("SELECT lower(hex(id)), api_key, signing_secret FROM subscriptions ORDER BY 1").unwrap();
+        let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    };
+    let sealed_on_postgres: Vec<(String, String, String)> = sql
+        .query("SELECT replace(id::text, '-', ''), api_key, signing_secret FROM subscriptions ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(sealed_on_sqlite.len(), 2);
+    assert!(sealed_on_sqlite.iter().all(|(_, key, secret)| key.starts_with("v1:") && secret.starts_with("v1:")));
+    assert_eq!(sealed_on_sqlite, sealed_on_postgres, "ciphertexts are copied as they are");
     drop(sql);
 
     // --- 4. On PostgreSQL (dispatcher off, so nothing moves while comparing): the same answers.

@@ -87,14 +87,16 @@ fn without(mut body: Value, path: &[&str]) -> Value {
 fn with_amount(amount: &str) -> String {
     format!(
         r#"{{"type":"NewTransactionIntent","transactionData":{{"type":"PassthroughDeposit","amount":{amount},"currency":"EUR"}},
-        "redirectData":{{"successUrl":"https://m.example/s","failureUrl":"https://m.example/f","abortUrl":"https://m.example/a"}}}}"#
+        "redirectData":{{"successUrl":"https://m.example/s","failureUrl":"https://m.example/f","abortUrl":"https://m.example/a",
+        "qrCodeSuccessUrl":"https://m.example/q"}}}}"#
     )
 }
 
 fn new_customer() -> Value {
     json!({
         "type": "NewCustomer",
-        "redirectData": {"successUrl": "https://m.example/s", "failureUrl": "https://m.example/f", "abortUrl": "https://m.example/a"}
+        "redirectData": {"successUrl": "https://m.example/s", "failureUrl": "https://m.example/f", "abortUrl": "https://m.example/a",
+                         "qrCodeSuccessUrl": "https://m.example/q"}
     })
 }
 
@@ -102,7 +104,8 @@ fn existing_transaction_intent() -> Value {
     json!({
         "type": "ExistingTransactionIntent",
         "transactionIntentId": Uuid::new_v4(),
-        "redirectData": {"successUrl": "https://m.example/s", "failureUrl": "https://m.example/f", "abortUrl": "https://m.example/a"}
+        "redirectData": {"successUrl": "https://m.example/s", "failureUrl": "https://m.example/f", "abortUrl": "https://m.example/a",
+                         "qrCodeSuccessUrl": "https://m.example/q"}
     })
 }
 
@@ -187,6 +190,7 @@ async fn missing_required_members_are_each_reported() {
             "redirectData.successUrl",
             "redirectData.failureUrl",
             "redirectData.abortUrl",
+            "redirectData.qrCodeSuccessUrl",
         ],
     )
     .await;
@@ -500,6 +504,35 @@ async fn redirect_urls_must_be_absolute_without_user_info_and_at_most_2048_chara
 }
 
 #[tokio::test]
+async fn every_redirect_url_is_required_the_qr_code_success_url_too() {
+    let server = TestServer::start().await;
+    for member in ["successUrl", "failureUrl", "abortUrl", "qrCodeSuccessUrl"] {
+        let missing = format!("redirectData.{member}");
+        assert_rejected(&server, &without(new_transaction_intent(), &["redirectData", member]), &[&missing]).await;
+        let null = with(new_transaction_intent(), &["redirectData", member], Value::Null);
+        assert_rejected(&server, &null, &[&missing]).await;
+    }
+    // Listed together with every other failing field, on each session type.
+    let body = without(
+        without(new_transaction_intent(), &["redirectData", "qrCodeSuccessUrl"]),
+        &["transactionData", "currency"],
+    );
+    assert_rejected(&server, &body, &["redirectData.qrCodeSuccessUrl", "transactionData.currency"]).await;
+    let body = without(without(new_customer(), &["redirectData", "qrCodeSuccessUrl"]), &["redirectData", "abortUrl"]);
+    assert_rejected(&server, &body, &["redirectData.qrCodeSuccessUrl", "redirectData.abortUrl"]).await;
+    let body = with(
+        without(existing_transaction_intent(), &["redirectData", "qrCodeSuccessUrl"]),
+        &["transactionIntentId"],
+        json!("nope"),
+    );
+    assert_rejected(&server, &body, &["redirectData.qrCodeSuccessUrl", "transactionIntentId"]).await;
+
+    let session = assert_accepted(&server, &new_customer()).await;
+    assert_eq!(session["redirectData"]["qrCodeSuccessUrl"], "https://m.example/q", "echoed as sent");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn http_redirect_urls_are_refused_unless_the_operator_allows_them() {
     let strict = TestServer::start_with(|c| c.allow_http_redirect_urls = false).await;
     let body = with(new_transaction_intent(), &["redirectData", "abortUrl"], json!("http://merchant.example/abort"));
@@ -680,6 +713,123 @@ async fn a_cancel_body_over_64_kib_is_payload_too_large() {
     server.stop().await;
 }
 
+/// Asserts an error answer with nothing in `details`: it is there, and `{}`.
+async fn assert_bare_error(response: Response, status: u16, code: &str) -> Value {
+    let error = assert_error(response, status, code).await;
+    assert_eq!(error["details"], json!({}), "{error}");
+    error
+}
+
+#[tokio::test]
+async fn every_error_without_failing_fields_has_an_empty_details_object() {
+    let server = TestServer::start().await;
+    let id = server.created_session().await;
+    let url = format!("{}{}", server.url, session_path(id));
+    assert_bare_error(server.client.get(&url).send().await.unwrap(), 401, "Unauthorized").await;
+    let wrong_key = server.client.get(&url).header("x-api-key", "rsk_unknown").send().await.unwrap();
+    assert_bare_error(wrong_key, 401, "Unauthorized").await;
+    for path in ["/nope".to_owned(), format!("{BASE}/redirect-sessions/{id}/open")] {
+        assert_bare_error(server.request(Method::GET, &path).send().await.unwrap(), 404, "NotFound").await;
+    }
+    assert_bare_error(server.get_session(Uuid::new_v4()).await, 404, "RedirectSessionNotFound").await;
+    assert_bare_error(server.cancel_session(Uuid::new_v4()).await, 404, "RedirectSessionNotFound").await;
+    let customer = with(new_transaction_intent(), &["customerId"], json!(Uuid::new_v4()));
+    assert_bare_error(server.put_session(Uuid::new_v4(), &customer).await, 404, "CustomerNotFound").await;
+    let subscription = format!("{BASE}/redirect-session-events/subscriptions/{}", Uuid::new_v4());
+    let response = server.request(Method::GET, &subscription).send().await.unwrap();
+    assert_bare_error(response, 404, "SubscriptionNotFound").await;
+    let delete = server.request(Method::DELETE, &session_path(id)).send().await.unwrap();
+    assert_bare_error(delete, 405, "MethodNotAllowed").await;
+    let other_body = with(new_transaction_intent(), &["locale"], json!("de"));
+    assert_bare_error(server.put_session(id, &other_body).await, 409, "EntityVersionMismatch").await;
+    let stale = server.request(Method::POST, &format!("{}/cancel", session_path(id))).header("if-match", "\"7\"");
+    assert_bare_error(stale.send().await.unwrap(), 409, "EntityVersionMismatch").await;
+    let too_large = server
+        .request(Method::PUT, &session_path(Uuid::new_v4()))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"pad":"{}"}}"#, "p".repeat(64 * 1024)))
+        .send()
+        .await
+        .unwrap();
+    assert_bare_error(too_large, 413, "PayloadTooLarge").await;
+    let not_json = server
+        .request(Method::PUT, &session_path(Uuid::new_v4()))
+        .header("content-type", "text/plain")
+        .body(new_transaction_intent().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_bare_error(not_json, 415, "UnsupportedMediaType").await;
+    let request_id = Uuid::new_v4().to_string();
+    let first = server.request(Method::PUT, &session_path(Uuid::new_v4())).header("x-request-id", &request_id);
+    assert_eq!(first.json(&new_transaction_intent()).send().await.unwrap().status(), 201);
+    let reused = server.request(Method::PUT, &session_path(Uuid::new_v4())).header("x-request-id", &request_id);
+    assert_bare_error(reused.json(&new_transaction_intent()).send().await.unwrap(), 422, "RequestIdReused").await;
+    let (other_key, _) = server.another_merchant().await;
+    let theirs = server.client.get(&url).header("x-api-key", &other_key).send().await.unwrap();
+    assert_bare_error(theirs, 403, "InvalidTriggeredBy").await;
+    let theirs = server.client.post(format!("{url}/cancel")).header("x-api-key", &other_key).send().await.unwrap();
+    assert_bare_error(theirs, 400, "InvalidTriggeredBy").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_state_transition_error_has_an_empty_details_object_also_when_replayed() {
+    let server = TestServer::start_with(|c| {
+        c.session_ttl = std::time::Duration::from_secs(1);
+        c.expiry_sweep = false;
+    })
+    .await;
+    let id = server.created_session().await;
+    let at = &server;
+    eventually(std::time::Duration::from_secs(10), "the session to expire", move || async move {
+        status_and_json(at.get_session(id).await).await.1["state"] == "Expired"
+    })
+    .await;
+    let request_id = Uuid::new_v4().to_string();
+    let cancel =
+        || server.request(Method::POST, &format!("{}/cancel", session_path(id))).header("x-request-id", &request_id);
+    let first = assert_bare_error(cancel().send().await.unwrap(), 400, "InvalidRedirectSessionStateTransition").await;
+    let replayed = cancel().send().await.unwrap();
+    assert_eq!(replayed.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
+    let again = assert_bare_error(replayed, 400, "InvalidRedirectSessionStateTransition").await;
+    assert_eq!(again, first, "the stored outcome, byte for byte");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_path_id_that_is_not_utf_8_is_a_validation_error_naming_the_path_parameter() {
+    let server = TestServer::start().await;
+    let bad = "%FF%FE";
+    let get = server.request(Method::GET, &session_path(bad)).send().await.unwrap();
+    assert_invalid(get, &["redirectSessionId"]).await;
+    let put = server.request(Method::PUT, &session_path(bad)).json(&new_transaction_intent()).send().await.unwrap();
+    assert_invalid(put, &["redirectSessionId"]).await;
+    // Listed together with the body's faults, as any malformed id is.
+    let body = without(new_transaction_intent(), &["redirectData", "qrCodeSuccessUrl"]);
+    let put = server.request(Method::PUT, &session_path(bad)).json(&body).send().await.unwrap();
+    assert_invalid(put, &["redirectSessionId", "redirectData.qrCodeSuccessUrl"]).await;
+    let cancel = server.request(Method::POST, &format!("{}/cancel", session_path(bad))).send().await.unwrap();
+    assert_invalid(cancel, &["redirectSessionId"]).await;
+    // Without a key it is still 401 first, as JSON.
+    let anonymous = server.client.get(format!("{}{}", server.url, session_path(bad))).send().await.unwrap();
+    assert_bare_error(anonymous, 401, "Unauthorized").await;
+
+    let subscription = format!("{BASE}/redirect-session-events/subscriptions/{bad}");
+    let body = json!({"callbackUrl": "https://merchant.example/hook", "apiKey": "k", "eventTypes": ["nope"]});
+    for method in [Method::GET, Method::DELETE] {
+        assert_invalid(server.request(method, &subscription).send().await.unwrap(), &["eventSubscriptionId"]).await;
+    }
+    for method in [Method::PUT, Method::PATCH] {
+        let response = server.request(method, &subscription).json(&body).send().await.unwrap();
+        let error = assert_error(response, 400, "Validation").await;
+        assert!(field_names(&error).contains(&"eventSubscriptionId".to_owned()), "{error}");
+    }
+    let redeliver = format!("{BASE}/redirect-session-events/deliveries/{bad}/redeliver");
+    assert_invalid(server.request(Method::POST, &redeliver).send().await.unwrap(), &["deliveryId"]).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn an_x_request_id_that_is_not_a_uuid_is_a_validation_error_and_a_server_made_id_correlates() {
     let server = TestServer::start().await;
@@ -802,7 +952,8 @@ async fn error_bodies_have_code_message_more_info_and_correlation_id_and_nothing
     let error = assert_error(response, 404, "RedirectSessionNotFound").await;
     let mut keys: Vec<&str> = error.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["code", "correlationId", "message", "moreInfo"]);
+    assert_eq!(keys, ["code", "correlationId", "details", "message", "moreInfo"]);
+    assert_eq!(error["details"], json!({}), "nothing applies: an empty object");
     assert_eq!(error["moreInfo"], format!("{}/docs/errors#RedirectSessionNotFound", server.url));
     assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
 

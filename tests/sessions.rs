@@ -278,7 +278,7 @@ async fn creating_an_existing_transaction_intent_session_answers_201_with_its_fi
         "transactionIntentId": intent,
         "customerId": customer,
         "redirectData": {"successUrl": "https://merchant.example/s", "failureUrl": "https://merchant.example/f",
-                         "abortUrl": "https://merchant.example/a"},
+                         "abortUrl": "https://merchant.example/a", "qrCodeSuccessUrl": "https://merchant.example/q"},
         "locale": "de"
     });
     let before = now_millis();
@@ -325,7 +325,7 @@ async fn creating_a_new_customer_session_answers_201_with_its_fields() {
         "type": "NewCustomer",
         "customerData": {"firstName": "Max", "email": "max@example.de"},
         "redirectData": {"successUrl": "https://merchant.example/s", "failureUrl": "https://merchant.example/f",
-                         "abortUrl": "https://merchant.example/a"},
+                         "abortUrl": "https://merchant.example/a", "qrCodeSuccessUrl": "https://merchant.example/q"},
         "locale": "fr"
     });
     let before = now_millis();
@@ -449,8 +449,10 @@ async fn a_put_of_an_existing_id_with_a_different_body_is_an_entity_version_mism
         FULL_NEW_TRANSACTION_INTENT.replace("100.5", "100.51"),
         FULL_NEW_TRANSACTION_INTENT.replace("EN-gb", "de-DE"),
         FULL_NEW_TRANSACTION_INTENT.replace("order-42", "order-43"),
-        FULL_NEW_TRANSACTION_INTENT
-            .replace(r#""qrCodeSuccessUrl": "https://merchant.example/qr""#, r#""qrCodeSuccessUrl": null"#),
+        FULL_NEW_TRANSACTION_INTENT.replace(
+            r#""qrCodeSuccessUrl": "https://merchant.example/qr""#,
+            r#""qrCodeSuccessUrl": "https://m.example/q""#,
+        ),
         json!({"type": "NewCustomer", "redirectData": first.body["redirectData"]}).to_string(),
     ];
     for body in different {
@@ -484,7 +486,8 @@ async fn a_put_of_another_merchants_session_id_is_a_version_mismatch_that_reveal
         let text = response.text().await.unwrap();
         let error: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(error["code"], "EntityVersionMismatch", "{text}");
-        assert_eq!(keys(&error), sorted(vec!["code", "message", "moreInfo", "correlationId"]), "{text}");
+        assert_eq!(keys(&error), sorted(vec!["code", "message", "moreInfo", "correlationId", "details"]), "{text}");
+        assert_eq!(error["details"], json!({}), "{text}");
         for secret in [
             other_id.to_string(),
             theirs.body["token"].as_str().unwrap().to_owned(),
@@ -613,7 +616,8 @@ async fn reading_another_merchants_session_is_invalid_triggered_by_403() {
         .await
         .unwrap();
     let error = assert_error(response, 403, "InvalidTriggeredBy").await;
-    assert_eq!(keys(&error), sorted(vec!["code", "message", "moreInfo", "correlationId"]), "{error}");
+    assert_eq!(keys(&error), sorted(vec!["code", "message", "moreInfo", "correlationId", "details"]), "{error}");
+    assert_eq!(error["details"], json!({}), "{error}");
     assert!(!error.to_string().contains(&server.merchant_id.to_string()), "{error}");
     server.stop().await;
 }
@@ -1114,5 +1118,92 @@ async fn metrics_count_created_and_cancelled_sessions_and_requests_by_route_and_
         assert!(has_line(&text, line), "missing `{line}` in:\n{text}");
     }
     assert!(!text.contains(&id.to_string()), "a session id must never become a label");
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions stored before qrCodeSuccessUrl was required
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `sqlite` or `postgres` (the backend's SQL text) on a database no server is using.
+async fn behind_the_servers_back(database: &TestDatabase, sqlite: &str, postgres: &str) {
+    if database.is_postgres() {
+        database.sql().await.batch_execute(postgres).await.unwrap_or_else(|e| panic!("{postgres}: {e}"));
+    } else {
+        let (path, sqlite) = (database.sqlite_path().unwrap().to_owned(), sqlite.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let connection = rusqlite::Connection::open(&path).unwrap();
+            connection.execute_batch(&sqlite).unwrap_or_else(|e| panic!("{sqlite}: {e}"));
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// Stops `server`, rewrites every stored session into the format of before `qrCodeSuccessUrl`
+/// was required (the member absent), optionally forgets that the migration filling it in ran,
+/// and starts the server again. Answers the restarted server and the first merchant's key.
+async fn restart_with_old_format_sessions(server: TestServer, rerun_migration: bool) -> (TestServer, String) {
+    let api_key = server.api_key.clone();
+    let database = server.stop_keeping_database().await;
+    let mut sqlite = "UPDATE sessions SET spec = json_remove(spec, '$.redirectData.qrCodeSuccessUrl');".to_owned();
+    let mut postgres = "UPDATE sessions SET spec = spec #- '{redirectData,qrCodeSuccessUrl}';".to_owned();
+    if rerun_migration {
+        sqlite.push_str("DELETE FROM schema_migrations WHERE version = 6;");
+        postgres.push_str("DELETE FROM schema_migrations WHERE version = 4;");
+    }
+    behind_the_servers_back(&database, &sqlite, &postgres).await;
+    (TestServer::start_on(test_config(&database), database).await, api_key)
+}
+
+async fn read_as(server: &TestServer, api_key: &str, id: Uuid) -> Answer {
+    let url = format!("{}{}", server.url, session_path(id));
+    answer(server.client.get(url).header("x-api-key", api_key).send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn the_migration_fills_in_a_missing_qr_code_success_url_from_the_success_url_and_moves_the_etag() {
+    let server = TestServer::start().await;
+    let id = server.created_session().await;
+    let created = answer(server.get_session(id).await).await;
+    assert_eq!(created.header("etag"), Some("\"1\""));
+
+    let (server, api_key) = restart_with_old_format_sessions(server, true).await;
+    let read = read_as(&server, &api_key, id).await;
+    assert_eq!(read.status, 200, "{}", read.text);
+    let urls = &read.body["redirectData"];
+    assert_eq!(urls["qrCodeSuccessUrl"], urls["successUrl"], "{}", read.text);
+    assert_eq!(urls["successUrl"], "https://merchant.example/success");
+    assert_eq!(read.header("etag"), Some("\"2\""), "the representation changed, so does the ETag");
+
+    // The stored spec itself now has the member: a cancel (a write of the row) keeps it.
+    let cancel = server.client.post(format!("{}{}/cancel", server.url, session_path(id))).header("x-api-key", &api_key);
+    let cancelled = answer(cancel.send().await.unwrap()).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.text);
+    assert_eq!(cancelled.body["redirectData"], read.body["redirectData"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_stored_without_a_qr_code_success_url_still_reads_with_the_success_url() {
+    let server = TestServer::start().await;
+    let id = server.created_session().await;
+    let (server, api_key) = restart_with_old_format_sessions(server, false).await;
+
+    let read = read_as(&server, &api_key, id).await;
+    assert_eq!(read.status, 200, "{}", read.text);
+    let urls = &read.body["redirectData"];
+    assert_eq!(urls["qrCodeSuccessUrl"], "https://merchant.example/success", "{}", read.text);
+    assert_eq!(read.header("etag"), Some("\"1\""));
+
+    // The list reads it too, and a PUT naming successUrl as qrCodeSuccessUrl is the same request.
+    let url = format!("{}{BASE}/redirect-sessions", server.url);
+    let listed = answer(server.client.get(url).header("x-api-key", &api_key).send().await.unwrap()).await;
+    assert_eq!(listed.body["items"][0]["redirectData"], *urls, "{}", listed.text);
+    let mut body = new_transaction_intent();
+    body["redirectData"]["qrCodeSuccessUrl"] = json!("https://merchant.example/success");
+    let url = format!("{}{}", server.url, session_path(id));
+    let again = answer(server.client.put(url).header("x-api-key", &api_key).json(&body).send().await.unwrap()).await;
+    assert_eq!((again.status, &again.body), (200, &read.body), "{}", again.text);
     server.stop().await;
 }

@@ -1,8 +1,10 @@
 //! Webhook delivery (docs/WEBHOOKS.md) against a real receiver: headers, CloudEvents body and
 //! signature; retries (schedule, jitter, Retry-After), timeouts, redirects and redelivery; which
 //! events go to which subscription; expiry; the SSRF guard in both modes; leases of a dead
-//! dispatcher; shutdown with an attempt in flight; an event that survives `kill -9` of the real
-//! binary; retention.
+//! dispatcher, taken over at the next start without waiting for them to run out, also after
+//! `kill -9` of the real binary in the middle of an attempt; a receiver that never answers holds
+//! at most its per-subscription cap and never starves the others; shutdown with an attempt in
+//! flight; an event that survives `kill -9` of the real binary; retention.
 
 // The shared harness calls `.ok().expect(..)`; it is not this file's to change.
 #[allow(clippy::ok_expect)]
@@ -505,26 +507,30 @@ async fn every_matching_subscription_gets_its_own_delivery_of_the_event() {
 }
 
 #[tokio::test]
-async fn a_delivery_claimed_by_a_dispatcher_that_died_is_sent_once_its_lease_runs_out() {
+async fn a_delivery_claimed_by_a_dispatcher_that_died_is_sent_by_the_next_one_without_waiting_for_its_lease() {
     let receiver = Receiver::answering(204).await;
     let first = TestServer::start_with(|c| c.webhook_dispatcher = false).await;
     let (subscription, secret) = subscribe(&first, &receiver.url(), &[CANCELLED]).await;
     let session = first.created_session().await;
     assert_eq!(first.cancel_session(session).await.status(), 200);
-    // A dispatcher claims the delivery and dies before it records anything.
-    let dead = Uuid::new_v4();
+    // A dispatcher starts, claims the delivery for ten minutes, and dies (with its process, and
+    // on PostgreSQL its connections) before it records anything.
+    let dead = Uuid::now_v7();
+    first.store().dispatcher_started(dead).await.expect("the dispatcher starts");
     let claimed_on = Timestamp::now();
-    let lease_until = claimed_on.plus(Duration::from_secs(2));
-    let claimed = first.store().claim_deliveries(dead, claimed_on, lease_until, 10).await.expect("claim works");
+    let lease_until = claimed_on.plus(Duration::from_secs(600));
+    let claimed = first.store().claim_deliveries(dead, claimed_on, lease_until, 10, 16).await.expect("claim works");
     assert_eq!(claimed.len(), 1);
     let key = first.api_key.clone();
     let database = first.stop_keeping_database().await;
 
+    // The next dispatcher sends it at once: well within DELIVERY_DEADLINE, long before the lease
+    // would have run out.
     let second = TestServer::start_on(test_config(&database), database).await;
     let delivered = wait_for_delivery_as(&second, &key, subscription, "the delivery", in_state("Delivered")).await;
     assert_eq!(attempt_statuses(&delivered), [Some(204)]);
     let started = Timestamp::parse_rfc3339(attempts(&delivered)[0]["startedOn"].as_str().unwrap()).unwrap();
-    assert!(started.millis() >= lease_until.millis(), "sent at {started} while {lease_until} was still leased");
+    assert!(started.millis() < lease_until.millis(), "sent at {started}, not before the lease ran out");
     assert_eq!(receiver.received().len(), 1);
     assert_signed(&receiver.received()[0], &secret);
 
@@ -650,4 +656,159 @@ async fn an_event_committed_before_a_kill_9_is_delivered_by_the_next_process() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(receiver.received().len(), 1, "delivered once");
+}
+
+/// The lease the binary takes with its default webhook timeout: the timeout (10 s) plus 30 s
+/// (src/webhooks/dispatcher.rs, LEASE_MARGIN).
+const DEFAULT_LEASE: Duration = Duration::from_secs(40);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_cut_short_by_a_kill_9_is_made_again_by_the_next_process_without_waiting_for_its_lease() {
+    let (database_url, _database) = fresh_database_url();
+    let created = command(&["merchant", "create", "--name", "Crash Shop", "--database-url", &database_url])
+        .output()
+        .expect("merchant create runs");
+    assert!(created.status.success(), "{created:?}");
+    let merchant: Value = serde_json::from_slice(&created.stdout).expect("merchant create prints JSON");
+    let key = merchant["apiKey"].as_str().unwrap().to_owned();
+    // The receiver is down while the first process attempts (it accepts and never answers) and
+    // answers 200 once the next process runs.
+    let receiver = Receiver::scripted(&[Reply::Silence], Reply::Status(200)).await;
+
+    let open = ["--allow-private-callbacks", "--allow-http-redirect-urls", "--rate-limit-per-key", "0"];
+    let mut first = serve(&database_url, &open).await;
+    let subscription = Uuid::new_v4();
+    let body = subscription_body(&receiver.url(), CALLBACK_KEY, &[CANCELLED]);
+    let (status, subscribed) = call(&first, Method::PUT, &subscription_path(subscription), &key, Some(&body)).await;
+    assert_eq!(status, 201, "{subscribed}");
+    let secret = subscribed["signingSecret"].as_str().unwrap().to_owned();
+    let session = Uuid::new_v4();
+    let session_path = format!("{BASE}/redirect-sessions/{session}");
+    let (status, body) = call(&first, Method::PUT, &session_path, &key, Some(&new_transaction_intent())).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = call(&first, Method::POST, &format!("{session_path}/cancel"), &key, None).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The attempt is in flight, unanswered, its delivery leased for the next 40 s.
+    let hung = receiver.wait_for_requests(1).await;
+    let event_id = hung[0].header("webhook-id").to_owned();
+    let (_, page) = call(&first, Method::GET, &deliveries_path(), &key, None).await;
+    let leased = &page["items"][0];
+    assert_eq!((&leased["state"], &leased["attempts"]), (&json!("Pending"), &json!([])), "{page}");
+    first.kill_9();
+
+    let restarted = Instant::now();
+    let second = serve(&database_url, &open).await;
+    // Well within the lease: a deadline half of it from the restart (start-up included).
+    let deadline = restarted + DEFAULT_LEASE / 2;
+    let again = loop {
+        let received = receiver.received();
+        if received.len() >= 2 {
+            break received[1].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the event was not sent again within {:?} of the restart; log: {:?}",
+            DEFAULT_LEASE / 2,
+            second.lines()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(again.header("webhook-id"), event_id, "the same event");
+    assert_eq!(again.body, hung[0].body, "the same body");
+    assert_signed(&again, &secret);
+    let took_over = "took over deliveries claimed by a dispatcher that is gone";
+    assert!(second.lines().iter().any(|l| l.contains(took_over) && l.contains("deliveries=1")), "{:?}", second.lines());
+
+    loop {
+        let (_, page) = call(&second, Method::GET, &deliveries_path(), &key, None).await;
+        let delivery = &page["items"][0];
+        if delivery["state"] == "Delivered" {
+            assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+            // The attempt cut short was never recorded; the one made again was.
+            assert_eq!(attempt_statuses(delivery), [Some(200)], "{delivery}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not recorded as delivered: {page}; log: {:?}", second.lines());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(receiver.received().len(), 2, "sent once more, not more");
+}
+
+// ----- A receiver that never answers, with a long backlog -----
+
+/// Creates a session and cancels it as the merchant with `key`: one event.
+async fn cancelled_session_as(server: &TestServer, key: &str) {
+    let path = format!("{}{BASE}/redirect-sessions/{}", server.url, Uuid::new_v4());
+    let created = server.client.put(&path).header("x-api-key", key).json(&new_transaction_intent()).send().await;
+    assert_eq!(created.unwrap().status(), 201);
+    let cancelled = server.client.post(format!("{path}/cancel")).header("x-api-key", key).send().await;
+    assert_eq!(cancelled.unwrap().status(), 200);
+}
+
+/// `count` events of the merchant with `key`, `parallel` at a time.
+async fn cancelled_sessions_as(server: &TestServer, key: &str, count: usize, parallel: usize) {
+    let mut done = 0;
+    while done < count {
+        let wave = parallel.min(count - done);
+        futures_util::future::join_all((0..wave).map(|_| cancelled_session_as(server, key))).await;
+        done += wave;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_receiver_that_never_answers_holds_at_most_its_cap_and_never_starves_another_merchants_receiver() {
+    const CONCURRENCY: usize = 32;
+    const PER_SUBSCRIPTION: usize = 8;
+    const BACKLOG: usize = 2_000;
+    const HEALTHY_EVENTS: usize = 15;
+    let server = TestServer::start_with(|c| {
+        c.webhook_concurrency = CONCURRENCY;
+        c.webhook_concurrency_per_subscription = PER_SUBSCRIPTION;
+        // Attempts to the silent receiver stay in flight for the whole test.
+        c.webhook_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let silent = Receiver::silent().await;
+    let healthy = Receiver::answering(204).await;
+    subscribe(&server, &silent.url(), &[CANCELLED]).await;
+    let (other_key, _) = server.another_merchant().await;
+    let (healthy_subscription, _) = subscribe_as(&server, &other_key, &healthy.url(), &[CANCELLED]).await;
+
+    // One merchant's backlog, all due before the other merchant's events.
+    cancelled_sessions_as(&server, &server.api_key.clone(), BACKLOG, 50).await;
+    silent.wait_for_requests(PER_SUBSCRIPTION).await;
+    let pending = deliveries(&server, "state=Pending&limit=100").await;
+    assert_eq!(pending.len(), 100, "the backlog is pending");
+
+    cancelled_sessions_as(&server, &other_key, HEALTHY_EVENTS, HEALTHY_EVENTS).await;
+    // Alone they arrive in well under a second; behind the backlog they arrive about as soon.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while healthy.received().len() < HEALTHY_EVENTS {
+        assert!(
+            Instant::now() < deadline,
+            "the healthy receiver got {} of {HEALTHY_EVENTS} events in time ({} requests in flight at the silent one)",
+            healthy.received().len(),
+            silent.in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let healthy_deliveries =
+        deliveries_as(&server, &other_key, &format!("subscriptionId={healthy_subscription}")).await;
+    assert_eq!(healthy_deliveries.len(), HEALTHY_EVENTS);
+    let mut received: Vec<String> = healthy.received().iter().map(|r| r.header("webhook-id").to_owned()).collect();
+    received.sort();
+    received.dedup();
+    assert_eq!(received.len(), HEALTHY_EVENTS, "each event once");
+
+    // The silent receiver never held more than its cap: the dispatcher's slots, and the memory of
+    // its attempts, stay bounded however long the backlog.
+    assert_eq!(silent.received().len(), PER_SUBSCRIPTION, "no attempt beyond the cap was even started");
+    assert!(silent.max_in_flight() <= PER_SUBSCRIPTION, "{} in flight at once", silent.max_in_flight());
+    let still_pending = deliveries(&server, "state=Pending&limit=100").await;
+    assert_eq!(still_pending.len(), 100, "the backlog waits its turn");
+
+    // Let the silent receiver answer so that the server can stop without waiting out the timeout.
+    silent.release_silenced();
+    server.stop().await;
 }

@@ -31,6 +31,11 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
+    /// A context with a server-made correlation id (a request the middleware did not see).
+    pub fn fresh() -> Self {
+        RequestContext { correlation_id: Uuid::now_v7(), request_id: None, request_id_invalid: false }
+    }
+
     fn of(request: &Request) -> Self {
         match request.headers().get(&REQUEST_ID) {
             None => RequestContext { correlation_id: Uuid::now_v7(), request_id: None, request_id_invalid: false },

@@ -1,7 +1,7 @@
 //! Webhook deliveries: list them with their attempts, and redeliver one.
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -10,7 +10,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::extract::{empty_body, paginate, parse_query, path_id, store_error};
+use super::extract::{empty_body, paginate, parse_query, path_id, store_error, RawPathParam};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::event::EventType;
@@ -171,7 +171,7 @@ pub async fn list_deliveries(
 pub async fn redeliver(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
-    Path(raw_id): Path<String>,
+    raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {

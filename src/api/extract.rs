@@ -2,6 +2,10 @@
 //! values, or into the documented error.
 
 use axum::body::{Body, Bytes};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -28,9 +32,35 @@ pub fn store_error(error: StoreError) -> ApiError {
     }
 }
 
+/// The one path parameter of a route, percent-decoded, or `None` when it does not decode to
+/// UTF-8 (`%FF%FE`). Used instead of axum's `Path`, whose rejection is a `text/plain` answer:
+/// a parameter that is not UTF-8 is a malformed id like any other, reported by `path_id` as
+/// `400 Validation` naming the parameter (and, on a PUT, together with the body's faults).
+#[derive(Clone, Debug)]
+pub struct RawPathParam(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RawPathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(raw)) => Ok(RawPathParam(Some(raw))),
+            Err(PathRejection::FailedToDeserializePathParams(error))
+                if matches!(error.kind(), ErrorKind::InvalidUtf8InPathParam { .. }) =>
+            {
+                Ok(RawPathParam(None))
+            }
+            // A route without exactly one parameter: a mistake in the router, not the request.
+            Err(rejection) => Err(ApiError::internal(&format!("path parameter: {}", rejection.body_text()))),
+        }
+    }
+}
+
 /// A path id that must be a UUID; `fieldName` is the path parameter's name.
-pub fn path_id(raw: &str, parameter: &str) -> Result<Uuid, ApiError> {
-    parse_uuid(raw).map_err(|message| ApiError::invalid_field(parameter, &message))
+pub fn path_id(raw: &RawPathParam, parameter: &str) -> Result<Uuid, ApiError> {
+    let invalid = |message: String| ApiError::invalid_field(parameter, &message);
+    let raw = raw.0.as_deref().ok_or_else(|| invalid("must be a UUID".to_owned()))?;
+    parse_uuid(raw).map_err(invalid)
 }
 
 /// Joins a path id and a parsed body so that a bad id is reported together with every

@@ -17,6 +17,8 @@ use super::extract::{body_bytes, store_error};
 use crate::app::AppState;
 use crate::domain::time::Timestamp;
 use crate::error::{ApiError, ErrorCode, PendingError};
+use crate::secrets::{is_sealed_bytes, Column};
+use crate::store::sealing::idempotency_row;
 use crate::store::{IdempotencyBegin, IdempotencyKey, Merchant, StoredResponse};
 
 /// An in-progress record older than this belongs to a request whose process died; a retry
@@ -28,6 +30,11 @@ const KEPT_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::LOCATION, h
 
 /// `idempotent-replayed: true` marks a replayed answer.
 pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// A response extension: the body shows a secret (a new subscription's signing secret), so
+/// it is stored encrypted (`crate::secrets`, docs/DESIGN.md "Secrets at rest").
+#[derive(Clone, Copy, Debug)]
+pub struct ShowsSecret;
 
 /// Runs the request at most once per (merchant, `x-request-id`).
 pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -51,7 +58,7 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
 
     match state.store.idempotency_begin(key, fingerprint, Timestamp::now(), IN_PROGRESS_LEASE).await {
         Err(error) => return store_error(error).into_response(),
-        Ok(IdempotencyBegin::Replay(stored)) => return replay(stored),
+        Ok(IdempotencyBegin::Replay(stored)) => return replay(&state, key, stored),
         Ok(IdempotencyBegin::InProgress) => {
             return ApiError::new(
                 ErrorCode::RequestInProgress,
@@ -95,6 +102,22 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
     let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
         return ApiError::internal(&"a response body could not be read").into_response();
     };
+    let kept = if parts.extensions.get::<ShowsSecret>().is_some() {
+        let row = idempotency_row(key.merchant_id, key.request_id);
+        match state.store.secrets().seal(Column::IdempotentBody, &row, &body) {
+            Ok(sealed) => sealed.into_bytes(),
+            Err(error) => {
+                // Not kept rather than kept in clear; a retry runs again.
+                tracing::warn!(%error, "could not encrypt an idempotent outcome");
+                if let Err(error) = state.store.idempotency_release(key).await {
+                    tracing::warn!(%error, "could not release an idempotency record; it expires with its lease");
+                }
+                return Response::from_parts(parts, Body::from(body));
+            }
+        }
+    } else {
+        body.to_vec()
+    };
     let stored = StoredResponse {
         status: parts.status.as_u16(),
         headers: KEPT_HEADERS
@@ -104,7 +127,7 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
                 Some((name.as_str().to_owned(), value.to_owned()))
             })
             .collect(),
-        body: body.to_vec(),
+        body: kept,
     };
     if let Err(error) = state.store.idempotency_finish(key, stored, Timestamp::now()).await {
         // The outcome stands; a retry after the lease runs again, which every operation allows.
@@ -149,7 +172,15 @@ fn is_stored(response: &Response) -> bool {
     }
 }
 
-fn replay(stored: StoredResponse) -> Response {
+fn replay(state: &AppState, key: IdempotencyKey, mut stored: StoredResponse) -> Response {
+    if is_sealed_bytes(&stored.body) {
+        let row = idempotency_row(key.merchant_id, key.request_id);
+        let text = String::from_utf8_lossy(&stored.body).into_owned();
+        match state.store.secrets().open(Column::IdempotentBody, &row, &text) {
+            Ok(body) => stored.body = body,
+            Err(error) => return ApiError::internal(&error).into_response(),
+        }
+    }
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, stored.body).into_response();
     let headers = response.headers_mut();

@@ -2,7 +2,7 @@
 //! response types, and their routes.
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,9 @@ use uuid::Uuid;
 
 use super::auth::SessionReadWithKey;
 use super::context::RequestContext;
-use super::extract::{empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error};
+use super::extract::{
+    empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam,
+};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::request::{
@@ -186,7 +188,7 @@ pub async fn create_redirect_session(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
     Extension(context): Extension<RequestContext>,
-    Path(raw_id): Path<String>,
+    raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -257,7 +259,7 @@ pub async fn get_redirect_session(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
     read: Option<Extension<SessionReadWithKey>>,
-    Path(raw_id): Path<String>,
+    raw_id: RawPathParam,
 ) -> Result<Response, ApiError> {
     let id = path_id(&raw_id, "redirectSessionId")?;
     let now = Timestamp::now();
@@ -304,7 +306,7 @@ pub async fn cancel_redirect_session(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
     Extension(context): Extension<RequestContext>,
-    Path(raw_id): Path<String>,
+    raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {

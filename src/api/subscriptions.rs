@@ -1,7 +1,7 @@
 //! Event subscriptions (docs/WEBHOOKS.md): create (PUT), replace (PATCH), delete, read, list.
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::extract::{id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error};
+use super::extract::{id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::event::EventType;
@@ -96,6 +96,10 @@ fn respond(status: StatusCode, record: SubscriptionRecord, with_secret: bool) ->
             headers.insert(header::LOCATION, value);
         }
     }
+    if with_secret {
+        // Kept encrypted if stored for an idempotent replay.
+        response.extensions_mut().insert(super::idempotency::ShowsSecret);
+    }
     response
 }
 
@@ -114,7 +118,7 @@ fn version_mismatch() -> ApiError {
 /// The id and the body of a PUT or PATCH, with every failing field reported at once.
 async fn id_and_spec(
     state: &AppState,
-    raw_id: &str,
+    raw_id: &RawPathParam,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Uuid, SubscriptionSpec), ApiError> {
@@ -156,7 +160,7 @@ fn changed(outcome: ChangeSubscriptionOutcome) -> Result<Response, ApiError> {
 pub async fn create_subscription(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
-    Path(raw_id): Path<String>,
+    raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -212,7 +216,7 @@ pub async fn create_subscription(
 pub async fn update_subscription(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
-    Path(raw_id): Path<String>,
+    raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -244,7 +248,7 @@ pub async fn update_subscription(
 pub async fn delete_subscription(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
-    Path(raw_id): Path<String>,
+    raw_id: RawPathParam,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = path_id(&raw_id, "eventSubscriptionId")?;
@@ -267,7 +271,7 @@ pub async fn delete_subscription(
 pub async fn get_subscription(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
-    Path(raw_id): Path<String>,
+    raw_id: RawPathParam,
 ) -> Result<Response, ApiError> {
     let id = path_id(&raw_id, "eventSubscriptionId")?;
     match state.store.get_subscription(id).await.map_err(store_error)? {

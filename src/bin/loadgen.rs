@@ -351,7 +351,7 @@ fn request(method: Method, address: SocketAddr, path: &str, key: &str, body: Opt
     builder.body(Full::new(body.unwrap_or_default())).expect("a valid request")
 }
 
-const SESSION_BODY: &str = r#"{"type":"NewTransactionIntent","transactionData":{"type":"PassthroughWithdrawal","amount":100.5,"currency":"EUR","externalReference":"bench-0001"},"redirectData":{"successUrl":"https://shop.example/ok","failureUrl":"https://shop.example/failed","abortUrl":"https://shop.example/aborted"},"locale":"de-DE"}"#;
+const SESSION_BODY: &str = r#"{"type":"NewTransactionIntent","transactionData":{"type":"PassthroughWithdrawal","amount":100.5,"currency":"EUR","externalReference":"bench-0001"},"redirectData":{"successUrl":"https://shop.example/ok","failureUrl":"https://shop.example/failed","abortUrl":"https://shop.example/aborted","qrCodeSuccessUrl":"https://shop.example/qr"},"locale":"de-DE"}"#;
 
 /// Creates sessions with fresh ids; answers the stats and the ids created.
 async fn create_sessions(

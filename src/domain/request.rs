@@ -110,16 +110,40 @@ pub struct TransactionData {
     pub external_reference: Option<String>,
 }
 
-/// Where the hosted page sends the customer's browser at the end.
+/// Where the hosted page sends the customer's browser at the end. All four are required.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, from = "StoredRedirectData")]
 pub struct RedirectData {
     pub success_url: String,
     pub failure_url: String,
     pub abort_url: String,
-    /// Where to go after a QR code was created; `successUrl` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub qr_code_success_url: Option<String>,
+    /// Where to go after the customer saw a QR (payment) code.
+    pub qr_code_success_url: String,
+}
+
+/// `RedirectData` as stored in a session's spec. Specs written before `qrCodeSuccessUrl`
+/// became required may lack it; such a session always meant "back to `successUrl`". The
+/// migrations (SQLite 6, PostgreSQL 4) fill it in; this covers a row an older instance writes
+/// while a rolling upgrade is under way.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StoredRedirectData {
+    success_url: String,
+    failure_url: String,
+    abort_url: String,
+    #[serde(default)]
+    qr_code_success_url: Option<String>,
+}
+
+impl From<StoredRedirectData> for RedirectData {
+    fn from(stored: StoredRedirectData) -> Self {
+        RedirectData {
+            qr_code_success_url: stored.qr_code_success_url.unwrap_or_else(|| stored.success_url.clone()),
+            success_url: stored.success_url,
+            failure_url: stored.failure_url,
+            abort_url: stored.abort_url,
+        }
+    }
 }
 
 /// Everything the merchant chose for a session, normalised. Two requests with equal specs are
@@ -282,12 +306,12 @@ fn parse_redirect_data(value: &Value, path: &str, rules: RequestRules, errors: &
     let success_url = object.required_with("successUrl", errors, url);
     let failure_url = object.required_with("failureUrl", errors, url);
     let abort_url = object.required_with("abortUrl", errors, url);
-    let qr_code_success_url = object.optional_with("qrCodeSuccessUrl", errors, url);
+    let qr_code_success_url = object.required_with("qrCodeSuccessUrl", errors, url);
     Some(RedirectData {
         success_url: success_url?,
         failure_url: failure_url?,
         abort_url: abort_url?,
-        qr_code_success_url,
+        qr_code_success_url: qr_code_success_url?,
     })
 }
 
@@ -359,4 +383,44 @@ fn date_of_birth(text: &str, now: Timestamp) -> Result<String, String> {
         return Err("must be after 1900-01-01".to_owned());
     }
     Ok(text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn names(errors: Vec<FieldError>) -> Vec<String> {
+        errors.into_iter().map(|e| e.field_name).collect()
+    }
+
+    #[test]
+    fn every_redirect_url_is_required_and_each_missing_one_is_named() {
+        let body = json!({
+            "type": "NewCustomer",
+            "redirectData": {"successUrl": "https://m.example/s", "abortUrl": "https://m.example/a"}
+        });
+        let errors = parse_create_session(&body, RequestRules::default(), Timestamp::now()).unwrap_err();
+        assert_eq!(names(errors), ["redirectData.failureUrl", "redirectData.qrCodeSuccessUrl"]);
+    }
+
+    #[test]
+    fn a_stored_spec_without_a_qr_code_success_url_reads_with_the_success_url() {
+        let stored = r#"{"type":"NewCustomer","redirectData":{"successUrl":"https://m.example/s",
+            "failureUrl":"https://m.example/f","abortUrl":"https://m.example/a"},"locale":"de-DE"}"#;
+        let spec: SessionSpec = serde_json::from_str(stored).unwrap();
+        assert_eq!(spec.redirect_data.qr_code_success_url, "https://m.example/s");
+        let written = serde_json::to_value(&spec).unwrap();
+        assert_eq!(written["redirectData"]["qrCodeSuccessUrl"], "https://m.example/s");
+
+        let with_it = stored.replace(
+            r#""abortUrl":"https://m.example/a""#,
+            r#""abortUrl":"https://m.example/a","qrCodeSuccessUrl":"https://m.example/q""#,
+        );
+        let spec: SessionSpec = serde_json::from_str(&with_it).unwrap();
+        assert_eq!(spec.redirect_data.qr_code_success_url, "https://m.example/q");
+
+        let unknown = stored.replace(r#""abortUrl""#, r#""homeUrl":"https://m.example/h","abortUrl""#);
+        assert!(serde_json::from_str::<SessionSpec>(&unknown).is_err(), "unknown fields stay errors");
+    }
 }

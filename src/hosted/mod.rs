@@ -2,9 +2,11 @@
 //! browser to authenticate with a one-time code and finish or give up. Server-rendered HTML that
 //! needs no JavaScript, in German and English, plus the merchant's helper script.
 
+mod browser;
 mod flow;
 mod page;
 mod qr;
+mod render;
 pub mod sender;
 mod texts;
 

@@ -163,7 +163,7 @@ mod tests {
                     success_url: "https://shop.example/ok".into(),
                     failure_url: "https://shop.example/failed".into(),
                     abort_url: "https://shop.example/aborted".into(),
-                    qr_code_success_url: None,
+                    qr_code_success_url: "https://shop.example/qr".into(),
                 },
                 locale: "de-DE".into(),
             },

@@ -4,6 +4,7 @@
 
 pub mod customer;
 pub mod postgres;
+pub mod sealing;
 pub mod sqlite;
 pub mod webhooks;
 
@@ -351,13 +352,23 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<ChangeSubscriptionOutcome, StoreError>;
 
-    /// Leases up to `limit` due deliveries to `owner` until `lease_until`.
+    /// Announces a dispatcher that is about to claim deliveries as `owner`, and frees the
+    /// leases of dispatchers that are gone; answers how many deliveries it freed. SQLite (one
+    /// process owns the file): every lease of another owner is void. PostgreSQL: `owner` holds
+    /// a liveness lock until `dispatcher_stopped` or its process ends, and the leases of a
+    /// dispatcher whose lock is free count as run out.
+    async fn dispatcher_started(&self, owner: Uuid) -> Result<usize, StoreError>;
+    /// The dispatcher `owner` has stopped claiming and recording.
+    async fn dispatcher_stopped(&self, owner: Uuid);
+    /// Leases up to `limit` due deliveries to `owner` until `lease_until`, leaving out
+    /// subscriptions that would then hold more than `per_subscription` unexpired leases.
     async fn claim_deliveries(
         &self,
         owner: Uuid,
         now: Timestamp,
         lease_until: Timestamp,
         limit: usize,
+        per_subscription: usize,
     ) -> Result<Vec<ClaimedDelivery>, StoreError>;
     /// Records attempts (in one transaction) and moves their deliveries on.
     async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<(), StoreError>;
@@ -375,26 +386,51 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
     async fn purge(&self, now: Timestamp, retention: Retention, batch: usize) -> Result<usize, StoreError>;
     /// Notified after a commit that queued deliveries (wakes the dispatcher).
     fn deliveries_queued(&self) -> Arc<Notify>;
+
+    /// The keys that seal the secrets this store keeps (also for stored idempotent answers
+    /// that show one).
+    fn secrets(&self) -> Arc<crate::secrets::KeyRing>;
 }
 
 /// A shared handle to the backend in use.
 pub type DynStore = Arc<dyn Store>;
 
-/// Opens the backend the configured URL names, migrating it when `migrate` is set.
+/// Opens the backend the configured URL names, migrating it when `migrate` is set (which
+/// also seals secrets still in clear and checks that the others open with the configured
+/// keys: `crate::secrets::key_ring`).
 pub async fn open(config: &crate::config::Config, migrate: bool) -> Result<DynStore, StoreError> {
+    let secrets = Arc::new(crate::secrets::key_ring(config).map_err(StoreError::Internal)?);
     match &config.database_url {
         crate::config::DatabaseUrl::Sqlite { path } => {
-            let store = sqlite::SqliteStore::open(path, migrate).await?;
+            let store = sqlite::SqliteStore::open(path, migrate, secrets).await?;
             Ok(Arc::new(store))
         }
         crate::config::DatabaseUrl::Postgres(url) => {
-            let settings = postgres::PoolSettings {
-                max_connections: config.database_max_connections,
-                acquire_timeout: config.database_acquire_timeout,
-                connect_timeout: config.database_connect_timeout,
-            };
-            let store = postgres::PostgresStore::open(url, settings, migrate).await?;
+            let store = postgres::PostgresStore::open(url, pool_settings(config), migrate, secrets).await?;
             Ok(Arc::new(store))
         }
     }
+}
+
+fn pool_settings(config: &crate::config::Config) -> postgres::PoolSettings {
+    postgres::PoolSettings {
+        max_connections: config.database_max_connections,
+        acquire_timeout: config.database_acquire_timeout,
+        connect_timeout: config.database_connect_timeout,
+    }
+}
+
+/// `secrets rotate`: migrates the configured database, then seals every secret again with
+/// `secrets_key` (opening those of earlier keys with `secrets_old_keys`); answers the id of
+/// the key now in use and the counts.
+pub async fn rotate_secrets(config: &crate::config::Config) -> Result<(String, crate::secrets::Resealed), StoreError> {
+    let secrets = Arc::new(crate::secrets::key_ring(config).map_err(StoreError::Internal)?);
+    let key_id = secrets.current_id().to_owned();
+    let counts = match &config.database_url {
+        crate::config::DatabaseUrl::Sqlite { path } => sqlite::rotate_secrets(path, secrets).await?,
+        crate::config::DatabaseUrl::Postgres(url) => {
+            postgres::PostgresStore::open(url, pool_settings(config), true, secrets).await?.rotate_secrets().await?
+        }
+    };
+    Ok((key_id, counts))
 }

@@ -1,5 +1,6 @@
 //! The records of webhooks that the `Store` speaks in: subscriptions, deliveries, attempts.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -121,6 +122,57 @@ pub struct ClaimedDelivery {
     pub retry_index: i64,
 }
 
+/// Chooses which due deliveries a claim takes: in the order offered, at most `limit`, and no
+/// subscription beyond `per_subscription` leases counting those it already holds. So one
+/// receiver that never answers holds at most `per_subscription` of a dispatcher's slots, and
+/// the claim goes on to other subscriptions' deliveries behind its backlog.
+#[derive(Debug)]
+pub struct ClaimPicker {
+    /// Leases held per subscription: those counted before the claim plus those picked.
+    leased: HashMap<Uuid, usize>,
+    per_subscription: usize,
+    limit: usize,
+    picked: Vec<Uuid>,
+    passed_over: usize,
+}
+
+impl ClaimPicker {
+    /// A picker for up to `limit` deliveries; `leased` are the unexpired leases per subscription.
+    pub fn new(leased: HashMap<Uuid, usize>, per_subscription: usize, limit: usize) -> Self {
+        ClaimPicker { leased, per_subscription: per_subscription.max(1), limit, picked: Vec::new(), passed_over: 0 }
+    }
+
+    /// Offers one due delivery of `subscription`; answers whether it was taken.
+    pub fn offer(&mut self, delivery: Uuid, subscription: Uuid) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        let leased = self.leased.entry(subscription).or_default();
+        if *leased >= self.per_subscription {
+            self.passed_over += 1;
+            return false;
+        }
+        *leased += 1;
+        self.picked.push(delivery);
+        true
+    }
+
+    /// Whether `limit` deliveries have been taken.
+    pub fn is_full(&self) -> bool {
+        self.picked.len() >= self.limit
+    }
+
+    /// How many offered deliveries were passed over because their subscription was at its cap.
+    pub fn passed_over(&self) -> usize {
+        self.passed_over
+    }
+
+    /// The deliveries taken, in the order offered.
+    pub fn into_picked(self) -> Vec<Uuid> {
+        self.picked
+    }
+}
+
 /// What one attempt came to, as the dispatcher records it.
 #[derive(Clone, Debug)]
 pub struct AttemptOutcome {
@@ -182,4 +234,40 @@ pub struct Retention {
     pub deliveries: Duration,
     /// Idempotency records, and the one-time-code state of sessions (a session lives at most a day).
     pub idempotency: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<Uuid> {
+        (0..n).map(|_| Uuid::new_v4()).collect()
+    }
+
+    #[test]
+    fn a_claim_takes_no_subscription_past_its_cap_and_goes_on_to_the_others() {
+        let (slow, healthy) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut picker = ClaimPicker::new(HashMap::from([(slow, 2)]), 3, 10);
+        let backlog = ids(5);
+        let others = ids(2);
+        let taken: Vec<bool> = backlog.iter().map(|d| picker.offer(*d, slow)).collect();
+        assert_eq!(taken, [true, false, false, false, false], "two held already, the cap is three");
+        for d in &others {
+            assert!(picker.offer(*d, healthy));
+        }
+        assert_eq!(picker.passed_over(), 4);
+        assert_eq!(picker.into_picked(), [backlog[0], others[0], others[1]]);
+    }
+
+    #[test]
+    fn a_claim_stops_at_its_limit() {
+        let subscription = Uuid::new_v4();
+        let mut picker = ClaimPicker::new(HashMap::new(), 100, 2);
+        let offered = ids(3);
+        assert!(picker.offer(offered[0], subscription) && picker.offer(offered[1], subscription));
+        assert!(picker.is_full());
+        assert!(!picker.offer(offered[2], subscription));
+        assert_eq!(picker.passed_over(), 0, "not passed over for the cap");
+        assert_eq!(picker.into_picked(), offered[..2]);
+    }
 }

@@ -1,11 +1,12 @@
-//! The dispatcher: claims due deliveries with a lease, sends them with bounded concurrency,
-//! and records every attempt and what follows from it (see `docs/DESIGN.md`).
+//! The dispatcher: claims due deliveries with a lease, sends them with bounded concurrency
+//! (in all, and per subscription), and records every attempt and what follows from it (see
+//! `docs/DESIGN.md`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use super::client::{AttemptResult, WebhookClient};
@@ -33,18 +34,37 @@ pub const SOURCE: &str = "/customer-authentication-service";
 pub struct DispatcherSettings {
     pub retry_schedule: Vec<Duration>,
     pub timeout: Duration,
+    /// Attempts in flight at most.
     pub concurrency: usize,
+    /// Leases one subscription may hold at most (attempts in flight to one receiver), so that
+    /// a receiver that never answers cannot take every slot.
+    pub per_subscription: usize,
 }
 
 /// Runs the dispatcher until `stopped` turns true; then waits for attempts in flight.
 pub async fn run(store: DynStore, client: WebhookClient, settings: DispatcherSettings, stopped: watch::Receiver<bool>) {
     let owner = Uuid::now_v7();
-    tracing::info!(dispatcher.id = %owner, concurrency = settings.concurrency, "webhook dispatcher started");
+    // Before the first claim: the claims of dispatchers that are gone (on SQLite, of any earlier
+    // process) are free at once instead of when their leases run out.
+    match store.dispatcher_started(owner).await {
+        Ok(0) => {}
+        Ok(freed) => tracing::info!(deliveries = freed, "took over deliveries claimed by a dispatcher that is gone"),
+        Err(error) => {
+            tracing::warn!(%error, "could not free the claims of dispatchers that are gone; their leases run out")
+        }
+    }
+    tracing::info!(
+        dispatcher.id = %owner,
+        concurrency = settings.concurrency,
+        per_subscription = settings.per_subscription,
+        "webhook dispatcher started"
+    );
     let slots = Arc::new(Semaphore::new(settings.concurrency));
     let (results, queue) = mpsc::unbounded_channel();
-    let recorder = tokio::spawn(record_results(store.clone(), queue));
+    let recorded = Arc::new(Notify::new());
+    let recorder = tokio::spawn(record_results(store.clone(), queue, recorded.clone()));
     let context = Arc::new(Sender { client, settings, owner, in_flight: Mutex::new(HashSet::new()) });
-    claim_loop(&store, &context, &slots, &results, stopped).await;
+    claim_loop(&store, &context, &slots, &results, &recorded, stopped).await;
 
     // Let attempts in flight finish (each is bounded by the request timeout), then flush.
     let all = u32::try_from(context.settings.concurrency).unwrap_or(u32::MAX);
@@ -62,6 +82,7 @@ pub async fn run(store: DynStore, client: WebhookClient, settings: DispatcherSet
     }
     drop(results);
     let _ = recorder.await;
+    store.dispatcher_stopped(owner).await;
     tracing::info!(dispatcher.id = %owner, "webhook dispatcher stopped");
 }
 
@@ -70,6 +91,7 @@ async fn claim_loop(
     context: &Arc<Sender>,
     slots: &Arc<Semaphore>,
     results: &mpsc::UnboundedSender<AttemptOutcome>,
+    recorded: &Notify,
     mut stopped: watch::Receiver<bool>,
 ) {
     let wake = store.deliveries_queued();
@@ -88,7 +110,8 @@ async fn claim_loop(
         let wanted = permits.len();
         let now = Timestamp::now();
         let lease_until = now.plus(context.settings.timeout + LEASE_MARGIN);
-        let claimed = match store.claim_deliveries(context.owner, now, lease_until, wanted).await {
+        let per_subscription = context.settings.per_subscription;
+        let claimed = match store.claim_deliveries(context.owner, now, lease_until, wanted, per_subscription).await {
             Ok(claimed) => claimed,
             Err(error) => {
                 tracing::warn!(%error, "could not claim deliveries; trying again shortly");
@@ -103,16 +126,21 @@ async fn claim_loop(
         if got == wanted {
             continue;
         }
+        // Fewer than wanted: nothing else is due, or the rest belongs to subscriptions at their
+        // cap. A recorded attempt makes room under a cap, so recording wakes the loop too (it
+        // happens only while attempts are in flight).
         tokio::select! {
             _ = wake.notified() => {}
+            _ = recorded.notified() => {}
             _ = tokio::time::sleep(POLL_EVERY) => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
     }
 }
 
-/// Records attempt results, many per write.
-async fn record_results(store: DynStore, mut queue: mpsc::UnboundedReceiver<AttemptOutcome>) {
+/// Records attempt results, many per write; wakes the claim loop (`recorded`) after each write,
+/// since the leases it ended make room under the per-subscription cap.
+async fn record_results(store: DynStore, mut queue: mpsc::UnboundedReceiver<AttemptOutcome>, recorded: Arc<Notify>) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
     while queue.recv_many(&mut batch, RECORD_BATCH).await > 0 {
         let outcomes = std::mem::take(&mut batch);
@@ -120,6 +148,7 @@ async fn record_results(store: DynStore, mut queue: mpsc::UnboundedReceiver<Atte
             // The leases run out and the deliveries are attempted again: at least once.
             tracing::warn!(%error, "could not record webhook attempts; they will be retried");
         }
+        recorded.notify_one();
     }
 }
 

@@ -17,7 +17,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_redirect-sessions");
 pub const DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(10);
 
-/// The binary with `args`, no settings inherited from the environment and no stdin.
+/// The secrets key every command gets (`REDIRECT_SESSIONS_SECRETS_KEY`; PostgreSQL needs
+/// one): base64 of 32 bytes.
+pub const SECRETS_KEY: &str = "c2VjcmV0cy1rZXktb2YtdGhlLWJpbmFyeS10ZXN0cyE=";
+
+/// The binary with `args`, no settings inherited from the environment but the secrets key
+/// `SECRETS_KEY`, and no stdin.
 pub fn command(args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
     command.args(args).stdin(Stdio::null()).env_remove("DATABASE_URL");
@@ -26,6 +31,7 @@ pub fn command(args: &[&str]) -> Command {
             command.env_remove(name);
         }
     }
+    command.env("REDIRECT_SESSIONS_SECRETS_KEY", SECRETS_KEY);
     command
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use redirect_sessions::admin;
 use redirect_sessions::app::{self, AppState};
 use redirect_sessions::config::{Config, DatabaseUrl};
+use redirect_sessions::secrets::SecretKey;
 use redirect_sessions::store::DynStore;
 use reqwest::{Client, Method, RequestBuilder, Response};
 use serde_json::{json, Value};
@@ -115,6 +116,9 @@ enum Kind {
 pub struct TestDatabase {
     url: String,
     kind: Kind,
+    /// The secrets key servers over this database use (`test_config`): random, one per
+    /// database, so that a restarted server reads what the first one wrote.
+    secrets_key: SecretKey,
 }
 
 impl TestDatabase {
@@ -161,7 +165,11 @@ impl TestDatabase {
     }
 
     fn sqlite(path: PathBuf, dir: Option<tempfile::TempDir>) -> TestDatabase {
-        TestDatabase { url: format!("sqlite://{}", path.display()), kind: Kind::Sqlite { path, _dir: dir } }
+        TestDatabase {
+            url: format!("sqlite://{}", path.display()),
+            kind: Kind::Sqlite { path, _dir: dir },
+            secrets_key: new_secrets_key(),
+        }
     }
 
     async fn create_postgres(admin: String) -> TestDatabase {
@@ -173,7 +181,16 @@ impl TestDatabase {
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
         let mut url = url::Url::parse(&admin).unwrap_or_else(|e| panic!("{POSTGRES_ENV} is not a URL: {e}"));
         url.set_path(&format!("/{name}"));
-        TestDatabase { url: url.to_string(), kind: Kind::Postgres { admin, name, dropped: false } }
+        TestDatabase {
+            url: url.to_string(),
+            kind: Kind::Postgres { admin, name, dropped: false },
+            secrets_key: new_secrets_key(),
+        }
+    }
+
+    /// The key that encrypts this database's secrets (`secrets_key`).
+    pub fn secrets_key(&self) -> SecretKey {
+        self.secrets_key.clone()
     }
 
     /// The URL to give `--database-url`.
@@ -296,7 +313,13 @@ pub fn test_config(database: &TestDatabase) -> Config {
     config.rate_limit_per_ip = 0;
     config.allow_http_redirect_urls = true;
     config.allow_private_callbacks = true;
+    config.secrets_key = Some(database.secrets_key());
     config
+}
+
+/// A fresh random secrets key.
+pub fn new_secrets_key() -> SecretKey {
+    SecretKey::generate().expect("a random key")
 }
 
 impl TestServer {
@@ -414,7 +437,8 @@ pub fn new_transaction_intent() -> Value {
         "redirectData": {
             "successUrl": "https://merchant.example/success",
             "failureUrl": "https://merchant.example/failure",
-            "abortUrl": "https://merchant.example/abort"
+            "abortUrl": "https://merchant.example/abort",
+            "qrCodeSuccessUrl": "https://merchant.example/qr"
         },
         "locale": "en-GB"
     })
@@ -428,13 +452,29 @@ pub async fn status_and_json(response: Response) -> (u16, Value) {
     (status, body)
 }
 
-/// Asserts an error answer: status, code, and the documented error body.
+/// Asserts an error answer: status, code, and the documented error body (a JSON body whose
+/// `details` is always an object: `{}`, or only the members that apply).
 pub async fn assert_error(response: Response, status: u16, code: &str) -> Value {
     let correlation = response.headers().get("x-correlation-id").map(|v| v.to_str().unwrap().to_owned());
+    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
     let (actual, body) = status_and_json(response).await;
     assert_eq!((actual, body["code"].as_str().unwrap_or("")), (status, code), "{body}");
+    assert_eq!(content_type.as_deref(), Some("application/json"), "{body}");
     assert_eq!(body["correlationId"].as_str(), correlation.as_deref(), "correlationId is x-correlation-id");
     assert!(body["moreInfo"].as_str().unwrap().ends_with(&format!("/docs/errors#{code}")), "{body}");
+    let details = body["details"].as_object().unwrap_or_else(|| panic!("`details` must be an object: {body}"));
+    for (member, value) in details {
+        match member.as_str() {
+            "validationErrorReasons" => {
+                assert_eq!(code, "Validation", "only Validation lists reasons: {body}");
+                assert!(value.as_array().is_some_and(|reasons| !reasons.is_empty()), "{body}");
+            }
+            other => panic!("`details` has an undocumented member {other}: {body}"),
+        }
+    }
+    if code == "Validation" {
+        assert!(details.contains_key("validationErrorReasons"), "Validation names the failing fields: {body}");
+    }
     body
 }
 

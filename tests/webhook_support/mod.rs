@@ -38,7 +38,7 @@ pub enum Reply {
     RetryAfter(u16, u64),
     /// This status with `Location: /elsewhere` (a redirect, which must not be followed).
     Redirect(u16),
-    /// Never answers (the handler awaits a future that never resolves).
+    /// Never answers, until `Receiver::release_silenced` (then `503`).
     Silence,
 }
 
@@ -75,10 +75,42 @@ struct Log {
     otherwise: Option<Reply>,
 }
 
-#[derive(Default)]
 struct Shared {
     log: Mutex<Log>,
     connections: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    /// Turns true when silenced requests may answer.
+    released: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            log: Mutex::default(),
+            connections: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            released: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+/// Counts a request out of flight however its handler ends (also when the caller hangs up).
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn start(shared: &Arc<Shared>) -> InFlight {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A webhook receiver on 127.0.0.1:0. It answers from its script first, then with its
@@ -102,6 +134,7 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let _in_flight = InFlight::start(&shared);
     let reply = {
         let mut log = shared.log.lock().unwrap();
         log.received.push(Received { method, path: uri.path().to_owned(), headers, body });
@@ -112,7 +145,11 @@ async fn receive(
         Reply::Status(code) => status(code).into_response(),
         Reply::RetryAfter(code, seconds) => (status(code), [("retry-after", seconds.to_string())]).into_response(),
         Reply::Redirect(code) => (status(code), [("location", "/elsewhere")]).into_response(),
-        Reply::Silence => std::future::pending().await,
+        Reply::Silence => {
+            let mut released = shared.released.subscribe();
+            let _ = released.wait_for(|released| *released).await;
+            status(503).into_response()
+        }
     }
 }
 
@@ -165,6 +202,21 @@ impl Receiver {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests being answered right now (silenced ones included).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most requests that were in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Silenced requests, those waiting and those to come, answer `503` from now on.
+    pub fn release_silenced(&self) {
+        self.shared.released.send_replace(true);
     }
 
     /// From now on (once the script is used up) answer with `reply`.
@@ -220,17 +272,26 @@ pub fn subscription_body(callback_url: &str, api_key: &str, event_types: &[&str]
 
 /// `PUT` a subscription as the test merchant.
 pub async fn put_subscription(server: &TestServer, id: Uuid, body: &Value) -> reqwest::Response {
-    server.request(ApiMethod::PUT, &subscription_path(id)).json(body).send().await.unwrap()
+    put_subscription_as(server, &server.api_key, id, body).await
+}
+
+/// `PUT` a subscription with the merchant key `key`.
+pub async fn put_subscription_as(server: &TestServer, key: &str, id: Uuid, body: &Value) -> reqwest::Response {
+    let url = format!("{}{}", server.url, subscription_path(id));
+    server.client.put(url).header("x-api-key", key).json(body).send().await.unwrap()
 }
 
 /// Subscribes `callback_url` to `event_types` with `CALLBACK_KEY`; answers the id and the
 /// signing secret.
 pub async fn subscribe(server: &TestServer, callback_url: &str, event_types: &[&str]) -> (Uuid, String) {
+    subscribe_as(server, &server.api_key, callback_url, event_types).await
+}
+
+/// Like `subscribe`, for the merchant with the key `key`.
+pub async fn subscribe_as(server: &TestServer, key: &str, callback_url: &str, event_types: &[&str]) -> (Uuid, String) {
     let id = Uuid::new_v4();
-    let (status, body) = status_and_json(
-        put_subscription(server, id, &subscription_body(callback_url, CALLBACK_KEY, event_types)).await,
-    )
-    .await;
+    let body = subscription_body(callback_url, CALLBACK_KEY, event_types);
+    let (status, body) = status_and_json(put_subscription_as(server, key, id, &body).await).await;
     assert_eq!(status, 201, "{body}");
     (id, body["signingSecret"].as_str().expect("a signing secret in the 201").to_owned())
 }

@@ -9,6 +9,7 @@
 mod customer;
 mod listen;
 mod schema;
+mod secrets;
 mod sessions;
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,8 @@ use crate::domain::event::EventType;
 use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
+use crate::secrets::{KeyRing, Resealed};
+use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
     AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, NextStep,
     PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
@@ -67,8 +70,11 @@ pub struct PoolSettings {
 pub struct PostgresStore {
     pool: Pool,
     queued: Arc<Notify>,
-    /// Stops the LISTEN task when the store goes away.
-    _listener: listen::Listener,
+    /// The LISTEN connection, which also holds the dispatchers' liveness locks; it stops when
+    /// the store goes away.
+    listener: listen::Listener,
+    /// Seals and opens the secrets the database keeps (`crate::secrets`).
+    secrets: Arc<KeyRing>,
 }
 
 type Client = Object;
@@ -77,10 +83,16 @@ type Result<T> = std::result::Result<T, StoreError>;
 type Job<'c, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
 
 impl PostgresStore {
-    /// Connects to the database at `url` (`postgres://…`), migrating it when `migrate` is set,
-    /// and starts listening for delivery wake-ups. `Unavailable` when the server cannot be
-    /// reached.
-    pub async fn open(url: &str, settings: PoolSettings, migrate: bool) -> Result<PostgresStore> {
+    /// Connects to the database at `url` (`postgres://…`), migrating it when `migrate` is set
+    /// (and then sealing secrets still in clear and checking that the others open with
+    /// `secrets`), and starts listening for delivery wake-ups. `Unavailable` when the server
+    /// cannot be reached.
+    pub async fn open(
+        url: &str,
+        settings: PoolSettings,
+        migrate: bool,
+        secrets: Arc<KeyRing>,
+    ) -> Result<PostgresStore> {
         let config = connection_config(url, settings)?;
         let manager = Manager::from_config(
             config.clone(),
@@ -102,11 +114,25 @@ impl PostgresStore {
             let mut client = pool.get().await.map_err(pool_error)?;
             if migrate {
                 schema::migrate(&mut client).await?;
+                let sealed = secrets::reseal(&mut client, &secrets, false).await?;
+                if sealed.total() > 0 {
+                    tracing::info!(
+                        subscriptions = sealed.subscriptions,
+                        signing_keys = sealed.signing_keys,
+                        "encrypted secrets stored in clear"
+                    );
+                }
             }
         }
         let queued = Arc::new(Notify::new());
         let listener = listen::spawn(config, queued.clone());
-        Ok(PostgresStore { pool, queued, _listener: listener })
+        Ok(PostgresStore { pool, queued, listener, secrets })
+    }
+
+    /// Seals every secret again with the current key (`secrets rotate`).
+    pub async fn rotate_secrets(&self) -> Result<Resealed> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        secrets::reseal(&mut client, &self.secrets, true).await
     }
 
     /// Runs `job` on a pooled connection, bounded by `OPERATION_TIMEOUT`.
@@ -463,19 +489,29 @@ impl Store for PostgresStore {
     }
 
     async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys> {
-        self.run(move |c| Box::pin(schema::signing_keys(c, candidate, now))).await
+        let sealed = seal_signing_key(&self.secrets, &candidate)?;
+        let ring = self.secrets.clone();
+        self.run(move |c| Box::pin(schema::signing_keys(c, ring, candidate, sealed, now))).await
     }
 
     async fn rotate_signing_key(&self, next: KeyPair, now: Timestamp) -> Result<()> {
-        self.run(move |c| Box::pin(schema::rotate_signing_key(c, next, now))).await
+        let sealed = seal_signing_key(&self.secrets, &next)?;
+        self.run(move |c| Box::pin(schema::rotate_signing_key(c, next, sealed, now))).await
     }
 
     async fn put_subscription(&self, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome> {
-        self.run(move |c| Box::pin(webhooks::put_subscription(c, record))).await
+        let sealed = seal_subscription(&self.secrets, record.clone())?;
+        match self.run(move |c| Box::pin(webhooks::put_subscription(c, sealed))).await? {
+            PutSubscriptionOutcome::Created(_) => Ok(PutSubscriptionOutcome::Created(record)),
+            PutSubscriptionOutcome::Exists(existing) => {
+                Ok(PutSubscriptionOutcome::Exists(open_subscription(&self.secrets, existing)?))
+            }
+        }
     }
 
     async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>> {
-        self.run(move |c| Box::pin(webhooks::get_subscription(c, id))).await
+        let stored = self.run(move |c| Box::pin(webhooks::get_subscription(c, id))).await?;
+        stored.map(|record| open_subscription(&self.secrets, record)).transpose()
     }
 
     async fn list_subscriptions(
@@ -484,7 +520,8 @@ impl Store for PostgresStore {
         after: Option<(Timestamp, Uuid)>,
         limit: usize,
     ) -> Result<Vec<SubscriptionRecord>> {
-        self.run(move |c| Box::pin(webhooks::list_subscriptions(c, merchant_id, after, limit))).await
+        let stored = self.run(move |c| Box::pin(webhooks::list_subscriptions(c, merchant_id, after, limit))).await?;
+        stored.into_iter().map(|record| open_subscription(&self.secrets, record)).collect()
     }
 
     async fn patch_subscription(
@@ -495,7 +532,8 @@ impl Store for PostgresStore {
         if_match: Option<String>,
         now: Timestamp,
     ) -> Result<ChangeSubscriptionOutcome> {
-        self.run(move |c| Box::pin(webhooks::patch_subscription(c, merchant_id, id, spec, if_match, now))).await
+        let ring = self.secrets.clone();
+        self.run(move |c| Box::pin(webhooks::patch_subscription(c, ring, merchant_id, id, spec, if_match, now))).await
     }
 
     async fn delete_subscription(
@@ -505,7 +543,29 @@ impl Store for PostgresStore {
         if_match: Option<String>,
         now: Timestamp,
     ) -> Result<ChangeSubscriptionOutcome> {
-        self.run(move |c| Box::pin(webhooks::delete_subscription(c, merchant_id, id, if_match, now))).await
+        match self.run(move |c| Box::pin(webhooks::delete_subscription(c, merchant_id, id, if_match, now))).await? {
+            ChangeSubscriptionOutcome::Done(record) => {
+                Ok(ChangeSubscriptionOutcome::Done(open_subscription(&self.secrets, record)?))
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn dispatcher_started(&self, owner: Uuid) -> Result<usize> {
+        let liveness = self.listener.liveness();
+        liveness.register(owner);
+        if !liveness.held_within(owner, OPERATION_TIMEOUT).await {
+            tracing::warn!(dispatcher.id = %owner, "no liveness lock yet; the dispatcher claims once it holds one");
+        }
+        // The claims of a dispatcher that is gone (an earlier process of this instance, say) are
+        // free from the first claim on.
+        let now = Timestamp::now();
+        let freed = self.run(move |c| Box::pin(webhooks::free_orphaned_leases(c, now))).await?;
+        Ok(usize::try_from(freed).unwrap_or(usize::MAX))
+    }
+
+    async fn dispatcher_stopped(&self, owner: Uuid) {
+        self.listener.liveness().unregister(owner);
     }
 
     async fn claim_deliveries(
@@ -514,8 +574,30 @@ impl Store for PostgresStore {
         now: Timestamp,
         lease_until: Timestamp,
         limit: usize,
+        per_subscription: usize,
     ) -> Result<Vec<ClaimedDelivery>> {
-        self.run(move |c| Box::pin(webhooks::claim_deliveries(c, owner, now, lease_until, limit))).await
+        let liveness = self.listener.liveness();
+        if !liveness.may_claim(owner) {
+            // Without its liveness lock others may be taking this dispatcher's deliveries over.
+            tracing::debug!(dispatcher.id = %owner, "no liveness lock; not claiming");
+            return Ok(Vec::new());
+        }
+        let free_orphans = liveness.orphans_due(now);
+        let ring = self.secrets.clone();
+        let (freed, claimed) = self
+            .run(move |c| {
+                Box::pin(async move {
+                    let freed = if free_orphans { webhooks::free_orphaned_leases(c, now).await? } else { 0 };
+                    let claimed =
+                        webhooks::claim_deliveries(c, ring, owner, now, lease_until, limit, per_subscription).await?;
+                    Ok((freed, claimed))
+                })
+            })
+            .await?;
+        if freed > 0 {
+            tracing::info!(deliveries = freed, "took over deliveries claimed by a dispatcher that is gone");
+        }
+        Ok(claimed)
     }
 
     async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<()> {
@@ -545,5 +627,9 @@ impl Store for PostgresStore {
 
     fn deliveries_queued(&self) -> Arc<Notify> {
         self.queued.clone()
+    }
+
+    fn secrets(&self) -> Arc<KeyRing> {
+        self.secrets.clone()
     }
 }

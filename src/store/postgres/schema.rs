@@ -1,9 +1,13 @@
 //! PostgreSQL migrations (embedded from `migrations/postgres/`), the readiness check, and the
 //! signing keys shared by every instance.
 
+use std::sync::Arc;
+
 use super::{bytes32, execute, internal, query, query_one, query_opt, Client, Result, Ts};
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
+use crate::secrets::KeyRing;
+use crate::store::sealing::open_signing_key;
 use crate::store::{SigningKeys, StoreError};
 
 /// Every migration, in order. A migration is never edited once released; add a new one.
@@ -11,6 +15,8 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/postgres/0001_init.sql")),
     (2, "webhooks", include_str!("../../../migrations/postgres/0002_webhooks.sql")),
     (3, "customer flow", include_str!("../../../migrations/postgres/0003_customer_flow.sql")),
+    (4, "qr code success url", include_str!("../../../migrations/postgres/0004_qr_code_success_url.sql")),
+    (5, "delivery claims", include_str!("../../../migrations/postgres/0005_delivery_claims.sql")),
 ];
 
 /// Advisory lock keys (arbitrary constants; each names one critical section).
@@ -61,21 +67,29 @@ pub async fn check_current(c: &mut Client) -> Result<()> {
     }
 }
 
-/// The signing keys, making `candidate` the first one when there is no current key. The
-/// partial unique index `signing_keys_one_current` turns concurrent first starts into one
-/// insert and several no-ops, so every instance loads the same key.
-pub async fn signing_keys(c: &mut Client, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys> {
+/// The signing keys, making `candidate` (whose private key sealed is `sealed`) the first one
+/// when there is no current key. The partial unique index `signing_keys_one_current` turns
+/// concurrent first starts into one insert and several no-ops, so every instance loads the
+/// same key.
+pub async fn signing_keys(
+    c: &mut Client,
+    ring: Arc<KeyRing>,
+    candidate: KeyPair,
+    sealed: Vec<u8>,
+    now: Timestamp,
+) -> Result<SigningKeys> {
     execute(
         &*c,
         "INSERT INTO signing_keys (kid, secret, public, created_on) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        &[&candidate.kid, &&candidate.secret[..], &&candidate.public()[..], &Ts(now)],
+        &[&candidate.kid, &sealed, &&candidate.public()[..], &Ts(now)],
     )
     .await?;
-    load_signing_keys(c).await
+    load_signing_keys(c, &ring).await
 }
 
-/// Makes `next` the current key; the old one stays accepted.
-pub async fn rotate_signing_key(c: &mut Client, next: KeyPair, now: Timestamp) -> Result<()> {
+/// Makes `next` (whose private key sealed is `sealed`) the current key; the old one stays
+/// accepted.
+pub async fn rotate_signing_key(c: &mut Client, next: KeyPair, sealed: Vec<u8>, now: Timestamp) -> Result<()> {
     let tx = c.transaction().await?;
     // Two rotations at once would each retire only the key they saw and then collide on the
     // one-current-key index; taking turns makes the second retire the first's new key.
@@ -84,15 +98,16 @@ pub async fn rotate_signing_key(c: &mut Client, next: KeyPair, now: Timestamp) -
     execute(
         &tx,
         "INSERT INTO signing_keys (kid, secret, public, created_on) VALUES ($1, $2, $3, $4)",
-        &[&next.kid, &&next.secret[..], &&next.public()[..], &Ts(now)],
+        &[&next.kid, &sealed, &&next.public()[..], &Ts(now)],
     )
     .await?;
     tx.commit().await?;
     Ok(())
 }
 
-/// The current key and the public keys of the ten keys retired most recently.
-async fn load_signing_keys(c: &Client) -> Result<SigningKeys> {
+/// The current key (its private half opened with `ring`) and the public keys of the ten keys
+/// retired most recently.
+async fn load_signing_keys(c: &Client, ring: &KeyRing) -> Result<SigningKeys> {
     let current = query_opt(
         c,
         "SELECT kid, secret FROM signing_keys WHERE retired_on IS NULL ORDER BY created_on DESC LIMIT 1",
@@ -100,7 +115,8 @@ async fn load_signing_keys(c: &Client) -> Result<SigningKeys> {
     )
     .await?
     .ok_or_else(|| internal("there is no current signing key"))?;
-    let current = KeyPair { kid: current.try_get(0)?, secret: bytes32(&current, 1)? };
+    let kid: String = current.try_get(0)?;
+    let current = KeyPair { secret: open_signing_key(ring, &kid, current.try_get(1)?)?, kid };
     let previous = query(
         c,
         "SELECT kid, public FROM signing_keys WHERE retired_on IS NOT NULL ORDER BY retired_on DESC LIMIT 10",

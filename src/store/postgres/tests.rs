@@ -41,6 +41,14 @@ const SETTINGS: PoolSettings = PoolSettings {
     connect_timeout: Duration::from_secs(5),
 };
 
+/// The secrets key of every store these tests open (one per test process).
+fn ring() -> Arc<crate::secrets::KeyRing> {
+    static RING: std::sync::LazyLock<Arc<crate::secrets::KeyRing>> = std::sync::LazyLock::new(|| {
+        Arc::new(crate::secrets::KeyRing::new(crate::secrets::SecretKey::generate().expect("a key"), Vec::new()))
+    });
+    RING.clone()
+}
+
 /// A fixed instant: 2026-01-31T11:59:59.123Z.
 const NOW: Timestamp = Timestamp::from_millis(1_769_860_799_123);
 
@@ -67,7 +75,7 @@ impl TestDb {
     }
 
     async fn open(&self) -> PostgresStore {
-        PostgresStore::open(&self.url, SETTINGS, true).await.expect("the store opens")
+        PostgresStore::open(&self.url, SETTINGS, true, ring()).await.expect("the store opens")
     }
 
     /// A plain connection to the test database, for looking behind the store's back.
@@ -124,6 +132,7 @@ fn spec_with(customer: Option<Uuid>, amount: &str) -> SessionSpec {
             "successUrl": "https://shop.example/ok",
             "failureUrl": "https://shop.example/fail",
             "abortUrl": "https://shop.example/abort",
+            "qrCodeSuccessUrl": "https://shop.example/qr",
         },
         "locale": "de-DE",
     });
@@ -140,6 +149,7 @@ fn new_customer_spec() -> SessionSpec {
             "successUrl": "https://shop.example/ok",
             "failureUrl": "https://shop.example/fail",
             "abortUrl": "https://shop.example/abort",
+            "qrCodeSuccessUrl": "https://shop.example/qr",
         },
         "locale": "en-GB",
     }))
@@ -207,8 +217,10 @@ async fn migrations_apply_twice_and_from_two_instances_at_once() {
     first.ready().await.expect("ready after migrating");
     drop(first);
     // Again on a migrated database, and from two instances starting together.
-    let (a, b) =
-        tokio::join!(PostgresStore::open(&db.url, SETTINGS, true), PostgresStore::open(&db.url, SETTINGS, true));
+    let (a, b) = tokio::join!(
+        PostgresStore::open(&db.url, SETTINGS, true, ring()),
+        PostgresStore::open(&db.url, SETTINGS, true, ring())
+    );
     let (a, b) = (a.expect("opens"), b.expect("opens"));
     a.ready().await.expect("ready");
     b.ready().await.expect("ready");
@@ -220,7 +232,7 @@ async fn migrations_apply_twice_and_from_two_instances_at_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3]);
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
     // Pooled connections carry the statement timeout that bounds every query.
     let timeout = a
         .run(|c| Box::pin(async move { Ok(c.query_one("SHOW statement_timeout", &[]).await?.get::<_, String>(0)) }))
@@ -236,7 +248,7 @@ async fn migrations_apply_twice_and_from_two_instances_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_is_not_migrated_is_not_ready() {
     let db = test_db!();
-    let store = PostgresStore::open(&db.url, SETTINGS, false).await.expect("opens without migrating");
+    let store = PostgresStore::open(&db.url, SETTINGS, false, ring()).await.expect("opens without migrating");
     assert!(matches!(store.ready().await, Err(StoreError::Unavailable(_))));
 }
 
@@ -244,7 +256,7 @@ async fn a_database_that_is_not_migrated_is_not_ready() {
 async fn an_unreachable_server_is_unavailable_without_hanging() {
     // Needs no server: nothing listens on port 1.
     let started = std::time::Instant::now();
-    let result = PostgresStore::open("postgres://postgres@127.0.0.1:1/none", SETTINGS, true).await;
+    let result = PostgresStore::open("postgres://postgres@127.0.0.1:1/none", SETTINGS, true, ring()).await;
     assert!(matches!(result, Err(StoreError::Unavailable(_))), "{:?}", result.err());
     assert!(started.elapsed() < Duration::from_secs(15));
 }
@@ -541,7 +553,7 @@ async fn claims_from_two_instances_never_overlap_and_expired_leases_move_on() {
         tokio::spawn(async move {
             let mut ids = Vec::new();
             loop {
-                let claimed = store.claim_deliveries(owner, NOW, lease_until, 7).await.expect("claims");
+                let claimed = store.claim_deliveries(owner, NOW, lease_until, 7, 100).await.expect("claims");
                 if claimed.is_empty() {
                     return ids;
                 }
@@ -559,12 +571,13 @@ async fn claims_from_two_instances_never_overlap_and_expired_leases_move_on() {
 
     // While the leases hold nothing is claimable; once they run out, the other owner gets them.
     assert!(b
-        .claim_deliveries(owner_b, NOW.plus(Duration::from_secs(30)), lease_until, 100)
+        .claim_deliveries(owner_b, NOW.plus(Duration::from_secs(30)), lease_until, 100, 100)
         .await
         .expect("claims")
         .is_empty());
     let after = NOW.plus(Duration::from_secs(61));
-    let taken = b.claim_deliveries(owner_b, after, after.plus(Duration::from_secs(60)), 100).await.expect("claims");
+    let taken =
+        b.claim_deliveries(owner_b, after, after.plus(Duration::from_secs(60)), 100, 100).await.expect("claims");
     let taken_ids: HashSet<Uuid> = taken.iter().map(|d| d.id).collect();
     assert!(set_x.is_subset(&taken_ids), "owner A's expired leases went to owner B");
 
@@ -817,7 +830,7 @@ async fn every_use_case_answers_as_the_sqlite_store_does() {
     let db = test_db!();
     let postgres = db.open().await;
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let sqlite = SqliteStore::open(&dir.path().join("parity.db"), true).await.expect("opens SQLite");
+    let sqlite = SqliteStore::open(&dir.path().join("parity.db"), true, ring()).await.expect("opens SQLite");
     let ids = Ids::new();
     let from_sqlite = scenario(&sqlite, &ids).await;
     let from_postgres = scenario(&postgres, &ids).await;
@@ -958,7 +971,7 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
 
     // Deliveries: claim, record, list, redeliver.
     let owner = Uuid::nil();
-    let mut claimed = store.claim_deliveries(owner, later, at(60_000), 10).await.expect("claims");
+    let mut claimed = store.claim_deliveries(owner, later, at(60_000), 10, 100).await.expect("claims");
     claimed.sort_by(|x, y| (x.event_type.as_str(), &x.callback_url).cmp(&(y.event_type.as_str(), &y.callback_url)));
     for delivery in &claimed {
         log.push(format!(
@@ -973,7 +986,7 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
             delivery.retry_index
         ));
     }
-    log.push(format!("{}", store.claim_deliveries(owner, later, at(60_000), 10).await.expect("claims").len()));
+    log.push(format!("{}", store.claim_deliveries(owner, later, at(60_000), 10, 100).await.expect("claims").len()));
     let steps = [NextStep::Delivered, NextStep::RetryAt(at(9_000)), NextStep::Failed];
     let outcomes: Vec<AttemptOutcome> = claimed
         .iter()
@@ -1044,9 +1057,9 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
             log.push(format!("{:?}", store.redeliver(m1, delivery.id, at(5_000)).await));
         }
     }
-    let claimed = store.claim_deliveries(Uuid::max(), at(9_000), at(70_000), 10).await.expect("claims");
+    let claimed = store.claim_deliveries(Uuid::max(), at(9_000), at(70_000), 10, 100).await.expect("claims");
     store.release_claims(Uuid::max(), claimed.iter().map(|d| d.id).collect()).await.expect("releases");
-    log.push(format!("{}", store.claim_deliveries(owner, at(9_000), at(70_000), 10).await.expect("claims").len()));
+    log.push(format!("{}", store.claim_deliveries(owner, at(9_000), at(70_000), 10, 100).await.expect("claims").len()));
 
     // Idempotency.
     let key = IdempotencyKey { merchant_id: m1, request_id: ids.request };
@@ -1120,6 +1133,7 @@ fn registration_spec(first_name: &str, last_name: &str) -> SessionSpec {
             "successUrl": "https://shop.example/ok",
             "failureUrl": "https://shop.example/fail",
             "abortUrl": "https://shop.example/abort",
+            "qrCodeSuccessUrl": "https://shop.example/qr",
         },
         "locale": "de-DE",
     }))
@@ -1135,6 +1149,7 @@ fn existing_intent_spec(customer: Uuid, intent: Uuid) -> SessionSpec {
             "successUrl": "https://shop.example/ok",
             "failureUrl": "https://shop.example/fail",
             "abortUrl": "https://shop.example/abort",
+            "qrCodeSuccessUrl": "https://shop.example/qr",
         },
         "locale": "de-DE",
     }))
@@ -1353,7 +1368,7 @@ async fn a_registration_completes_with_one_event_naming_the_new_customer() {
     );
     // The webhook body has the members in the order SQLite writes them, the customer last.
     let claimed =
-        store.claim_deliveries(Uuid::now_v7(), at, at.plus(Duration::from_secs(60)), 10).await.expect("claims");
+        store.claim_deliveries(Uuid::now_v7(), at, at.plus(Duration::from_secs(60)), 10, 100).await.expect("claims");
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].data, crate::store::event_data(&done, State::Completed, at).to_string());
     assert!(claimed[0].data.ends_with(&format!(",\"customerId\":\"{new_customer}\"}}")), "{}", claimed[0].data);
@@ -1431,7 +1446,7 @@ async fn finishing_creates_the_intent_and_giving_up_aborts() {
         Ok(StepOutcome::NotAllowed(_, State::Completed))
     ));
     let claimed =
-        store.claim_deliveries(Uuid::now_v7(), at, at.plus(Duration::from_secs(60)), 10).await.expect("claims");
+        store.claim_deliveries(Uuid::now_v7(), at, at.plus(Duration::from_secs(60)), 10, 100).await.expect("claims");
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].data, crate::store::event_data(&done, State::Completed, at).to_string());
 
@@ -1677,7 +1692,7 @@ async fn every_customer_step_answers_as_the_sqlite_store_does() {
     let db = test_db!();
     let postgres = db.open().await;
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let sqlite = SqliteStore::open(&dir.path().join("parity.db"), true).await.expect("opens SQLite");
+    let sqlite = SqliteStore::open(&dir.path().join("parity.db"), true, ring()).await.expect("opens SQLite");
     let ids: Vec<Uuid> = (0..17).map(|_| Uuid::now_v7()).collect();
     let from_sqlite = customer_scenario(&sqlite, &ids).await;
     let from_postgres = customer_scenario(&postgres, &ids).await;
@@ -1755,7 +1770,7 @@ async fn customer_scenario(store: &dyn Store, ids: &[Uuid]) -> Vec<String> {
         log.push(format!("{:?}", events.iter().map(|e| e.1).collect::<Vec<_>>()));
     }
     log.push(format!("{:?}", store.expire_due(at(10_000), 10).await));
-    let mut claimed = store.claim_deliveries(Uuid::nil(), at(10_000), at(60_000), 100).await.expect("claims");
+    let mut claimed = store.claim_deliveries(Uuid::nil(), at(10_000), at(60_000), 100, 100).await.expect("claims");
     claimed.sort_by(|x, y| x.data.cmp(&y.data));
     for delivery in &claimed {
         log.push(format!("claimed {} {} {}", delivery.event_type.as_str(), delivery.event_time, delivery.data));
@@ -1771,4 +1786,127 @@ async fn customer_scenario(store: &dyn Store, ids: &[Uuid]) -> Vec<String> {
         log.push(format!("{:?}", store.hosted_view(session).await));
     }
     log
+}
+
+// ----- Delivery claims: the per-subscription cap, and dispatchers that are gone -----
+
+/// `n` cancelled sessions of merchant `m`, one event (and one delivery per subscription) each,
+/// queued at `at`.
+async fn cancelled_sessions(store: &PostgresStore, m: Uuid, n: usize, at: Timestamp) {
+    for _ in 0..n {
+        let s = session(Uuid::now_v7(), m, spec_with(None, "3"), at, Duration::from_secs(900));
+        store.create_session(s.clone()).await.expect("creates");
+        store.cancel_session(cancel(m, s.id, at)).await.expect("cancels");
+    }
+}
+
+/// The subscription of each of `claimed`.
+async fn claimed_subscriptions(
+    sql: &tokio_postgres::Client,
+    claimed: &[crate::store::webhooks::ClaimedDelivery],
+) -> Vec<Uuid> {
+    let ids: Vec<Uuid> = claimed.iter().map(|d| d.id).collect();
+    let rows = sql
+        .query("SELECT subscription_id FROM deliveries WHERE id = ANY($1) ORDER BY next_attempt_on, id", &[&ids])
+        .await
+        .expect("reads");
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_keep_each_subscription_within_its_cap_also_behind_a_long_backlog() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let (slow_merchant, other_merchant) = (merchant(&store, NOW).await, merchant(&store, NOW).await);
+    let (slow, other) = (Uuid::now_v7(), Uuid::now_v7());
+    store.put_subscription(subscription(slow, slow_merchant, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    store.put_subscription(subscription(other, other_merchant, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    // The slow subscription's backlog is due before the other's deliveries.
+    cancelled_sessions(&store, slow_merchant, 30, NOW).await;
+    cancelled_sessions(&store, other_merchant, 5, NOW.plus(Duration::from_secs(1))).await;
+    let at = NOW.plus(Duration::from_secs(2));
+    let until = at.plus(Duration::from_secs(60));
+    let owner = Uuid::now_v7();
+
+    // The head of the queue is all backlog: the claim looks subscription by subscription.
+    let first = store.claim_deliveries(owner, at, until, 10, 4).await.expect("claims");
+    assert_eq!(claimed_subscriptions(&sql, &first).await, [vec![slow; 4], vec![other; 4]].concat());
+    // The leases held count, whoever holds them.
+    assert!(store.claim_deliveries(Uuid::now_v7(), at, until, 10, 4).await.expect("claims").is_empty());
+    let second = store.claim_deliveries(Uuid::now_v7(), at, until, 10, 5).await.expect("claims");
+    assert_eq!(claimed_subscriptions(&sql, &second).await, [slow, other], "room for one more each");
+    assert!(store.claim_deliveries(owner, at, until, 10, 5).await.expect("claims").is_empty());
+    // A larger cap, and the limit.
+    let third = store.claim_deliveries(owner, at, until, 3, 10).await.expect("claims");
+    assert_eq!(claimed_subscriptions(&sql, &third).await, [slow; 3]);
+    // Once the leases run out they count no more.
+    let later = until.plus(Duration::from_secs(1));
+    let fourth =
+        store.claim_deliveries(owner, later, later.plus(Duration::from_secs(60)), 100, 2).await.expect("claims");
+    assert_eq!(claimed_subscriptions(&sql, &fourth).await, [slow, slow, other, other]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claims_of_a_registered_dispatcher_whose_instance_is_gone_are_free_within_seconds() {
+    let db = test_db!();
+    let (a, b) = (db.open().await, db.open().await);
+    let sql = db.sql().await;
+    let m = merchant(&a, NOW).await;
+    a.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let now = Timestamp::now();
+    cancelled_sessions(&a, m, 4, now).await;
+    let lease = Duration::from_secs(600);
+
+    // Instance A's dispatcher claims two for ten minutes; a tool that never registered, one.
+    let dead = Uuid::now_v7();
+    assert_eq!(a.dispatcher_started(dead).await.expect("starts"), 0);
+    let held = |owner: Uuid| {
+        let sql = &sql;
+        async move {
+            let query = "SELECT count(*) FROM deliveries WHERE lease_owner = $1 AND lease_until > now()";
+            sql.query_one(query, &[&owner]).await.expect("counts").get::<_, i64>(0)
+        }
+    };
+    let now = Timestamp::now();
+    assert_eq!(a.claim_deliveries(dead, now, now.plus(lease), 2, 16).await.expect("claims").len(), 2);
+    let tool = Uuid::now_v7();
+    assert_eq!(a.claim_deliveries(tool, now, now.plus(lease), 1, 16).await.expect("claims").len(), 1);
+    let registered = "SELECT count(*) FROM delivery_dispatchers WHERE owner = $1";
+    assert_eq!(sql.query_one(registered, &[&dead]).await.expect("reads").get::<_, i64>(0), 1);
+
+    // While A lives, B takes none of them (only the one nobody claimed).
+    let live = Uuid::now_v7();
+    assert_eq!(b.dispatcher_started(live).await.expect("starts"), 0);
+    let now = Timestamp::now();
+    assert_eq!(b.claim_deliveries(live, now, now.plus(lease), 10, 16).await.expect("claims").len(), 1);
+    assert_eq!((held(dead).await, held(tool).await), (2, 1));
+
+    // A goes (its connections with it): B frees and takes A's claims within seconds; the
+    // tool's lease is left to run out.
+    drop(a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut taken = 0;
+    while taken < 2 {
+        assert!(std::time::Instant::now() < deadline, "B took {taken} of A's two claims in time");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = Timestamp::now();
+        taken += b.claim_deliveries(live, now, now.plus(lease), 10, 16).await.expect("claims").len();
+    }
+    assert_eq!((held(dead).await, held(tool).await, held(live).await), (0, 1, 3));
+    // The registration goes once A holds nothing; B's stays, and goes when it stops.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sql.query_one(registered, &[&dead]).await.expect("reads").get::<_, i64>(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "A's registration stayed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = Timestamp::now();
+        b.claim_deliveries(live, now, now.plus(lease), 10, 16).await.expect("claims");
+    }
+    assert_eq!(sql.query_one(registered, &[&live]).await.expect("reads").get::<_, i64>(0), 1);
+    b.dispatcher_stopped(live).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sql.query_one(registered, &[&live]).await.expect("reads").get::<_, i64>(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "B's registration stayed after it stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

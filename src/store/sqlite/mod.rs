@@ -3,8 +3,11 @@
 
 mod customer;
 mod schema;
+mod secrets;
 mod webhooks;
 mod worker;
+
+pub use self::secrets::rotate as rotate_secrets;
 
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
@@ -21,6 +24,8 @@ use crate::domain::session::{State, LIVE_STATES};
 use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
+use crate::secrets::KeyRing;
+use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
     AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, PutSubscriptionOutcome,
     RedeliverOutcome, Retention, SubscriptionRecord,
@@ -47,11 +52,14 @@ pub struct SqliteStore {
     readers: Readers,
     point_reads: BatchedReads,
     queued: Arc<Notify>,
+    /// Seals and opens the secrets the database keeps (`crate::secrets`).
+    secrets: Arc<KeyRing>,
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`; migrates it when `migrate` is set.
-    pub async fn open(path: &Path, migrate: bool) -> Result<Self, StoreError> {
+    /// Opens (creating if needed) the database at `path`; migrates it when `migrate` is set,
+    /// and then seals secrets still in clear and checks that the others open with `secrets`.
+    pub async fn open(path: &Path, migrate: bool, secrets: Arc<KeyRing>) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
                 StoreError::Unavailable(format!("cannot create the directory {}: {e}", parent.display()))
@@ -62,12 +70,20 @@ impl SqliteStore {
             let writer = connect(&path, true)?;
             if migrate {
                 schema::migrate(&writer)?;
+                let sealed = self::secrets::reseal(&writer, &secrets, false)?;
+                if sealed.total() > 0 {
+                    tracing::info!(
+                        subscriptions = sealed.subscriptions,
+                        signing_keys = sealed.signing_keys,
+                        "encrypted secrets stored in clear"
+                    );
+                }
             }
             let readers = (0..READERS).map(|_| connect(&path, false)).collect::<Result<Vec<_>, _>>()?;
             let (writer, _) = Writer::start(writer, Some(connect(&path, false)?));
             let (readers, _) = Readers::start(readers);
             let (point_reads, _) = BatchedReads::start(connect(&path, false)?);
-            Ok(SqliteStore { writer, readers, point_reads, queued: Arc::new(Notify::new()) })
+            Ok(SqliteStore { writer, readers, point_reads, queued: Arc::new(Notify::new()), secrets })
         })
         .await
         .map_err(|e| StoreError::Internal(e.to_string()))?
@@ -644,27 +660,30 @@ impl Store for SqliteStore {
     }
 
     async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys, StoreError> {
+        let sealed = seal_signing_key(&self.secrets, &candidate)?;
+        let ring = self.secrets.clone();
         self.writer
             .run(move |c| {
                 c.execute(
                     "INSERT INTO signing_keys (kid, secret, public, created_on)
                      SELECT ?1, ?2, ?3, ?4 WHERE NOT EXISTS (SELECT 1 FROM signing_keys WHERE retired_on IS NULL)",
-                    params![candidate.kid, candidate.secret, candidate.public(), now.millis()],
+                    params![candidate.kid, sealed, candidate.public(), now.millis()],
                 )
                 .map_err(|e| internal(&e))?;
-                schema::load_signing_keys(c)
+                schema::load_signing_keys(c, &ring)
             })
             .await
     }
 
     async fn rotate_signing_key(&self, next: KeyPair, now: Timestamp) -> Result<(), StoreError> {
+        let sealed = seal_signing_key(&self.secrets, &next)?;
         self.writer
             .run(move |c| {
                 c.execute("UPDATE signing_keys SET retired_on = ?1 WHERE retired_on IS NULL", params![now.millis()])
                     .and_then(|_| {
                         c.execute(
                             "INSERT INTO signing_keys (kid, secret, public, created_on) VALUES (?1, ?2, ?3, ?4)",
-                            params![next.kid, next.secret, next.public(), now.millis()],
+                            params![next.kid, sealed, next.public(), now.millis()],
                         )
                     })
                     .map(drop)
@@ -674,11 +693,18 @@ impl Store for SqliteStore {
     }
 
     async fn put_subscription(&self, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome, StoreError> {
-        self.writer.run(move |c| webhooks::put_subscription(c, record)).await
+        let sealed = seal_subscription(&self.secrets, record.clone())?;
+        match self.writer.run(move |c| webhooks::put_subscription(c, sealed)).await? {
+            PutSubscriptionOutcome::Created(_) => Ok(PutSubscriptionOutcome::Created(record)),
+            PutSubscriptionOutcome::Exists(existing) => {
+                Ok(PutSubscriptionOutcome::Exists(open_subscription(&self.secrets, existing)?))
+            }
+        }
     }
 
     async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>, StoreError> {
-        self.point_reads.run(move |c| webhooks::get_subscription(c, id)).await
+        let stored = self.point_reads.run(move |c| webhooks::get_subscription(c, id)).await?;
+        stored.map(|record| open_subscription(&self.secrets, record)).transpose()
     }
 
     async fn list_subscriptions(
@@ -687,7 +713,8 @@ impl Store for SqliteStore {
         after: Option<(Timestamp, Uuid)>,
         limit: usize,
     ) -> Result<Vec<SubscriptionRecord>, StoreError> {
-        self.readers.run(move |c| webhooks::list_subscriptions(c, merchant_id, after, limit)).await
+        let stored = self.readers.run(move |c| webhooks::list_subscriptions(c, merchant_id, after, limit)).await?;
+        stored.into_iter().map(|record| open_subscription(&self.secrets, record)).collect()
     }
 
     async fn patch_subscription(
@@ -698,7 +725,10 @@ impl Store for SqliteStore {
         if_match: Option<String>,
         now: Timestamp,
     ) -> Result<ChangeSubscriptionOutcome, StoreError> {
-        self.writer.run(move |c| webhooks::patch_subscription(c, merchant_id, id, spec, if_match.as_deref(), now)).await
+        let ring = self.secrets.clone();
+        self.writer
+            .run(move |c| webhooks::patch_subscription(c, &ring, merchant_id, id, spec, if_match.as_deref(), now))
+            .await
     }
 
     async fn delete_subscription(
@@ -708,8 +738,23 @@ impl Store for SqliteStore {
         if_match: Option<String>,
         now: Timestamp,
     ) -> Result<ChangeSubscriptionOutcome, StoreError> {
-        self.writer.run(move |c| webhooks::delete_subscription(c, merchant_id, id, if_match.as_deref(), now)).await
+        match self
+            .writer
+            .run(move |c| webhooks::delete_subscription(c, merchant_id, id, if_match.as_deref(), now))
+            .await?
+        {
+            ChangeSubscriptionOutcome::Done(record) => {
+                Ok(ChangeSubscriptionOutcome::Done(open_subscription(&self.secrets, record)?))
+            }
+            other => Ok(other),
+        }
     }
+
+    async fn dispatcher_started(&self, owner: Uuid) -> Result<usize, StoreError> {
+        self.writer.run(move |c| webhooks::void_other_leases(c, owner)).await
+    }
+
+    async fn dispatcher_stopped(&self, _owner: Uuid) {}
 
     async fn claim_deliveries(
         &self,
@@ -717,8 +762,12 @@ impl Store for SqliteStore {
         now: Timestamp,
         lease_until: Timestamp,
         limit: usize,
+        per_subscription: usize,
     ) -> Result<Vec<ClaimedDelivery>, StoreError> {
-        self.writer.run(move |c| webhooks::claim_deliveries(c, owner, now, lease_until, limit)).await
+        let ring = self.secrets.clone();
+        self.writer
+            .run(move |c| webhooks::claim_deliveries(c, &ring, owner, now, lease_until, limit, per_subscription))
+            .await
     }
 
     async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<(), StoreError> {
@@ -752,6 +801,10 @@ impl Store for SqliteStore {
 
     fn deliveries_queued(&self) -> Arc<Notify> {
         self.queued.clone()
+    }
+
+    fn secrets(&self) -> Arc<KeyRing> {
+        self.secrets.clone()
     }
 }
 

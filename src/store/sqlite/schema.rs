@@ -6,6 +6,8 @@ use rusqlite::{params, Connection};
 use super::worker::internal;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
+use crate::secrets::KeyRing;
+use crate::store::sealing::open_signing_key;
 use crate::store::{SigningKeys, StoreError};
 
 /// Every migration, in order. A migration is never edited once released; add a new one.
@@ -15,6 +17,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "live sessions index", include_str!("../../../migrations/sqlite/0003_live_sessions_index.sql")),
     (4, "no events by session", include_str!("../../../migrations/sqlite/0004_no_events_by_session.sql")),
     (5, "customer flow", include_str!("../../../migrations/sqlite/0005_customer_flow.sql")),
+    (6, "qr code success url", include_str!("../../../migrations/sqlite/0006_qr_code_success_url.sql")),
+    (7, "delivery claims", include_str!("../../../migrations/sqlite/0007_delivery_claims.sql")),
 ];
 
 /// Applies every migration not applied yet, each in its own transaction.
@@ -62,15 +66,17 @@ pub fn check_current(connection: &Connection) -> Result<(), StoreError> {
     }
 }
 
-/// The current key and the public keys of the ten keys retired most recently.
-pub fn load_signing_keys(connection: &Connection) -> Result<SigningKeys, StoreError> {
-    let current = connection
+/// The current key (its private half opened with `ring`) and the public keys of the ten keys
+/// retired most recently.
+pub fn load_signing_keys(connection: &Connection, ring: &KeyRing) -> Result<SigningKeys, StoreError> {
+    let (kid, sealed): (String, Vec<u8>) = connection
         .query_row(
             "SELECT kid, secret FROM signing_keys WHERE retired_on IS NULL ORDER BY created_on DESC LIMIT 1",
             [],
-            |row| Ok(KeyPair { kid: row.get(0)?, secret: row.get(1)? }),
+            |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .map_err(|e| internal(&e))?;
+    let current = KeyPair { secret: open_signing_key(ring, &kid, &sealed)?, kid };
     let mut statement = connection
         .prepare_cached(
             "SELECT kid, public FROM signing_keys WHERE retired_on IS NOT NULL ORDER BY retired_on DESC LIMIT 10",
