@@ -120,13 +120,14 @@ pub async fn serve(
     }
 
     let limits = server::Limits::of(&state.config);
+    let public_url: Arc<str> = state.public_url.as_str().into();
     let metrics_server = match state.config.metrics_listen {
         Some(address) => {
             let metrics_listener = TcpListener::bind(address).await?;
             tracing::info!(address = %metrics_listener.local_addr()?, "metrics listening");
             let app = api::metrics_router(state.clone());
             let mut stopped = stopped.clone();
-            Some(tokio::spawn(server::serve(metrics_listener, app, limits, async move {
+            Some(tokio::spawn(server::serve(metrics_listener, app, limits, public_url.clone(), async move {
                 let _ = stopped.wait_for(|s| *s).await;
             })))
         }
@@ -135,7 +136,7 @@ pub async fn serve(
 
     let address = listener.local_addr()?;
     tracing::info!(%address, public_url = %state.public_url, "listening");
-    server::serve(listener, api::router(state.clone()), limits, async move {
+    server::serve(listener, api::router(state.clone()), limits, public_url, async move {
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight requests");
     })

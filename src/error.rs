@@ -24,6 +24,7 @@ pub enum ErrorCode {
     DeliveryNotFound,
     NotFound,
     MethodNotAllowed,
+    RequestTimeout,
     EntityVersionMismatch,
     RequestInProgress,
     PayloadTooLarge,
@@ -36,7 +37,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, in the order of the table in `docs/ERRORS.md`.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::Validation,
         ErrorCode::InvalidRedirectSessionStateTransition,
         ErrorCode::InvalidTriggeredBy,
@@ -47,6 +48,7 @@ impl ErrorCode {
         ErrorCode::DeliveryNotFound,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTimeout,
         ErrorCode::EntityVersionMismatch,
         ErrorCode::RequestInProgress,
         ErrorCode::PayloadTooLarge,
@@ -95,6 +97,8 @@ impl ErrorCode {
                 "No such route. Check the path against the API reference at `/docs`."),
             MethodNotAllowed => ("MethodNotAllowed", StatusCode::METHOD_NOT_ALLOWED,
                 "The route exists but does not take this HTTP method; the `allow` header lists the ones it takes."),
+            RequestTimeout => ("RequestTimeout", StatusCode::REQUEST_TIMEOUT,
+                "The request's body did not arrive completely within the server's body timeout (`http_body_timeout`, 30 s by default). Nothing was executed and the connection is closed. Retry with the same `x-request-id`."),
             EntityVersionMismatch => ("EntityVersionMismatch", StatusCode::CONFLICT,
                 "The entity is not in the version the request expects: a PUT of an existing id with a different body (or an id another merchant uses), an `If-Match` that does not match the current `ETag`, or a race lost against another change of the same entity. Nothing changed. Read the entity again and decide."),
             RequestInProgress => ("RequestInProgress", StatusCode::CONFLICT,

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
-use axum::http::{header, HeaderValue, Request, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderValue, Request};
+use axum::response::Response;
 use axum::Router;
 use futures_util::future::Either;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
@@ -28,7 +28,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+use uuid::Uuid;
+
 use crate::config::Config;
+use crate::error::{ApiError, ErrorCode};
 
 /// How long the accept loop pauses after an accept error that is not about one connection
 /// (e.g. `EMFILE`: out of file descriptors), as `axum::serve` does.
@@ -66,7 +69,13 @@ impl Limits {
 /// A connection is accepted only with one of `max_connections` permits in hand: beyond the
 /// limit, clients wait in the kernel's listen backlog (and are served when a connection closes),
 /// and no task, buffer or timer is spent on them.
-pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    public_url: Arc<str>,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut shutdown = pin!(shutdown);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut builder = http1::Builder::new();
@@ -99,7 +108,12 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
         };
         match accepted {
             Ok((stream, peer)) => {
-                let service = Handler { router: TowerToHyperService::new(router.clone()), peer, limits };
+                let service = Handler {
+                    router: TowerToHyperService::new(router.clone()),
+                    peer,
+                    limits,
+                    public_url: public_url.clone(),
+                };
                 tokio::spawn(connection(stream, builder.clone(), service, permit, closing_seen.clone()));
             }
             // The client gave up before it was accepted: nothing to do.
@@ -156,6 +170,8 @@ struct Handler {
     router: TowerToHyperService<Router>,
     peer: SocketAddr,
     limits: Limits,
+    /// For the `moreInfo` link of the `408` error body.
+    public_url: Arc<str>,
 }
 
 type Answer = Result<Response, Infallible>;
@@ -183,24 +199,25 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
             timed_out: Some(timed_out),
         };
         let answer = self.router.call(Request::from_parts(parts, Body::new(body)));
+        let public_url = self.public_url.clone();
         Either::Right(Box::pin(async move {
             tokio::select! {
                 biased;
                 // The body missed its deadline while the handler waited for it: the handler (which
                 // has changed nothing yet: every handler reads its whole body first) is dropped.
-                Ok(()) = timeout_seen => Ok(body_timed_out()),
+                Ok(()) = timeout_seen => Ok(body_timed_out(&public_url)),
                 answer = answer => answer,
             }
         }))
     }
 }
 
-/// `408 Request Timeout`, without a body, and the connection is closed after it (the rest of the
-/// body is not read). Like hyper's own answers to malformed requests, it is about the transport,
-/// not the API, so it has no error body.
-fn body_timed_out() -> Response {
+/// `408 RequestTimeout` with the error body every error answer has, and the connection is closed
+/// after it (the rest of the body is not read).
+fn body_timed_out(public_url: &str) -> Response {
     tracing::debug!("a request body did not arrive within http_body_timeout; closing the connection");
-    let mut response = StatusCode::REQUEST_TIMEOUT.into_response();
+    let error = ApiError::new(ErrorCode::RequestTimeout, "The request body did not arrive in time.");
+    let mut response = error.render(Uuid::now_v7(), public_url);
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }

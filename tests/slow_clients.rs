@@ -214,6 +214,14 @@ async fn a_body_that_does_not_arrive_in_time_is_answered_408_and_the_connection_
         let cut_off = outcome.unwrap_or_else(|| panic!("{what} trickled slowly was not cut off"));
         assert!(cut_off.received.starts_with("HTTP/1.1 408 "), "{what}: {cut_off:?}");
         assert!(cut_off.received.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{what}: {cut_off:?}");
+        // The documented error body, like every other error answer.
+        let body = cut_off.received.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let error: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{what}: {body}"));
+        assert_eq!(
+            (error["code"].as_str(), &error["details"]),
+            (Some("RequestTimeout"), &serde_json::json!({})),
+            "{what}"
+        );
     }
     // Nothing was created by the cut-off request, and the server still answers.
     let (status, page) =
