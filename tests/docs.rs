@@ -138,3 +138,107 @@ async fn a_panic_in_a_handler_is_answered_with_the_standard_500_body() {
     task.abort();
     server.stop().await;
 }
+
+/// `schema` with a `$ref` to a component replaced by that component.
+fn resolve<'a>(document: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema["$ref"].as_str() {
+        Some(reference) => {
+            let name = reference.strip_prefix("#/components/schemas/").expect("a reference to a component schema");
+            let target = &document["components"]["schemas"][name];
+            assert!(target.is_object(), "the document has no schema {name}");
+            resolve(document, target)
+        }
+        None => schema,
+    }
+}
+
+/// A value for `schema` built from the document alone, as a generated client would send it:
+/// the schema's example, else its first enum value, else the first non-null choice, else a
+/// value of its type and format; an object gets its required properties only.
+fn value_from_schema(document: &Value, schema: &Value) -> Value {
+    let schema = resolve(document, schema);
+    if let Some(example) = schema.get("example") {
+        return example.clone();
+    }
+    if let Some(values) = schema["enum"].as_array() {
+        return values.first().expect("a non-empty enum").clone();
+    }
+    if let Some(choices) = schema["oneOf"].as_array() {
+        let choice = choices.iter().find(|c| c["type"] != "null").expect("a non-null choice");
+        return value_from_schema(document, choice);
+    }
+    let kind = match &schema["type"] {
+        Value::Array(kinds) => kinds.iter().find(|k| *k != "null").cloned().unwrap_or(Value::Null),
+        kind => kind.clone(),
+    };
+    match kind.as_str() {
+        Some("object") => {
+            let mut object = serde_json::Map::new();
+            for name in schema["required"].as_array().into_iter().flatten() {
+                let name = name.as_str().expect("a property name");
+                let property = &schema["properties"][name];
+                assert!(property.is_object(), "required {name} is not among the properties: {schema}");
+                object.insert(name.to_owned(), value_from_schema(document, property));
+            }
+            Value::Object(object)
+        }
+        Some("array") => json!([value_from_schema(document, &schema["items"])]),
+        Some("string") => match schema["format"].as_str() {
+            Some("uuid") => json!("6f1c1c4e-2d3b-4c6a-9a53-0d9e4b7c2a11"),
+            Some("uri") => json!("https://merchant.example/return"),
+            Some("date") => json!("1990-01-31"),
+            format => panic!("no value for a string of format {format:?}: {schema}"),
+        },
+        Some("number") => json!(12.5),
+        Some("integer") => json!(1),
+        Some("boolean") => json!(true),
+        _ => panic!("no value for the schema {schema}"),
+    }
+}
+
+/// The JSON request-body schema of `method path` in the document.
+fn request_schema<'a>(document: &'a Value, path: &str, method: &str) -> &'a Value {
+    let schema = &document["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"];
+    assert!(schema.is_object(), "{} {path} documents no JSON request body", method.to_uppercase());
+    resolve(document, schema)
+}
+
+#[tokio::test]
+async fn bodies_built_from_the_documented_schemas_are_accepted() {
+    let server = TestServer::start().await;
+    let (_, document) = status_and_json(get(&server, "/openapi.json").await).await;
+
+    // Every shape of the create-session body, chosen by `type`.
+    let path = "/customer-authentication-service/v1/redirect-sessions/{redirectSessionId}";
+    let shapes = request_schema(&document, path, "put")["oneOf"].as_array().expect("the create body is a oneOf");
+    let mut types = Vec::new();
+    for (n, shape) in shapes.iter().enumerate() {
+        let body = value_from_schema(&document, shape);
+        types.push(body["type"].as_str().expect("each shape names its type").to_owned());
+        let id = uuid::Uuid::from_u128(0x1000 + n as u128);
+        let response = server
+            .request(reqwest::Method::PUT, &path.replace("{redirectSessionId}", &id.to_string()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (status, answer) = status_and_json(response).await;
+        assert_eq!(status, 201, "the documented body {body} was answered {answer}");
+        assert_eq!(answer["type"], body["type"], "{answer}");
+    }
+    assert_eq!(types, ["NewTransactionIntent", "ExistingTransactionIntent", "NewCustomer"]);
+
+    // The subscription create.
+    let path = "/customer-authentication-service/v1/redirect-session-events/subscriptions/{eventSubscriptionId}";
+    let body = value_from_schema(&document, request_schema(&document, path, "put"));
+    let id = uuid::Uuid::from_u128(0x2000);
+    let response = server
+        .request(reqwest::Method::PUT, &path.replace("{eventSubscriptionId}", &id.to_string()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = status_and_json(response).await;
+    assert_eq!(status, 201, "the documented body {body} was answered {answer}");
+    server.stop().await;
+}

@@ -111,7 +111,7 @@ impl From<AttemptRecord> for Attempt {
         ("x-api-key" = String, Header, description = "The merchant's API key."),
         ("subscriptionId" = Option<Uuid>, Query, description = "Only this subscription's deliveries."),
         ("state" = Option<DeliveryState>, Query, description = "Only deliveries in this state."),
-        ("limit" = Option<usize>, Query, description = "1 to 100; default 20."),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 100, description = "1 to 100; default 20."),
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page."),
     ),
     responses(
@@ -157,7 +157,7 @@ pub async fn list_deliveries(
     params(
         ("deliveryId" = Uuid, Path),
         ("x-api-key" = String, Header, description = "The merchant's API key."),
-        ("x-request-id" = Option<Uuid>, Header, description = "Idempotency key; reuse it only to retry."),
+        ("x-request-id" = Option<Uuid>, Header, nullable = false, description = "Idempotency key; reuse it only to retry."),
     ),
     responses(
         (status = 200, description = "Queued (or already queued).", body = Delivery),
@@ -166,6 +166,7 @@ pub async fn list_deliveries(
         (status = 403, description = "InvalidTriggeredBy", body = ErrorBody),
         (status = 404, description = "DeliveryNotFound", body = ErrorBody),
         (status = 409, description = "EntityVersionMismatch: the delivery was cancelled with its subscription", body = ErrorBody),
+        (status = 422, description = "RequestIdReused", body = ErrorBody),
     )
 )]
 pub async fn redeliver(

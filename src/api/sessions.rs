@@ -112,6 +112,8 @@ impl RedirectSession {
 #[allow(dead_code)]
 pub enum CreateRedirectSession {
     /// Send the customer to create a QR code (cash) or pay from the wallet.
+    // utoipa 5 ignores `rename_all_fields`; each variant names its fields as the body does.
+    #[serde(rename_all = "camelCase")]
     NewTransactionIntent {
         customer_id: Option<Uuid>,
         customer_data: Option<CustomerData>,
@@ -120,6 +122,7 @@ pub enum CreateRedirectSession {
         locale: Option<String>,
     },
     /// Send the customer to view or cancel an existing QR code.
+    #[serde(rename_all = "camelCase")]
     ExistingTransactionIntent {
         transaction_intent_id: Uuid,
         customer_id: Option<Uuid>,
@@ -127,6 +130,7 @@ pub enum CreateRedirectSession {
         locale: Option<String>,
     },
     /// Send the customer to register.
+    #[serde(rename_all = "camelCase")]
     NewCustomer { customer_data: Option<CustomerData>, redirect_data: RedirectData, locale: Option<String> },
 }
 
@@ -168,8 +172,8 @@ fn version_mismatch() -> ApiError {
     params(
         ("redirectSessionId" = Uuid, Path, description = "Chosen by the merchant."),
         ("x-api-key" = String, Header, description = "The merchant's API key."),
-        ("x-request-id" = Option<Uuid>, Header, description = "Idempotency key; reuse it only to retry."),
-        ("If-Match" = Option<String>, Header, description = "ETag the existing session must have."),
+        ("x-request-id" = Option<Uuid>, Header, nullable = false, description = "Idempotency key; reuse it only to retry."),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "ETag the existing session must have."),
     ),
     request_body(content = CreateRedirectSession, content_type = "application/json"),
     responses(
@@ -290,8 +294,8 @@ fn other_merchant() -> ApiError {
     params(
         ("redirectSessionId" = Uuid, Path),
         ("x-api-key" = String, Header, description = "The merchant's API key."),
-        ("x-request-id" = Option<Uuid>, Header, description = "Idempotency key; reuse it only to retry."),
-        ("If-Match" = Option<String>, Header, description = "ETag the session must have."),
+        ("x-request-id" = Option<Uuid>, Header, nullable = false, description = "Idempotency key; reuse it only to retry."),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "ETag the session must have."),
     ),
     responses(
         (status = 200, description = "Cancelled (now or before).", body = RedirectSession),
@@ -345,9 +349,9 @@ pub async fn cancel_redirect_session(
     params(
         ("x-api-key" = String, Header, description = "The merchant's API key."),
         ("state" = Option<SessionState>, Query, description = "Only sessions in this (effective) state."),
-        ("createdFrom" = Option<String>, Query, description = "RFC 3339; inclusive."),
-        ("createdTo" = Option<String>, Query, description = "RFC 3339; exclusive."),
-        ("limit" = Option<usize>, Query, description = "1 to 100; default 20."),
+        ("createdFrom" = Option<String>, Query, format = DateTime, description = "RFC 3339; inclusive."),
+        ("createdTo" = Option<String>, Query, format = DateTime, description = "RFC 3339; exclusive."),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 100, description = "1 to 100; default 20."),
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page."),
     ),
     responses(

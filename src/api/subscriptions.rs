@@ -50,14 +50,17 @@ pub struct Subscription {
 
 /// The body of PUT and PATCH (documentation only; read by `domain::subscription`).
 #[derive(Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct SubscriptionBody {
     /// Absolute `https` URL, at most 2048 characters, no user-info.
+    #[schema(format = "uri", example = "https://merchant.example/webhooks")]
     callback_url: String,
     /// 1 to 128 characters of letters, digits and `= + / - : _`; sent back as `x-api-key`.
+    #[schema(example = "merchant-webhook-key", pattern = "^[A-Za-z0-9=+/:_-]{1,128}$")]
     api_key: String,
     /// Non-empty, no duplicates.
+    #[schema(value_type = std::collections::BTreeSet<EventType>, min_items = 1)]
     event_types: Vec<EventType>,
 }
 
@@ -144,8 +147,8 @@ fn changed(outcome: ChangeSubscriptionOutcome) -> Result<Response, ApiError> {
     params(
         ("eventSubscriptionId" = Uuid, Path, description = "Chosen by the merchant."),
         ("x-api-key" = String, Header, description = "The merchant's API key."),
-        ("x-request-id" = Option<Uuid>, Header, description = "Idempotency key; reuse it only to retry."),
-        ("If-Match" = Option<String>, Header, description = "ETag the existing subscription must have."),
+        ("x-request-id" = Option<Uuid>, Header, nullable = false, description = "Idempotency key; reuse it only to retry."),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "ETag the existing subscription must have."),
     ),
     request_body(content = SubscriptionBody, content_type = "application/json"),
     responses(
@@ -200,8 +203,8 @@ pub async fn create_subscription(
     params(
         ("eventSubscriptionId" = Uuid, Path),
         ("x-api-key" = String, Header, description = "The merchant's API key."),
-        ("x-request-id" = Option<Uuid>, Header, description = "Idempotency key; reuse it only to retry."),
-        ("If-Match" = Option<String>, Header, description = "ETag the subscription must have."),
+        ("x-request-id" = Option<Uuid>, Header, nullable = false, description = "Idempotency key; reuse it only to retry."),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "ETag the subscription must have."),
     ),
     request_body(content = SubscriptionBody, content_type = "application/json"),
     responses(
@@ -211,6 +214,7 @@ pub async fn create_subscription(
         (status = 403, description = "InvalidTriggeredBy", body = ErrorBody),
         (status = 404, description = "SubscriptionNotFound", body = ErrorBody),
         (status = 409, description = "EntityVersionMismatch, RequestInProgress", body = ErrorBody),
+        (status = 422, description = "RequestIdReused", body = ErrorBody),
     )
 )]
 pub async fn update_subscription(
@@ -234,15 +238,17 @@ pub async fn update_subscription(
     params(
         ("eventSubscriptionId" = Uuid, Path),
         ("x-api-key" = String, Header, description = "The merchant's API key."),
-        ("x-request-id" = Option<Uuid>, Header, description = "Idempotency key; reuse it only to retry."),
-        ("If-Match" = Option<String>, Header, description = "ETag the subscription must have."),
+        ("x-request-id" = Option<Uuid>, Header, nullable = false, description = "Idempotency key; reuse it only to retry."),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "ETag the subscription must have."),
     ),
     responses(
         (status = 200, description = "Removed; the removed subscription.", body = Subscription),
+        (status = 400, description = "Validation", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "InvalidTriggeredBy", body = ErrorBody),
         (status = 404, description = "SubscriptionNotFound", body = ErrorBody),
         (status = 409, description = "EntityVersionMismatch", body = ErrorBody),
+        (status = 422, description = "RequestIdReused", body = ErrorBody),
     )
 )]
 pub async fn delete_subscription(
@@ -263,6 +269,7 @@ pub async fn delete_subscription(
     params(("eventSubscriptionId" = Uuid, Path), ("x-api-key" = String, Header, description = "The merchant's API key.")),
     responses(
         (status = 200, description = "The subscription; `ETag` header.", body = Subscription),
+        (status = 400, description = "Validation", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "InvalidTriggeredBy", body = ErrorBody),
         (status = 404, description = "SubscriptionNotFound", body = ErrorBody),
@@ -287,7 +294,7 @@ pub async fn get_subscription(
     tag = "Event subscriptions",
     params(
         ("x-api-key" = String, Header, description = "The merchant's API key."),
-        ("limit" = Option<usize>, Query, description = "1 to 100; default 20."),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 100, description = "1 to 100; default 20."),
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page."),
     ),
     responses(

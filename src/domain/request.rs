@@ -89,12 +89,14 @@ pub struct CustomerData {
     pub phone_number: Option<String>,
     /// `YYYY-MM-DD`, in the past.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = Date)]
     pub date_of_birth: Option<String>,
 }
 
 /// What the customer is about to pay or receive.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"type": "PassthroughWithdrawal", "amount": 100.5, "currency": "EUR"}))]
 pub struct TransactionData {
     /// Exactly one of `type` and `direction`.
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
@@ -114,10 +116,14 @@ pub struct TransactionData {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, from = "StoredRedirectData")]
 pub struct RedirectData {
+    #[schema(format = "uri", example = "https://merchant.example/success")]
     pub success_url: String,
+    #[schema(format = "uri", example = "https://merchant.example/failure")]
     pub failure_url: String,
+    #[schema(format = "uri", example = "https://merchant.example/abort")]
     pub abort_url: String,
     /// Where to go after the customer saw a QR (payment) code.
+    #[schema(format = "uri", example = "https://merchant.example/qr")]
     pub qr_code_success_url: String,
 }
 
