@@ -110,9 +110,14 @@ impl Captured {
         let mut captured = Captured { child, lines, readers, url: String::new() };
         let deadline = Instant::now() + DEADLINE;
         loop {
-            let listening = captured.lines().into_iter().find(|l| l.contains("listening") && !l.contains("metrics"));
-            if let Some(line) = listening {
-                let address = address_in(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
+            // The API listener's line: other lines say "listening" too (the metrics listener, and
+            // on PostgreSQL the wake-up channel), but only this one names an address.
+            let listening = captured
+                .lines()
+                .into_iter()
+                .filter(|l| l.contains("listening") && !l.contains("metrics"))
+                .find_map(|l| address_in(&l));
+            if let Some(address) = listening {
                 captured.url = format!("http://{address}");
                 return captured;
             }
