@@ -85,17 +85,10 @@ pub(super) fn render_step(
                     Step::Blocked
                 }
                 previous => {
-                    if let Some(otp) = previous {
-                        let why = if otp.code_hash.is_none() {
-                            t.no_code
-                        } else if now >= otp.code_expires_on {
-                            t.code_expired
-                        } else {
-                            t.code_used_up
-                        };
-                        if otp.code_hash.is_some() {
-                            message.get_or_insert_with(|| why.to_owned());
-                        }
+                    // A code that is still there but no longer good: say why a new one is needed.
+                    if let Some(otp) = previous.as_ref().filter(|otp| otp.code_hash.is_some()) {
+                        let why = if now >= otp.code_expires_on { t.code_expired } else { t.code_used_up };
+                        message.get_or_insert_with(|| why.to_owned());
                     }
                     match &view.customer_phone {
                         Some(phone) => {
