@@ -583,6 +583,11 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
+/// One scenario whose requests all answer `200`, on every instance, measured.
+async fn scenario(server: &Server, args: &Args, name: &str, make: MakeRequest) -> Stats {
+    server.measured(load(name, &server.addresses, args.connections, args.duration, 200, make)).await
+}
+
 fn row(stats: &Stats, ceiling: Option<&Stats>) -> String {
     let ratio = ceiling.map_or("—".to_owned(), |c| format!("{:.0} %", 100.0 * stats.rate() / c.rate()));
     let cpu = match stats.server_cpu {
@@ -625,9 +630,7 @@ async fn run(args: Args) {
                 .expect("valid"),
         )
     });
-    let ceiling = server
-        .measured(load("ceiling: GET /health/live", &server.addresses, args.connections, args.duration, 200, make))
-        .await;
+    let ceiling = scenario(&server, &args, "ceiling: GET /health/live", make).await;
     if wants("ceiling") {
         rows.push(row(&ceiling, Some(&ceiling)));
     }
@@ -646,10 +649,7 @@ async fn run(args: Args) {
             let id = list.get(spread(n % list.len().max(1), list.len()))?;
             Some(request(Method::GET, address, &format!("{BASE}/redirect-sessions/{id}"), &key, None))
         });
-        rows.push(row(
-            &server.measured(load("read session", &server.addresses, args.connections, args.duration, 200, make)).await,
-            Some(&ceiling),
-        ));
+        rows.push(row(&scenario(&server, &args, "read session", make).await, Some(&ceiling)));
     }
     if wants("cancel") {
         let (key, list) = (key.clone(), Arc::new(created.clone()));
@@ -657,19 +657,7 @@ async fn run(args: Args) {
             let id = list.get(spread(n, list.len()))?;
             Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key, None))
         });
-        rows.push(row(
-            &server
-                .measured(load(
-                    "cancel session (each id once)",
-                    &server.addresses,
-                    args.connections,
-                    args.duration,
-                    200,
-                    make,
-                ))
-                .await,
-            Some(&ceiling),
-        ));
+        rows.push(row(&scenario(&server, &args, "cancel session (each id once)", make).await, Some(&ceiling)));
     }
     if wants("pay") {
         let cookies = Arc::new(arrived_browsers(address, &key, 256).await);
@@ -683,19 +671,7 @@ async fn run(args: Args) {
                     .expect("valid"),
             )
         });
-        rows.push(row(
-            &server
-                .measured(load(
-                    "hosted page: GET /pay (with cookie)",
-                    &server.addresses,
-                    args.connections,
-                    args.duration,
-                    200,
-                    make,
-                ))
-                .await,
-            Some(&ceiling),
-        ));
+        rows.push(row(&scenario(&server, &args, "hosted page: GET /pay (with cookie)", make).await, Some(&ceiling)));
     }
     let sessions = created.len();
     let (database, wal) = server.database_bytes();
