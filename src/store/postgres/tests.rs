@@ -128,32 +128,30 @@ fn spec_with(customer: Option<Uuid>, amount: &str) -> SessionSpec {
             "currency": "EUR",
             "externalReference": "order-1",
         },
-        "redirectData": {
-            "successUrl": "https://shop.example/ok",
-            "failureUrl": "https://shop.example/fail",
-            "abortUrl": "https://shop.example/abort",
-            "qrCodeSuccessUrl": "https://shop.example/qr",
-        },
         "locale": "de-DE",
     });
     if let Some(customer) = customer {
         spec["customerId"] = serde_json::json!(customer);
     }
-    serde_json::from_value(spec).expect("a valid spec")
+    spec_of(spec)
+}
+
+/// The spec of a session with `fields` and the merchant URLs every test session shares.
+fn spec_of(mut fields: serde_json::Value) -> SessionSpec {
+    fields["redirectData"] = serde_json::json!({
+        "successUrl": "https://shop.example/ok",
+        "failureUrl": "https://shop.example/fail",
+        "abortUrl": "https://shop.example/abort",
+        "qrCodeSuccessUrl": "https://shop.example/qr",
+    });
+    serde_json::from_value(fields).expect("a valid spec")
 }
 
 fn new_customer_spec() -> SessionSpec {
-    serde_json::from_value(serde_json::json!({
+    spec_of(serde_json::json!({
         "type": "NewCustomer",
-        "redirectData": {
-            "successUrl": "https://shop.example/ok",
-            "failureUrl": "https://shop.example/fail",
-            "abortUrl": "https://shop.example/abort",
-            "qrCodeSuccessUrl": "https://shop.example/qr",
-        },
         "locale": "en-GB",
     }))
-    .expect("a valid spec")
 }
 
 fn session(id: Uuid, merchant_id: Uuid, spec: SessionSpec, created_on: Timestamp, ttl: Duration) -> SessionRecord {
@@ -1126,34 +1124,20 @@ fn wrong_code(session: Uuid) -> [u8; 32] {
 }
 
 fn registration_spec(first_name: &str, last_name: &str) -> SessionSpec {
-    serde_json::from_value(serde_json::json!({
+    spec_of(serde_json::json!({
         "type": "NewCustomer",
         "customerData": {"firstName": first_name, "lastName": last_name, "phoneNumber": "+4915112345678"},
-        "redirectData": {
-            "successUrl": "https://shop.example/ok",
-            "failureUrl": "https://shop.example/fail",
-            "abortUrl": "https://shop.example/abort",
-            "qrCodeSuccessUrl": "https://shop.example/qr",
-        },
         "locale": "de-DE",
     }))
-    .expect("a valid spec")
 }
 
 fn existing_intent_spec(customer: Uuid, intent: Uuid) -> SessionSpec {
-    serde_json::from_value(serde_json::json!({
+    spec_of(serde_json::json!({
         "type": "ExistingTransactionIntent",
         "customerId": customer,
         "transactionIntentId": intent,
-        "redirectData": {
-            "successUrl": "https://shop.example/ok",
-            "failureUrl": "https://shop.example/fail",
-            "abortUrl": "https://shop.example/abort",
-            "qrCodeSuccessUrl": "https://shop.example/qr",
-        },
         "locale": "de-DE",
     }))
-    .expect("a valid spec")
 }
 
 /// Creates the session, opens it and records a code sent to `phone`, all at `now`.
