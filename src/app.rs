@@ -49,6 +49,8 @@ pub struct Shared {
     pub keyring: RwLock<Arc<Keyring>>,
     pub metrics: Metrics,
     pub limits: api::ratelimit::Limits,
+    /// The requests with an `x-request-id` running in this process.
+    pub in_flight: api::idempotency::InFlight,
 }
 
 impl std::ops::Deref for AppState {
@@ -72,6 +74,7 @@ impl AppState {
             public_url,
             code_sender,
             limits: api::ratelimit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip),
+            in_flight: api::idempotency::InFlight::default(),
             config,
             store,
             keyring: RwLock::new(Arc::new(keyring)),

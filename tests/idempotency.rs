@@ -1,6 +1,7 @@
-//! Idempotency by `x-request-id` (docs/DESIGN.md "Idempotency"): the first outcome is stored and replayed byte for
-//! byte, a reused id for another request is refused, a request still running is reported, and
-//! records are per merchant and survive a restart.
+//! Idempotency by `x-request-id` (docs/DESIGN.md "Idempotency"): the first outcome is kept and replayed byte for
+//! byte, a reused id for another request is refused, a duplicate of a request still running
+//! waits for it (or is told it is in progress), and records are per merchant and survive a
+//! restart.
 
 mod common;
 
@@ -13,9 +14,8 @@ use axum::middleware::from_fn_with_state;
 use common::*;
 use redirect_sessions::api::{auth, idempotency, with_common_layers};
 use redirect_sessions::domain::event::EventType;
-use redirect_sessions::domain::time::Timestamp;
 use redirect_sessions::error::ApiError;
-use redirect_sessions::store::{IdempotencyBegin, IdempotencyKey};
+use redirect_sessions::store::{Found, IdempotencyKey};
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -222,57 +222,179 @@ async fn the_same_request_id_on_another_path_or_method_is_refused_as_reused() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_request_still_executing_elsewhere_is_answered_request_in_progress() {
-    let server = TestServer::start().await;
-    let (id, request_id, body) = (Uuid::new_v4(), Uuid::new_v4(), bytes_of(&new_transaction_intent()));
-    let key = IdempotencyKey { merchant_id: server.merchant_id, request_id };
-    let print = fingerprint("PUT", &session_path(id), &body);
-    let begun = server.store().idempotency_begin(key, print, Timestamp::now(), Duration::from_secs(60)).await.unwrap();
-    assert_eq!(begun, IdempotencyBegin::Proceed);
+/// A merchant route wired like the real ones whose handler, on its first call, holds until
+/// the test releases it, then answers `200 done`; later calls answer `200 again`.
+struct HeldRoute {
+    caller: Caller,
+    entered: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+    calls: Arc<AtomicUsize>,
+}
 
-    let response = put_with_request_id(&server, id, request_id, &body).await;
+async fn held_route(server: &TestServer) -> HeldRoute {
+    let (entered, release, calls) =
+        (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()), Arc::new(AtomicUsize::new(0)));
+    let handler = {
+        let (entered, release, calls) = (entered.clone(), release.clone(), calls.clone());
+        move || {
+            let (entered, release, calls) = (entered.clone(), release.clone(), calls.clone());
+            async move {
+                if calls.fetch_add(1, Ordering::SeqCst) > 0 {
+                    return (StatusCode::OK, "again");
+                }
+                entered.notify_one();
+                release.notified().await;
+                (StatusCode::OK, "done")
+            }
+        }
+    };
+    let url = serve_merchant_route(server, axum::routing::put(handler)).await;
+    let caller = Caller { client: server.client.clone(), api_key: server.api_key.clone(), url };
+    HeldRoute { caller, entered, release, calls }
+}
+
+/// Serves `route` at `/route` behind auth, idempotency and the common layers; answers its URL.
+async fn serve_merchant_route(
+    server: &TestServer,
+    route: axum::routing::MethodRouter<redirect_sessions::app::AppState>,
+) -> String {
+    let state = server.state.clone();
+    let routes = axum::Router::new()
+        .route("/route", route)
+        .layer(from_fn_with_state(state.clone(), idempotency::middleware))
+        .layer(from_fn_with_state(state.clone(), auth::middleware));
+    let app = with_common_layers(routes, state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{address}/route")
+}
+
+/// Calls a stand-in route as the test server's merchant.
+#[derive(Clone)]
+struct Caller {
+    client: reqwest::Client,
+    api_key: String,
+    url: String,
+}
+
+impl Caller {
+    async fn put(&self, request_id: Uuid, body: &'static str) -> Response {
+        let request = self.client.put(&self.url).header("x-api-key", &self.api_key).body(body);
+        request.header("x-request-id", request_id.to_string()).send().await.unwrap()
+    }
+}
+
+/// Waits until `n` duplicates wait for the request holding `key`.
+async fn until_waiting(server: &TestServer, key: IdempotencyKey, n: usize) {
+    for _ in 0..2_000 {
+        if server.state.in_flight.waiting(key) == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{n} duplicates never waited");
+}
+
+#[tokio::test]
+async fn a_duplicate_arriving_while_the_first_runs_waits_and_replays_its_answer() {
+    let server = TestServer::start().await;
+    let route = held_route(&server).await;
+    let request_id = Uuid::new_v4();
+    let key = IdempotencyKey { merchant_id: server.merchant_id, request_id };
+    let first = tokio::spawn({
+        let caller = route.caller.clone();
+        async move { answer(caller.put(request_id, "{}").await).await }
+    });
+    route.entered.notified().await;
+    let duplicates: Vec<_> = (0..3)
+        .map(|_| {
+            let caller = route.caller.clone();
+            tokio::spawn(async move { answer(caller.put(request_id, "{}").await).await })
+        })
+        .collect();
+    until_waiting(&server, key, 3).await;
+    route.release.notify_one();
+
+    let first = first.await.unwrap();
+    assert_eq!((first.status, first.replayed, first.body.as_slice()), (200, None, &b"done"[..]));
+    for duplicate in duplicates {
+        let duplicate = duplicate.await.unwrap();
+        assert_eq!(duplicate.status, 200);
+        assert_eq!((duplicate.replayed.as_deref(), duplicate.body.as_slice()), (Some("true"), &b"done"[..]));
+    }
+    assert_eq!(route.calls.load(Ordering::SeqCst), 1, "the handler ran once");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_held_up_longer_than_the_wait_is_answered_request_in_progress() {
+    let server = TestServer::start().await;
+    let route = held_route(&server).await;
+    let request_id = Uuid::new_v4();
+    let first = tokio::spawn({
+        let caller = route.caller.clone();
+        async move { answer(caller.put(request_id, "{}").await).await }
+    });
+    route.entered.notified().await;
+
+    let response = route.caller.put(request_id, "{}").await;
     assert_eq!(response.headers().get("idempotent-replayed"), None);
     let error = assert_error(response, 409, "RequestInProgress").await;
     assert_eq!(error["correlationId"], request_id.to_string());
-    assert_error(server.get_session(id).await, 404, "RedirectSessionNotFound").await;
 
-    // Still in progress: asking again gives the same answer, and the record is not consumed.
-    assert_error(put_with_request_id(&server, id, request_id, &body).await, 409, "RequestInProgress").await;
+    // Once the first is over, a retry gets its answer.
+    route.release.notify_one();
+    assert_eq!(first.await.unwrap().body, b"done");
+    let retried = answer(route.caller.put(request_id, "{}").await).await;
+    assert_eq!((retried.replayed.as_deref(), retried.body.as_slice()), (Some("true"), &b"done"[..]));
+    assert_eq!(route.calls.load(Ordering::SeqCst), 1);
     server.stop().await;
 }
 
 #[tokio::test]
-async fn a_different_request_under_an_id_still_executing_is_refused_as_reused() {
+async fn a_different_request_under_an_id_still_executing_is_refused_as_reused_once_it_is_done() {
     let server = TestServer::start().await;
-    let (id, request_id, body) = (Uuid::new_v4(), Uuid::new_v4(), bytes_of(&new_transaction_intent()));
+    let route = held_route(&server).await;
+    let request_id = Uuid::new_v4();
     let key = IdempotencyKey { merchant_id: server.merchant_id, request_id };
-    let print = fingerprint("PUT", &session_path(Uuid::new_v4()), &body);
-    server.store().idempotency_begin(key, print, Timestamp::now(), Duration::from_secs(60)).await.unwrap();
+    let first = tokio::spawn({
+        let caller = route.caller.clone();
+        async move { answer(caller.put(request_id, "{}").await).await }
+    });
+    route.entered.notified().await;
+    let other = tokio::spawn({
+        let caller = route.caller.clone();
+        async move { caller.put(request_id, "{\"other\":1}").await }
+    });
+    until_waiting(&server, key, 1).await;
+    route.release.notify_one();
 
-    assert_error(put_with_request_id(&server, id, request_id, &body).await, 422, "RequestIdReused").await;
-    assert_error(server.get_session(id).await, 404, "RedirectSessionNotFound").await;
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_error(other.await.unwrap(), 422, "RequestIdReused").await;
+    assert_eq!(route.calls.load(Ordering::SeqCst), 1);
     server.stop().await;
 }
 
 #[tokio::test]
-async fn an_abandoned_request_older_than_the_lease_is_taken_over_by_a_retry() {
+async fn a_change_and_its_kept_answer_are_one_write() {
+    // The session and the answer are committed together: after the create, the record is there
+    // (a replay needs no second write), and one duplicate sent after it replays.
     let server = TestServer::start().await;
     let (id, request_id, body) = (Uuid::new_v4(), Uuid::new_v4(), bytes_of(&new_transaction_intent()));
     let key = IdempotencyKey { merchant_id: server.merchant_id, request_id };
     let print = fingerprint("PUT", &session_path(id), &body);
-    let long_ago = Timestamp::now().minus(Duration::from_secs(61));
-    server.store().idempotency_begin(key, print, long_ago, Duration::from_secs(60)).await.unwrap();
-
-    let taken_over = answer(put_with_request_id(&server, id, request_id, &body).await).await;
-    assert_eq!(taken_over.status, 201, "{}", String::from_utf8_lossy(&taken_over.body));
-    assert_eq!(taken_over.replayed, None);
-    assert_eq!(json_of(&taken_over.body)["id"], id.to_string());
-
-    // The retry's outcome is now the stored one.
-    let again = answer(put_with_request_id(&server, id, request_id, &body).await).await;
-    assert_eq!((again.status, again.replayed.as_deref()), (201, Some("true")));
-    assert_eq!(again.body, taken_over.body);
+    assert_eq!(server.store().idempotency_lookup(key, print).await.unwrap(), None);
+    let created = answer(put_with_request_id(&server, id, request_id, &body).await).await;
+    assert_eq!(created.status, 201);
+    match server.store().idempotency_lookup(key, print).await.unwrap() {
+        Some(Found::Replay(kept)) => {
+            assert_eq!((kept.status, &kept.body), (201, &created.body));
+        }
+        other => panic!("the create kept no answer: {other:?}"),
+    }
+    let other_print = fingerprint("PUT", &session_path(Uuid::new_v4()), &body);
+    assert_eq!(server.store().idempotency_lookup(key, other_print).await.unwrap(), Some(Found::Reused));
     server.stop().await;
 }
 
@@ -405,16 +527,7 @@ async fn flaky_route(server: &TestServer, first_call: FirstCall) -> String {
             Ok((StatusCode::OK, "done"))
         }
     };
-    let state = server.state.clone();
-    let routes = axum::Router::new()
-        .route("/flaky", axum::routing::put(handler))
-        .layer(from_fn_with_state(state.clone(), idempotency::middleware))
-        .layer(from_fn_with_state(state.clone(), auth::middleware));
-    let app = with_common_layers(routes, state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{address}/flaky")
+    serve_merchant_route(server, axum::routing::put(handler)).await
 }
 
 async fn put_flaky(server: &TestServer, url: &str, request_id: Uuid) -> Response {

@@ -463,6 +463,94 @@ async fn every_create_answered_before_a_kill_9_amid_concurrent_writes_survives_i
     }
 }
 
+/// One create sent with an `x-request-id`, and the answer when one came back.
+struct Sent {
+    id: Uuid,
+    request_id: Uuid,
+    answer: Option<(u16, Vec<u8>)>,
+}
+
+async fn put_with_request_id(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    id: Uuid,
+    request_id: Uuid,
+) -> reqwest::Result<Response> {
+    client
+        .put(format!("{url}{BASE}/redirect-sessions/{id}"))
+        .header("x-api-key", key)
+        .header("x-request-id", request_id.to_string())
+        .json(&new_transaction_intent())
+        .send()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_creates_across_a_kill_9_run_once_and_replay_every_acknowledged_answer() {
+    // Writers send creates with an x-request-id while the process dies. After the restart each
+    // is retried with its own id: an acknowledged one replays its answer byte for byte, and an
+    // unacknowledged one either replays (it committed) or runs now: never "exists already",
+    // which would mean the change had committed without its answer.
+    let workspace = Workspace::new();
+    let (_, key) = workspace.merchant("Retrying Shop");
+    let unlimited = ["--rate-limit-per-key", "0"];
+    let mut served = workspace.serve(&unlimited, &[]);
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Sent>::new()));
+    let answered = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let writers: Vec<_> = (0..32)
+        .map(|_| {
+            let (client, url, key, sent, answered) =
+                (served.client.clone(), served.url.clone(), key.clone(), sent.clone(), answered.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (id, request_id) = (Uuid::new_v4(), Uuid::new_v4());
+                    let answer = match put_with_request_id(&client, &url, &key, id, request_id).await {
+                        Ok(response) => match response.status().as_u16() {
+                            201 => Some((201, response.bytes().await.map(|b| b.to_vec()).unwrap_or_default())),
+                            other => panic!("create answered {other} before the crash"),
+                        },
+                        Err(_) => None, // the server is gone
+                    };
+                    let done = answer.is_none();
+                    sent.lock().unwrap().push(Sent { id, request_id, answer });
+                    if done {
+                        return;
+                    }
+                    answered.add_permits(1);
+                }
+            })
+        })
+        .collect();
+    // 400 acknowledged creates, then the crash (waiting on answers, not on a clock).
+    tokio::time::timeout(std::time::Duration::from_secs(120), answered.acquire_many(400))
+        .await
+        .expect("400 creates are answered within two minutes")
+        .unwrap()
+        .forget();
+    served.kill_9();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let sent = std::mem::take(&mut *sent.lock().unwrap());
+    assert!(sent.iter().any(|s| s.answer.is_none()), "some creates were cut off by the crash");
+    let restarted = workspace.serve(&unlimited, &[]);
+    for Sent { id, request_id, answer } in sent {
+        let retry = put_with_request_id(&restarted.client, &restarted.url, &key, id, request_id).await.unwrap();
+        let status = retry.status().as_u16();
+        let replayed = retry.headers().get("idempotent-replayed").is_some();
+        let body = retry.bytes().await.unwrap().to_vec();
+        match answer {
+            Some((first_status, first_body)) => {
+                assert!(replayed, "the acknowledged create {id} was not replayed after the crash");
+                assert_eq!((status, &body), (first_status, &first_body), "session {id}");
+            }
+            None => assert_eq!(status, 201, "the retry of {id} found its session without its answer"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_server_gracefully_with_exit_status_0() {
     let workspace = Workspace::new();

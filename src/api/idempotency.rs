@@ -1,7 +1,15 @@
-//! `x-request-id` idempotency (docs/DESIGN.md "Idempotency") for every mutating merchant request: the first
-//! outcome is stored and replayed byte for byte; see `docs/DESIGN.md`.
+//! `x-request-id` idempotency (docs/DESIGN.md "Idempotency") for every mutating merchant
+//! request: the first answer is kept and replayed byte for byte.
+//!
+//! The middleware answers a request whose key is kept already (a read) and otherwise lets it
+//! run under a `Scope`. A handler that writes passes the scope to the store as a `Guard`, and
+//! the store keeps the answer in the transaction of the change; an answer that changed nothing
+//! the middleware keeps itself. A duplicate arriving while the first runs in this process
+//! waits for it and replays its answer (`409 RequestInProgress` after `IN_PROGRESS_WAIT`); one
+//! running in another instance is settled by the database (`crate::store::idempotency`).
 
-use std::panic::AssertUnwindSafe;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -9,8 +17,9 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures_util::FutureExt;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use uuid::Uuid;
 
 use super::context::RequestContext;
 use super::extract::{body_bytes, store_error};
@@ -19,22 +28,76 @@ use crate::domain::time::Timestamp;
 use crate::error::{ApiError, ErrorCode, PendingError};
 use crate::secrets::{is_sealed_bytes, Column};
 use crate::store::sealing::idempotency_row;
-use crate::store::{IdempotencyBegin, IdempotencyKey, Merchant, StoredResponse};
+use crate::store::{Found, Guard, Guarded, IdempotencyKey, Merchant, StoredResponse};
 
-/// An in-progress record older than this belongs to a request whose process died; a retry
-/// takes it over. Longer than any request may run.
-pub const IN_PROGRESS_LEASE: Duration = Duration::from_secs(60);
+/// How long a duplicate waits for the first request with its key (running in this process)
+/// before it is answered `409 RequestInProgress`.
+pub const IN_PROGRESS_WAIT: Duration = Duration::from_secs(2);
 
-/// The response headers that are part of a stored outcome.
+/// The response headers that are part of a kept answer.
 const KEPT_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::LOCATION, header::ETAG];
 
 /// `idempotent-replayed: true` marks a replayed answer.
 pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// A response extension: the body shows a secret (a new subscription's signing secret), so
-/// it is stored encrypted (`crate::secrets`, docs/DESIGN.md "Secrets at rest").
+/// it is kept encrypted (`crate::secrets`, docs/DESIGN.md "Secrets at rest").
 #[derive(Clone, Copy, Debug)]
 pub struct ShowsSecret;
+
+/// A response extension: the answer was kept by the write that made it (or is a replay).
+#[derive(Clone, Copy, Debug)]
+struct Kept;
+
+/// The key a request runs under: a request extension the middleware sets for handlers.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope {
+    pub key: IdempotencyKey,
+    pub fingerprint: [u8; 32],
+}
+
+impl Scope {
+    /// The guard for the store write whose answer `answer` renders.
+    pub fn guard<O>(self, answer: impl FnOnce(&O) -> StoredResponse + Send + 'static) -> Guard<O> {
+        Guard { key: self.key, fingerprint: self.fingerprint, now: Timestamp::now(), answer: Box::new(answer) }
+    }
+}
+
+/// The requests with a key running in this process, each with a channel that closes when it
+/// is over.
+#[derive(Default)]
+pub struct InFlight(Arc<Mutex<HashMap<IdempotencyKey, watch::Sender<()>>>>);
+
+/// A request's hold on its key; dropping it (however the request ends) lets duplicates on.
+struct Claim {
+    table: Arc<Mutex<HashMap<IdempotencyKey, watch::Sender<()>>>>,
+    key: IdempotencyKey,
+}
+
+impl InFlight {
+    /// Holds `key` for this request, or answers a channel that closes when its holder is done.
+    fn claim(&self, key: IdempotencyKey) -> Result<Claim, watch::Receiver<()>> {
+        let mut table = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(running) = table.get(&key) {
+            return Err(running.subscribe());
+        }
+        table.insert(key, watch::channel(()).0);
+        Ok(Claim { table: self.0.clone(), key })
+    }
+
+    /// How many duplicates wait for the request that holds `key` (for operators and tests).
+    pub fn waiting(&self, key: IdempotencyKey) -> usize {
+        let table = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        table.get(&key).map_or(0, watch::Sender::receiver_count)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // Dropping the sender closes every waiter's channel.
+        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&self.key);
+    }
+}
 
 /// Runs the request at most once per (merchant, `x-request-id`).
 pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -49,52 +112,24 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
     let merchant = request.extensions().get::<Merchant>().expect("auth middleware runs first").id;
     let key = IdempotencyKey { merchant_id: merchant, request_id };
 
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let bytes = match body_bytes(body).await {
         Ok(bytes) => bytes,
         Err(error) => return error.into_response(),
     };
     let fingerprint = fingerprint(&parts.method, parts.uri.path_and_query().map_or("", |p| p.as_str()), &bytes);
-
-    match state.store.idempotency_begin(key, fingerprint, Timestamp::now(), IN_PROGRESS_LEASE).await {
-        Err(error) => return store_error(error).into_response(),
-        Ok(IdempotencyBegin::Replay(stored)) => return replay(&state, key, stored),
-        Ok(IdempotencyBegin::InProgress) => {
-            return ApiError::new(
-                ErrorCode::RequestInProgress,
-                "A request with this x-request-id is still being executed; retry later.",
-            )
-            .into_response()
-        }
-        Ok(IdempotencyBegin::Reused) => {
-            return ApiError::new(
-                ErrorCode::RequestIdReused,
-                "This x-request-id was already used for a different request.",
-            )
-            .into_response()
-        }
-        Ok(IdempotencyBegin::Proceed) => {}
-    }
-
-    let run = AssertUnwindSafe(next.run(Request::from_parts(parts, Body::from(bytes)))).catch_unwind().await;
-    let mut response = match run {
-        Ok(response) => response,
-        Err(panic) => {
-            // A panic is a server error: forget the record so a retry runs, then let the panic
-            // go on to the layer that answers it.
-            if let Err(error) = state.store.idempotency_release(key).await {
-                tracing::warn!(%error, "could not release an idempotency record; it expires with its lease");
-            }
-            std::panic::resume_unwind(panic);
-        }
+    let _claim = match claim(&state, key, fingerprint).await {
+        Ok(claim) => claim,
+        Err(answer) => return answer,
     };
-    if !is_stored(&response) {
-        if let Err(error) = state.store.idempotency_release(key).await {
-            tracing::warn!(%error, "could not release an idempotency record; it expires with its lease");
-        }
+    let scope = Scope { key, fingerprint };
+    parts.extensions.insert(scope);
+    let mut response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    if response.extensions().get::<Kept>().is_some() || !is_kept(&response) {
         return response;
     }
-    // Render a pending error now, so the stored bytes are exactly what the client receives.
+    // An answer that changed nothing (decided before any write): kept on its own. Rendered
+    // now, so the kept bytes are exactly what the client receives.
     if let Some(PendingError(error)) = response.extensions_mut().remove::<PendingError>() {
         response = error.render(context.correlation_id, &state.public_url);
     }
@@ -102,23 +137,7 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
     let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
         return ApiError::internal(&"a response body could not be read").into_response();
     };
-    let kept = if parts.extensions.get::<ShowsSecret>().is_some() {
-        let row = idempotency_row(key.merchant_id, key.request_id);
-        match state.store.secrets().seal(Column::IdempotentBody, &row, &body) {
-            Ok(sealed) => sealed.into_bytes(),
-            Err(error) => {
-                // Not kept rather than kept in clear; a retry runs again.
-                tracing::warn!(%error, "could not encrypt an idempotent outcome");
-                if let Err(error) = state.store.idempotency_release(key).await {
-                    tracing::warn!(%error, "could not release an idempotency record; it expires with its lease");
-                }
-                return Response::from_parts(parts, Body::from(body));
-            }
-        }
-    } else {
-        body.to_vec()
-    };
-    let stored = StoredResponse {
+    let mut answer = StoredResponse {
         status: parts.status.as_u16(),
         headers: KEPT_HEADERS
             .iter()
@@ -127,13 +146,138 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
                 Some((name.as_str().to_owned(), value.to_owned()))
             })
             .collect(),
-        body: kept,
+        body: body.to_vec(),
     };
-    if let Err(error) = state.store.idempotency_finish(key, stored, Timestamp::now()).await {
-        // The outcome stands; a retry after the lease runs again, which every operation allows.
-        tracing::warn!(%error, "could not store an idempotent outcome");
+    if parts.extensions.get::<ShowsSecret>().is_some() {
+        match seal(&state, key, answer) {
+            Some(sealed) => answer = sealed,
+            // Not kept rather than kept in clear; a retry runs again.
+            None => return Response::from_parts(parts, Body::from(body)),
+        }
     }
-    Response::from_parts(parts, Body::from(body))
+    match state.store.idempotency_keep(key, fingerprint, Timestamp::now(), answer).await {
+        Ok(None) => Response::from_parts(parts, Body::from(body)),
+        Ok(Some(found)) => answer_found(&state, key, found),
+        Err(error) => {
+            // The answer stands; a retry runs again, which every such answer allows.
+            tracing::warn!(%error, "could not keep an idempotent answer");
+            Response::from_parts(parts, Body::from(body))
+        }
+    }
+}
+
+/// Holds `key` for this request; or, when the key is kept already or held too long by another
+/// request, the answer.
+async fn claim(state: &AppState, key: IdempotencyKey, fingerprint: [u8; 32]) -> Result<Claim, Response> {
+    let deadline = tokio::time::Instant::now() + IN_PROGRESS_WAIT;
+    loop {
+        match state.store.idempotency_lookup(key, fingerprint).await {
+            Err(error) => return Err(store_error(error).into_response()),
+            Ok(Some(found)) => return Err(answer_found(state, key, found)),
+            Ok(None) => {}
+        }
+        let mut running = match state.in_flight.claim(key) {
+            Ok(claim) => return Ok(claim),
+            Err(running) => running,
+        };
+        // `changed` fails when the holder is gone: then look again.
+        if tokio::time::timeout_at(deadline, running.changed()).await.is_err() {
+            return Err(ApiError::new(
+                ErrorCode::RequestInProgress,
+                "A request with this x-request-id is still being executed; retry later.",
+            )
+            .into_response());
+        }
+    }
+}
+
+/// The response of a write run under `scope` (or without a key): the answer the write kept,
+/// or the one `render` makes of its outcome, or the answer kept first by an earlier request.
+/// `ran` sees the outcome of a write that ran.
+pub fn respond<O>(
+    state: &AppState,
+    scope: Option<Scope>,
+    guarded: Guarded<O>,
+    render: impl FnOnce(&O) -> StoredResponse,
+    ran: impl FnOnce(&O),
+) -> Response {
+    match (guarded, scope) {
+        (Guarded::Ran(outcome, kept), _) => {
+            ran(&outcome);
+            let is_kept = kept.is_some();
+            let mut response = kept.unwrap_or_else(|| render(&outcome)).into_response();
+            if is_kept {
+                response.extensions_mut().insert(Kept);
+            }
+            response
+        }
+        (Guarded::Earlier(found), Some(scope)) => answer_found(state, scope.key, found),
+        (Guarded::Earlier(_), None) => ApiError::internal(&"a write without a key lost to a kept one").into_response(),
+    }
+}
+
+/// The kept answer as a response, or `RequestIdReused`.
+fn answer_found(state: &AppState, key: IdempotencyKey, found: Found) -> Response {
+    let mut answer = match found {
+        Found::Replay(answer) => answer,
+        Found::Reused => {
+            return ApiError::new(
+                ErrorCode::RequestIdReused,
+                "This x-request-id was already used for a different request.",
+            )
+            .into_response()
+        }
+    };
+    if is_sealed_bytes(&answer.body) {
+        let row = idempotency_row(key.merchant_id, key.request_id);
+        let text = String::from_utf8_lossy(&answer.body).into_owned();
+        match state.store.secrets().open(Column::IdempotentBody, &row, &text) {
+            Ok(body) => answer.body = body,
+            Err(error) => return ApiError::internal(&error).into_response(),
+        }
+    }
+    let mut response = answer.into_response();
+    response.headers_mut().insert(REPLAYED.clone(), HeaderValue::from_static("true"));
+    response.extensions_mut().insert(Kept);
+    response
+}
+
+/// `answer` with its body encrypted under the key of its record; `None` when that fails.
+pub fn seal(state: &AppState, key: IdempotencyKey, mut answer: StoredResponse) -> Option<StoredResponse> {
+    let row = idempotency_row(key.merchant_id, key.request_id);
+    match state.store.secrets().seal(Column::IdempotentBody, &row, &answer.body) {
+        Ok(sealed) => {
+            answer.body = sealed.into_bytes();
+            Some(answer)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not encrypt an idempotent answer");
+            None
+        }
+    }
+}
+
+/// An error as a kept answer: the bytes `ApiError::render` sends.
+pub fn error_answer(error: &ApiError, correlation_id: Uuid, public_url: &str) -> StoredResponse {
+    let mut headers = vec![(header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned())];
+    if let Some(seconds) = error.retry_after {
+        headers.push((header::RETRY_AFTER.as_str().to_owned(), seconds.to_string()));
+    }
+    StoredResponse { status: error.status.as_u16(), headers, body: error.body(correlation_id, public_url) }
+}
+
+impl IntoResponse for StoredResponse {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, self.body).into_response();
+        let headers = response.headers_mut();
+        for (name, value) in self.headers {
+            if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+                headers.insert(name, value);
+            }
+        }
+        response
+    }
 }
 
 /// SHA-256 of method, path with query, and the exact body bytes.
@@ -147,9 +291,9 @@ fn fingerprint(method: &Method, path_and_query: &str, body: &[u8]) -> [u8; 32] {
     hash.finalize().into()
 }
 
-/// Successes and business outcomes are stored; malformed requests, authentication and rate
+/// Successes and business outcomes are kept; malformed requests, authentication and rate
 /// limits, and server errors are not, so that a corrected or later retry runs.
-fn is_stored(response: &Response) -> bool {
+fn is_kept(response: &Response) -> bool {
     let status = response.status();
     if status.is_success() {
         return true;
@@ -170,27 +314,6 @@ fn is_stored(response: &Response) -> bool {
         ),
         None => false,
     }
-}
-
-fn replay(state: &AppState, key: IdempotencyKey, mut stored: StoredResponse) -> Response {
-    if is_sealed_bytes(&stored.body) {
-        let row = idempotency_row(key.merchant_id, key.request_id);
-        let text = String::from_utf8_lossy(&stored.body).into_owned();
-        match state.store.secrets().open(Column::IdempotentBody, &row, &text) {
-            Ok(body) => stored.body = body,
-            Err(error) => return ApiError::internal(&error).into_response(),
-        }
-    }
-    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (status, stored.body).into_response();
-    let headers = response.headers_mut();
-    for (name, value) in stored.headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
-            headers.insert(name, value);
-        }
-    }
-    headers.insert(REPLAYED.clone(), HeaderValue::from_static("true"));
-    response
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -16,6 +16,7 @@ use super::context::RequestContext;
 use super::extract::{
     empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam,
 };
+use super::idempotency::{error_answer, respond, Scope};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::request::{
@@ -26,7 +27,9 @@ use crate::domain::time::Timestamp;
 use crate::domain::token::Claims;
 use crate::domain::validate::Errors;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
-use crate::store::{CancelOutcome, CancelRequest, CreateOutcome, Merchant, SessionFilter, SessionRecord};
+use crate::store::{
+    CancelOutcome, CancelRequest, CreateOutcome, Merchant, SessionFilter, SessionRecord, StoredResponse,
+};
 
 /// The routes of this resource.
 pub fn router() -> Router<AppState> {
@@ -144,20 +147,18 @@ pub struct RedirectSessionPage {
     pub next_cursor: Option<String>,
 }
 
-fn session_response(status: StatusCode, session: SessionRecord, now: Timestamp, state: &AppState) -> Response {
-    let etag = session.etag(now);
-    let id = session.id;
-    let mut response = (status, Json(RedirectSession::of(session, now, &state.public_url))).into_response();
-    let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&etag) {
-        headers.insert(header::ETAG, value);
-    }
+/// The answer showing `session` at `now`: its representation, `ETag`, and for a new session
+/// its `Location`.
+fn session_answer(status: StatusCode, session: SessionRecord, now: Timestamp, public_url: &str) -> StoredResponse {
+    let mut headers = vec![
+        (header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned()),
+        (header::ETAG.as_str().to_owned(), session.etag(now)),
+    ];
     if status == StatusCode::CREATED {
-        if let Ok(value) = HeaderValue::from_str(&format!("{BASE}/redirect-sessions/{id}")) {
-            headers.insert(header::LOCATION, value);
-        }
+        headers.push((header::LOCATION.as_str().to_owned(), format!("{BASE}/redirect-sessions/{}", session.id)));
     }
-    response
+    let body = serde_json::to_vec(&RedirectSession::of(session, now, public_url)).expect("sessions serialise");
+    StoredResponse { status: status.as_u16(), headers, body }
 }
 
 fn version_mismatch() -> ApiError {
@@ -192,6 +193,7 @@ pub async fn create_redirect_session(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
     Extension(context): Extension<RequestContext>,
+    scope: Option<Extension<Scope>>,
     raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
@@ -222,24 +224,39 @@ pub async fn create_redirect_session(
         last_correlation_id: context.correlation_id,
         version: 1,
     };
-    let spec = session.spec.clone();
-    match state.store.create_session(session).await.map_err(store_error)? {
-        CreateOutcome::Created(session) => {
-            state.metrics.session_created();
-            Ok(session_response(StatusCode::CREATED, session, now, &state))
-        }
-        CreateOutcome::Exists(existing) => {
-            let same_version = if_match.as_deref().is_none_or(|tag| existing.matches(tag, now));
-            if existing.merchant_id == merchant.id && existing.spec == spec && same_version {
-                Ok(session_response(StatusCode::OK, existing, now, &state))
-            } else {
-                Err(version_mismatch())
+    let scope = scope.map(|Extension(scope)| scope);
+    let render = {
+        let (state, spec, merchant_id, correlation_id) =
+            (state.clone(), session.spec.clone(), merchant.id, context.correlation_id);
+        move |outcome: &CreateOutcome| {
+            let public_url = &state.public_url;
+            match outcome {
+                CreateOutcome::Created(session) => {
+                    session_answer(StatusCode::CREATED, session.clone(), now, public_url)
+                }
+                CreateOutcome::Exists(existing) => {
+                    let same_version = if_match.as_deref().is_none_or(|tag| existing.matches(tag, now));
+                    if existing.merchant_id == merchant_id && existing.spec == spec && same_version {
+                        session_answer(StatusCode::OK, existing.clone(), now, public_url)
+                    } else {
+                        error_answer(&version_mismatch(), correlation_id, public_url)
+                    }
+                }
+                CreateOutcome::CustomerNotFound => error_answer(
+                    &ApiError::new(ErrorCode::CustomerNotFound, "The customerId is not a known customer."),
+                    correlation_id,
+                    public_url,
+                ),
             }
         }
-        CreateOutcome::CustomerNotFound => {
-            Err(ApiError::new(ErrorCode::CustomerNotFound, "The customerId is not a known customer."))
+    };
+    let guard = scope.map(|scope| scope.guard(render.clone()));
+    let guarded = state.store.create_session_guarded(session, guard).await.map_err(store_error)?;
+    Ok(respond(&state, scope, guarded, render, |outcome| {
+        if let CreateOutcome::Created(_) = outcome {
+            state.metrics.session_created();
         }
-    }
+    }))
 }
 
 /// Read a redirect session.
@@ -274,7 +291,7 @@ pub async fn get_redirect_session(
     match session {
         None => Err(not_found()),
         Some(session) if session.merchant_id != merchant.id => Err(other_merchant()),
-        Some(session) => Ok(session_response(StatusCode::OK, session, now, &state)),
+        Some(session) => Ok(session_answer(StatusCode::OK, session, now, &state.public_url).into_response()),
     }
 }
 
@@ -310,6 +327,7 @@ pub async fn cancel_redirect_session(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
     Extension(context): Extension<RequestContext>,
+    scope: Option<Extension<Scope>>,
     raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
@@ -324,21 +342,33 @@ pub async fn cancel_redirect_session(
         correlation_id: context.correlation_id,
         now,
     };
-    match state.store.cancel_session(request).await.map_err(store_error)? {
-        CancelOutcome::Cancelled(session) => {
+    let scope = scope.map(|Extension(scope)| scope);
+    let render = {
+        let (state, correlation_id) = (state.clone(), context.correlation_id);
+        move |outcome: &CancelOutcome| {
+            let error = match outcome {
+                CancelOutcome::Cancelled(session) | CancelOutcome::AlreadyCancelled(session) => {
+                    return session_answer(StatusCode::OK, session.clone(), now, &state.public_url)
+                }
+                CancelOutcome::NotFound => not_found(),
+                CancelOutcome::OtherMerchant => other_merchant().with_status(StatusCode::BAD_REQUEST),
+                CancelOutcome::InvalidTransition(from) => ApiError::new(
+                    ErrorCode::InvalidRedirectSessionStateTransition,
+                    format!("A redirect session in state {} cannot be cancelled.", from.as_str()),
+                ),
+                CancelOutcome::VersionMismatch => version_mismatch(),
+            };
+            error_answer(&error, correlation_id, &state.public_url)
+        }
+    };
+    let guard = scope.map(|scope| scope.guard(render.clone()));
+    let guarded = state.store.cancel_session_guarded(request, guard).await.map_err(store_error)?;
+    Ok(respond(&state, scope, guarded, render, |outcome| {
+        if let CancelOutcome::Cancelled(_) = outcome {
             state.metrics.sessions_cancelled(1);
             tracing::debug!(session.id = %id, merchant.id = %merchant.id, "redirect session cancelled");
-            Ok(session_response(StatusCode::OK, session, now, &state))
         }
-        CancelOutcome::AlreadyCancelled(session) => Ok(session_response(StatusCode::OK, session, now, &state)),
-        CancelOutcome::NotFound => Err(not_found()),
-        CancelOutcome::OtherMerchant => Err(other_merchant().with_status(StatusCode::BAD_REQUEST)),
-        CancelOutcome::InvalidTransition(from) => Err(ApiError::new(
-            ErrorCode::InvalidRedirectSessionStateTransition,
-            format!("A redirect session in state {} cannot be cancelled.", from.as_str()),
-        )),
-        CancelOutcome::VersionMismatch => Err(version_mismatch()),
-    }
+    }))
 }
 
 /// List the merchant's redirect sessions, newest first.

@@ -3,6 +3,7 @@
 //! transaction.
 
 pub mod customer;
+pub mod idempotency;
 pub mod postgres;
 pub mod sealing;
 pub mod sqlite;
@@ -10,7 +11,6 @@ pub mod webhooks;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
@@ -26,6 +26,8 @@ use crate::domain::session::{effective_state, State};
 use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
+
+pub use self::idempotency::{Found, Guard, Guarded, IdempotencyKey, StoredResponse};
 
 /// A merchant: the owner of sessions and subscriptions, known by the hash of its API key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,34 +182,6 @@ pub struct SessionFilter {
     pub limit: usize,
 }
 
-/// A response kept under an idempotency key, replayed byte for byte.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-/// What the idempotency record says about a request.
-#[derive(Debug, PartialEq, Eq)]
-pub enum IdempotencyBegin {
-    /// First time (or an abandoned attempt was taken over): run the request.
-    Proceed,
-    /// Done before: answer this.
-    Replay(StoredResponse),
-    /// Still running elsewhere.
-    InProgress,
-    /// The id was used for a different request.
-    Reused,
-}
-
-/// An idempotency key: the merchant's request id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey {
-    pub merchant_id: Uuid,
-    pub request_id: Uuid,
-}
-
 /// The signing keys: the one to sign with and every public key still accepted.
 #[derive(Clone, Debug)]
 pub struct SigningKeys {
@@ -277,8 +251,17 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
 
     async fn create_customer(&self, id: Uuid, phone: String, now: Timestamp) -> Result<(), StoreError>;
 
-    /// Inserts the session unless its id exists (checking the customer first).
-    async fn create_session(&self, session: SessionRecord) -> Result<CreateOutcome, StoreError>;
+    /// Inserts the session unless its id exists (checking the customer first); under a
+    /// guard, keeps the answer in the same transaction (`idempotency`).
+    async fn create_session_guarded(
+        &self,
+        session: SessionRecord,
+        guard: Option<Guard<CreateOutcome>>,
+    ) -> Result<Guarded<CreateOutcome>, StoreError>;
+    /// `create_session_guarded` without an idempotency key.
+    async fn create_session(&self, session: SessionRecord) -> Result<CreateOutcome, StoreError> {
+        ran(self.create_session_guarded(session, None).await?)
+    }
     async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError>;
     /// `merchant_by_key` and `get_session` read together, at one point in time and in one
     /// step (one transaction or round trip): the merchant API's most frequent request.
@@ -294,8 +277,17 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         filter: SessionFilter,
         now: Timestamp,
     ) -> Result<Vec<SessionRecord>, StoreError>;
-    /// One conditional write: cancels and records the event, or says why not.
-    async fn cancel_session(&self, request: CancelRequest) -> Result<CancelOutcome, StoreError>;
+    /// One conditional write: cancels and records the event, or says why not; under a guard,
+    /// keeps the answer in the same transaction (`idempotency`).
+    async fn cancel_session_guarded(
+        &self,
+        request: CancelRequest,
+        guard: Option<Guard<CancelOutcome>>,
+    ) -> Result<Guarded<CancelOutcome>, StoreError>;
+    /// `cancel_session_guarded` without an idempotency key.
+    async fn cancel_session(&self, request: CancelRequest) -> Result<CancelOutcome, StoreError> {
+        ran(self.cancel_session_guarded(request, None).await?)
+    }
     /// Records `Expired` and its event for up to `batch` sessions whose time has passed;
     /// answers how many it expired.
     async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize, StoreError>;
@@ -303,21 +295,18 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
     /// for it and reads the events table).
     async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>, StoreError>;
 
-    async fn idempotency_begin(
+    /// The record kept under `key`, as it decides for a request with `fingerprint` (a read).
+    async fn idempotency_lookup(&self, key: IdempotencyKey, fingerprint: [u8; 32])
+        -> Result<Option<Found>, StoreError>;
+    /// Keeps the answer to a request that changed nothing (one write of its own), unless a
+    /// record was kept first under `key`: then answers that one.
+    async fn idempotency_keep(
         &self,
         key: IdempotencyKey,
         fingerprint: [u8; 32],
         now: Timestamp,
-        lease: Duration,
-    ) -> Result<IdempotencyBegin, StoreError>;
-    async fn idempotency_finish(
-        &self,
-        key: IdempotencyKey,
-        response: StoredResponse,
-        now: Timestamp,
-    ) -> Result<(), StoreError>;
-    /// Forgets an in-progress record so that a later retry runs.
-    async fn idempotency_release(&self, key: IdempotencyKey) -> Result<(), StoreError>;
+        answer: StoredResponse,
+    ) -> Result<Option<Found>, StoreError>;
 
     /// The signing keys, creating `candidate` as the first one when there is none.
     async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys, StoreError>;
@@ -390,6 +379,14 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
     /// The keys that seal the secrets this store keeps (also for stored idempotent answers
     /// that show one).
     fn secrets(&self) -> Arc<crate::secrets::KeyRing>;
+}
+
+/// The outcome of a write that ran without a guard (it cannot have lost to a kept record).
+fn ran<O>(guarded: Guarded<O>) -> Result<O, StoreError> {
+    match guarded {
+        Guarded::Ran(outcome, _) => Ok(outcome),
+        Guarded::Earlier(_) => Err(StoreError::Internal("a write without a key found a kept record".to_owned())),
+    }
 }
 
 /// A shared handle to the backend in use.

@@ -7,6 +7,7 @@
 //! socket, or behind a TLS-terminating proxy. Keeping TLS out keeps the dependency tree small.
 
 mod customer;
+mod idempotency;
 mod listen;
 mod schema;
 mod secrets;
@@ -41,7 +42,7 @@ use crate::store::webhooks::{
     PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
 };
 use crate::store::{
-    CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey, Merchant, SessionFilter,
+    CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey, Merchant, SessionFilter,
     SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
 };
 
@@ -429,8 +430,12 @@ impl Store for PostgresStore {
         self.run(move |c| Box::pin(sessions::create_customer(c, id, phone, now))).await
     }
 
-    async fn create_session(&self, session: SessionRecord) -> Result<CreateOutcome> {
-        self.run(move |c| Box::pin(sessions::create_session(c, session))).await
+    async fn create_session_guarded(
+        &self,
+        session: SessionRecord,
+        guard: Option<Guard<CreateOutcome>>,
+    ) -> Result<Guarded<CreateOutcome>> {
+        self.run(move |c| Box::pin(sessions::create_session(c, session, guard))).await
     }
 
     async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>> {
@@ -454,8 +459,12 @@ impl Store for PostgresStore {
         self.run(move |c| Box::pin(sessions::list_sessions(c, merchant_id, filter, now))).await
     }
 
-    async fn cancel_session(&self, request: CancelRequest) -> Result<CancelOutcome> {
-        let (outcome, queued) = self.run(move |c| Box::pin(sessions::cancel_session(c, request))).await?;
+    async fn cancel_session_guarded(
+        &self,
+        request: CancelRequest,
+        guard: Option<Guard<CancelOutcome>>,
+    ) -> Result<Guarded<CancelOutcome>> {
+        let (outcome, queued) = self.run(move |c| Box::pin(sessions::cancel_session(c, request, guard))).await?;
         self.queued_deliveries(queued);
         Ok(outcome)
     }
@@ -470,22 +479,18 @@ impl Store for PostgresStore {
         self.run(move |c| Box::pin(sessions::session_events(c, session_id))).await
     }
 
-    async fn idempotency_begin(
+    async fn idempotency_lookup(&self, key: IdempotencyKey, fingerprint: [u8; 32]) -> Result<Option<Found>> {
+        self.run(move |c| Box::pin(async move { idempotency::lookup(&*c, key, &fingerprint).await })).await
+    }
+
+    async fn idempotency_keep(
         &self,
         key: IdempotencyKey,
         fingerprint: [u8; 32],
         now: Timestamp,
-        lease: Duration,
-    ) -> Result<IdempotencyBegin> {
-        self.run(move |c| Box::pin(sessions::idempotency_begin(c, key, fingerprint, now, lease))).await
-    }
-
-    async fn idempotency_finish(&self, key: IdempotencyKey, response: StoredResponse, now: Timestamp) -> Result<()> {
-        self.run(move |c| Box::pin(sessions::idempotency_finish(c, key, response, now))).await
-    }
-
-    async fn idempotency_release(&self, key: IdempotencyKey) -> Result<()> {
-        self.run(move |c| Box::pin(sessions::idempotency_release(c, key))).await
+        answer: StoredResponse,
+    ) -> Result<Option<Found>> {
+        self.run(move |c| Box::pin(idempotency::keep_alone(c, key, fingerprint, now, answer))).await
     }
 
     async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys> {

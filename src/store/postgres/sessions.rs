@@ -3,22 +3,22 @@
 //! that decide on a row lock it first, so concurrent instances take turns on it.
 
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::types::Json;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::idempotency::finish;
 use super::webhooks::{record_events, NewEvent};
-use super::{bytes32, execute, int8, internal, parse_event_type, query, query_opt, ts, Client, Result, Sql, Ts};
+use super::{execute, int8, internal, parse_event_type, query, query_opt, ts, Client, Result, Sql, Ts};
 use crate::domain::event::EventType;
 use crate::domain::request::{Currency, SessionSpec};
 use crate::domain::session::{State, LIVE_STATES};
 use crate::domain::time::Timestamp;
 use crate::store::{
-    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey,
-    Merchant, SessionFilter, SessionRecord, StoredResponse,
+    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Guard, Guarded, Merchant,
+    SessionFilter, SessionRecord,
 };
 
 pub(super) const SESSION_COLUMNS: &str =
@@ -107,14 +107,27 @@ pub async fn create_customer(c: &mut Client, id: Uuid, phone: String, now: Times
 /// One statement inserts the session only when its id is free and its customer (if any) is
 /// known. When nothing was inserted, the row that holds the id decides (`Exists`, as SQLite
 /// checks the id before the customer); without one, the customer was unknown.
-pub async fn create_session(c: &mut Client, session: SessionRecord) -> Result<CreateOutcome> {
+pub async fn create_session(
+    c: &mut Client,
+    session: SessionRecord,
+    guard: Option<Guard<CreateOutcome>>,
+) -> Result<Guarded<CreateOutcome>> {
+    let Some(guard) = guard else {
+        return Ok(Guarded::Ran(create_in(&*c, session).await?, None));
+    };
+    let tx = c.transaction().await?;
+    let outcome = create_in(&tx, session).await?;
+    Ok(finish(tx, Some(guard), outcome, 0).await?.0)
+}
+
+async fn create_in<C: GenericClient>(c: &C, session: SessionRecord) -> Result<CreateOutcome> {
     let transaction = session.spec.transaction_data.as_ref();
     let amount = transaction.map(|t| t.amount.to_string());
     let currency = transaction.map(|t| match t.currency {
         Currency::Eur => "EUR",
     });
     let inserted = execute(
-        &*c,
+        c,
         "INSERT INTO sessions (id, merchant_id, state, spec, amount, currency, token, expires_on, created_on,
                                last_modified_on, last_correlation_id, version, customer_id, transaction_intent_id)
          SELECT $1::uuid, $2::uuid, $3::text, $4::jsonb, $5::text::numeric(12,2), $6::text, $7::text,
@@ -143,7 +156,7 @@ pub async fn create_session(c: &mut Client, session: SessionRecord) -> Result<Cr
     if inserted == 1 {
         return Ok(CreateOutcome::Created(session));
     }
-    match load_session(&*c, session.id, false).await? {
+    match load_session(c, session.id, false).await? {
         Some(existing) => Ok(CreateOutcome::Exists(existing)),
         None if session.spec.customer_id.is_some() => Ok(CreateOutcome::CustomerNotFound),
         // Sessions are never deleted, so a conflict always leaves a row to read.
@@ -224,11 +237,14 @@ pub async fn list_sessions(
 /// Cancels in one short transaction: lock the row, decide with the domain rules exactly as the
 /// SQLite store does, then the conditional update, the event and its deliveries. Concurrent
 /// cancels (and the sweep) wait for the lock and then see the winner's committed row.
-pub async fn cancel_session(c: &mut Client, request: CancelRequest) -> Result<(CancelOutcome, usize)> {
+pub async fn cancel_session(
+    c: &mut Client,
+    request: CancelRequest,
+    guard: Option<Guard<CancelOutcome>>,
+) -> Result<(Guarded<CancelOutcome>, usize)> {
     let tx = c.transaction().await?;
-    let outcome = cancel_in(&tx, request).await?;
-    tx.commit().await?;
-    Ok(outcome)
+    let (outcome, queued) = cancel_in(&tx, request).await?;
+    finish(tx, guard, outcome, queued).await
 }
 
 async fn cancel_in(tx: &Transaction<'_>, request: CancelRequest) -> Result<(CancelOutcome, usize)> {
@@ -338,113 +354,4 @@ pub async fn session_events(c: &mut Client, session_id: Uuid) -> Result<Vec<(Uui
     let rows =
         query(&*c, "SELECT id, type FROM events WHERE session_id = $1 ORDER BY created_on, id", &[&session_id]).await?;
     rows.iter().map(|row| Ok((row.try_get(0)?, parse_event_type(row.try_get(1)?)?))).collect()
-}
-
-/// The first request inserts the record (`Proceed`). Any other finds it taken and reads it
-/// under a row lock to decide exactly as SQLite does: another request (`Reused`), done
-/// (`Replay`), running (`InProgress`), or abandoned past its lease — then taken over by moving
-/// `started_on`, so of two retries racing for an abandoned record only one proceeds.
-pub async fn idempotency_begin(
-    c: &mut Client,
-    key: IdempotencyKey,
-    fingerprint: [u8; 32],
-    now: Timestamp,
-    lease: Duration,
-) -> Result<IdempotencyBegin> {
-    // A record released or purged between the insert and the read is inserted again; three
-    // rounds are plenty for a race that needs another request to finish in between.
-    for _ in 0..3 {
-        let inserted = execute(
-            &*c,
-            "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on) VALUES ($1, $2, $3, $4)
-             ON CONFLICT DO NOTHING",
-            &[&key.merchant_id, &key.request_id, &&fingerprint[..], &Ts(now)],
-        )
-        .await?;
-        if inserted == 1 {
-            return Ok(IdempotencyBegin::Proceed);
-        }
-        let tx = c.transaction().await?;
-        let decided = decide_idempotency(&tx, key, fingerprint, now, lease).await?;
-        tx.commit().await?;
-        if let Some(decided) = decided {
-            return Ok(decided);
-        }
-    }
-    Err(internal("the idempotency record kept vanishing"))
-}
-
-async fn decide_idempotency(
-    tx: &Transaction<'_>,
-    key: IdempotencyKey,
-    fingerprint: [u8; 32],
-    now: Timestamp,
-    lease: Duration,
-) -> Result<Option<IdempotencyBegin>> {
-    let Some(row) = query_opt(
-        tx,
-        "SELECT fingerprint, started_on, status, headers, body FROM idempotency
-          WHERE merchant_id = $1 AND request_id = $2 FOR UPDATE",
-        &[&key.merchant_id, &key.request_id],
-    )
-    .await?
-    else {
-        return Ok(None);
-    };
-    if bytes32(&row, 0)? != fingerprint {
-        return Ok(Some(IdempotencyBegin::Reused));
-    }
-    if let Some(status) = row.try_get::<_, Option<i32>>(2)? {
-        let status = u16::try_from(status).map_err(|_| internal(format!("stored status {status}")))?;
-        let headers: Option<Json<serde_json::Value>> = row.try_get(3)?;
-        return Ok(Some(IdempotencyBegin::Replay(StoredResponse {
-            status,
-            headers: headers.and_then(|Json(h)| serde_json::from_value(h).ok()).unwrap_or_default(),
-            body: row.try_get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
-        })));
-    }
-    if ts(&row, 1)? > now.minus(lease) {
-        return Ok(Some(IdempotencyBegin::InProgress));
-    }
-    // The first attempt was abandoned (its process died); take it over.
-    execute(
-        tx,
-        "UPDATE idempotency SET started_on = $3 WHERE merchant_id = $1 AND request_id = $2",
-        &[&key.merchant_id, &key.request_id, &Ts(now)],
-    )
-    .await?;
-    Ok(Some(IdempotencyBegin::Proceed))
-}
-
-pub async fn idempotency_finish(
-    c: &mut Client,
-    key: IdempotencyKey,
-    response: StoredResponse,
-    now: Timestamp,
-) -> Result<()> {
-    execute(
-        &*c,
-        "UPDATE idempotency SET status = $3, headers = $4, body = $5, completed_on = $6
-          WHERE merchant_id = $1 AND request_id = $2",
-        &[
-            &key.merchant_id,
-            &key.request_id,
-            &i32::from(response.status),
-            &Json(&response.headers),
-            &response.body,
-            &Ts(now),
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
-pub async fn idempotency_release(c: &mut Client, key: IdempotencyKey) -> Result<()> {
-    execute(
-        &*c,
-        "DELETE FROM idempotency WHERE merchant_id = $1 AND request_id = $2 AND status IS NULL",
-        &[&key.merchant_id, &key.request_id],
-    )
-    .await?;
-    Ok(())
 }

@@ -29,7 +29,7 @@ use crate::store::webhooks::{
     PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
 };
 use crate::store::{
-    CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey, Merchant, SessionFilter,
+    CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey, Merchant, SessionFilter,
     SessionRecord, Store, StoreError, StoredResponse,
 };
 
@@ -506,31 +506,53 @@ async fn two_sweeps_on_two_instances_expire_each_session_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_request_id_from_two_instances_proceeds_once() {
+async fn the_same_request_id_from_two_instances_runs_once_and_both_answer_alike() {
+    // Twenty guarded cancels of one session under one key, split over two instances: one
+    // runs (one event), every other answers the answer it kept.
     let db = test_db!();
     let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
-    let key = IdempotencyKey { merchant_id: Uuid::now_v7(), request_id: Uuid::now_v7() };
-    let lease = Duration::from_secs(60);
+    let m = merchant(&*a, NOW).await;
+    let id = Uuid::now_v7();
+    a.create_session(session(id, m, spec_with(None, "5"), NOW, Duration::from_secs(900))).await.expect("creates");
+    let key = IdempotencyKey { merchant_id: m, request_id: Uuid::now_v7() };
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tokio::spawn(async move { store.idempotency_begin(key, [7; 32], NOW, lease).await })
+            let request = CancelRequest {
+                merchant_id: m,
+                session_id: id,
+                if_match: None,
+                correlation_id: key.request_id,
+                now: NOW,
+            };
+            let guard = Guard {
+                key,
+                fingerprint: [7; 32],
+                now: NOW,
+                answer: Box::new(move |outcome: &CancelOutcome| StoredResponse {
+                    status: 200,
+                    headers: Vec::new(),
+                    body: format!("{i} {}", matches!(outcome, CancelOutcome::Cancelled(_))).into_bytes(),
+                }),
+            };
+            tokio::spawn(async move { store.cancel_session_guarded(request, Some(guard)).await })
         })
         .collect();
-    let mut outcomes = Vec::new();
+    let mut kept = Vec::new();
+    let mut replayed = Vec::new();
     for task in tasks {
-        outcomes.push(task.await.expect("joins").expect("no store error"));
+        match task.await.expect("joins").expect("no store error") {
+            Guarded::Ran(outcome, answer) => {
+                assert!(matches!(outcome, CancelOutcome::Cancelled(_)), "the one that ran cancelled: {outcome:?}");
+                kept.push(answer.expect("kept"));
+            }
+            Guarded::Earlier(Found::Replay(answer)) => replayed.push(answer),
+            Guarded::Earlier(found) => panic!("the same request was refused: {found:?}"),
+        }
     }
-    assert_eq!(outcomes.iter().filter(|o| **o == IdempotencyBegin::Proceed).count(), 1);
-    assert_eq!(outcomes.iter().filter(|o| **o == IdempotencyBegin::InProgress).count(), 19);
-
-    // An abandoned record is taken over by exactly one of two racing retries.
-    let later = NOW.plus(Duration::from_secs(61));
-    let (x, y) =
-        tokio::join!(a.idempotency_begin(key, [7; 32], later, lease), b.idempotency_begin(key, [7; 32], later, lease));
-    let mut takeovers = [x.expect("begins"), y.expect("begins")];
-    takeovers.sort_by_key(|o| format!("{o:?}"));
-    assert_eq!(takeovers, [IdempotencyBegin::InProgress, IdempotencyBegin::Proceed]);
+    assert_eq!(kept.len(), 1, "exactly one ran");
+    assert!(replayed.iter().all(|answer| *answer == kept[0]), "every other answers what it kept");
+    assert_eq!(a.session_events(id).await.expect("events").len(), 1, "one cancel event");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -845,6 +867,7 @@ struct Ids {
     subscriptions: [Uuid; 3],
     sessions: [Uuid; 5],
     request: Uuid,
+    guarded: Uuid,
 }
 
 impl Ids {
@@ -857,6 +880,7 @@ impl Ids {
             subscriptions,
             sessions: [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()],
             request: Uuid::now_v7(),
+            guarded: Uuid::now_v7(),
         }
     }
 }
@@ -1059,29 +1083,43 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
     store.release_claims(Uuid::max(), claimed.iter().map(|d| d.id).collect()).await.expect("releases");
     log.push(format!("{}", store.claim_deliveries(owner, at(9_000), at(70_000), 10, 100).await.expect("claims").len()));
 
-    // Idempotency.
+    // Idempotency: kept answers, and a guarded write that keeps its answer with its change.
     let key = IdempotencyKey { merchant_id: m1, request_id: ids.request };
-    let lease = Duration::from_secs(60);
-    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], NOW, lease).await));
-    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], NOW, lease).await));
-    log.push(format!("{:?}", store.idempotency_begin(key, [2; 32], NOW, lease).await));
-    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], at(61_000), lease).await));
-    let response = StoredResponse {
-        status: 201,
+    let kept = |status: u16| StoredResponse {
+        status,
         headers: vec![
             ("content-type".to_owned(), "application/json".to_owned()),
             ("etag".to_owned(), "\"1\"".to_owned()),
         ],
         body: b"{\"id\":1}\x00\xff".to_vec(),
     };
-    store.idempotency_finish(key, response, at(62_000)).await.expect("finishes");
-    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], at(63_000), lease).await));
-    store.idempotency_release(key).await.expect("releases");
-    log.push(format!("{:?}", store.idempotency_begin(key, [1; 32], at(64_000), lease).await));
+    log.push(format!("{:?}", store.idempotency_lookup(key, [1; 32]).await));
+    log.push(format!("{:?}", store.idempotency_keep(key, [1; 32], at(62_000), kept(201)).await));
+    log.push(format!("{:?}", store.idempotency_lookup(key, [1; 32]).await));
+    log.push(format!("{:?}", store.idempotency_lookup(key, [2; 32]).await));
+    log.push(format!("{:?}", store.idempotency_keep(key, [1; 32], at(63_000), kept(200)).await));
     let other = IdempotencyKey { merchant_id: m2, request_id: ids.request };
-    log.push(format!("{:?}", store.idempotency_begin(other, [1; 32], NOW, lease).await));
-    store.idempotency_release(other).await.expect("releases");
-    log.push(format!("{:?}", store.idempotency_begin(other, [3; 32], NOW, lease).await));
+    log.push(format!("{:?}", store.idempotency_lookup(other, [1; 32]).await));
+    let guard = |key: IdempotencyKey, fingerprint: [u8; 32]| Guard {
+        key,
+        fingerprint,
+        now: at(64_000),
+        answer: Box::new(|outcome: &CreateOutcome| StoredResponse {
+            status: if matches!(outcome, CreateOutcome::Created(_)) { 201 } else { 200 },
+            headers: Vec::new(),
+            body: b"guarded".to_vec(),
+        }),
+    };
+    let guarded = IdempotencyKey { merchant_id: m2, request_id: Uuid::max() };
+    for (id, fingerprint) in [(ids.guarded, [4; 32]), (ids.guarded, [4; 32]), (Uuid::max(), [5; 32])] {
+        let record = session(id, m2, spec_with(None, "7"), at(64_000), Duration::from_secs(900));
+        let outcome = store.create_session_guarded(record, Some(guard(guarded, fingerprint))).await.expect("creates");
+        log.push(match outcome {
+            Guarded::Ran(outcome, kept) => format!("ran {outcome:?} {kept:?}"),
+            Guarded::Earlier(found) => format!("earlier {found:?}"),
+        });
+    }
+    log.push(format!("{:?}", store.get_session(Uuid::max()).await));
 
     // Signing keys.
     let first = KeyPair { kid: "k1".to_owned(), secret: [1; 32] };

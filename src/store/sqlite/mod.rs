@@ -2,6 +2,7 @@
 //! and a few reader threads (see `docs/DESIGN.md`).
 
 mod customer;
+mod idempotency;
 mod schema;
 mod secrets;
 mod webhooks;
@@ -11,7 +12,6 @@ pub use self::secrets::rotate as rotate_secrets;
 
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
@@ -31,7 +31,7 @@ use crate::store::webhooks::{
     RedeliverOutcome, Retention, SubscriptionRecord,
 };
 use crate::store::{
-    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, IdempotencyBegin, IdempotencyKey,
+    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey,
     Merchant, SessionFilter, SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
 };
 
@@ -246,6 +246,64 @@ fn change_state(
 }
 
 /// The event type named `text`.
+/// Inserts `session` (its spec already as JSON) unless its id exists or its customer is unknown.
+fn create_in(c: &Connection, session: SessionRecord, spec: String, insert: &str) -> Result<CreateOutcome, StoreError> {
+    if let Some(customer) = session.spec.customer_id {
+        let known = c
+            .prepare_cached("SELECT 1 FROM customers WHERE id = ?1")
+            .and_then(|mut s| s.exists(params![customer.as_bytes()]))
+            .map_err(|e| internal(&e))?;
+        if !known {
+            // An existing session is answered as such whatever its body says.
+            return Ok(match load_session(c, session.id)? {
+                Some(existing) => CreateOutcome::Exists(existing),
+                None => CreateOutcome::CustomerNotFound,
+            });
+        }
+    }
+    // Insert first and look only when the id was taken: one index search for a
+    // new session instead of two.
+    let inserted = c
+        .prepare_cached(insert)
+        .and_then(|mut s| {
+            s.execute(params![
+                session.id.as_bytes(),
+                session.merchant_id.as_bytes(),
+                session.state.as_str(),
+                spec,
+                session.token,
+                session.expires_on.millis(),
+                session.created_on.millis(),
+                session.last_modified_on.millis(),
+                session.last_correlation_id.as_bytes(),
+                session.version,
+                session.customer_id.map(|id| *id.as_bytes()),
+                session.transaction_intent_id.map(|id| *id.as_bytes())
+            ])
+        })
+        .map_err(|e| internal(&e))?;
+    if inserted == 1 {
+        return Ok(CreateOutcome::Created(session));
+    }
+    let existing = load_session(c, session.id)?
+        .ok_or_else(|| StoreError::Internal("a session id conflicted but no session has it".to_owned()))?;
+    Ok(CreateOutcome::Exists(existing))
+}
+
+/// Cancels the session `request` names, or says why not; answers how many deliveries it queued.
+fn cancel_in(c: &Connection, request: CancelRequest) -> Result<(CancelOutcome, usize), StoreError> {
+    match decide_cancel(load_session(c, request.session_id)?, &request) {
+        CancelDecision::Answer(outcome) => Ok((outcome, 0)),
+        CancelDecision::Change(session, to) => {
+            let Some(queued) = change_state(c, &session, to, request.correlation_id, request.now)? else {
+                // Cannot happen with one writer; kept so both backends share one shape.
+                return Ok((CancelOutcome::VersionMismatch, 0));
+            };
+            Ok((CancelOutcome::Cancelled(session.changed(to, request.now, request.correlation_id)), queued))
+        }
+    }
+}
+
 fn parse_event_type(text: &str) -> Option<EventType> {
     crate::domain::subscription::ALL_EVENT_TYPES.into_iter().find(|t| t.as_str() == text)
 }
@@ -341,7 +399,11 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn create_session(&self, session: SessionRecord) -> Result<CreateOutcome, StoreError> {
+    async fn create_session_guarded(
+        &self,
+        session: SessionRecord,
+        guard: Option<Guard<CreateOutcome>>,
+    ) -> Result<Guarded<CreateOutcome>, StoreError> {
         // Everything that does not need the database happens here, off the writer's thread:
         // the writer is the one thread every write waits for.
         let spec = serde_json::to_string(&session.spec).map_err(|e| StoreError::Internal(e.to_string()))?;
@@ -351,50 +413,11 @@ impl Store for SqliteStore {
                  ON CONFLICT (id) DO NOTHING"
             )
         });
-        self.writer
-            .run(move |c| {
-                if let Some(customer) = session.spec.customer_id {
-                    let known = c
-                        .prepare_cached("SELECT 1 FROM customers WHERE id = ?1")
-                        .and_then(|mut s| s.exists(params![customer.as_bytes()]))
-                        .map_err(|e| internal(&e))?;
-                    if !known {
-                        // An existing session is answered as such whatever its body says.
-                        return Ok(match load_session(c, session.id)? {
-                            Some(existing) => CreateOutcome::Exists(existing),
-                            None => CreateOutcome::CustomerNotFound,
-                        });
-                    }
-                }
-                // Insert first and look only when the id was taken: one index search for a
-                // new session instead of two.
-                let inserted = c
-                    .prepare_cached(&INSERT)
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            session.id.as_bytes(),
-                            session.merchant_id.as_bytes(),
-                            session.state.as_str(),
-                            spec,
-                            session.token,
-                            session.expires_on.millis(),
-                            session.created_on.millis(),
-                            session.last_modified_on.millis(),
-                            session.last_correlation_id.as_bytes(),
-                            session.version,
-                            session.customer_id.map(|id| *id.as_bytes()),
-                            session.transaction_intent_id.map(|id| *id.as_bytes())
-                        ])
-                    })
-                    .map_err(|e| internal(&e))?;
-                if inserted == 1 {
-                    return Ok(CreateOutcome::Created(session));
-                }
-                let existing = load_session(c, session.id)?
-                    .ok_or_else(|| StoreError::Internal("a session id conflicted but no session has it".to_owned()))?;
-                Ok(CreateOutcome::Exists(existing))
-            })
-            .await
+        let (outcome, _) = self
+            .writer
+            .run(move |c| idempotency::guarded(c, guard, |c| create_in(c, session, spec, &INSERT).map(|o| (o, 0))))
+            .await?;
+        Ok(outcome)
     }
 
     async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
@@ -478,20 +501,13 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn cancel_session(&self, request: CancelRequest) -> Result<CancelOutcome, StoreError> {
-        let (outcome, queued) = self
-            .writer
-            .run(move |c| match decide_cancel(load_session(c, request.session_id)?, &request) {
-                CancelDecision::Answer(outcome) => Ok((outcome, 0)),
-                CancelDecision::Change(session, to) => {
-                    let Some(queued) = change_state(c, &session, to, request.correlation_id, request.now)? else {
-                        // Cannot happen with one writer; kept so both backends share one shape.
-                        return Ok((CancelOutcome::VersionMismatch, 0));
-                    };
-                    Ok((CancelOutcome::Cancelled(session.changed(to, request.now, request.correlation_id)), queued))
-                }
-            })
-            .await?;
+    async fn cancel_session_guarded(
+        &self,
+        request: CancelRequest,
+        guard: Option<Guard<CancelOutcome>>,
+    ) -> Result<Guarded<CancelOutcome>, StoreError> {
+        let (outcome, queued) =
+            self.writer.run(move |c| idempotency::guarded(c, guard, |c| cancel_in(c, request))).await?;
         self.queued_deliveries(queued);
         Ok(outcome)
     }
@@ -549,114 +565,22 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn idempotency_begin(
+    async fn idempotency_lookup(
+        &self,
+        key: IdempotencyKey,
+        fingerprint: [u8; 32],
+    ) -> Result<Option<Found>, StoreError> {
+        self.point_reads.run(move |c| idempotency::lookup(c, key, &fingerprint)).await
+    }
+
+    async fn idempotency_keep(
         &self,
         key: IdempotencyKey,
         fingerprint: [u8; 32],
         now: Timestamp,
-        lease: Duration,
-    ) -> Result<IdempotencyBegin, StoreError> {
-        self.writer
-            .run(move |c| {
-                let existing = c
-                    .prepare_cached(
-                        "SELECT fingerprint, started_on, status, headers, body FROM idempotency
-                          WHERE merchant_id = ?1 AND request_id = ?2",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(params![key.merchant_id.as_bytes(), key.request_id.as_bytes()], |row| {
-                            Ok((
-                                row.get::<_, [u8; 32]>(0)?,
-                                row.get::<_, i64>(1)?,
-                                row.get::<_, Option<u16>>(2)?,
-                                row.get::<_, Option<String>>(3)?,
-                                row.get::<_, Option<Vec<u8>>>(4)?,
-                            ))
-                        })
-                        .optional()
-                    })
-                    .map_err(|e| internal(&e))?;
-                match existing {
-                    None => {
-                        c.prepare_cached(
-                            "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on)
-                             VALUES (?1, ?2, ?3, ?4)",
-                        )
-                        .and_then(|mut s| {
-                            s.execute(params![
-                                key.merchant_id.as_bytes(),
-                                key.request_id.as_bytes(),
-                                fingerprint,
-                                now.millis()
-                            ])
-                        })
-                        .map_err(|e| internal(&e))?;
-                        Ok(IdempotencyBegin::Proceed)
-                    }
-                    Some((stored, _, _, _, _)) if stored != fingerprint => Ok(IdempotencyBegin::Reused),
-                    Some((_, _, Some(status), headers, body)) => Ok(IdempotencyBegin::Replay(StoredResponse {
-                        status,
-                        headers: headers.and_then(|h| serde_json::from_str(&h).ok()).unwrap_or_default(),
-                        body: body.unwrap_or_default(),
-                    })),
-                    Some((_, started_on, None, _, _)) if started_on > now.minus(lease).millis() => {
-                        Ok(IdempotencyBegin::InProgress)
-                    }
-                    Some(_) => {
-                        // The first attempt was abandoned (its process died); take it over.
-                        c.execute(
-                            "UPDATE idempotency SET started_on = ?3 WHERE merchant_id = ?1 AND request_id = ?2",
-                            params![key.merchant_id.as_bytes(), key.request_id.as_bytes(), now.millis()],
-                        )
-                        .map_err(|e| internal(&e))?;
-                        Ok(IdempotencyBegin::Proceed)
-                    }
-                }
-            })
-            .await
-    }
-
-    async fn idempotency_finish(
-        &self,
-        key: IdempotencyKey,
-        response: StoredResponse,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.writer
-            .run(move |c| {
-                let headers =
-                    serde_json::to_string(&response.headers).map_err(|e| StoreError::Internal(e.to_string()))?;
-                c.prepare_cached(
-                    "UPDATE idempotency SET status = ?3, headers = ?4, body = ?5, completed_on = ?6
-                      WHERE merchant_id = ?1 AND request_id = ?2",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        key.merchant_id.as_bytes(),
-                        key.request_id.as_bytes(),
-                        response.status,
-                        headers,
-                        response.body,
-                        now.millis()
-                    ])
-                })
-                .map(drop)
-                .map_err(|e| internal(&e))
-            })
-            .await
-    }
-
-    async fn idempotency_release(&self, key: IdempotencyKey) -> Result<(), StoreError> {
-        self.writer
-            .run(move |c| {
-                c.prepare_cached(
-                    "DELETE FROM idempotency WHERE merchant_id = ?1 AND request_id = ?2 AND status IS NULL",
-                )
-                .and_then(|mut s| s.execute(params![key.merchant_id.as_bytes(), key.request_id.as_bytes()]))
-                .map(drop)
-                .map_err(|e| internal(&e))
-            })
-            .await
+        answer: StoredResponse,
+    ) -> Result<Option<Found>, StoreError> {
+        self.writer.run(move |c| idempotency::keep_alone(c, key, &fingerprint, now, &answer)).await
     }
 
     async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys, StoreError> {

@@ -1,0 +1,78 @@
+//! What both backends share about idempotency records (docs/DESIGN.md "Idempotency"): the
+//! key, the kept answer, the guard a write carries, and the one decision a found record makes.
+//!
+//! A record is written once, complete, in the transaction of the change it guards (or, for
+//! an answer that changed nothing, on its own): there is no "in progress" row to write first
+//! and finish later, so a request costs one durable commit, and a crash leaves either the
+//! change with its answer or neither.
+
+use uuid::Uuid;
+
+use crate::domain::time::Timestamp;
+
+/// An idempotency key: the merchant's request id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    pub merchant_id: Uuid,
+    pub request_id: Uuid,
+}
+
+/// A response kept under an idempotency key, replayed byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What a kept record says to a request that carries its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// The same request was answered before: answer this again.
+    Replay(StoredResponse),
+    /// The key was used for a different request.
+    Reused,
+}
+
+impl Found {
+    /// The decision for a request with `fingerprint` on a record kept with `kept_fingerprint`
+    /// and `answer`. A record without an answer (left by a version that wrote one before the
+    /// change) decides nothing: the request runs, and its answer replaces it.
+    pub fn decide(kept_fingerprint: &[u8], fingerprint: &[u8; 32], answer: Option<StoredResponse>) -> Option<Found> {
+        if kept_fingerprint != fingerprint {
+            return Some(Found::Reused);
+        }
+        answer.map(Found::Replay)
+    }
+}
+
+/// Renders the answer to keep for a write's outcome. It runs inside the write's transaction
+/// (on SQLite, on the writer thread), so it must be quick and must not block.
+pub type Answer<O> = Box<dyn FnOnce(&O) -> StoredResponse + Send>;
+
+/// The idempotency key a write runs under, and how its answer is rendered: the backend keeps
+/// the answer in the transaction that makes the change.
+pub struct Guard<O> {
+    pub key: IdempotencyKey,
+    pub fingerprint: [u8; 32],
+    pub now: Timestamp,
+    pub answer: Answer<O>,
+}
+
+/// What a guarded (or unguarded) write came to.
+#[derive(Debug)]
+pub enum Guarded<O> {
+    /// It ran; under a guard, the answer kept with it.
+    Ran(O, Option<StoredResponse>),
+    /// A request with the same key was kept first (another instance, or a race the request
+    /// lost); nothing was changed.
+    Earlier(Found),
+}
+
+impl<O> Guard<O> {
+    /// Runs the guard's renderer: the answer to keep, with the record's key columns.
+    pub fn render(self, outcome: &O) -> (IdempotencyKey, [u8; 32], Timestamp, StoredResponse) {
+        let answer = (self.answer)(outcome);
+        (self.key, self.fingerprint, self.now, answer)
+    }
+}

@@ -1,0 +1,107 @@
+//! Idempotency records on PostgreSQL (`crate::store::idempotency`): read in one round trip,
+//! and kept in the transaction of the change they guard. Of two instances running the same
+//! request at once, the second's insert waits for the first's commit, finds its record, and
+//! rolls its own change back: it answers what the first kept.
+
+use deadpool_postgres::{GenericClient, Transaction};
+use tokio_postgres::types::Json;
+
+use super::{execute, internal, query_opt, Client, Result, Ts};
+use crate::domain::time::Timestamp;
+use crate::store::idempotency::{Found, Guard, Guarded, IdempotencyKey, StoredResponse};
+
+/// The record kept under `key`, as it decides for a request with `fingerprint`.
+pub async fn lookup<C: GenericClient>(c: &C, key: IdempotencyKey, fingerprint: &[u8; 32]) -> Result<Option<Found>> {
+    let Some(row) = query_opt(
+        c,
+        "SELECT fingerprint, status, headers, body FROM idempotency WHERE merchant_id = $1 AND request_id = $2",
+        &[&key.merchant_id, &key.request_id],
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    let kept: &[u8] = row.try_get(0)?;
+    let answer = match row.try_get::<_, Option<i32>>(1)? {
+        None => None,
+        Some(status) => {
+            let headers: Option<Json<serde_json::Value>> = row.try_get(2)?;
+            Some(StoredResponse {
+                status: u16::try_from(status).map_err(|_| internal(format!("stored status {status}")))?,
+                headers: headers.and_then(|Json(h)| serde_json::from_value(h).ok()).unwrap_or_default(),
+                body: row.try_get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
+            })
+        }
+    };
+    Ok(Found::decide(kept, fingerprint, answer))
+}
+
+/// Keeps the complete record (over one an earlier version left without an answer), unless a
+/// record with an answer is kept already: then answers that one.
+async fn keep<C: GenericClient>(
+    c: &C,
+    key: IdempotencyKey,
+    fingerprint: &[u8; 32],
+    now: Timestamp,
+    answer: &StoredResponse,
+) -> Result<Option<Found>> {
+    let kept = execute(
+        c,
+        "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on, status, headers, body, completed_on)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $4)
+         ON CONFLICT (merchant_id, request_id) DO UPDATE SET
+             fingerprint = excluded.fingerprint, started_on = excluded.started_on, status = excluded.status,
+             headers = excluded.headers, body = excluded.body, completed_on = excluded.completed_on
+          WHERE idempotency.status IS NULL",
+        &[
+            &key.merchant_id,
+            &key.request_id,
+            &&fingerprint[..],
+            &Ts(now),
+            &i32::from(answer.status),
+            &Json(&answer.headers),
+            &answer.body,
+        ],
+    )
+    .await?;
+    if kept == 1 {
+        return Ok(None);
+    }
+    match lookup(c, key, fingerprint).await? {
+        Some(found) => Ok(Some(found)),
+        None => Err(internal("an idempotency record conflicted but cannot be read")),
+    }
+}
+
+/// `Store::idempotency_keep`: one statement of its own.
+pub async fn keep_alone(
+    c: &mut Client,
+    key: IdempotencyKey,
+    fingerprint: [u8; 32],
+    now: Timestamp,
+    answer: StoredResponse,
+) -> Result<Option<Found>> {
+    keep(&*c, key, &fingerprint, now, &answer).await
+}
+
+/// Ends the transaction of a write that came to `outcome` (having queued `queued`
+/// deliveries): without a guard it commits; with one it keeps the answer first, or, when a
+/// record was kept first, rolls the write back and answers that record.
+pub async fn finish<O>(
+    tx: Transaction<'_>,
+    guard: Option<Guard<O>>,
+    outcome: O,
+    queued: usize,
+) -> Result<(Guarded<O>, usize)> {
+    let Some(guard) = guard else {
+        tx.commit().await?;
+        return Ok((Guarded::Ran(outcome, None), queued));
+    };
+    let (key, fingerprint, now, answer) = guard.render(&outcome);
+    if let Some(found) = keep(&tx, key, &fingerprint, now, &answer).await? {
+        tx.rollback().await?;
+        return Ok((Guarded::Earlier(found), 0));
+    }
+    tx.commit().await?;
+    Ok((Guarded::Ran(outcome, Some(answer)), queued))
+}
