@@ -2,7 +2,25 @@
 //! database, creates a merchant, and measures each scenario for a fixed time with many
 //! concurrent keep-alive connections, printing a Markdown table for `docs/BENCHMARKS.md`.
 //!
-//! cargo build --release && cargo run --release --bin loadgen -- --connections 256 --duration 10s
+//! Writes go out as merchants send them: every create and every cancel carries a fresh
+//! `x-request-id` (a random UUID v4), so the server's idempotency layer is part of what is
+//! measured; `--no-request-id` leaves the header out. Reads carry none. The scenarios
+//! (`--scenarios`, comma-separated; the default leaves out the `-bare` ones):
+//! - `ceiling`: `GET /health/live`, the HTTP stack alone; the other rows are compared with it.
+//! - `create`: `PUT` sessions with fresh ids; `create-bare`: the same without `x-request-id`.
+//! - `replay`: the creates sent again (same path, body bytes and `x-request-id`); the server
+//!   answers the stored `201` with `idempotent-replayed: true`, and any other answer is an error.
+//! - `read`: `GET` the created sessions.
+//! - `cancel`: cancel each created session once; `cancel-bare`: the same without `x-request-id`.
+//!   Together they split the created sessions in two halves.
+//! - `pay`: the hosted page with a browser's cookie.
+//! - `webhooks`: deliveries to a local receiver (its ceiling, a backlog drained, end to end, idle).
+//!
+//! The table names the variant of every write row, so one run can measure both against one
+//! ceiling:
+//!
+//! cargo build --release --bins && ./target/release/loadgen --connections 256 --duration 10s \
+//!     --scenarios ceiling,create,create-bare,replay,read,cancel,cancel-bare,pay,webhooks
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +41,10 @@ use uuid::Uuid;
 
 const BASE: &str = "/customer-authentication-service/v1";
 
+/// Every scenario `--scenarios` knows, in the order they run.
+const SCENARIOS: [&str; 9] =
+    ["ceiling", "create", "create-bare", "replay", "read", "cancel", "cancel-bare", "pay", "webhooks"];
+
 struct Args {
     connections: usize,
     duration: Duration,
@@ -32,6 +54,21 @@ struct Args {
     /// An admin URL of a PostgreSQL server: the benchmark creates (and drops) its own database.
     postgres: Option<String>,
     instances: usize,
+    /// Whether creates and cancels carry a fresh `x-request-id` (`--no-request-id`: no).
+    request_id: bool,
+}
+
+impl Args {
+    fn wants(&self, scenario: &str) -> bool {
+        self.scenarios.iter().any(|s| s == scenario)
+    }
+
+    /// The variants of the write scenario `name` this run wants, as whether they send an
+    /// `x-request-id`: `name` as `--no-request-id` says, then `name-bare` without one.
+    fn variants(&self, name: &str) -> Vec<bool> {
+        let wanted = [(self.wants(name), self.request_id), (self.wants(&format!("{name}-bare")), false)];
+        wanted.into_iter().filter_map(|(wanted, request_id)| wanted.then_some(request_id)).collect()
+    }
 }
 
 fn args() -> Result<Args, String> {
@@ -39,10 +76,11 @@ fn args() -> Result<Args, String> {
         connections: 256,
         duration: Duration::from_secs(10),
         server: PathBuf::from("target/release/redirect-sessions"),
-        scenarios: ["ceiling", "create", "read", "cancel", "pay", "webhooks"].map(str::to_owned).to_vec(),
+        scenarios: ["ceiling", "create", "replay", "read", "cancel", "pay", "webhooks"].map(str::to_owned).to_vec(),
         prefill: 0,
         postgres: None,
         instances: 1,
+        request_id: true,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -55,8 +93,18 @@ fn args() -> Result<Args, String> {
             "--prefill" => args.prefill = value()?.parse().map_err(|_| "--prefill: a number")?,
             "--postgres" => args.postgres = Some(value()?),
             "--instances" => args.instances = value()?.parse().map_err(|_| "--instances: a number")?,
-            _ => return Err(format!("unknown flag {flag}; flags: --connections N --duration 10s --server PATH --scenarios ceiling,create,read,cancel,pay,webhooks --prefill N --postgres ADMIN_URL --instances N")),
+            "--no-request-id" => args.request_id = false,
+            _ => {
+                return Err(format!(
+                    "unknown flag {flag}; flags: --connections N --duration 10s --server PATH --scenarios {} \
+                     --prefill N --postgres ADMIN_URL --instances N --no-request-id",
+                    SCENARIOS.join(",")
+                ))
+            }
         }
+    }
+    if let Some(unknown) = args.scenarios.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+        return Err(format!("unknown scenario {unknown}; scenarios: {}", SCENARIOS.join(",")));
     }
     if args.instances == 0 || (args.instances > 1 && args.postgres.is_none()) {
         return Err("--instances above 1 needs --postgres (one SQLite file serves one instance)".to_owned());
@@ -262,13 +310,33 @@ impl Stats {
 
 type MakeRequest = Arc<dyn Fn(usize) -> Option<Request<Full<Bytes>>> + Send + Sync>;
 
+/// The answer a scenario counts as done; any other is an error.
+#[derive(Clone, Copy)]
+struct Expect {
+    status: u16,
+    /// Whether the answer is a stored one replayed (`idempotent-replayed: true`).
+    replayed: bool,
+}
+
+impl Expect {
+    /// `status`, from a request the server executed (not a replay).
+    const fn status(status: u16) -> Expect {
+        Expect { status, replayed: false }
+    }
+
+    fn met_by<B>(self, response: &hyper::Response<B>) -> bool {
+        let replayed = response.headers().get("idempotent-replayed").is_some_and(|value| value == "true");
+        response.status() == self.status && replayed == self.replayed
+    }
+}
+
 /// Runs `make` on `connections` connections for `duration` (or until it answers `None`).
 async fn load(
     name: &str,
     targets: &[SocketAddr],
     connections: usize,
     duration: Duration,
-    expect: u16,
+    expect: Expect,
     make: MakeRequest,
 ) -> Stats {
     eprintln!("{name}…");
@@ -296,10 +364,10 @@ async fn load(
                     let answer = sender.as_mut().expect("connected").send_request(request).await;
                     match answer {
                         Ok(response) => {
-                            let status = response.status().as_u16();
+                            let met = expect.met_by(&response);
                             let _ = response.into_body().collect().await;
                             latencies.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                            if status == expect {
+                            if met {
                                 done += 1;
                             } else {
                                 errors += 1;
@@ -342,18 +410,56 @@ async fn connect(address: SocketAddr) -> Option<hyper::client::conn::http1::Send
     Some(sender)
 }
 
-fn request(method: Method, address: SocketAddr, path: &str, key: &str, body: Option<Bytes>) -> Request<Full<Bytes>> {
+/// A merchant API request; `request_id` goes out as its `x-request-id`.
+fn request(
+    method: Method,
+    address: SocketAddr,
+    path: &str,
+    key: &str,
+    body: Option<Bytes>,
+    request_id: Option<Uuid>,
+) -> Request<Full<Bytes>> {
     let mut builder =
         Request::builder().method(method).uri(path).header("host", address.to_string()).header("x-api-key", key);
     if body.is_some() {
         builder = builder.header("content-type", "application/json");
+    }
+    if let Some(request_id) = request_id {
+        builder = builder.header("x-request-id", request_id.to_string());
     }
     builder.body(Full::new(body.unwrap_or_default())).expect("a valid request")
 }
 
 const SESSION_BODY: &str = r#"{"type":"NewTransactionIntent","transactionData":{"type":"PassthroughWithdrawal","amount":100.5,"currency":"EUR","externalReference":"bench-0001"},"redirectData":{"successUrl":"https://shop.example/ok","failureUrl":"https://shop.example/failed","abortUrl":"https://shop.example/aborted","qrCodeSuccessUrl":"https://shop.example/qr"},"locale":"de-DE"}"#;
 
-/// Creates sessions with fresh ids; answers the stats and the ids created.
+/// Creates session `id` with `SESSION_BODY`: the same bytes every time, so a replay matches.
+fn create_request(address: SocketAddr, key: &str, id: Uuid, request_id: Option<Uuid>) -> Request<Full<Bytes>> {
+    let body = Some(Bytes::from_static(SESSION_BODY.as_bytes()));
+    request(Method::PUT, address, &format!("{BASE}/redirect-sessions/{id}"), key, body, request_id)
+}
+
+fn cancel_request(address: SocketAddr, key: &str, id: Uuid, request_id: Option<Uuid>) -> Request<Full<Bytes>> {
+    request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), key, None, request_id)
+}
+
+/// How a row says whether its writes carry an `x-request-id`.
+fn header_label(request_id: bool) -> &'static str {
+    if request_id {
+        "x-request-id"
+    } else {
+        "no x-request-id"
+    }
+}
+
+/// A session a create made, with the `x-request-id` the create carried.
+#[derive(Clone, Copy)]
+struct Created {
+    id: Uuid,
+    request_id: Option<Uuid>,
+}
+
+/// Creates sessions with fresh ids, each with a fresh `x-request-id` when `request_id`;
+/// answers the stats and the sessions created.
 async fn create_sessions(
     name: &str,
     server: &Server,
@@ -361,35 +467,30 @@ async fn create_sessions(
     connections: usize,
     duration: Duration,
     limit: usize,
-) -> (Stats, Vec<Uuid>) {
-    let ids: Arc<Vec<Uuid>> = Arc::new((0..limit).map(|_| Uuid::new_v4()).collect());
-    let (address, key, list) = (server.first(), key.to_owned(), ids.clone());
-    let make: MakeRequest = Arc::new(move |n| {
-        let id = list.get(n)?;
-        Some(request(
-            Method::PUT,
-            address,
-            &format!("{BASE}/redirect-sessions/{id}"),
-            &key,
-            Some(Bytes::from_static(SESSION_BODY.as_bytes())),
-        ))
-    });
-    let stats = server.measured(load(name, &server.addresses, connections, duration, 201, make)).await;
-    let created = ids.iter().take(stats.requests + stats.errors).copied().collect();
+    request_id: bool,
+) -> (Stats, Vec<Created>) {
+    let sessions: Vec<Created> =
+        (0..limit).map(|_| Created { id: Uuid::new_v4(), request_id: request_id.then(Uuid::new_v4) }).collect();
+    let (address, key, list) = (server.first(), key.to_owned(), Arc::new(sessions));
+    let make: MakeRequest = {
+        let list = list.clone();
+        Arc::new(move |n| list.get(n).map(|session| create_request(address, &key, session.id, session.request_id)))
+    };
+    let stats = server.measured(load(name, &server.addresses, connections, duration, Expect::status(201), make)).await;
+    let created = list.iter().take(stats.requests + stats.errors).copied().collect();
     (stats, created)
 }
 
-/// A webhook receiver answering 204 that records when each session's event arrived.
-/// Creates `n` sessions and arrives on the hosted page with each token as a browser does (a form
-/// POST); answers the cookies the page handed out.
-async fn arrived_browsers(address: SocketAddr, key: &str, n: usize) -> Vec<String> {
+/// Creates `n` sessions (with an `x-request-id` each when `request_id`) and arrives on the
+/// hosted page with each token as a browser does (a form POST); answers the cookies the page
+/// handed out.
+async fn arrived_browsers(address: SocketAddr, key: &str, n: usize, request_id: bool) -> Vec<String> {
     let mut sender = connect(address).await.expect("the server answers");
     let mut cookies = Vec::with_capacity(n);
     for _ in 0..n {
-        let path = format!("{BASE}/redirect-sessions/{}", Uuid::new_v4());
-        let body = Some(Bytes::from_static(SESSION_BODY.as_bytes()));
+        let create = create_request(address, key, Uuid::new_v4(), request_id.then(Uuid::new_v4));
         sender.ready().await.expect("the connection stays open");
-        let response = sender.send_request(request(Method::PUT, address, &path, key, body)).await.expect("created");
+        let response = sender.send_request(create).await.expect("created");
         let body = response.into_body().collect().await.expect("a body").to_bytes();
         let session: serde_json::Value = serde_json::from_slice(&body).expect("a session");
         let token = session["token"].as_str().expect("a token");
@@ -411,6 +512,7 @@ async fn arrived_browsers(address: SocketAddr, key: &str, n: usize) -> Vec<Strin
     cookies
 }
 
+/// A webhook receiver answering 204 that records when each session's event arrived.
 async fn receiver() -> (SocketAddr, Arc<Mutex<HashMap<String, Instant>>>) {
     let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let seen = arrivals.clone();
@@ -439,8 +541,10 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
     let (hook, arrivals) = receiver().await;
     // The receiver's own ceiling, measured by posting to it directly.
     let event = Bytes::from(r#"{"specversion":"1.0","data":{"id":"ceiling"}}"#);
-    let make: MakeRequest = Arc::new(move |_| Some(request(Method::POST, hook, "/hook", "-", Some(event.clone()))));
-    let ceiling = load("receiver ceiling (POST 204)", &[hook], args.connections, args.duration, 204, make).await;
+    let make: MakeRequest =
+        Arc::new(move |_| Some(request(Method::POST, hook, "/hook", "-", Some(event.clone()), None)));
+    let ceiling =
+        load("receiver ceiling (POST 204)", &[hook], args.connections, args.duration, Expect::status(204), make).await;
     rows.push(row(&ceiling, None));
 
     let subscription =
@@ -451,6 +555,7 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
         &format!("{BASE}/redirect-session-events/subscriptions/{}", Uuid::new_v4()),
         key,
         Some(Bytes::from(subscription)),
+        None,
     );
     let mut sender = connect(server.first()).await.expect("connects");
     let status = sender.send_request(put).await.expect("subscribes").status();
@@ -458,26 +563,33 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
 
     // Drain: queue deliveries with the dispatcher off, then start it and time the backlog.
     server.restart(&args.server, &["--no-webhook-dispatcher"]);
-    let (_, backlog_ids) =
-        create_sessions("create (for the backlog)", server, key, args.connections, args.duration, 100_000).await;
-    let (address, key_owned, list) = (server.first(), key.to_owned(), Arc::new(backlog_ids));
-    let make: MakeRequest = Arc::new(move |n| {
-        let id = list.get(n)?;
-        Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key_owned, None))
-    });
+    let (_, backlog) = create_sessions(
+        "create (for the backlog)",
+        server,
+        key,
+        args.connections,
+        args.duration,
+        100_000,
+        args.request_id,
+    )
+    .await;
+    let make = cancels(server.first(), key, backlog, args.request_id, None);
     let queued = load(
-        "cancel (queues a delivery each)",
+        &format!("cancel (queues a delivery each, {})", header_label(args.request_id)),
         &server.addresses,
         args.connections,
         Duration::from_secs(3600),
-        200,
+        Expect::status(200),
         make,
     )
     .await;
     rows.push(row(&queued, None));
     arrivals.lock().expect("not poisoned").clear();
     let started = Instant::now();
-    server.restart(&args.server, &[]);
+    // The backlog's deliveries all go to one subscription: the server's default limit of
+    // attempts in flight per subscription (16) would be what the drain measures.
+    let drain_flags = ["--webhook-concurrency-per-subscription", "256"];
+    server.restart(&args.server, &drain_flags);
     let deadline = Instant::now() + Duration::from_secs(300);
     while arrivals.lock().expect("not poisoned").len() < queued.requests && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -485,7 +597,7 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
     let drained = arrivals.lock().expect("not poisoned").len();
     let last = arrivals.lock().expect("not poisoned").values().max().copied().unwrap_or(started);
     let drain = Stats {
-        name: format!("deliveries: drain a backlog of {} (incl. restart)", queued.requests),
+        name: format!("deliveries: drain a backlog of {} (incl. restart; {})", queued.requests, drain_flags.join(" ")),
         requests: drained,
         errors: queued.requests - drained,
         elapsed: last.saturating_duration_since(started),
@@ -493,17 +605,20 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
         server_cpu: None,
     };
     rows.push(row(&drain, Some(&ceiling)));
+    // The rows below measure the server's defaults again.
+    server.restart(&args.server, &[]);
     let mut sender = connect(server.first()).await.expect("connects");
 
     // Idle latency: one cancel at a time, waiting for its delivery.
-    let (_, idle_ids) = create_sessions("create (for webhooks)", server, key, 4, Duration::from_secs(60), 200).await;
+    let (_, idle) =
+        create_sessions("create (for webhooks)", server, key, 4, Duration::from_secs(60), 200, args.request_id).await;
     let mut idle_delays = Vec::new();
-    for id in &idle_ids {
-        let cancel = request(Method::POST, server.first(), &format!("{BASE}/redirect-sessions/{id}/cancel"), key, None);
+    for session in &idle {
+        let cancel = cancel_request(server.first(), key, session.id, args.request_id.then(Uuid::new_v4));
         let response = sender.send_request(cancel).await.expect("cancels");
         let acknowledged = Instant::now();
         let _ = response.into_body().collect().await;
-        let id = id.to_string();
+        let id = session.id.to_string();
         let arrived = loop {
             if let Some(at) = arrivals.lock().expect("not poisoned").get(&id).copied() {
                 break at;
@@ -524,20 +639,30 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
     };
 
     // Throughput: cancel many sessions as fast as possible and count deliveries per second.
-    let (_, ids) =
-        create_sessions("create (for webhooks)", server, key, args.connections, args.duration, 400_000).await;
+    let (_, sessions) = create_sessions(
+        "create (for webhooks)",
+        server,
+        key,
+        args.connections,
+        args.duration,
+        400_000,
+        args.request_id,
+    )
+    .await;
     arrivals.lock().expect("not poisoned").clear();
     let acknowledged: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let (address, key_owned, list, acks) = (server.first(), key.to_owned(), Arc::new(ids), acknowledged.clone());
-    let make: MakeRequest = Arc::new(move |n| {
-        let id = list.get(n)?;
-        acks.lock().expect("not poisoned").insert(id.to_string(), Instant::now());
-        Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key_owned, None))
-    });
+    let make = cancels(server.first(), key, sessions, args.request_id, Some(acknowledged.clone()));
     let started = Instant::now();
-    let cancels =
-        load("cancel (with a subscriber)", &server.addresses, args.connections, args.duration, 200, make).await;
-    let expected = cancels.requests;
+    let cancelled = load(
+        &format!("cancel (with a subscriber, {})", header_label(args.request_id)),
+        &server.addresses,
+        args.connections,
+        args.duration,
+        Expect::status(200),
+        make,
+    )
+    .await;
+    let expected = cancelled.requests;
     let deadline = Instant::now() + Duration::from_secs(120);
     while arrivals.lock().expect("not poisoned").len() < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -558,9 +683,28 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
         latencies_us: delays,
         server_cpu: None,
     };
-    rows.push(row(&cancels, None));
+    rows.push(row(&cancelled, None));
     rows.push(row(&deliveries, Some(&ceiling)));
     rows.push(row(&idle, None).replace(&format!("{:.0}", idle.rate()), "—"));
+}
+
+/// Cancels each of `sessions` once, in the order of `spread`, each cancel with a fresh
+/// `x-request-id` when `request_id`; notes in `sent`, when given, when each was sent.
+fn cancels(
+    address: SocketAddr,
+    key: &str,
+    sessions: Vec<Created>,
+    request_id: bool,
+    sent: Option<Arc<Mutex<HashMap<String, Instant>>>>,
+) -> MakeRequest {
+    let key = key.to_owned();
+    Arc::new(move |n| {
+        let session = sessions.get(spread(n, sessions.len()))?;
+        if let Some(sent) = &sent {
+            sent.lock().expect("not poisoned").insert(session.id.to_string(), Instant::now());
+        }
+        Some(cancel_request(address, &key, session.id, request_id.then(Uuid::new_v4)))
+    })
 }
 
 /// The `n`th of `len` sessions in an order that jumps across the whole set (each one once):
@@ -583,9 +727,9 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// One scenario whose requests all answer `200`, on every instance, measured.
-async fn scenario(server: &Server, args: &Args, name: &str, make: MakeRequest) -> Stats {
-    server.measured(load(name, &server.addresses, args.connections, args.duration, 200, make)).await
+/// One scenario whose requests all answer as `expect` says, on every instance, measured.
+async fn scenario(server: &Server, args: &Args, name: &str, expect: Expect, make: MakeRequest) -> Stats {
+    server.measured(load(name, &server.addresses, args.connections, args.duration, expect, make)).await
 }
 
 fn row(stats: &Stats, ceiling: Option<&Stats>) -> String {
@@ -609,17 +753,18 @@ fn row(stats: &Stats, ceiling: Option<&Stats>) -> String {
 async fn run(args: Args) {
     let mut server = Server::start(&args.server, args.postgres.as_deref(), args.instances, &[]);
     let key = server.create_merchant(&args.server);
-    let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
+    let wants = |s: &str| args.wants(s);
     let mut rows = Vec::new();
     let address = server.first();
 
     let mut prefilled = Vec::new();
     if args.prefill > 0 {
         eprintln!("prefilling {} sessions…", args.prefill);
-        let (stats, ids) =
-            create_sessions("prefill", &server, &key, args.connections, Duration::from_secs(3600), args.prefill).await;
+        let (connections, duration) = (args.connections, Duration::from_secs(3600));
+        let (stats, sessions) =
+            create_sessions("prefill", &server, &key, connections, duration, args.prefill, args.request_id).await;
         eprintln!("prefilled {} sessions at {:.0}/s", stats.requests, stats.rate());
-        prefilled = ids;
+        prefilled = sessions;
     }
     let make: MakeRequest = Arc::new(move |_| {
         Some(
@@ -630,37 +775,64 @@ async fn run(args: Args) {
                 .expect("valid"),
         )
     });
-    let ceiling = scenario(&server, &args, "ceiling: GET /health/live", make).await;
+    let ceiling = scenario(&server, &args, "ceiling: GET /health/live", Expect::status(200), make).await;
     if wants("ceiling") {
         rows.push(row(&ceiling, Some(&ceiling)));
     }
+    // Each variant (with or without `x-request-id`) is a row of its own; read, replay and
+    // cancel need sessions, so they create them when no create scenario is asked for.
+    let mut creates = args.variants("create");
+    let cancel_variants = args.variants("cancel");
+    if creates.is_empty() && (wants("read") || wants("replay") || !cancel_variants.is_empty()) {
+        creates.push(args.request_id);
+    }
     let mut created = Vec::new();
-    if wants("create") || wants("read") || wants("cancel") {
-        let (stats, ids) =
-            create_sessions("create session (fresh ids)", &server, &key, args.connections, args.duration, 2_000_000)
-                .await;
+    for &request_id in &creates {
+        let name = format!("create session (fresh ids, {})", header_label(request_id));
+        let (stats, sessions) =
+            create_sessions(&name, &server, &key, args.connections, args.duration, 2_000_000, request_id).await;
         rows.push(row(&stats, Some(&ceiling)));
-        created = ids;
+        created.extend(sessions);
+    }
+    if !creates.is_empty() {
         created.extend(prefilled);
+    }
+    if wants("replay") {
+        let mut sent: Vec<Created> = created.iter().filter(|session| session.request_id.is_some()).copied().collect();
+        if sent.is_empty() {
+            // No create carried an `x-request-id` (`--no-request-id`): make some that do.
+            let (_, sessions) =
+                create_sessions("create (to replay)", &server, &key, args.connections, args.duration, 2_000_000, true)
+                    .await;
+            created.extend(&sessions);
+            sent = sessions;
+        }
+        let (key, list) = (key.clone(), Arc::new(sent));
+        let make: MakeRequest = Arc::new(move |n| {
+            let session = list.get(spread(n % list.len().max(1), list.len()))?;
+            Some(create_request(address, &key, session.id, session.request_id))
+        });
+        let name = "replay create (same id, body and x-request-id: the stored 201)";
+        let replayed = Expect { status: 201, replayed: true };
+        rows.push(row(&scenario(&server, &args, name, replayed, make).await, Some(&ceiling)));
     }
     if wants("read") {
         let (key, list) = (key.clone(), Arc::new(created.clone()));
         let make: MakeRequest = Arc::new(move |n| {
-            let id = list.get(spread(n % list.len().max(1), list.len()))?;
-            Some(request(Method::GET, address, &format!("{BASE}/redirect-sessions/{id}"), &key, None))
+            let session = list.get(spread(n % list.len().max(1), list.len()))?;
+            Some(request(Method::GET, address, &format!("{BASE}/redirect-sessions/{}", session.id), &key, None, None))
         });
-        rows.push(row(&scenario(&server, &args, "read session", make).await, Some(&ceiling)));
+        rows.push(row(&scenario(&server, &args, "read session", Expect::status(200), make).await, Some(&ceiling)));
     }
-    if wants("cancel") {
-        let (key, list) = (key.clone(), Arc::new(created.clone()));
-        let make: MakeRequest = Arc::new(move |n| {
-            let id = list.get(spread(n, list.len()))?;
-            Some(request(Method::POST, address, &format!("{BASE}/redirect-sessions/{id}/cancel"), &key, None))
-        });
-        rows.push(row(&scenario(&server, &args, "cancel session (each id once)", make).await, Some(&ceiling)));
+    // The cancel variants split the created sessions: each session is cancelled once.
+    let share = created.len() / cancel_variants.len().max(1);
+    for (&request_id, sessions) in cancel_variants.iter().zip(created.chunks(share.max(1))) {
+        let make = cancels(address, &key, sessions.to_vec(), request_id, None);
+        let name = format!("cancel session (each id once, {})", header_label(request_id));
+        rows.push(row(&scenario(&server, &args, &name, Expect::status(200), make).await, Some(&ceiling)));
     }
     if wants("pay") {
-        let cookies = Arc::new(arrived_browsers(address, &key, 256).await);
+        let cookies = Arc::new(arrived_browsers(address, &key, 256, args.request_id).await);
         let make: MakeRequest = Arc::new(move |n| {
             Some(
                 Request::builder()
@@ -671,7 +843,8 @@ async fn run(args: Args) {
                     .expect("valid"),
             )
         });
-        rows.push(row(&scenario(&server, &args, "hosted page: GET /pay (with cookie)", make).await, Some(&ceiling)));
+        let name = "hosted page: GET /pay (with cookie)";
+        rows.push(row(&scenario(&server, &args, name, Expect::status(200), make).await, Some(&ceiling)));
     }
     let sessions = created.len();
     let (database, wal) = server.database_bytes();
