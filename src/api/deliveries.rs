@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -10,7 +10,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::context::RequestContext;
 use super::extract::{empty_body, paginate, parse_query, path_id, store_error, RawPathParam};
+use super::idempotency::{error_answer, respond, Scope};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::event::EventType;
@@ -18,7 +20,7 @@ use crate::domain::time::Timestamp;
 use crate::domain::validate::{parse_uuid, Errors};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::store::webhooks::{AttemptRecord, DeliveryFilter, DeliveryRecord, DeliveryState, RedeliverOutcome};
-use crate::store::Merchant;
+use crate::store::{Merchant, StoredResponse};
 
 /// The routes of this resource.
 pub fn router() -> Router<AppState> {
@@ -172,21 +174,37 @@ pub async fn list_deliveries(
 pub async fn redeliver(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
+    Extension(context): Extension<RequestContext>,
+    scope: Option<Extension<Scope>>,
     raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let id = path_id(&raw_id, "deliveryId")?;
     empty_body(&headers, body).await?;
-    match state.store.redeliver(merchant.id, id, Timestamp::now()).await.map_err(store_error)? {
-        RedeliverOutcome::Queued(record) => Ok(Json(Delivery::from(record)).into_response()),
-        RedeliverOutcome::NotFound => Err(ApiError::new(ErrorCode::DeliveryNotFound, "No delivery has this id.")),
-        RedeliverOutcome::OtherMerchant => {
-            Err(ApiError::new(ErrorCode::InvalidTriggeredBy, "The delivery belongs to another merchant."))
+    let render = {
+        let (state, correlation_id) = (state.clone(), context.correlation_id);
+        move |outcome: &RedeliverOutcome| {
+            let error = match outcome {
+                RedeliverOutcome::Queued(record) => {
+                    let body = serde_json::to_vec(&Delivery::from(record.clone())).expect("deliveries serialise");
+                    let headers = vec![(header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned())];
+                    return StoredResponse { status: 200, headers, body };
+                }
+                RedeliverOutcome::NotFound => ApiError::new(ErrorCode::DeliveryNotFound, "No delivery has this id."),
+                RedeliverOutcome::OtherMerchant => {
+                    ApiError::new(ErrorCode::InvalidTriggeredBy, "The delivery belongs to another merchant.")
+                }
+                RedeliverOutcome::Cancelled => ApiError::new(
+                    ErrorCode::EntityVersionMismatch,
+                    "The delivery was cancelled with its subscription and cannot be redelivered.",
+                ),
+            };
+            error_answer(&error, correlation_id, &state.public_url)
         }
-        RedeliverOutcome::Cancelled => Err(ApiError::new(
-            ErrorCode::EntityVersionMismatch,
-            "The delivery was cancelled with its subscription and cannot be redelivered.",
-        )),
-    }
+    };
+    let scope = scope.map(|Extension(scope)| scope);
+    let guard = scope.map(|scope| scope.guard(render.clone()));
+    let guarded = state.store.redeliver_guarded(merchant.id, id, Timestamp::now(), guard).await.map_err(store_error)?;
+    Ok(respond(&state, scope, guarded, render, |_| {}))
 }

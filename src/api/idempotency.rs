@@ -40,11 +40,6 @@ const KEPT_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::LOCATION, h
 /// `idempotent-replayed: true` marks a replayed answer.
 pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// A response extension: the body shows a secret (a new subscription's signing secret), so
-/// it is kept encrypted (`crate::secrets`, docs/DESIGN.md "Secrets at rest").
-#[derive(Clone, Copy, Debug)]
-pub struct ShowsSecret;
-
 /// A response extension: the answer was kept by the write that made it (or is a replay).
 #[derive(Clone, Copy, Debug)]
 struct Kept;
@@ -59,7 +54,22 @@ pub struct Scope {
 impl Scope {
     /// The guard for the store write whose answer `answer` renders.
     pub fn guard<O>(self, answer: impl FnOnce(&O) -> StoredResponse + Send + 'static) -> Guard<O> {
-        Guard { key: self.key, fingerprint: self.fingerprint, now: Timestamp::now(), answer: Box::new(answer) }
+        Guard {
+            key: self.key,
+            fingerprint: self.fingerprint,
+            now: Timestamp::now(),
+            answer: Box::new(answer),
+            seal: None,
+        }
+    }
+
+    /// The guard for a store write whose answer shows a secret: kept encrypted.
+    pub fn guard_sealed<O>(
+        self,
+        state: &AppState,
+        answer: impl FnOnce(&O) -> StoredResponse + Send + 'static,
+    ) -> Guard<O> {
+        Guard { seal: Some(state.store.secrets()), ..self.guard(answer) }
     }
 }
 
@@ -137,7 +147,7 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
     let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
         return ApiError::internal(&"a response body could not be read").into_response();
     };
-    let mut answer = StoredResponse {
+    let answer = StoredResponse {
         status: parts.status.as_u16(),
         headers: KEPT_HEADERS
             .iter()
@@ -148,13 +158,6 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
             .collect(),
         body: body.to_vec(),
     };
-    if parts.extensions.get::<ShowsSecret>().is_some() {
-        match seal(&state, key, answer) {
-            Some(sealed) => answer = sealed,
-            // Not kept rather than kept in clear; a retry runs again.
-            None => return Response::from_parts(parts, Body::from(body)),
-        }
-    }
     match state.store.idempotency_keep(key, fingerprint, Timestamp::now(), answer).await {
         Ok(None) => Response::from_parts(parts, Body::from(body)),
         Ok(Some(found)) => answer_found(&state, key, found),
@@ -240,21 +243,6 @@ fn answer_found(state: &AppState, key: IdempotencyKey, found: Found) -> Response
     response.headers_mut().insert(REPLAYED.clone(), HeaderValue::from_static("true"));
     response.extensions_mut().insert(Kept);
     response
-}
-
-/// `answer` with its body encrypted under the key of its record; `None` when that fails.
-pub fn seal(state: &AppState, key: IdempotencyKey, mut answer: StoredResponse) -> Option<StoredResponse> {
-    let row = idempotency_row(key.merchant_id, key.request_id);
-    match state.store.secrets().seal(Column::IdempotentBody, &row, &answer.body) {
-        Ok(sealed) => {
-            answer.body = sealed.into_bytes();
-            Some(answer)
-        }
-        Err(error) => {
-            tracing::warn!(%error, "could not encrypt an idempotent answer");
-            None
-        }
-    }
 }
 
 /// An error as a kept answer: the bytes `ApiError::render` sends.

@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::context::RequestContext;
 use super::extract::{id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam};
+use super::idempotency::{error_answer, respond, Scope};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::event::EventType;
@@ -18,8 +20,10 @@ use crate::domain::subscription::{parse_subscription, SubscriptionRules, Subscri
 use crate::domain::time::Timestamp;
 use crate::domain::validate::Errors;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
-use crate::store::webhooks::{ChangeSubscriptionOutcome, PutSubscriptionOutcome, SubscriptionRecord};
-use crate::store::Merchant;
+use crate::store::webhooks::{
+    ChangeSubscriptionOutcome, PutSubscriptionOutcome, SubscriptionChange, SubscriptionRecord,
+};
+use crate::store::{Merchant, StoredResponse};
 use crate::webhooks::signature::generate_secret;
 
 const PATH: &str = "/redirect-session-events/subscriptions";
@@ -86,24 +90,18 @@ impl Subscription {
     }
 }
 
-fn respond(status: StatusCode, record: SubscriptionRecord, with_secret: bool) -> Response {
-    let etag = format!("\"{}\"", record.version);
-    let id = record.id;
-    let mut response = (status, Json(Subscription::of(record, with_secret))).into_response();
-    let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&etag) {
-        headers.insert(header::ETAG, value);
-    }
+/// The answer showing `record` (with its signing secret only when `with_secret`): its
+/// representation, `ETag`, and for a new subscription its `Location`.
+fn subscription_answer(status: StatusCode, record: SubscriptionRecord, with_secret: bool) -> StoredResponse {
+    let mut headers = vec![
+        (header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned()),
+        (header::ETAG.as_str().to_owned(), format!("\"{}\"", record.version)),
+    ];
     if status == StatusCode::CREATED {
-        if let Ok(value) = HeaderValue::from_str(&format!("{BASE}{PATH}/{id}")) {
-            headers.insert(header::LOCATION, value);
-        }
+        headers.push((header::LOCATION.as_str().to_owned(), format!("{BASE}{PATH}/{}", record.id)));
     }
-    if with_secret {
-        // Kept encrypted if stored for an idempotent replay.
-        response.extensions_mut().insert(super::idempotency::ShowsSecret);
-    }
-    response
+    let body = serde_json::to_vec(&Subscription::of(record, with_secret)).expect("subscriptions serialise");
+    StoredResponse { status: status.as_u16(), headers, body }
 }
 
 fn not_found() -> ApiError {
@@ -131,12 +129,19 @@ async fn id_and_spec(
     id_and_body(id, body.map(|body| parse_subscription(&body, rules)))
 }
 
-fn changed(outcome: ChangeSubscriptionOutcome) -> Result<Response, ApiError> {
-    match outcome {
-        ChangeSubscriptionOutcome::Done(record) => Ok(respond(StatusCode::OK, record, false)),
-        ChangeSubscriptionOutcome::NotFound => Err(not_found()),
-        ChangeSubscriptionOutcome::OtherMerchant => Err(other_merchant()),
-        ChangeSubscriptionOutcome::VersionMismatch => Err(version_mismatch()),
+/// Renders what a PATCH or DELETE came to.
+fn changed(state: &AppState, correlation_id: Uuid) -> impl Fn(&ChangeSubscriptionOutcome) -> StoredResponse + Clone {
+    let state = state.clone();
+    move |outcome| {
+        let error = match outcome {
+            ChangeSubscriptionOutcome::Done(record) => {
+                return subscription_answer(StatusCode::OK, record.clone(), false)
+            }
+            ChangeSubscriptionOutcome::NotFound => not_found(),
+            ChangeSubscriptionOutcome::OtherMerchant => other_merchant(),
+            ChangeSubscriptionOutcome::VersionMismatch => version_mismatch(),
+        };
+        error_answer(&error, correlation_id, &state.public_url)
     }
 }
 
@@ -163,6 +168,8 @@ fn changed(outcome: ChangeSubscriptionOutcome) -> Result<Response, ApiError> {
 pub async fn create_subscription(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
+    Extension(context): Extension<RequestContext>,
+    scope: Option<Extension<Scope>>,
     raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
@@ -182,18 +189,26 @@ pub async fn create_subscription(
         last_modified_on: now,
         version: 1,
     };
-    match state.store.put_subscription(record).await.map_err(store_error)? {
-        PutSubscriptionOutcome::Created(record) => Ok(respond(StatusCode::CREATED, record, true)),
-        PutSubscriptionOutcome::Exists(existing) => {
-            let etag = format!("\"{}\"", existing.version);
-            let same_version = if_match.as_deref().is_none_or(|tag| crate::store::etag_matches(tag, &etag));
-            if existing.merchant_id == merchant.id && existing.spec == spec && same_version {
-                Ok(respond(StatusCode::OK, existing, false))
-            } else {
-                Err(version_mismatch())
+    let render = {
+        let (state, merchant_id, correlation_id) = (state.clone(), merchant.id, context.correlation_id);
+        move |outcome: &PutSubscriptionOutcome| match outcome {
+            PutSubscriptionOutcome::Created(record) => subscription_answer(StatusCode::CREATED, record.clone(), true),
+            PutSubscriptionOutcome::Exists(existing) => {
+                let etag = format!("\"{}\"", existing.version);
+                let same_version = if_match.as_deref().is_none_or(|tag| crate::store::etag_matches(tag, &etag));
+                if existing.merchant_id == merchant_id && existing.spec == spec && same_version {
+                    subscription_answer(StatusCode::OK, existing.clone(), false)
+                } else {
+                    error_answer(&version_mismatch(), correlation_id, &state.public_url)
+                }
             }
         }
-    }
+    };
+    let scope = scope.map(|Extension(scope)| scope);
+    // The new subscription's answer shows its signing secret: kept encrypted.
+    let guard = scope.map(|scope| scope.guard_sealed(&state, render.clone()));
+    let guarded = state.store.put_subscription_guarded(record, guard).await.map_err(store_error)?;
+    Ok(respond(&state, scope, guarded, render, |_| {}))
 }
 
 /// Replace a subscription's callback URL, API key and event types.
@@ -220,15 +235,19 @@ pub async fn create_subscription(
 pub async fn update_subscription(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
+    Extension(context): Extension<RequestContext>,
+    scope: Option<Extension<Scope>>,
     raw_id: RawPathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let (id, spec) = id_and_spec(&state, &raw_id, &headers, body).await?;
-    let if_match = if_match(&headers)?;
-    changed(
-        state.store.patch_subscription(merchant.id, id, spec, if_match, Timestamp::now()).await.map_err(store_error)?,
-    )
+    let change =
+        SubscriptionChange { merchant_id: merchant.id, id, if_match: if_match(&headers)?, now: Timestamp::now() };
+    let (scope, render) = (scope.map(|Extension(scope)| scope), changed(&state, context.correlation_id));
+    let guard = scope.map(|scope| scope.guard(render.clone()));
+    let guarded = state.store.patch_subscription_guarded(change, spec, guard).await.map_err(store_error)?;
+    Ok(respond(&state, scope, guarded, render, |_| {}))
 }
 
 /// Unsubscribe: removes the subscription and cancels its queued deliveries.
@@ -254,12 +273,18 @@ pub async fn update_subscription(
 pub async fn delete_subscription(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
+    Extension(context): Extension<RequestContext>,
+    scope: Option<Extension<Scope>>,
     raw_id: RawPathParam,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = path_id(&raw_id, "eventSubscriptionId")?;
-    let if_match = if_match(&headers)?;
-    changed(state.store.delete_subscription(merchant.id, id, if_match, Timestamp::now()).await.map_err(store_error)?)
+    let change =
+        SubscriptionChange { merchant_id: merchant.id, id, if_match: if_match(&headers)?, now: Timestamp::now() };
+    let (scope, render) = (scope.map(|Extension(scope)| scope), changed(&state, context.correlation_id));
+    let guard = scope.map(|scope| scope.guard(render.clone()));
+    let guarded = state.store.delete_subscription_guarded(change, guard).await.map_err(store_error)?;
+    Ok(respond(&state, scope, guarded, render, |_| {}))
 }
 
 /// Read a subscription.
@@ -284,7 +309,7 @@ pub async fn get_subscription(
     match state.store.get_subscription(id).await.map_err(store_error)? {
         None => Err(not_found()),
         Some(record) if record.merchant_id != merchant.id => Err(other_merchant()),
-        Some(record) => Ok(respond(StatusCode::OK, record, false)),
+        Some(record) => Ok(subscription_answer(StatusCode::OK, record, false).into_response()),
     }
 }
 

@@ -6,9 +6,14 @@
 //! and finish later, so a request costs one durable commit, and a crash leaves either the
 //! change with its answer or neither.
 
+use std::sync::Arc;
+
 use uuid::Uuid;
 
+use super::sealing::idempotency_row;
+use super::StoreError;
 use crate::domain::time::Timestamp;
+use crate::secrets::{Column, KeyRing};
 
 /// An idempotency key: the merchant's request id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,6 +62,20 @@ pub struct Guard<O> {
     pub fingerprint: [u8; 32],
     pub now: Timestamp,
     pub answer: Answer<O>,
+    /// The answer shows a secret (a new subscription's signing secret): its body is kept
+    /// encrypted under these keys (docs/DESIGN.md "Secrets at rest").
+    pub seal: Option<Arc<KeyRing>>,
+}
+
+/// What a guard keeps for an outcome.
+pub struct Rendered {
+    pub key: IdempotencyKey,
+    pub fingerprint: [u8; 32],
+    pub now: Timestamp,
+    /// The answer for the client.
+    pub answer: StoredResponse,
+    /// The answer as kept: `answer`, its body sealed when it shows a secret.
+    pub kept: StoredResponse,
 }
 
 /// What a guarded (or unguarded) write came to.
@@ -70,9 +89,17 @@ pub enum Guarded<O> {
 }
 
 impl<O> Guard<O> {
-    /// Runs the guard's renderer: the answer to keep, with the record's key columns.
-    pub fn render(self, outcome: &O) -> (IdempotencyKey, [u8; 32], Timestamp, StoredResponse) {
+    /// Renders the answer to keep for `outcome`.
+    pub fn render(self, outcome: &O) -> Result<Rendered, StoreError> {
         let answer = (self.answer)(outcome);
-        (self.key, self.fingerprint, self.now, answer)
+        let mut kept = answer.clone();
+        if let Some(ring) = self.seal {
+            let row = idempotency_row(self.key.merchant_id, self.key.request_id);
+            kept.body = ring
+                .seal(Column::IdempotentBody, &row, &answer.body)
+                .map_err(|e| StoreError::Internal(e.to_string()))?
+                .into_bytes();
+        }
+        Ok(Rendered { key: self.key, fingerprint: self.fingerprint, now: self.now, answer, kept })
     }
 }

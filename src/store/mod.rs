@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use self::webhooks::{
     AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, PutSubscriptionOutcome,
-    RedeliverOutcome, Retention, SubscriptionRecord,
+    RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
 };
 use crate::domain::event::EventType;
 use crate::domain::request::SessionSpec;
@@ -313,8 +313,17 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
     /// Makes `next` the current key; the old one stays accepted.
     async fn rotate_signing_key(&self, next: KeyPair, now: Timestamp) -> Result<(), StoreError>;
 
-    /// Inserts the subscription unless its id exists.
-    async fn put_subscription(&self, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome, StoreError>;
+    /// Inserts the subscription unless its id exists; under a guard, keeps the answer in the
+    /// same transaction (`idempotency`).
+    async fn put_subscription_guarded(
+        &self,
+        record: SubscriptionRecord,
+        guard: Option<Guard<PutSubscriptionOutcome>>,
+    ) -> Result<Guarded<PutSubscriptionOutcome>, StoreError>;
+    /// `put_subscription_guarded` without an idempotency key.
+    async fn put_subscription(&self, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome, StoreError> {
+        ran(self.put_subscription_guarded(record, None).await?)
+    }
     async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>, StoreError>;
     /// A merchant's subscriptions, newest first, `limit + 1` at most.
     async fn list_subscriptions(
@@ -323,7 +332,14 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         after: Option<(Timestamp, Uuid)>,
         limit: usize,
     ) -> Result<Vec<SubscriptionRecord>, StoreError>;
-    /// Replaces all three fields.
+    /// Replaces all three fields; under a guard, keeps the answer in the same transaction.
+    async fn patch_subscription_guarded(
+        &self,
+        change: SubscriptionChange,
+        spec: SubscriptionSpec,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError>;
+    /// `patch_subscription_guarded` without an idempotency key.
     async fn patch_subscription(
         &self,
         merchant_id: Uuid,
@@ -331,15 +347,28 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         spec: SubscriptionSpec,
         if_match: Option<String>,
         now: Timestamp,
-    ) -> Result<ChangeSubscriptionOutcome, StoreError>;
-    /// Removes it and cancels its queued deliveries.
+    ) -> Result<ChangeSubscriptionOutcome, StoreError> {
+        let change = SubscriptionChange { merchant_id, id, if_match, now };
+        ran(self.patch_subscription_guarded(change, spec, None).await?)
+    }
+    /// Removes it and cancels its queued deliveries; under a guard, keeps the answer in the
+    /// same transaction.
+    async fn delete_subscription_guarded(
+        &self,
+        change: SubscriptionChange,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError>;
+    /// `delete_subscription_guarded` without an idempotency key.
     async fn delete_subscription(
         &self,
         merchant_id: Uuid,
         id: Uuid,
         if_match: Option<String>,
         now: Timestamp,
-    ) -> Result<ChangeSubscriptionOutcome, StoreError>;
+    ) -> Result<ChangeSubscriptionOutcome, StoreError> {
+        let change = SubscriptionChange { merchant_id, id, if_match, now };
+        ran(self.delete_subscription_guarded(change, None).await?)
+    }
 
     /// Announces a dispatcher that is about to claim deliveries as `owner`, and frees the
     /// leases of dispatchers that are gone; answers how many deliveries it freed. SQLite (one
@@ -369,8 +398,19 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         merchant_id: Uuid,
         filter: DeliveryFilter,
     ) -> Result<Vec<DeliveryRecord>, StoreError>;
-    /// Queues a failed or delivered delivery again.
-    async fn redeliver(&self, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome, StoreError>;
+    /// Queues a failed or delivered delivery again; under a guard, keeps the answer in the
+    /// same transaction.
+    async fn redeliver_guarded(
+        &self,
+        merchant_id: Uuid,
+        id: Uuid,
+        now: Timestamp,
+        guard: Option<Guard<RedeliverOutcome>>,
+    ) -> Result<Guarded<RedeliverOutcome>, StoreError>;
+    /// `redeliver_guarded` without an idempotency key.
+    async fn redeliver(&self, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome, StoreError> {
+        ran(self.redeliver_guarded(merchant_id, id, now, None).await?)
+    }
     /// Deletes up to `batch` rows of each kind past their retention; answers how many went.
     async fn purge(&self, now: Timestamp, retention: Retention, batch: usize) -> Result<usize, StoreError>;
     /// Notified after a commit that queued deliveries (wakes the dispatcher).

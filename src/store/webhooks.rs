@@ -29,6 +29,16 @@ pub enum PutSubscriptionOutcome {
     Exists(SubscriptionRecord),
 }
 
+/// A merchant's request to replace or remove one of its subscriptions.
+#[derive(Clone, Debug)]
+pub struct SubscriptionChange {
+    pub merchant_id: Uuid,
+    pub id: Uuid,
+    /// The `If-Match` header, when sent.
+    pub if_match: Option<String>,
+    pub now: Timestamp,
+}
+
 /// What replacing or removing a subscription came to.
 #[derive(Debug)]
 pub enum ChangeSubscriptionOutcome {

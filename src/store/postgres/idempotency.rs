@@ -97,11 +97,11 @@ pub async fn finish<O>(
         tx.commit().await?;
         return Ok((Guarded::Ran(outcome, None), queued));
     };
-    let (key, fingerprint, now, answer) = guard.render(&outcome);
-    if let Some(found) = keep(&tx, key, &fingerprint, now, &answer).await? {
+    let rendered = guard.render(&outcome)?;
+    if let Some(found) = keep(&tx, rendered.key, &rendered.fingerprint, rendered.now, &rendered.kept).await? {
         tx.rollback().await?;
         return Ok((Guarded::Earlier(found), 0));
     }
     tx.commit().await?;
-    Ok((Guarded::Ran(outcome, Some(answer)), queued))
+    Ok((Guarded::Ran(outcome, Some(rendered.answer)), queued))
 }

@@ -39,7 +39,7 @@ use crate::secrets::{KeyRing, Resealed};
 use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
     AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, NextStep,
-    PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
+    PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
 };
 use crate::store::{
     CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey, Merchant, SessionFilter,
@@ -504,14 +504,13 @@ impl Store for PostgresStore {
         self.run(move |c| Box::pin(schema::rotate_signing_key(c, next, sealed, now))).await
     }
 
-    async fn put_subscription(&self, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome> {
-        let sealed = seal_subscription(&self.secrets, record.clone())?;
-        match self.run(move |c| Box::pin(webhooks::put_subscription(c, sealed))).await? {
-            PutSubscriptionOutcome::Created(_) => Ok(PutSubscriptionOutcome::Created(record)),
-            PutSubscriptionOutcome::Exists(existing) => {
-                Ok(PutSubscriptionOutcome::Exists(open_subscription(&self.secrets, existing)?))
-            }
-        }
+    async fn put_subscription_guarded(
+        &self,
+        record: SubscriptionRecord,
+        guard: Option<Guard<PutSubscriptionOutcome>>,
+    ) -> Result<Guarded<PutSubscriptionOutcome>> {
+        let (ring, sealed) = (self.secrets.clone(), seal_subscription(&self.secrets, record.clone())?);
+        self.run(move |c| Box::pin(webhooks::put_subscription(c, ring, record, sealed, guard))).await
     }
 
     async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>> {
@@ -529,31 +528,23 @@ impl Store for PostgresStore {
         stored.into_iter().map(|record| open_subscription(&self.secrets, record)).collect()
     }
 
-    async fn patch_subscription(
+    async fn patch_subscription_guarded(
         &self,
-        merchant_id: Uuid,
-        id: Uuid,
+        change: SubscriptionChange,
         spec: SubscriptionSpec,
-        if_match: Option<String>,
-        now: Timestamp,
-    ) -> Result<ChangeSubscriptionOutcome> {
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
         let ring = self.secrets.clone();
-        self.run(move |c| Box::pin(webhooks::patch_subscription(c, ring, merchant_id, id, spec, if_match, now))).await
+        self.run(move |c| Box::pin(webhooks::patch_subscription(c, ring, change, spec, guard))).await
     }
 
-    async fn delete_subscription(
+    async fn delete_subscription_guarded(
         &self,
-        merchant_id: Uuid,
-        id: Uuid,
-        if_match: Option<String>,
-        now: Timestamp,
-    ) -> Result<ChangeSubscriptionOutcome> {
-        match self.run(move |c| Box::pin(webhooks::delete_subscription(c, merchant_id, id, if_match, now))).await? {
-            ChangeSubscriptionOutcome::Done(record) => {
-                Ok(ChangeSubscriptionOutcome::Done(open_subscription(&self.secrets, record)?))
-            }
-            other => Ok(other),
-        }
+        change: SubscriptionChange,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
+        let ring = self.secrets.clone();
+        self.run(move |c| Box::pin(webhooks::delete_subscription(c, ring, change, guard))).await
     }
 
     async fn dispatcher_started(&self, owner: Uuid) -> Result<usize> {
@@ -620,9 +611,16 @@ impl Store for PostgresStore {
         self.run(move |c| Box::pin(webhooks::list_deliveries(c, merchant_id, filter))).await
     }
 
-    async fn redeliver(&self, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome> {
-        let outcome = self.run(move |c| Box::pin(webhooks::redeliver(c, merchant_id, id, now))).await?;
-        self.queued_deliveries(usize::from(matches!(outcome, RedeliverOutcome::Queued(_))));
+    async fn redeliver_guarded(
+        &self,
+        merchant_id: Uuid,
+        id: Uuid,
+        now: Timestamp,
+        guard: Option<Guard<RedeliverOutcome>>,
+    ) -> Result<Guarded<RedeliverOutcome>> {
+        let (outcome, queued) =
+            self.run(move |c| Box::pin(webhooks::redeliver(c, merchant_id, id, now, guard))).await?;
+        self.queued_deliveries(queued);
         Ok(outcome)
     }
 

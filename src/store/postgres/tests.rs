@@ -534,6 +534,7 @@ async fn the_same_request_id_from_two_instances_runs_once_and_both_answer_alike(
                     headers: Vec::new(),
                     body: format!("{i} {}", matches!(outcome, CancelOutcome::Cancelled(_))).into_bytes(),
                 }),
+                seal: None,
             };
             tokio::spawn(async move { store.cancel_session_guarded(request, Some(guard)).await })
         })
@@ -1109,6 +1110,7 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
             headers: Vec::new(),
             body: b"guarded".to_vec(),
         }),
+        seal: None,
     };
     let guarded = IdempotencyKey { merchant_id: m2, request_id: Uuid::max() };
     for (id, fingerprint) in [(ids.guarded, [4; 32]), (ids.guarded, [4; 32]), (Uuid::max(), [5; 32])] {

@@ -13,6 +13,7 @@ use tokio_postgres::types::Json;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::idempotency::finish;
 use super::{
     execute, int8, internal, listen, parse_event_type, query, query_one, query_opt, ts, ts_opt, Client, Result, Sql, Ts,
 };
@@ -20,13 +21,13 @@ use crate::domain::event::EventType;
 use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
 use crate::secrets::KeyRing;
-use crate::store::etag_matches;
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key};
 use crate::store::webhooks::{
     decide_redelivery, AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimPicker, ClaimedDelivery,
     DeliveryFilter, DeliveryRecord, DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverDecision,
-    RedeliverOutcome, Retention, SubscriptionRecord,
+    RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
 };
+use crate::store::{etag_matches, Guard, Guarded};
 
 /// An event about to be written with the state change that caused it.
 pub struct NewEvent {
@@ -150,12 +151,28 @@ pub async fn get_subscription(c: &mut Client, id: Uuid) -> Result<Option<Subscri
     load_subscription(&*c, id, "").await
 }
 
-/// Inserts the subscription unless its id exists.
-pub async fn put_subscription(c: &mut Client, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome> {
+/// Inserts the subscription (its secrets sealed in `sealed`, in clear in `record`) unless its
+/// id exists; under a guard, keeps the answer in the same transaction.
+pub async fn put_subscription(
+    c: &mut Client,
+    ring: Arc<KeyRing>,
+    record: SubscriptionRecord,
+    sealed: SubscriptionRecord,
+    guard: Option<Guard<PutSubscriptionOutcome>>,
+) -> Result<Guarded<PutSubscriptionOutcome>> {
+    let tx = c.transaction().await?;
+    let outcome = match put_in(&tx, sealed).await? {
+        PutSubscriptionOutcome::Created(_) => PutSubscriptionOutcome::Created(record),
+        PutSubscriptionOutcome::Exists(existing) => PutSubscriptionOutcome::Exists(open_subscription(&ring, existing)?),
+    };
+    Ok(finish(tx, guard, outcome, 0).await?.0)
+}
+
+async fn put_in(tx: &Transaction<'_>, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome> {
     // A subscription deleted between the insert and the read is inserted again.
     for _ in 0..3 {
         let inserted = execute(
-            &*c,
+            tx,
             &format!(
                 "INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (id) DO NOTHING"
@@ -176,7 +193,7 @@ pub async fn put_subscription(c: &mut Client, record: SubscriptionRecord) -> Res
         if inserted == 1 {
             return Ok(PutSubscriptionOutcome::Created(record));
         }
-        if let Some(existing) = load_subscription(&*c, record.id, "").await? {
+        if let Some(existing) = load_subscription(tx, record.id, "").await? {
             return Ok(PutSubscriptionOutcome::Exists(existing));
         }
     }
@@ -226,21 +243,31 @@ async fn owned_subscription(
 pub async fn patch_subscription(
     c: &mut Client,
     ring: Arc<KeyRing>,
-    merchant_id: Uuid,
-    id: Uuid,
+    change: SubscriptionChange,
     spec: SubscriptionSpec,
-    if_match: Option<String>,
-    now: Timestamp,
-) -> Result<ChangeSubscriptionOutcome> {
+    guard: Option<Guard<ChangeSubscriptionOutcome>>,
+) -> Result<Guarded<ChangeSubscriptionOutcome>> {
     let tx = c.transaction().await?;
-    let mut record = match owned_subscription(&tx, merchant_id, id, if_match.as_deref(), "FOR NO KEY UPDATE").await? {
-        Ok(record) => open_subscription(&ring, record)?,
-        Err(outcome) => return Ok(outcome),
-    };
+    let outcome = patch_in(&tx, &ring, &change, spec).await?;
+    Ok(finish(tx, guard, outcome, 0).await?.0)
+}
+
+async fn patch_in(
+    tx: &Transaction<'_>,
+    ring: &KeyRing,
+    change: &SubscriptionChange,
+    spec: SubscriptionSpec,
+) -> Result<ChangeSubscriptionOutcome> {
+    let (id, now) = (change.id, change.now);
+    let mut record =
+        match owned_subscription(tx, change.merchant_id, id, change.if_match.as_deref(), "FOR NO KEY UPDATE").await? {
+            Ok(record) => open_subscription(ring, record)?,
+            Err(outcome) => return Ok(outcome),
+        };
     if record.spec != spec {
-        let sealed_key = seal_api_key(&ring, id, &spec.api_key)?;
+        let sealed_key = seal_api_key(ring, id, &spec.api_key)?;
         execute(
-            &tx,
+            tx,
             "UPDATE subscriptions SET callback_url = $2, api_key = $3, event_mask = $4, last_modified_on = $5,
                     version = version + 1
               WHERE id = $1",
@@ -251,26 +278,34 @@ pub async fn patch_subscription(
         record.last_modified_on = now;
         record.version += 1;
     }
-    tx.commit().await?;
     Ok(ChangeSubscriptionOutcome::Done(record))
 }
 
 /// Removes a merchant's subscription and cancels its queued deliveries (see `record_events`
-/// for why the subscription is locked `FOR UPDATE` first).
+/// for why the subscription is locked `FOR UPDATE` first); answers the removed record opened.
 pub async fn delete_subscription(
     c: &mut Client,
-    merchant_id: Uuid,
-    id: Uuid,
-    if_match: Option<String>,
-    now: Timestamp,
-) -> Result<ChangeSubscriptionOutcome> {
+    ring: Arc<KeyRing>,
+    change: SubscriptionChange,
+    guard: Option<Guard<ChangeSubscriptionOutcome>>,
+) -> Result<Guarded<ChangeSubscriptionOutcome>> {
     let tx = c.transaction().await?;
-    let record = match owned_subscription(&tx, merchant_id, id, if_match.as_deref(), "FOR UPDATE").await? {
-        Ok(record) => record,
+    let outcome = delete_in(&tx, &ring, &change).await?;
+    Ok(finish(tx, guard, outcome, 0).await?.0)
+}
+
+async fn delete_in(
+    tx: &Transaction<'_>,
+    ring: &KeyRing,
+    change: &SubscriptionChange,
+) -> Result<ChangeSubscriptionOutcome> {
+    let (id, now) = (change.id, change.now);
+    let record = match owned_subscription(tx, change.merchant_id, id, change.if_match.as_deref(), "FOR UPDATE").await? {
+        Ok(record) => open_subscription(ring, record)?,
         Err(outcome) => return Ok(outcome),
     };
     execute(
-        &tx,
+        tx,
         "WITH doomed AS MATERIALIZED (
              SELECT id FROM deliveries WHERE subscription_id = $1 AND state = 'Pending' ORDER BY id FOR NO KEY UPDATE)
          UPDATE deliveries d SET state = 'Cancelled', lease_owner = NULL, lease_until = NULL, last_modified_on = $2
@@ -278,8 +313,7 @@ pub async fn delete_subscription(
         &[&id, &Ts(now)],
     )
     .await?;
-    execute(&tx, "DELETE FROM subscriptions WHERE id = $1", &[&id]).await?;
-    tx.commit().await?;
+    execute(tx, "DELETE FROM subscriptions WHERE id = $1", &[&id]).await?;
     Ok(ChangeSubscriptionOutcome::Done(record))
 }
 
@@ -686,10 +720,23 @@ pub async fn list_deliveries(c: &mut Client, merchant_id: Uuid, filter: Delivery
     with_attempts(&*c, deliveries).await
 }
 
-/// Queues a `Failed` (or `Delivered`) delivery again with a fresh retry schedule.
-pub async fn redeliver(c: &mut Client, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome> {
+/// Queues a `Failed` (or `Delivered`) delivery again with a fresh retry schedule; under a
+/// guard, keeps the answer in the same transaction. Answers how many deliveries it queued.
+pub async fn redeliver(
+    c: &mut Client,
+    merchant_id: Uuid,
+    id: Uuid,
+    now: Timestamp,
+    guard: Option<Guard<RedeliverOutcome>>,
+) -> Result<(Guarded<RedeliverOutcome>, usize)> {
     let tx = c.transaction().await?;
-    let delivery = match decide_redelivery(get_delivery(&tx, id, "FOR NO KEY UPDATE OF d").await?, merchant_id) {
+    let outcome = redeliver_in(&tx, merchant_id, id, now).await?;
+    let queued = usize::from(matches!(outcome, RedeliverOutcome::Queued(_)));
+    finish(tx, guard, outcome, queued).await
+}
+
+async fn redeliver_in(tx: &Transaction<'_>, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome> {
+    let delivery = match decide_redelivery(get_delivery(tx, id, "FOR NO KEY UPDATE OF d").await?, merchant_id) {
         RedeliverDecision::Requeue(delivery) => delivery,
         RedeliverDecision::Answer(answer) => return Ok(answer),
     };
@@ -703,16 +750,15 @@ pub async fn redeliver(c: &mut Client, merchant_id: Uuid, id: Uuid, now: Timesta
         return Ok(RedeliverOutcome::Cancelled);
     }
     execute(
-        &tx,
+        tx,
         "UPDATE deliveries SET state = 'Pending', retry_index = 0, next_attempt_on = $2, lease_owner = NULL,
                 lease_until = NULL, last_modified_on = $2
           WHERE id = $1",
         &[&id, &Ts(now)],
     )
     .await?;
-    notify_dispatchers(&tx).await?;
-    let queued = get_delivery(&tx, id, "").await?.ok_or_else(|| internal("the delivery vanished while locked"))?;
-    tx.commit().await?;
+    notify_dispatchers(tx).await?;
+    let queued = get_delivery(tx, id, "").await?.ok_or_else(|| internal("the delivery vanished while locked"))?;
     Ok(RedeliverOutcome::Queued(queued))
 }
 

@@ -100,7 +100,7 @@ pub(super) fn guarded<O>(
     let Some(guard) = guard else {
         return Ok((Guarded::Ran(outcome, None), queued));
     };
-    let (key, fingerprint, now, answer) = guard.render(&outcome);
-    keep(c, key, &fingerprint, now, &answer)?;
-    Ok((Guarded::Ran(outcome, Some(answer)), queued))
+    let rendered = guard.render(&outcome)?;
+    keep(c, rendered.key, &rendered.fingerprint, rendered.now, &rendered.kept)?;
+    Ok((Guarded::Ran(outcome, Some(rendered.answer)), queued))
 }

@@ -28,7 +28,7 @@ use crate::secrets::KeyRing;
 use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
     AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, PutSubscriptionOutcome,
-    RedeliverOutcome, Retention, SubscriptionRecord,
+    RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
 };
 use crate::store::{
     decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey,
@@ -616,14 +616,23 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn put_subscription(&self, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome, StoreError> {
+    async fn put_subscription_guarded(
+        &self,
+        record: SubscriptionRecord,
+        guard: Option<Guard<PutSubscriptionOutcome>>,
+    ) -> Result<Guarded<PutSubscriptionOutcome>, StoreError> {
         let sealed = seal_subscription(&self.secrets, record.clone())?;
-        match self.writer.run(move |c| webhooks::put_subscription(c, sealed)).await? {
-            PutSubscriptionOutcome::Created(_) => Ok(PutSubscriptionOutcome::Created(record)),
-            PutSubscriptionOutcome::Exists(existing) => {
-                Ok(PutSubscriptionOutcome::Exists(open_subscription(&self.secrets, existing)?))
-            }
-        }
+        let ring = self.secrets.clone();
+        let put = move |c: &Connection| {
+            let outcome = match webhooks::put_subscription(c, sealed)? {
+                PutSubscriptionOutcome::Created(_) => PutSubscriptionOutcome::Created(record),
+                PutSubscriptionOutcome::Exists(existing) => {
+                    PutSubscriptionOutcome::Exists(open_subscription(&ring, existing)?)
+                }
+            };
+            Ok((outcome, 0))
+        };
+        Ok(self.writer.run(move |c| idempotency::guarded(c, guard, put)).await?.0)
     }
 
     async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>, StoreError> {
@@ -641,37 +650,25 @@ impl Store for SqliteStore {
         stored.into_iter().map(|record| open_subscription(&self.secrets, record)).collect()
     }
 
-    async fn patch_subscription(
+    async fn patch_subscription_guarded(
         &self,
-        merchant_id: Uuid,
-        id: Uuid,
+        change: SubscriptionChange,
         spec: SubscriptionSpec,
-        if_match: Option<String>,
-        now: Timestamp,
-    ) -> Result<ChangeSubscriptionOutcome, StoreError> {
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError> {
         let ring = self.secrets.clone();
-        self.writer
-            .run(move |c| webhooks::patch_subscription(c, &ring, merchant_id, id, spec, if_match.as_deref(), now))
-            .await
+        let patch = move |c: &Connection| Ok((webhooks::patch_subscription(c, &ring, &change, spec)?, 0));
+        Ok(self.writer.run(move |c| idempotency::guarded(c, guard, patch)).await?.0)
     }
 
-    async fn delete_subscription(
+    async fn delete_subscription_guarded(
         &self,
-        merchant_id: Uuid,
-        id: Uuid,
-        if_match: Option<String>,
-        now: Timestamp,
-    ) -> Result<ChangeSubscriptionOutcome, StoreError> {
-        match self
-            .writer
-            .run(move |c| webhooks::delete_subscription(c, merchant_id, id, if_match.as_deref(), now))
-            .await?
-        {
-            ChangeSubscriptionOutcome::Done(record) => {
-                Ok(ChangeSubscriptionOutcome::Done(open_subscription(&self.secrets, record)?))
-            }
-            other => Ok(other),
-        }
+        change: SubscriptionChange,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError> {
+        let ring = self.secrets.clone();
+        let delete = move |c: &Connection| Ok((webhooks::delete_subscription(c, &ring, &change)?, 0));
+        Ok(self.writer.run(move |c| idempotency::guarded(c, guard, delete)).await?.0)
     }
 
     async fn dispatcher_started(&self, owner: Uuid) -> Result<usize, StoreError> {
@@ -713,9 +710,20 @@ impl Store for SqliteStore {
         self.readers.run(move |c| webhooks::list_deliveries(c, merchant_id, &filter)).await
     }
 
-    async fn redeliver(&self, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome, StoreError> {
-        let outcome = self.writer.run(move |c| webhooks::redeliver(c, merchant_id, id, now)).await?;
-        self.queued_deliveries(usize::from(matches!(outcome, RedeliverOutcome::Queued(_))));
+    async fn redeliver_guarded(
+        &self,
+        merchant_id: Uuid,
+        id: Uuid,
+        now: Timestamp,
+        guard: Option<Guard<RedeliverOutcome>>,
+    ) -> Result<Guarded<RedeliverOutcome>, StoreError> {
+        let redeliver = move |c: &Connection| {
+            let outcome = webhooks::redeliver(c, merchant_id, id, now)?;
+            let queued = usize::from(matches!(outcome, RedeliverOutcome::Queued(_)));
+            Ok((outcome, queued))
+        };
+        let (outcome, queued) = self.writer.run(move |c| idempotency::guarded(c, guard, redeliver)).await?;
+        self.queued_deliveries(queued);
         Ok(outcome)
     }
 

@@ -15,7 +15,7 @@ use crate::store::sealing::{open_claimed, open_subscription, seal_api_key};
 use crate::store::webhooks::{
     decide_redelivery, AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter,
     DeliveryRecord, DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverDecision, RedeliverOutcome, Retention,
-    SubscriptionRecord,
+    SubscriptionChange, SubscriptionRecord,
 };
 use crate::store::{etag_matches, StoreError};
 
@@ -112,13 +112,11 @@ fn owned_subscription(
 pub fn patch_subscription(
     c: &Connection,
     ring: &KeyRing,
-    merchant_id: Uuid,
-    id: Uuid,
+    change: &SubscriptionChange,
     spec: SubscriptionSpec,
-    if_match: Option<&str>,
-    now: Timestamp,
 ) -> Result<ChangeSubscriptionOutcome> {
-    let mut record = match owned_subscription(c, merchant_id, id, if_match)? {
+    let (id, now) = (change.id, change.now);
+    let mut record = match owned_subscription(c, change.merchant_id, id, change.if_match.as_deref())? {
         Ok(record) => open_subscription(ring, record)?,
         Err(outcome) => return Ok(outcome),
     };
@@ -141,16 +139,16 @@ pub fn patch_subscription(
     Ok(ChangeSubscriptionOutcome::Done(record))
 }
 
-/// Removes a merchant's subscription and cancels its queued deliveries.
+/// Removes a merchant's subscription and cancels its queued deliveries; answers the removed
+/// record opened.
 pub fn delete_subscription(
     c: &Connection,
-    merchant_id: Uuid,
-    id: Uuid,
-    if_match: Option<&str>,
-    now: Timestamp,
+    ring: &KeyRing,
+    change: &SubscriptionChange,
 ) -> Result<ChangeSubscriptionOutcome> {
-    let record = match owned_subscription(c, merchant_id, id, if_match)? {
-        Ok(record) => record,
+    let (id, now) = (change.id, change.now);
+    let record = match owned_subscription(c, change.merchant_id, id, change.if_match.as_deref())? {
+        Ok(record) => open_subscription(ring, record)?,
         Err(outcome) => return Ok(outcome),
     };
     c.execute(
