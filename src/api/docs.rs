@@ -1,13 +1,18 @@
 //! The OpenAPI document (generated from the handlers), the `/docs` page rendered from it, and
 //! `/docs/errors`, the page every error body's `moreInfo` points into.
 
+use std::collections::BTreeMap;
+
 use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use serde_json::Value;
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
-use utoipa::{Modify, OpenApi};
+use serde_json::{json, Value};
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::schema::{AdditionalProperties, Object, ObjectBuilder, Schema, Type};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Responses};
+use utoipa::{Modify, Number, OpenApi};
 
 use super::{deliveries, health, sessions, subscriptions};
 use crate::app::AppState;
@@ -36,7 +41,7 @@ use crate::error::ErrorCode;
         health::get_jwks,
         health::get_metrics,
     ),
-    modifiers(&ApiKeyScheme),
+    modifiers(&ApiKeyScheme, &ExactRules),
 )]
 struct ApiDoc;
 
@@ -45,8 +50,180 @@ struct ApiKeyScheme;
 impl Modify for ApiKeyScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("apiKey", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))));
+        components.add_security_scheme(
+            "apiKey",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "x-api-key",
+                "The merchant's API key (`redirect-sessions merchant create`).",
+            ))),
+        );
     }
+}
+
+/// Says in the document what the handlers accept beyond what their types show (docs/API.md):
+/// the API key as the `apiKey` security scheme, the `413`/`415` answers of every operation with
+/// a body, the cursor's opaque format, and the body rules the server checks by hand (patterns,
+/// lengths and ranges, and the fields that must not come together). `scripts/fuzz` checks the
+/// server against the result.
+struct ExactRules;
+
+/// A name, a reference: 1 to `max` characters, none of them a control character.
+const PRINTABLE: &str = r"^[^\u0000-\u001F\u007F-\u009F]*$";
+/// `local@domain.tld`: 1 to 64 visible ASCII characters before the `@`, then two or more
+/// dot-separated labels of letters, digits and inner hyphens.
+const EMAIL: &str = r"^[!-?A-~]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$";
+/// E.164: `+`, a non-zero digit, at most 15 digits in all.
+const E164: &str = r"^\+[1-9][0-9]{1,14}$";
+/// `YYYY-MM-DD` from 1900 to 2025; the server also takes the days after that up to yesterday.
+const DATE_OF_BIRTH: &str = r"^(?:19[0-9]{2}|20[01][0-9]|202[0-5])-[0-9]{2}-[0-9]{2}$";
+/// `en`, `en-GB`: a language, and maybe a region (`en` and `de` are spoken; others mean `en`).
+const LOCALE: &str = r"^[A-Za-z]{2}(?:-[A-Za-z]{2})?$";
+/// An absolute `https` URL with a host name (whose last label starts with a letter), no
+/// user-info, and an optional port, path, query and fragment of URL characters.
+const HTTPS_URL: &str = concat!(
+    r"^https://(?:[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\.)*[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*",
+    r"(?::[0-9]{1,4})?",
+    r"(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*)*",
+    r"(?:\?(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?",
+    r"(?:#(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$"
+);
+/// The most characters of a URL (`domain::request::MAX_URL_LENGTH`).
+const MAX_URL: usize = crate::domain::request::MAX_URL_LENGTH;
+
+impl Modify for ExactRules {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                exact_operation(operation);
+            }
+        }
+        let schemas = &mut openapi.components.as_mut().expect("the document has components").schemas;
+
+        // The create-session body: the rules of `domain::request::parse_create_session`.
+        let Some(RefOr::T(Schema::OneOf(shapes))) = schemas.get_mut("CreateRedirectSession") else {
+            panic!("CreateRedirectSession is a oneOf of inline shapes");
+        };
+        for shape in &mut shapes.items {
+            let RefOr::T(Schema::Object(shape)) = shape else { panic!("each create shape is an inline object") };
+            // Each shape takes only its own fields.
+            shape.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+            property(shape, "locale").pattern = Some(LOCALE.to_owned());
+            if shape.properties.contains_key("customerId") && shape.properties.contains_key("customerData") {
+                // Either customer, never both (a `null` counts as absent).
+                shape.extensions.get_or_insert_with(Default::default).insert(
+                    "not".to_owned(),
+                    json!({
+                        "required": ["customerId", "customerData"],
+                        "properties": {"customerId": {"type": "string"}, "customerData": {"type": "object"}}
+                    }),
+                );
+            }
+        }
+
+        let data = component(schemas, "TransactionData");
+        // Exactly one of `type` and `direction` (a `null` counts as absent).
+        data.extensions.get_or_insert_with(Default::default).insert(
+            "oneOf".to_owned(),
+            json!([
+                {"required": ["type"], "properties": {"type": {"type": "string"}}},
+                {"required": ["direction"], "properties": {"direction": {"type": "string"}}}
+            ]),
+        );
+        let amount = property(data, "amount");
+        amount.exclusive_minimum = Some(Number::Int(0));
+        amount.maximum = Some(Number::Int(10_000));
+        amount.multiple_of = Some(Number::Float(0.01));
+        printable(property(data, "externalReference"), 64);
+
+        let customer = component(schemas, "CustomerData");
+        printable(property(customer, "firstName"), 100);
+        printable(property(customer, "lastName"), 100);
+        let email = property(customer, "email");
+        email.pattern = Some(EMAIL.to_owned());
+        email.max_length = Some(254);
+        property(customer, "phoneNumber").pattern = Some(E164.to_owned());
+        property(customer, "dateOfBirth").pattern = Some(DATE_OF_BIRTH.to_owned());
+
+        let urls = component(schemas, "RedirectData");
+        for name in ["successUrl", "failureUrl", "abortUrl", "qrCodeSuccessUrl"] {
+            https_url(property(urls, name));
+        }
+        https_url(property(component(schemas, "SubscriptionBody"), "callbackUrl"));
+    }
+}
+
+/// The security requirement instead of an `x-api-key` parameter, the cursor's format, and the
+/// answers to a body that is too large or not JSON.
+fn exact_operation(operation: &mut Operation) {
+    if let Some(parameters) = operation.parameters.as_mut() {
+        let before = parameters.len();
+        parameters.retain(|p| !(p.parameter_in == ParameterIn::Header && p.name == "x-api-key"));
+        if parameters.len() < before {
+            operation.security = Some(vec![SecurityRequirement::new("apiKey", Vec::<String>::new())]);
+            // The per-key rate limit (`rate_limit_per_key`) applies to every merchant route.
+            error_response(&mut operation.responses, "429", ErrorCode::TooManyRequests);
+        }
+        for parameter in parameters.iter_mut() {
+            if parameter.parameter_in == ParameterIn::Query && parameter.name == "cursor" {
+                // `extract::encode_cursor`: unpadded base64url of `<created ms>:<id>`, 51 to 76
+                // characters. Only cursors the service gave out decode; others are `400`.
+                parameter.description = Some(
+                    "`nextCursor` of the previous page, unchanged: opaque, unpadded base64url. \
+                     A cursor the service did not give out is `400 Validation`."
+                        .to_owned(),
+                );
+                parameter.schema = Some(RefOr::T(Schema::Object(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some("^[A-Za-z0-9_-]+$"))
+                        .min_length(Some(51))
+                        .max_length(Some(76))
+                        .build(),
+                )));
+            }
+        }
+    }
+    if operation.request_body.is_some() {
+        error_response(&mut operation.responses, "413", ErrorCode::PayloadTooLarge);
+        error_response(&mut operation.responses, "415", ErrorCode::UnsupportedMediaType);
+    }
+}
+
+/// The answer `status` with the error body of `code`, unless the operation documents it already.
+fn error_response(responses: &mut Responses, status: &str, code: ErrorCode) {
+    responses.responses.entry(status.to_owned()).or_insert_with(|| {
+        let body = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+        RefOr::T(ResponseBuilder::new().description(code.as_str()).content("application/json", body).build())
+    });
+}
+
+/// The component schema `name`, an object. The document is generated (and tested) at build
+/// time, so a schema renamed in the handlers stops the tests here instead of losing a rule.
+fn component<'a>(schemas: &'a mut BTreeMap<String, RefOr<Schema>>, name: &str) -> &'a mut Object {
+    match schemas.get_mut(name) {
+        Some(RefOr::T(Schema::Object(object))) => object,
+        _ => panic!("the document has no object schema {name}"),
+    }
+}
+
+/// The inline schema of `object`'s property `name`.
+fn property<'a>(object: &'a mut Object, name: &str) -> &'a mut Object {
+    match object.properties.get_mut(name) {
+        Some(RefOr::T(Schema::Object(property))) => property,
+        _ => panic!("the schema has no inline property {name}"),
+    }
+}
+
+fn printable(text: &mut Object, max: usize) {
+    text.pattern = Some(PRINTABLE.to_owned());
+    text.min_length = Some(1);
+    text.max_length = Some(max);
+}
+
+fn https_url(url: &mut Object) {
+    url.pattern = Some(HTTPS_URL.to_owned());
+    url.max_length = Some(MAX_URL);
 }
 
 /// The OpenAPI document as pretty JSON with a trailing newline (the committed `openapi.json`).
