@@ -9,11 +9,12 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use super::context::RequestContext;
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::validate::parse_uuid;
 use crate::error::{ApiError, ErrorCode};
-use crate::store::{Merchant, SessionRecord};
+use crate::store::{Kept, Merchant, SessionRecord};
 
 /// The header that carries the merchant's API key.
 pub const API_KEY: &str = "x-api-key";
@@ -33,8 +34,7 @@ pub async fn middleware(State(state): State<AppState>, mut request: Request, nex
         }
     }
     let key = request.headers().get(API_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let read = (request.method() == Method::GET).then(|| session_read(request.uri().path())).flatten();
-    let (merchant, session) = match authenticate(&state, key, read).await {
+    let (merchant, beside) = match authenticate(&state, key, read_beside(&request)).await {
         Ok(found) => found,
         Err(error) => return error.into_response(),
     };
@@ -42,10 +42,53 @@ pub async fn middleware(State(state): State<AppState>, mut request: Request, nex
         return too_many(retry_after).into_response();
     }
     request.extensions_mut().insert(merchant);
-    if let Some(session) = session {
-        request.extensions_mut().insert(session);
+    match beside {
+        Beside::Nothing => {}
+        Beside::Session(session) => {
+            request.extensions_mut().insert(*session);
+        }
+        Beside::Kept(kept) => {
+            request.extensions_mut().insert(kept);
+        }
     }
     next.run(request).await
+}
+
+/// What the request's one read fetches beside the merchant.
+enum Read {
+    Merchant,
+    /// A `GET` of one session: the session.
+    Session(Uuid),
+    /// A write with an `x-request-id`: its idempotency record.
+    Kept(Uuid),
+}
+
+/// What was read beside the merchant.
+enum Beside {
+    Nothing,
+    Session(Box<SessionReadWithKey>),
+    Kept(KeptReadWithKey),
+}
+
+/// The idempotency record of a write's `x-request-id`, read together with the merchant's key
+/// (docs/DESIGN.md "Idempotency"): the idempotency middleware decides from it without a read
+/// of its own.
+#[derive(Clone, Debug)]
+pub struct KeptReadWithKey {
+    pub request_id: Uuid,
+    pub kept: Option<Kept>,
+}
+
+fn read_beside(request: &Request) -> Read {
+    let method = request.method();
+    if method == Method::GET {
+        return session_read(request.uri().path()).map_or(Read::Merchant, Read::Session);
+    }
+    let mutating = !matches!(*method, Method::HEAD | Method::OPTIONS);
+    match request.extensions().get::<RequestContext>().and_then(|context| context.request_id) {
+        Some(request_id) if mutating => Read::Kept(request_id),
+        _ => Read::Merchant,
+    }
 }
 
 /// The session that `GET …/redirect-sessions/{id}` names, read together with the merchant's
@@ -64,11 +107,7 @@ fn session_read(path: &str) -> Option<Uuid> {
     parse_uuid(id).ok()
 }
 
-async fn authenticate(
-    state: &AppState,
-    key: Option<String>,
-    read: Option<Uuid>,
-) -> Result<(Merchant, Option<SessionReadWithKey>), ApiError> {
+async fn authenticate(state: &AppState, key: Option<String>, read: Read) -> Result<(Merchant, Beside), ApiError> {
     let unauthorized = || ApiError::new(ErrorCode::Unauthorized, "A valid x-api-key header is required.");
     let key = key.ok_or_else(unauthorized)?;
     if key.is_empty() || key.len() > 256 {
@@ -76,15 +115,20 @@ async fn authenticate(
     }
     let hash = key_hash(&key);
     let found = match read {
-        Some(id) => state
+        Read::Merchant => state.store.merchant_by_key(hash).await.map(|merchant| (merchant, Beside::Nothing)),
+        Read::Session(id) => state
             .store
             .merchant_and_session(hash, id)
             .await
-            .map(|(merchant, session)| (merchant, Some(SessionReadWithKey { id, session }))),
-        None => state.store.merchant_by_key(hash).await.map(|merchant| (merchant, None)),
+            .map(|(merchant, session)| (merchant, Beside::Session(Box::new(SessionReadWithKey { id, session })))),
+        Read::Kept(request_id) => state
+            .store
+            .merchant_and_kept(hash, request_id)
+            .await
+            .map(|(merchant, kept)| (merchant, Beside::Kept(KeptReadWithKey { request_id, kept }))),
     };
     match found {
-        Ok((Some(merchant), session)) if !merchant.disabled => Ok((merchant, session)),
+        Ok((Some(merchant), beside)) if !merchant.disabled => Ok((merchant, beside)),
         Ok(_) => Err(unauthorized()),
         Err(error) => Err(super::extract::store_error(error)),
     }

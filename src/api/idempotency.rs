@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::auth::KeptReadWithKey;
 use super::context::RequestContext;
 use super::extract::{body_bytes, store_error};
 use crate::app::AppState;
@@ -28,7 +29,7 @@ use crate::domain::time::Timestamp;
 use crate::error::{ApiError, ErrorCode, PendingError};
 use crate::secrets::{is_sealed_bytes, Column};
 use crate::store::sealing::idempotency_row;
-use crate::store::{Found, Guard, Guarded, IdempotencyKey, Merchant, StoredResponse};
+use crate::store::{Found, Guard, Guarded, IdempotencyKey, Kept, Merchant, StoredResponse};
 
 /// How long a duplicate waits for the first request with its key (running in this process)
 /// before it is answered `409 RequestInProgress`.
@@ -42,7 +43,7 @@ pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed")
 
 /// A response extension: the answer was kept by the write that made it (or is a replay).
 #[derive(Clone, Copy, Debug)]
-struct Kept;
+struct Answered;
 
 /// The key a request runs under: a request extension the middleware sets for handlers.
 #[derive(Clone, Copy, Debug)]
@@ -128,14 +129,15 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
         Err(error) => return error.into_response(),
     };
     let fingerprint = fingerprint(&parts.method, parts.uri.path_and_query().map_or("", |p| p.as_str()), &bytes);
-    let _claim = match claim(&state, key, fingerprint).await {
+    let read_with_key = parts.extensions.remove::<KeptReadWithKey>().filter(|read| read.request_id == request_id);
+    let _claim = match claim(&state, key, fingerprint, read_with_key.map(|read| read.kept)).await {
         Ok(claim) => claim,
         Err(answer) => return answer,
     };
     let scope = Scope { key, fingerprint };
     parts.extensions.insert(scope);
     let mut response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
-    if response.extensions().get::<Kept>().is_some() || !is_kept(&response) {
+    if response.extensions().get::<Answered>().is_some() || !is_kept(&response) {
         return response;
     }
     // An answer that changed nothing (decided before any write): kept on its own. Rendered
@@ -170,11 +172,20 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
 }
 
 /// Holds `key` for this request; or, when the key is kept already or held too long by another
-/// request, the answer.
-async fn claim(state: &AppState, key: IdempotencyKey, fingerprint: [u8; 32]) -> Result<Claim, Response> {
+/// request, the answer. `read` is the record as read with the merchant's key, when it was.
+async fn claim(
+    state: &AppState,
+    key: IdempotencyKey,
+    fingerprint: [u8; 32],
+    mut read: Option<Option<Kept>>,
+) -> Result<Claim, Response> {
     let deadline = tokio::time::Instant::now() + IN_PROGRESS_WAIT;
     loop {
-        match state.store.idempotency_lookup(key, fingerprint).await {
+        let found = match read.take() {
+            Some(kept) => Ok(kept.and_then(|kept| kept.decide(&fingerprint))),
+            None => state.store.idempotency_lookup(key, fingerprint).await,
+        };
+        match found {
             Err(error) => return Err(store_error(error).into_response()),
             Ok(Some(found)) => return Err(answer_found(state, key, found)),
             Ok(None) => {}
@@ -210,7 +221,7 @@ pub fn respond<O>(
             let is_kept = kept.is_some();
             let mut response = kept.unwrap_or_else(|| render(&outcome)).into_response();
             if is_kept {
-                response.extensions_mut().insert(Kept);
+                response.extensions_mut().insert(Answered);
             }
             response
         }
@@ -241,7 +252,7 @@ fn answer_found(state: &AppState, key: IdempotencyKey, found: Found) -> Response
     }
     let mut response = answer.into_response();
     response.headers_mut().insert(REPLAYED.clone(), HeaderValue::from_static("true"));
-    response.extensions_mut().insert(Kept);
+    response.extensions_mut().insert(Answered);
     response
 }
 

@@ -30,6 +30,21 @@ pub struct StoredResponse {
     pub body: Vec<u8>,
 }
 
+/// A kept record as read: the fingerprint of its request, and its answer (`None` in a record
+/// an earlier version left without one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub fingerprint: Vec<u8>,
+    pub answer: Option<StoredResponse>,
+}
+
+impl Kept {
+    /// What this record says to a request with `fingerprint`.
+    pub fn decide(self, fingerprint: &[u8; 32]) -> Option<Found> {
+        Found::decide(&self.fingerprint, fingerprint, self.answer)
+    }
+}
+
 /// What a kept record says to a request that carries its key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Found {

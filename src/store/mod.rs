@@ -27,7 +27,7 @@ use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
 
-pub use self::idempotency::{Found, Guard, Guarded, IdempotencyKey, StoredResponse};
+pub use self::idempotency::{Found, Guard, Guarded, IdempotencyKey, Kept, StoredResponse};
 
 /// A merchant: the owner of sessions and subscriptions, known by the hash of its API key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -270,6 +270,13 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         key_hash: [u8; 32],
         id: Uuid,
     ) -> Result<(Option<Merchant>, Option<SessionRecord>), StoreError>;
+    /// `merchant_by_key` and the idempotency record of `request_id` (of that merchant) read
+    /// together, at one point in time and in one step: every write with an `x-request-id`.
+    async fn merchant_and_kept(
+        &self,
+        key_hash: [u8; 32],
+        request_id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<Kept>), StoreError>;
     /// `limit + 1` at most, so the caller knows whether another page follows.
     async fn list_sessions(
         &self,

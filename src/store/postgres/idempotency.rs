@@ -5,35 +5,40 @@
 
 use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::types::Json;
+use tokio_postgres::Row;
 
 use super::{execute, internal, query_opt, Client, Result, Ts};
 use crate::domain::time::Timestamp;
-use crate::store::idempotency::{Found, Guard, Guarded, IdempotencyKey, StoredResponse};
+use crate::store::idempotency::{Found, Guard, Guarded, IdempotencyKey, Kept, StoredResponse};
 
 /// The record kept under `key`, as it decides for a request with `fingerprint`.
 pub async fn lookup<C: GenericClient>(c: &C, key: IdempotencyKey, fingerprint: &[u8; 32]) -> Result<Option<Found>> {
-    let Some(row) = query_opt(
+    let row = query_opt(
         c,
-        "SELECT fingerprint, status, headers, body FROM idempotency WHERE merchant_id = $1 AND request_id = $2",
+        &format!("SELECT {KEPT_COLUMNS} FROM idempotency WHERE merchant_id = $1 AND request_id = $2"),
         &[&key.merchant_id, &key.request_id],
     )
-    .await?
-    else {
-        return Ok(None);
-    };
-    let kept: &[u8] = row.try_get(0)?;
-    let answer = match row.try_get::<_, Option<i32>>(1)? {
+    .await?;
+    Ok(row.map(|row| kept_at(&row, 0)).transpose()?.and_then(|kept| kept.decide(fingerprint)))
+}
+
+/// The columns `kept_at` reads.
+pub const KEPT_COLUMNS: &str = "fingerprint, status, headers, body";
+
+/// The kept record whose `KEPT_COLUMNS` start at column `at`.
+pub fn kept_at(row: &Row, at: usize) -> Result<Kept> {
+    let answer = match row.try_get::<_, Option<i32>>(at + 1)? {
         None => None,
         Some(status) => {
-            let headers: Option<Json<serde_json::Value>> = row.try_get(2)?;
+            let headers: Option<Json<serde_json::Value>> = row.try_get(at + 2)?;
             Some(StoredResponse {
                 status: u16::try_from(status).map_err(|_| internal(format!("stored status {status}")))?,
                 headers: headers.and_then(|Json(h)| serde_json::from_value(h).ok()).unwrap_or_default(),
-                body: row.try_get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
+                body: row.try_get::<_, Option<Vec<u8>>>(at + 3)?.unwrap_or_default(),
             })
         }
     };
-    Ok(Found::decide(kept, fingerprint, answer))
+    Ok(Kept { fingerprint: row.try_get(at)?, answer })
 }
 
 /// Keeps the complete record (over one an earlier version left without an answer), unless a

@@ -42,7 +42,7 @@ use crate::store::webhooks::{
     PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
 };
 use crate::store::{
-    CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey, Merchant, SessionFilter,
+    CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey, Kept, Merchant, SessionFilter,
     SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
 };
 
@@ -448,6 +448,14 @@ impl Store for PostgresStore {
         id: Uuid,
     ) -> Result<(Option<Merchant>, Option<SessionRecord>)> {
         self.run(move |c| Box::pin(sessions::merchant_and_session(c, key_hash, id))).await
+    }
+
+    async fn merchant_and_kept(
+        &self,
+        key_hash: [u8; 32],
+        request_id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<Kept>)> {
+        self.run(move |c| Box::pin(sessions::merchant_and_kept(c, key_hash, request_id))).await
     }
 
     async fn list_sessions(

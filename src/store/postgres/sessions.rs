@@ -9,7 +9,7 @@ use tokio_postgres::types::Json;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::idempotency::finish;
+use super::idempotency::{finish, kept_at, KEPT_COLUMNS};
 use super::webhooks::{record_events, NewEvent};
 use super::{execute, int8, internal, parse_event_type, query, query_opt, ts, Client, Result, Sql, Ts};
 use crate::domain::event::EventType;
@@ -17,7 +17,7 @@ use crate::domain::request::{Currency, SessionSpec};
 use crate::domain::session::{State, LIVE_STATES};
 use crate::domain::time::Timestamp;
 use crate::store::{
-    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Guard, Guarded, Merchant,
+    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Guard, Guarded, Kept, Merchant,
     SessionFilter, SessionRecord,
 };
 
@@ -191,6 +191,31 @@ pub async fn merchant_and_session(
         Some(_) => Some(session_at(&row, 4)?),
     };
     Ok((Some(merchant_from_row(&row)?), session))
+}
+
+/// The merchant with this key and its idempotency record of `request_id`, in one round trip.
+pub async fn merchant_and_kept(
+    c: &mut Client,
+    key_hash: [u8; 32],
+    request_id: Uuid,
+) -> Result<(Option<Merchant>, Option<Kept>)> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let columns = KEPT_COLUMNS.split(", ").map(|column| format!("i.{column}")).collect::<Vec<_>>();
+        format!(
+            "SELECT m.id, m.name, m.disabled, m.created_on, {}
+               FROM merchants m LEFT JOIN idempotency i ON i.merchant_id = m.id AND i.request_id = $2
+              WHERE m.api_key_hash = $1",
+            columns.join(", ")
+        )
+    });
+    let Some(row) = query_opt(&*c, &SQL, &[&&key_hash[..], &request_id]).await? else {
+        return Ok((None, None));
+    };
+    let kept = match row.try_get::<_, Option<&[u8]>>(4)? {
+        None => None,
+        Some(_) => Some(kept_at(&row, 4)?),
+    };
+    Ok((Some(merchant_from_row(&row)?), kept))
 }
 
 pub async fn list_sessions(

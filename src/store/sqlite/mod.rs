@@ -32,7 +32,7 @@ use crate::store::webhooks::{
 };
 use crate::store::{
     decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey,
-    Merchant, SessionFilter, SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
+    Kept, Merchant, SessionFilter, SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
 };
 
 /// How much of the database file is memory-mapped. Mapped pages count towards the process's
@@ -415,7 +415,9 @@ impl Store for SqliteStore {
         });
         let (outcome, _) = self
             .writer
-            .run(move |c| idempotency::guarded(c, guard, |c| create_in(c, session, spec, &INSERT).map(|o| (o, 0))))
+            .run_undoable(move |c| {
+                idempotency::guarded(c, guard, |c| create_in(c, session, spec, &INSERT).map(|o| (o, 0)))
+            })
             .await?;
         Ok(outcome)
     }
@@ -454,6 +456,39 @@ impl Store for SqliteStore {
                     .optional()
                     .map_err(|e| internal(&e))?;
                 Ok(found.map_or((None, None), |(merchant, session)| (Some(merchant), session)))
+            })
+            .await
+    }
+
+    async fn merchant_and_kept(
+        &self,
+        key_hash: [u8; 32],
+        request_id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<Kept>), StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let columns = idempotency::KEPT_COLUMNS.split(", ").map(|column| format!("i.{column}")).collect::<Vec<_>>();
+            format!(
+                "SELECT m.id, m.name, m.disabled, m.created_on, {}
+                   FROM merchants m LEFT JOIN idempotency i ON i.merchant_id = m.id AND i.request_id = ?2
+                  WHERE m.api_key_hash = ?1",
+                columns.join(", ")
+            )
+        });
+        self.point_reads
+            .run(move |c| {
+                let mut statement = c.prepare_cached(&SQL).map_err(|e| internal(&e))?;
+                let found = statement
+                    .query_row(params![key_hash, request_id.as_bytes()], |row| {
+                        let merchant = merchant_from_row(row)?;
+                        let kept = match row.get_ref(4)? {
+                            rusqlite::types::ValueRef::Null => None,
+                            _ => Some(idempotency::kept_at(row, 4)?),
+                        };
+                        Ok((merchant, kept))
+                    })
+                    .optional()
+                    .map_err(|e| internal(&e))?;
+                Ok(found.map_or((None, None), |(merchant, kept)| (Some(merchant), kept)))
             })
             .await
     }
@@ -507,7 +542,7 @@ impl Store for SqliteStore {
         guard: Option<Guard<CancelOutcome>>,
     ) -> Result<Guarded<CancelOutcome>, StoreError> {
         let (outcome, queued) =
-            self.writer.run(move |c| idempotency::guarded(c, guard, |c| cancel_in(c, request))).await?;
+            self.writer.run_undoable(move |c| idempotency::guarded(c, guard, |c| cancel_in(c, request))).await?;
         self.queued_deliveries(queued);
         Ok(outcome)
     }
@@ -580,7 +615,7 @@ impl Store for SqliteStore {
         now: Timestamp,
         answer: StoredResponse,
     ) -> Result<Option<Found>, StoreError> {
-        self.writer.run(move |c| idempotency::keep_alone(c, key, &fingerprint, now, &answer)).await
+        self.writer.run(move |c| idempotency::keep(c, key, &fingerprint, now, &answer)).await
     }
 
     async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys, StoreError> {
@@ -632,7 +667,7 @@ impl Store for SqliteStore {
             };
             Ok((outcome, 0))
         };
-        Ok(self.writer.run(move |c| idempotency::guarded(c, guard, put)).await?.0)
+        Ok(self.writer.run_undoable(move |c| idempotency::guarded(c, guard, put)).await?.0)
     }
 
     async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>, StoreError> {
@@ -658,7 +693,7 @@ impl Store for SqliteStore {
     ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError> {
         let ring = self.secrets.clone();
         let patch = move |c: &Connection| Ok((webhooks::patch_subscription(c, &ring, &change, spec)?, 0));
-        Ok(self.writer.run(move |c| idempotency::guarded(c, guard, patch)).await?.0)
+        Ok(self.writer.run_undoable(move |c| idempotency::guarded(c, guard, patch)).await?.0)
     }
 
     async fn delete_subscription_guarded(
@@ -668,7 +703,7 @@ impl Store for SqliteStore {
     ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError> {
         let ring = self.secrets.clone();
         let delete = move |c: &Connection| Ok((webhooks::delete_subscription(c, &ring, &change)?, 0));
-        Ok(self.writer.run(move |c| idempotency::guarded(c, guard, delete)).await?.0)
+        Ok(self.writer.run_undoable(move |c| idempotency::guarded(c, guard, delete)).await?.0)
     }
 
     async fn dispatcher_started(&self, owner: Uuid) -> Result<usize, StoreError> {
@@ -722,7 +757,7 @@ impl Store for SqliteStore {
             let queued = usize::from(matches!(outcome, RedeliverOutcome::Queued(_)));
             Ok((outcome, queued))
         };
-        let (outcome, queued) = self.writer.run(move |c| idempotency::guarded(c, guard, redeliver)).await?;
+        let (outcome, queued) = self.writer.run_undoable(move |c| idempotency::guarded(c, guard, redeliver)).await?;
         self.queued_deliveries(queued);
         Ok(outcome)
     }

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "customer flow", include_str!("../../../migrations/sqlite/0005_customer_flow.sql")),
     (6, "qr code success url", include_str!("../../../migrations/sqlite/0006_qr_code_success_url.sql")),
     (7, "delivery claims", include_str!("../../../migrations/sqlite/0007_delivery_claims.sql")),
+    (8, "idempotency by insertion", include_str!("../../../migrations/sqlite/0008_idempotency_by_insertion.sql")),
 ];
 
 /// Applies every migration not applied yet, each in its own transaction.

@@ -85,10 +85,22 @@ impl Writer {
         &self,
         job: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
+        self.run_undoable(move |connection| job(connection).map(|result| (result, true))).await
+    }
+
+    /// Like `run`, for a job that can also end by undoing its changes and answering
+    /// (`Ok((answer, false))`): its savepoint is rolled back, and `answer` is sent once its
+    /// batch is durable.
+    pub async fn run_undoable<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Connection) -> Result<(R, bool), StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
         let (answer, answered) = oneshot::channel();
         let job: WriteJob = Box::new(move |connection| {
-            let result = job(connection);
-            let ok = result.is_ok();
+            let (result, ok) = match job(connection) {
+                Ok((result, keep)) => (Ok(result), keep),
+                Err(error) => (Err(error), false),
+            };
             let reply: Reply = Box::new(move |committed| {
                 let _ = answer.send(committed.and(result));
             });
