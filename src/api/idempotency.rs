@@ -54,7 +54,7 @@ pub struct Scope {
 
 impl Scope {
     /// The guard for the store write whose answer `answer` renders.
-    pub fn guard<O>(self, answer: impl FnOnce(&O) -> StoredResponse + Send + 'static) -> Guard<O> {
+    pub fn guard<O>(self, answer: impl Fn(&O) -> StoredResponse + Send + 'static) -> Guard<O> {
         Guard {
             key: self.key,
             fingerprint: self.fingerprint,
@@ -65,11 +65,7 @@ impl Scope {
     }
 
     /// The guard for a store write whose answer shows a secret: kept encrypted.
-    pub fn guard_sealed<O>(
-        self,
-        state: &AppState,
-        answer: impl FnOnce(&O) -> StoredResponse + Send + 'static,
-    ) -> Guard<O> {
+    pub fn guard_sealed<O>(self, state: &AppState, answer: impl Fn(&O) -> StoredResponse + Send + 'static) -> Guard<O> {
         Guard { seal: Some(state.store.secrets()), ..self.guard(answer) }
     }
 }

@@ -124,6 +124,17 @@ fn main() {
     runtime.block_on(run(args));
 }
 
+/// The key every server of this run encrypts its secrets with (PostgreSQL requires one; the
+/// environment's `REDIRECT_SESSIONS_SECRETS_KEY` when set).
+static SECRETS_KEY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use base64::Engine;
+    std::env::var("REDIRECT_SESSIONS_SECRETS_KEY").unwrap_or_else(|_| {
+        let mut key = [0u8; 32];
+        getrandom::getrandom(&mut key).expect("random bytes");
+        base64::engine::general_purpose::STANDARD.encode(key)
+    })
+});
+
 /// The servers under test (one per instance, one database), killed on drop.
 struct Server {
     children: Vec<Child>,
@@ -202,6 +213,7 @@ impl Server {
 
     fn spawn(binary: &Path, database: &str, extra: &[&str]) -> (Child, SocketAddr) {
         let mut child = Command::new(binary)
+            .env("REDIRECT_SESSIONS_SECRETS_KEY", &*SECRETS_KEY)
             .args(["serve", "--listen", "127.0.0.1:0", "--database-url", database, "--rate-limit-per-key", "0"])
             .args(["--allow-private-callbacks", "--allow-http-redirect-urls", "--log", "info"])
             .args(extra)
@@ -231,6 +243,7 @@ impl Server {
 
     fn create_merchant(&self, binary: &Path) -> String {
         let output = Command::new(binary)
+            .env("REDIRECT_SESSIONS_SECRETS_KEY", &*SECRETS_KEY)
             .args(["merchant", "create", "--name", "Bench", "--database-url", &self.database])
             .output()
             .expect("merchant create runs");

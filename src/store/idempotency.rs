@@ -68,7 +68,7 @@ impl Found {
 
 /// Renders the answer to keep for a write's outcome. It runs inside the write's transaction
 /// (on SQLite, on the writer thread), so it must be quick and must not block.
-pub type Answer<O> = Box<dyn FnOnce(&O) -> StoredResponse + Send>;
+pub type Answer<O> = Box<dyn Fn(&O) -> StoredResponse + Send>;
 
 /// The idempotency key a write runs under, and how its answer is rendered: the backend keeps
 /// the answer in the transaction that makes the change.
@@ -105,10 +105,10 @@ pub enum Guarded<O> {
 
 impl<O> Guard<O> {
     /// Renders the answer to keep for `outcome`.
-    pub fn render(self, outcome: &O) -> Result<Rendered, StoreError> {
+    pub fn render(&self, outcome: &O) -> Result<Rendered, StoreError> {
         let answer = (self.answer)(outcome);
         let mut kept = answer.clone();
-        if let Some(ring) = self.seal {
+        if let Some(ring) = &self.seal {
             let row = idempotency_row(self.key.merchant_id, self.key.request_id);
             kept.body = ring
                 .seal(Column::IdempotentBody, &row, &answer.body)

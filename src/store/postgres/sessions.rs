@@ -6,19 +6,21 @@ use std::sync::LazyLock;
 
 use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::types::Json;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::idempotency::{finish, kept_at, KEPT_COLUMNS};
+use super::idempotency::{finish, kept_at, lookup, KEPT_COLUMNS};
 use super::webhooks::{record_events, NewEvent};
 use super::{execute, int8, internal, parse_event_type, query, query_opt, ts, Client, Result, Sql, Ts};
 use crate::domain::event::EventType;
 use crate::domain::request::{Currency, SessionSpec};
 use crate::domain::session::{State, LIVE_STATES};
 use crate::domain::time::Timestamp;
+use crate::store::idempotency::Rendered;
 use crate::store::{
     decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Guard, Guarded, Kept, Merchant,
-    SessionFilter, SessionRecord,
+    SessionFilter, SessionRecord, StoreError,
 };
 
 pub(super) const SESSION_COLUMNS: &str =
@@ -113,48 +115,124 @@ pub async fn create_session(
     guard: Option<Guard<CreateOutcome>>,
 ) -> Result<Guarded<CreateOutcome>> {
     let Some(guard) = guard else {
-        return Ok(Guarded::Ran(create_in(&*c, session).await?, None));
+        return Ok(Guarded::Ran(decide_create(&*c, session).await?, None));
     };
+    // The answer a new session gets is known before the write: one statement inserts the
+    // session and keeps that answer (one round trip). Should another request have kept a
+    // record under the key, the statement fails whole and that record is answered.
+    let created = CreateOutcome::Created(session.clone());
+    let rendered = guard.render(&created)?;
+    match create_in(&*c, &session, Some(&rendered)).await {
+        Ok(Some(created)) => return Ok(Guarded::Ran(created, Some(rendered.answer))),
+        Ok(None) => {}
+        Err(KeptFirst) => {
+            let found = lookup(&*c, guard.key, &guard.fingerprint).await?;
+            return found
+                .map(Guarded::Earlier)
+                .ok_or_else(|| internal("an idempotency record conflicted but cannot be read"));
+        }
+        Err(Failed(error)) => return Err(error),
+    }
+    // Not inserted (the id is taken, or the customer unknown): decided, and its answer kept,
+    // in one transaction.
     let tx = c.transaction().await?;
-    let outcome = create_in(&tx, session).await?;
+    let outcome = decide_create(&tx, session).await?;
     Ok(finish(tx, Some(guard), outcome, 0).await?.0)
 }
 
-async fn create_in<C: GenericClient>(c: &C, session: SessionRecord) -> Result<CreateOutcome> {
-    let transaction = session.spec.transaction_data.as_ref();
-    let amount = transaction.map(|t| t.amount.to_string());
-    let currency = transaction.map(|t| match t.currency {
-        Currency::Eur => "EUR",
-    });
-    let inserted = execute(
-        c,
+/// Why a create statement did not insert.
+enum CreateError {
+    /// A record is kept under the idempotency key already (another request's).
+    KeptFirst,
+    Failed(StoreError),
+}
+use CreateError::{Failed, KeptFirst};
+
+/// One statement inserts the session only when its id is free and its customer (if any) is
+/// known, and with `kept` keeps that answer under its key. `None` when nothing was inserted.
+async fn create_in<C: GenericClient>(
+    c: &C,
+    session: &SessionRecord,
+    kept: Option<&Rendered>,
+) -> std::result::Result<Option<CreateOutcome>, CreateError> {
+    static INSERT: &str =
         "INSERT INTO sessions (id, merchant_id, state, spec, amount, currency, token, expires_on, created_on,
                                last_modified_on, last_correlation_id, version, customer_id, transaction_intent_id)
          SELECT $1::uuid, $2::uuid, $3::text, $4::jsonb, $5::text::numeric(12,2), $6::text, $7::text,
                 $8::timestamptz, $9::timestamptz, $10::timestamptz, $11::uuid, $12::bigint, $14::uuid, $15::uuid
           WHERE $13::uuid IS NULL OR EXISTS (SELECT 1 FROM customers WHERE id = $13)
-         ON CONFLICT (id) DO NOTHING",
-        &[
-            &session.id,
-            &session.merchant_id,
-            &session.state.as_str(),
-            &Json(&session.spec),
-            &amount,
-            &currency,
-            &session.token,
-            &Ts(session.expires_on),
-            &Ts(session.created_on),
-            &Ts(session.last_modified_on),
-            &session.last_correlation_id,
-            &session.version,
-            &session.spec.customer_id,
-            &session.customer_id,
-            &session.transaction_intent_id,
-        ],
-    )
-    .await?;
-    if inserted == 1 {
-        return Ok(CreateOutcome::Created(session));
+         ON CONFLICT (id) DO NOTHING";
+    static INSERT_AND_KEEP: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH inserted AS ({INSERT} RETURNING 1),
+                  kept AS (INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on, status, headers,
+                                                    body, completed_on)
+                           SELECT $2, $16::uuid, $17::bytea, $9, $18::integer, $19::jsonb, $20::bytea, $9
+                             FROM inserted)
+             SELECT count(*) FROM inserted"
+        )
+    });
+    let transaction = session.spec.transaction_data.as_ref();
+    let amount = transaction.map(|t| t.amount.to_string());
+    let currency = transaction.map(|t| match t.currency {
+        Currency::Eur => "EUR",
+    });
+    let spec = Json(&session.spec);
+    let expires_on = Ts(session.expires_on);
+    let created_on = Ts(session.created_on);
+    let last_modified_on = Ts(session.last_modified_on);
+    let state = session.state.as_str();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &session.id,
+        &session.merchant_id,
+        &state,
+        &spec,
+        &amount,
+        &currency,
+        &session.token,
+        &expires_on,
+        &created_on,
+        &last_modified_on,
+        &session.last_correlation_id,
+        &session.version,
+        &session.spec.customer_id,
+        &session.customer_id,
+        &session.transaction_intent_id,
+    ];
+    let fingerprint = kept.map(|kept| &kept.fingerprint[..]);
+    let status = kept.map(|kept| i32::from(kept.kept.status));
+    let headers = kept.map(|kept| Json(&kept.kept.headers));
+    let body = kept.map(|kept| &kept.kept.body[..]);
+    let inserted = match kept {
+        None => c.execute(INSERT, &params).await,
+        Some(kept) => {
+            params.extend([&kept.key.request_id as &(dyn ToSql + Sync), &fingerprint, &status, &headers, &body]);
+            c.query_one(INSERT_AND_KEEP.as_str(), &params).await.map(|row| row.get::<_, i64>(0) as u64)
+        }
+    };
+    match inserted {
+        Ok(1) => Ok(Some(CreateOutcome::Created(session.clone()))),
+        Ok(_) => Ok(None),
+        Err(error) if is_kept_first(&error) => Err(KeptFirst),
+        Err(error) => Err(Failed(error.into())),
+    }
+}
+
+/// Whether `error` is the unique violation of an idempotency key kept first.
+fn is_kept_first(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION && db.table() == Some("idempotency")
+    })
+}
+
+/// What a create that inserted nothing came to: the row that holds the id decides (`Exists`,
+/// as SQLite checks the id before the customer); without one, the customer was unknown.
+async fn decide_create<C: GenericClient>(c: &C, session: SessionRecord) -> Result<CreateOutcome> {
+    if let Some(created) = create_in(c, &session, None).await.map_err(|error| match error {
+        Failed(error) => error,
+        KeptFirst => internal("a create without a key conflicted on one"),
+    })? {
+        return Ok(created);
     }
     match load_session(c, session.id, false).await? {
         Some(existing) => Ok(CreateOutcome::Exists(existing)),
