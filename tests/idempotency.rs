@@ -560,3 +560,55 @@ async fn a_request_whose_handler_panicked_is_not_stored_so_a_retry_runs() {
     assert_eq!((retried.replayed, retried.body), (None, b"done".to_vec()));
     server.stop().await;
 }
+
+/// Sends `request` twice with one `x-request-id`: the second answer is the first replayed,
+/// byte for byte. Answers the first.
+async fn answered_then_replayed(request: impl Fn() -> reqwest::RequestBuilder) -> Answer {
+    let request_id = Uuid::new_v4().to_string();
+    let first = answer(request().header("x-request-id", &request_id).send().await.unwrap()).await;
+    let again = answer(request().header("x-request-id", &request_id).send().await.unwrap()).await;
+    assert_eq!(first.replayed, None);
+    assert_eq!(again.replayed.as_deref(), Some("true"), "{}", String::from_utf8_lossy(&again.body));
+    assert_eq!((again.status, &again.content_type, &again.body), (first.status, &first.content_type, &first.body));
+    first
+}
+
+fn error_code(answer: &Answer) -> (u16, String) {
+    (answer.status, json_of(&answer.body)["code"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn every_stored_business_error_is_replayed_byte_for_byte() {
+    // Sessions that expire at once: a cancel of one is an invalid transition.
+    let server = TestServer::start_with(|config| config.session_ttl = Duration::from_millis(1)).await;
+    let expired = server.created_session().await;
+    let cancel = |id: Uuid, key: &str, if_match: Option<&str>| {
+        let request = server.client.post(format!("{}{}", server.url, cancel_path(id))).header("x-api-key", key);
+        match if_match {
+            Some(tag) => request.header("if-match", tag),
+            None => request,
+        }
+    };
+    let transition = answered_then_replayed(|| cancel(expired, &server.api_key, None)).await;
+    assert_eq!(error_code(&transition), (400, "InvalidRedirectSessionStateTransition".to_owned()));
+
+    let (other_key, _) = server.another_merchant().await;
+    let foreign = answered_then_replayed(|| cancel(expired, &other_key, None)).await;
+    assert_eq!(error_code(&foreign), (400, "InvalidTriggeredBy".to_owned()));
+
+    let mismatch = answered_then_replayed(|| cancel(expired, &server.api_key, Some("\"99\""))).await;
+    assert_eq!(error_code(&mismatch), (409, "EntityVersionMismatch".to_owned()));
+
+    let mut unknown_customer = new_transaction_intent();
+    unknown_customer["customerId"] = json!(Uuid::new_v4());
+    let id = Uuid::new_v4();
+    let body = bytes_of(&unknown_customer);
+    let customer = answered_then_replayed(|| {
+        let request = server.client.put(format!("{}{}", server.url, session_path(id)));
+        request.header("x-api-key", &server.api_key).header("content-type", "application/json").body(body.clone())
+    })
+    .await;
+    assert_eq!(error_code(&customer), (404, "CustomerNotFound".to_owned()));
+    assert_error(server.get_session(id).await, 404, "RedirectSessionNotFound").await;
+    server.stop().await;
+}

@@ -1207,3 +1207,56 @@ async fn a_session_stored_without_a_qr_code_success_url_still_reads_with_the_suc
     assert_eq!((again.status, &again.body), (200, &read.body), "{}", again.text);
     server.stop().await;
 }
+
+/// Sends `n` reads at once with `key`; answers the statuses and the first `429` answer's
+/// `Retry-After` and body.
+async fn burst(server: &TestServer, key: &str, n: usize) -> (Vec<u16>, Option<(String, Value)>) {
+    let id = Uuid::new_v4();
+    let sends = (0..n).map(|_| {
+        let request = server.client.get(format!("{}{BASE}/redirect-sessions/{id}", server.url));
+        request.header("x-api-key", key).send()
+    });
+    let mut statuses = Vec::new();
+    let mut limited = None;
+    for response in futures_util::future::join_all(sends).await {
+        let response = response.unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 && limited.is_none() {
+            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            limited = Some((retry_after.unwrap_or_default(), response.json::<Value>().await.unwrap()));
+        }
+    }
+    (statuses, limited)
+}
+
+#[tokio::test]
+async fn a_merchant_over_its_rate_is_answered_429_with_retry_after_and_others_are_not() {
+    // One request a second per key, a burst of two: ten at once cannot all pass.
+    let server = TestServer::start_with(|config| config.rate_limit_per_key = 1).await;
+    let (statuses, limited) = burst(&server, &server.api_key, 10).await;
+    assert!(statuses.iter().all(|s| [404, 429].contains(s)), "{statuses:?}");
+    let (retry_after, body) = limited.unwrap_or_else(|| panic!("no 429 among {statuses:?}"));
+    assert!(retry_after.parse::<u64>().is_ok_and(|s| s >= 1), "Retry-After {retry_after:?}");
+    assert_eq!(body["code"], "TooManyRequests");
+    assert_eq!(body["details"], json!({}));
+
+    // Another merchant has a bucket of its own.
+    let (other_key, _) = server.another_merchant().await;
+    let (statuses, _) = burst(&server, &other_key, 1).await;
+    assert_eq!(statuses, [404]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_address_over_its_rate_is_answered_429_with_retry_after_whatever_key_it_sends() {
+    let server = TestServer::start_with(|config| config.rate_limit_per_ip = 1).await;
+    let (statuses, limited) = burst(&server, "not-a-key", 10).await;
+    assert!(statuses.iter().all(|s| [401, 429].contains(s)), "{statuses:?}");
+    let (retry_after, body) = limited.unwrap_or_else(|| panic!("no 429 among {statuses:?}"));
+    assert!(retry_after.parse::<u64>().is_ok_and(|s| s >= 1), "Retry-After {retry_after:?}");
+    assert_eq!(body["code"], "TooManyRequests");
+    // The address is limited before the key is looked at: a valid key gets the same answer.
+    let (statuses, _) = burst(&server, &server.api_key, 3).await;
+    assert!(statuses.contains(&429), "{statuses:?}");
+    server.stop().await;
+}
