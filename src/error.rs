@@ -102,7 +102,7 @@ impl ErrorCode {
             EntityVersionMismatch => ("EntityVersionMismatch", StatusCode::CONFLICT,
                 "The entity is not in the version the request expects: a PUT of an existing id with a different body (or an id another merchant uses), an `If-Match` that does not match the current `ETag`, or a race lost against another change of the same entity. Nothing changed. Read the entity again and decide."),
             RequestInProgress => ("RequestInProgress", StatusCode::CONFLICT,
-                "A request with the same `x-request-id` is still being executed. Retry later with the same `x-request-id`; it is safe."),
+                "A request with the same `x-request-id` is still being executed, and did not finish within the 2 s a duplicate waits for it (a duplicate that arrives while the first runs waits and gets the first's answer). Retry later with the same `x-request-id`; it is safe: the retry replays the first's answer."),
             PayloadTooLarge => ("PayloadTooLarge", StatusCode::PAYLOAD_TOO_LARGE,
                 "The request body is larger than 64 KiB."),
             UnsupportedMediaType => ("UnsupportedMediaType", StatusCode::UNSUPPORTED_MEDIA_TYPE,

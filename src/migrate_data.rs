@@ -42,7 +42,7 @@ use crate::store::postgres::{self, PoolSettings};
 /// SQLite migration must teach this module its columns before this number moves. (3 and 4
 /// only changed indexes; 5 added the customer flow; 6 only filled in `qrCodeSuccessUrl` in
 /// the specs, which are copied as they are; 7 only added indexes.)
-pub const SQLITE_SCHEMA_VERSION: i64 = 8;
+pub const SQLITE_SCHEMA_VERSION: i64 = 9;
 
 /// Rows per batch handed from the reader thread to the writer.
 const BATCH: usize = 4096;
@@ -418,9 +418,11 @@ fn tables() -> Vec<Table> {
         },
         Table {
             name: "idempotency",
-            select: "SELECT merchant_id, request_id, fingerprint, started_on, status, headers, body, completed_on
+            select: "SELECT merchant_id, request_id, fingerprint, started_on, status, headers, body, completed_on,
+                            session_id
                        FROM idempotency",
-            columns: "merchant_id, request_id, fingerprint, started_on, status, headers, body, completed_on",
+            columns:
+                "merchant_id, request_id, fingerprint, started_on, status, headers, body, completed_on, session_id",
             types: vec![
                 Type::UUID,
                 Type::UUID,
@@ -430,6 +432,7 @@ fn tables() -> Vec<Table> {
                 Type::JSONB,
                 Type::BYTEA,
                 Type::TIMESTAMPTZ,
+                Type::UUID,
             ],
             convert: |r| {
                 Ok(vec![
@@ -441,6 +444,7 @@ fn tables() -> Vec<Table> {
                     jsonb_opt(r, 5)?,
                     get::<Option<Vec<u8>>>(r, 6)?,
                     ts_opt(r, 7)?,
+                    uuid_opt(r, 8)?,
                 ])
             },
         },

@@ -48,7 +48,7 @@ pub async fn middleware(State(state): State<AppState>, mut request: Request, nex
             request.extensions_mut().insert(*session);
         }
         Beside::Kept(kept) => {
-            request.extensions_mut().insert(kept);
+            request.extensions_mut().insert(*kept);
         }
     }
     next.run(request).await
@@ -67,7 +67,7 @@ enum Read {
 enum Beside {
     Nothing,
     Session(Box<SessionReadWithKey>),
-    Kept(KeptReadWithKey),
+    Kept(Box<KeptReadWithKey>),
 }
 
 /// The idempotency record of a write's `x-request-id`, read together with the merchant's key
@@ -125,7 +125,7 @@ async fn authenticate(state: &AppState, key: Option<String>, read: Read) -> Resu
             .store
             .merchant_and_kept(hash, request_id)
             .await
-            .map(|(merchant, kept)| (merchant, Beside::Kept(KeptReadWithKey { request_id, kept }))),
+            .map(|(merchant, kept)| (merchant, Beside::Kept(Box::new(KeptReadWithKey { request_id, kept })))),
     };
     match found {
         Ok((Some(merchant), beside)) if !merchant.disabled => Ok((merchant, beside)),

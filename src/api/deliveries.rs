@@ -189,7 +189,7 @@ pub async fn redeliver(
                 RedeliverOutcome::Queued(record) => {
                     let body = serde_json::to_vec(&Delivery::from(record.clone())).expect("deliveries serialise");
                     let headers = vec![(header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned())];
-                    return StoredResponse { status: 200, headers, body };
+                    return StoredResponse { status: 200, headers, body, session: None };
                 }
                 RedeliverOutcome::NotFound => ApiError::new(ErrorCode::DeliveryNotFound, "No delivery has this id."),
                 RedeliverOutcome::OtherMerchant => {

@@ -28,6 +28,7 @@ use crate::app::AppState;
 use crate::domain::time::Timestamp;
 use crate::error::{ApiError, ErrorCode, PendingError};
 use crate::secrets::{is_sealed_bytes, Column};
+use crate::store::idempotency::Replay;
 use crate::store::sealing::idempotency_row;
 use crate::store::{Found, Guard, Guarded, IdempotencyKey, Kept, Merchant, StoredResponse};
 
@@ -155,6 +156,7 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
             })
             .collect(),
         body: body.to_vec(),
+        session: None,
     };
     match state.store.idempotency_keep(key, fingerprint, Timestamp::now(), answer).await {
         Ok(None) => Response::from_parts(parts, Body::from(body)),
@@ -228,8 +230,8 @@ pub fn respond<O>(
 
 /// The kept answer as a response, or `RequestIdReused`.
 fn answer_found(state: &AppState, key: IdempotencyKey, found: Found) -> Response {
-    let mut answer = match found {
-        Found::Replay(answer) => answer,
+    let Replay { mut answer, session } = match found {
+        Found::Replay(replay) => *replay,
         Found::Reused => {
             return ApiError::new(
                 ErrorCode::RequestIdReused,
@@ -238,7 +240,13 @@ fn answer_found(state: &AppState, key: IdempotencyKey, found: Found) -> Response
             .into_response()
         }
     };
-    if is_sealed_bytes(&answer.body) {
+    if answer.session.is_some() {
+        // Kept as a reference to the session: the same bytes, rebuilt from its row.
+        let Some(session) = session else {
+            return ApiError::internal(&"a kept answer refers to a session that is gone").into_response();
+        };
+        answer = super::sessions::rebuilt_answer(answer.status, session, key.request_id, &state.public_url);
+    } else if is_sealed_bytes(&answer.body) {
         let row = idempotency_row(key.merchant_id, key.request_id);
         let text = String::from_utf8_lossy(&answer.body).into_owned();
         match state.store.secrets().open(Column::IdempotentBody, &row, &text) {
@@ -258,7 +266,12 @@ pub fn error_answer(error: &ApiError, correlation_id: Uuid, public_url: &str) ->
     if let Some(seconds) = error.retry_after {
         headers.push((header::RETRY_AFTER.as_str().to_owned(), seconds.to_string()));
     }
-    StoredResponse { status: error.status.as_u16(), headers, body: error.body(correlation_id, public_url) }
+    StoredResponse {
+        status: error.status.as_u16(),
+        headers,
+        body: error.body(correlation_id, public_url),
+        session: None,
+    }
 }
 
 impl IntoResponse for StoredResponse {

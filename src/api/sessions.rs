@@ -158,7 +158,29 @@ fn session_answer(status: StatusCode, session: SessionRecord, now: Timestamp, pu
         headers.push((header::LOCATION.as_str().to_owned(), format!("{BASE}/redirect-sessions/{}", session.id)));
     }
     let body = serde_json::to_vec(&RedirectSession::of(session, now, public_url)).expect("sessions serialise");
-    StoredResponse { status: status.as_u16(), headers, body }
+    StoredResponse { status: status.as_u16(), headers, body, session: None }
+}
+
+/// `session_answer` kept as a reference to the session (`StoredResponse::session`): a `201`
+/// shows the session as created, a `200` the session as it stands, which must be terminal.
+fn referring_answer(status: StatusCode, session: SessionRecord, now: Timestamp, public_url: &str) -> StoredResponse {
+    let id = session.id;
+    StoredResponse { session: Some(id), ..session_answer(status, session, now, public_url) }
+}
+
+/// The answer a kept reference stands for, rebuilt from the session's row: the same bytes
+/// `referring_answer` sent (`request_id`: the create's `x-request-id`, its correlation id).
+/// The redirect URL is the one the session was created under (its token's issuer), even if
+/// the service has moved to another public URL since.
+pub fn rebuilt_answer(status: u16, session: SessionRecord, request_id: Uuid, public_url: &str) -> StoredResponse {
+    let issuer = crate::domain::token::issuer_unchecked(&session.token);
+    let public_url = issuer.as_deref().unwrap_or(public_url);
+    if status == StatusCode::CREATED.as_u16() {
+        let created_on = session.created_on;
+        return session_answer(StatusCode::CREATED, session.as_created(request_id), created_on, public_url);
+    }
+    let now = session.last_modified_on;
+    session_answer(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), session, now, public_url)
 }
 
 fn version_mismatch() -> ApiError {
@@ -232,7 +254,7 @@ pub async fn create_redirect_session(
             let public_url = &state.public_url;
             match outcome {
                 CreateOutcome::Created(session) => {
-                    session_answer(StatusCode::CREATED, session.clone(), now, public_url)
+                    referring_answer(StatusCode::CREATED, session.clone(), now, public_url)
                 }
                 CreateOutcome::Exists(existing) => {
                     let same_version = if_match.as_deref().is_none_or(|tag| existing.matches(tag, now));
@@ -347,8 +369,9 @@ pub async fn cancel_redirect_session(
         let (state, correlation_id) = (state.clone(), context.correlation_id);
         move |outcome: &CancelOutcome| {
             let error = match outcome {
+                // Cancelled is terminal: the session stays as this answer shows it.
                 CancelOutcome::Cancelled(session) | CancelOutcome::AlreadyCancelled(session) => {
-                    return session_answer(StatusCode::OK, session.clone(), now, &state.public_url)
+                    return referring_answer(StatusCode::OK, session.clone(), now, &state.public_url)
                 }
                 CancelOutcome::NotFound => not_found(),
                 CancelOutcome::OtherMerchant => other_merchant().with_status(StatusCode::BAD_REQUEST),

@@ -101,7 +101,7 @@ fn subscription_answer(status: StatusCode, record: SubscriptionRecord, with_secr
         headers.push((header::LOCATION.as_str().to_owned(), format!("{BASE}{PATH}/{}", record.id)));
     }
     let body = serde_json::to_vec(&Subscription::of(record, with_secret)).expect("subscriptions serialise");
-    StoredResponse { status: status.as_u16(), headers, body }
+    StoredResponse { status: status.as_u16(), headers, body, session: None }
 }
 
 fn not_found() -> ApiError {

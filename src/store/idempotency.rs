@@ -11,7 +11,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::sealing::idempotency_row;
-use super::StoreError;
+use super::{SessionRecord, StoreError};
 use crate::domain::time::Timestamp;
 use crate::secrets::{Column, KeyRing};
 
@@ -28,6 +28,11 @@ pub struct StoredResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The answer shows this redirect session, and is kept as this reference instead of its
+    /// bytes (headers and body are not kept): a `201` shows the session as it was created, a
+    /// `200` the session as it stands, which must be terminal (nothing changes it any more).
+    /// A replay rebuilds the same bytes from the session's row.
+    pub session: Option<Uuid>,
 }
 
 /// A kept record as read: the fingerprint of its request, and its answer (`None` in a record
@@ -36,12 +41,20 @@ pub struct StoredResponse {
 pub struct Kept {
     pub fingerprint: Vec<u8>,
     pub answer: Option<StoredResponse>,
+    /// The row of the session the answer refers to (`StoredResponse::session`), read with it.
+    pub session: Option<SessionRecord>,
 }
 
 impl Kept {
-    /// What this record says to a request with `fingerprint`.
+    /// What this record says to a request with `fingerprint`. A record without an answer
+    /// (left by a version that wrote one before the change) decides nothing: the request runs,
+    /// and its answer replaces it.
     pub fn decide(self, fingerprint: &[u8; 32]) -> Option<Found> {
-        Found::decide(&self.fingerprint, fingerprint, self.answer)
+        if self.fingerprint != fingerprint {
+            return Some(Found::Reused);
+        }
+        let answer = self.answer?;
+        Some(Found::Replay(Box::new(Replay { answer, session: self.session })))
     }
 }
 
@@ -49,21 +62,16 @@ impl Kept {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Found {
     /// The same request was answered before: answer this again.
-    Replay(StoredResponse),
+    Replay(Box<Replay>),
     /// The key was used for a different request.
     Reused,
 }
 
-impl Found {
-    /// The decision for a request with `fingerprint` on a record kept with `kept_fingerprint`
-    /// and `answer`. A record without an answer (left by a version that wrote one before the
-    /// change) decides nothing: the request runs, and its answer replaces it.
-    pub fn decide(kept_fingerprint: &[u8], fingerprint: &[u8; 32], answer: Option<StoredResponse>) -> Option<Found> {
-        if kept_fingerprint != fingerprint {
-            return Some(Found::Reused);
-        }
-        answer.map(Found::Replay)
-    }
+/// A kept answer to replay, with the session row it refers to (when it refers to one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replay {
+    pub answer: StoredResponse,
+    pub session: Option<SessionRecord>,
 }
 
 /// Renders the answer to keep for a write's outcome. It runs inside the write's transaction
@@ -107,6 +115,11 @@ impl<O> Guard<O> {
     /// Renders the answer to keep for `outcome`.
     pub fn render(&self, outcome: &O) -> Result<Rendered, StoreError> {
         let answer = (self.answer)(outcome);
+        if answer.session.is_some() {
+            // Kept as the reference alone; a replay rebuilds the bytes.
+            let kept = StoredResponse { headers: Vec::new(), body: Vec::new(), ..answer.clone() };
+            return Ok(Rendered { key: self.key, fingerprint: self.fingerprint, now: self.now, answer, kept });
+        }
         let mut kept = answer.clone();
         if let Some(ring) = &self.seal {
             let row = idempotency_row(self.key.merchant_id, self.key.request_id);

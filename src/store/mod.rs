@@ -159,6 +159,18 @@ pub fn decide_cancel(session: Option<SessionRecord>, request: &CancelRequest) ->
 }
 
 impl SessionRecord {
+    /// This session as its create wrote it (under the request `correlation_id`): what the
+    /// create's `201` showed, whatever happened to the session since.
+    pub fn as_created(mut self, correlation_id: Uuid) -> SessionRecord {
+        self.state = State::Created;
+        self.version = 1;
+        self.last_modified_on = self.created_on;
+        self.last_correlation_id = correlation_id;
+        self.customer_id = self.spec.customer_id;
+        self.transaction_intent_id = self.spec.transaction_intent_id;
+        self
+    }
+
     /// This session after a state change written at `now` by the request `correlation_id`.
     pub fn changed(mut self, to: State, now: Timestamp, correlation_id: Uuid) -> SessionRecord {
         self.state = to;

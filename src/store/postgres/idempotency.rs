@@ -3,29 +3,36 @@
 //! request at once, the second's insert waits for the first's commit, finds its record, and
 //! rolls its own change back: it answers what the first kept.
 
+use std::sync::LazyLock;
+
 use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::types::Json;
 use tokio_postgres::Row;
 
+use super::sessions::{session_at, SESSION_COLUMNS};
 use super::{execute, internal, query_opt, Client, Result, Ts};
 use crate::domain::time::Timestamp;
 use crate::store::idempotency::{Found, Guard, Guarded, IdempotencyKey, Kept, StoredResponse};
 
 /// The record kept under `key`, as it decides for a request with `fingerprint`.
 pub async fn lookup<C: GenericClient>(c: &C, key: IdempotencyKey, fingerprint: &[u8; 32]) -> Result<Option<Found>> {
-    let row = query_opt(
-        c,
-        &format!("SELECT {KEPT_COLUMNS} FROM idempotency WHERE merchant_id = $1 AND request_id = $2"),
-        &[&key.merchant_id, &key.request_id],
-    )
-    .await?;
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT {} FROM idempotency i {KEPT_JOIN} WHERE i.merchant_id = $1 AND i.request_id = $2", *KEPT_SELECT)
+    });
+    let row = query_opt(c, &SQL, &[&key.merchant_id, &key.request_id]).await?;
     Ok(row.map(|row| kept_at(&row, 0)).transpose()?.and_then(|kept| kept.decide(fingerprint)))
 }
 
-/// The columns `kept_at` reads.
-pub const KEPT_COLUMNS: &str = "fingerprint, status, headers, body";
+/// The columns `kept_at` reads: the record `i` and the session `s` its answer refers to.
+pub static KEPT_SELECT: LazyLock<String> = LazyLock::new(|| {
+    let session = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
+    format!("i.fingerprint, i.status, i.headers, i.body, i.session_id, {}", session.join(", "))
+});
 
-/// The kept record whose `KEPT_COLUMNS` start at column `at`.
+/// Joins the session a record `i` refers to, as `s`.
+pub const KEPT_JOIN: &str = "LEFT JOIN sessions s ON s.id = i.session_id";
+
+/// The kept record whose `KEPT_SELECT` columns start at column `at`.
 pub fn kept_at(row: &Row, at: usize) -> Result<Kept> {
     let answer = match row.try_get::<_, Option<i32>>(at + 1)? {
         None => None,
@@ -35,10 +42,15 @@ pub fn kept_at(row: &Row, at: usize) -> Result<Kept> {
                 status: u16::try_from(status).map_err(|_| internal(format!("stored status {status}")))?,
                 headers: headers.and_then(|Json(h)| serde_json::from_value(h).ok()).unwrap_or_default(),
                 body: row.try_get::<_, Option<Vec<u8>>>(at + 3)?.unwrap_or_default(),
+                session: row.try_get(at + 4)?,
             })
         }
     };
-    Ok(Kept { fingerprint: row.try_get(at)?, answer })
+    let session = match row.try_get::<_, Option<uuid::Uuid>>(at + 5)? {
+        None => None,
+        Some(_) => Some(session_at(row, at + 5)?),
+    };
+    Ok(Kept { fingerprint: row.try_get(at)?, answer, session })
 }
 
 /// Keeps the complete record (over one an earlier version left without an answer), unless a
@@ -50,13 +62,20 @@ async fn keep<C: GenericClient>(
     now: Timestamp,
     answer: &StoredResponse,
 ) -> Result<Option<Found>> {
+    // An answer kept as a session reference keeps no headers and no body.
+    let (headers, body) = match answer.session {
+        Some(_) => (None, None),
+        None => (Some(Json(&answer.headers)), Some(&answer.body)),
+    };
     let kept = execute(
         c,
-        "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on, status, headers, body, completed_on)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $4)
+        "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on, status, headers, body,
+                                  completed_on, session_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $4, $8)
          ON CONFLICT (merchant_id, request_id) DO UPDATE SET
              fingerprint = excluded.fingerprint, started_on = excluded.started_on, status = excluded.status,
-             headers = excluded.headers, body = excluded.body, completed_on = excluded.completed_on
+             headers = excluded.headers, body = excluded.body, completed_on = excluded.completed_on,
+             session_id = excluded.session_id
           WHERE idempotency.status IS NULL",
         &[
             &key.merchant_id,
@@ -64,8 +83,9 @@ async fn keep<C: GenericClient>(
             &&fingerprint[..],
             &Ts(now),
             &i32::from(answer.status),
-            &Json(&answer.headers),
-            &answer.body,
+            &headers,
+            &body,
+            &answer.session,
         ],
     )
     .await?;

@@ -17,6 +17,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "customer flow", include_str!("../../../migrations/postgres/0003_customer_flow.sql")),
     (4, "qr code success url", include_str!("../../../migrations/postgres/0004_qr_code_success_url.sql")),
     (5, "delivery claims", include_str!("../../../migrations/postgres/0005_delivery_claims.sql")),
+    (
+        6,
+        "idempotency session answers",
+        include_str!("../../../migrations/postgres/0006_idempotency_session_answers.sql"),
+    ),
 ];
 
 /// Advisory lock keys (arbitrary constants; each names one critical section).

@@ -10,7 +10,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::idempotency::{finish, kept_at, lookup, KEPT_COLUMNS};
+use super::idempotency::{finish, kept_at, lookup, KEPT_JOIN, KEPT_SELECT};
 use super::webhooks::{record_events, NewEvent};
 use super::{execute, int8, internal, parse_event_type, query, query_opt, ts, Client, Result, Sql, Ts};
 use crate::domain::event::EventType;
@@ -166,8 +166,8 @@ async fn create_in<C: GenericClient>(
         format!(
             "WITH inserted AS ({INSERT} RETURNING 1),
                   kept AS (INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on, status, headers,
-                                                    body, completed_on)
-                           SELECT $2, $16::uuid, $17::bytea, $9, $18::integer, $19::jsonb, $20::bytea, $9
+                                                    body, completed_on, session_id)
+                           SELECT $2, $16::uuid, $17::bytea, $9, $18::integer, $19::jsonb, $20::bytea, $9, $21::uuid
                              FROM inserted)
              SELECT count(*) FROM inserted"
         )
@@ -201,12 +201,22 @@ async fn create_in<C: GenericClient>(
     ];
     let fingerprint = kept.map(|kept| &kept.fingerprint[..]);
     let status = kept.map(|kept| i32::from(kept.kept.status));
-    let headers = kept.map(|kept| Json(&kept.kept.headers));
-    let body = kept.map(|kept| &kept.kept.body[..]);
+    // An answer kept as a session reference keeps no headers and no body.
+    let by_value = kept.filter(|kept| kept.kept.session.is_none());
+    let headers = by_value.map(|kept| Json(&kept.kept.headers));
+    let body = by_value.map(|kept| &kept.kept.body[..]);
+    let reference = kept.and_then(|kept| kept.kept.session);
     let inserted = match kept {
         None => c.execute(INSERT, &params).await,
         Some(kept) => {
-            params.extend([&kept.key.request_id as &(dyn ToSql + Sync), &fingerprint, &status, &headers, &body]);
+            params.extend([
+                &kept.key.request_id as &(dyn ToSql + Sync),
+                &fingerprint,
+                &status,
+                &headers,
+                &body,
+                &reference,
+            ]);
             c.query_one(INSERT_AND_KEEP.as_str(), &params).await.map(|row| row.get::<_, i64>(0) as u64)
         }
     };
@@ -278,12 +288,12 @@ pub async fn merchant_and_kept(
     request_id: Uuid,
 ) -> Result<(Option<Merchant>, Option<Kept>)> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
-        let columns = KEPT_COLUMNS.split(", ").map(|column| format!("i.{column}")).collect::<Vec<_>>();
         format!(
             "SELECT m.id, m.name, m.disabled, m.created_on, {}
                FROM merchants m LEFT JOIN idempotency i ON i.merchant_id = m.id AND i.request_id = $2
+                    {KEPT_JOIN}
               WHERE m.api_key_hash = $1",
-            columns.join(", ")
+            *KEPT_SELECT
         )
     });
     let Some(row) = query_opt(&*c, &SQL, &[&&key_hash[..], &request_id]).await? else {

@@ -1,17 +1,23 @@
 //! Idempotency records on SQLite: read on a reader for the fast path, and written by the
 //! writer in the transaction of the change they guard (`crate::store::idempotency`).
 
+use std::sync::LazyLock;
+
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::worker::internal;
+use super::{optional_uuid_at, session_at, SESSION_COLUMNS};
 use crate::domain::time::Timestamp;
 use crate::store::idempotency::{Found, Guard, Guarded, IdempotencyKey, Kept, StoredResponse};
 use crate::store::StoreError;
 
 /// The record kept under `key`, as it decides for a request with `fingerprint`.
 pub(super) fn lookup(c: &Connection, key: IdempotencyKey, fingerprint: &[u8; 32]) -> Result<Option<Found>, StoreError> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT {} FROM idempotency i {KEPT_JOIN} WHERE i.merchant_id = ?1 AND i.request_id = ?2", *KEPT_SELECT)
+    });
     let kept = c
-        .prepare_cached(&format!("SELECT {KEPT_COLUMNS} FROM idempotency WHERE merchant_id = ?1 AND request_id = ?2"))
+        .prepare_cached(&SQL)
         .and_then(|mut s| {
             s.query_row(params![key.merchant_id.as_bytes(), key.request_id.as_bytes()], |row| kept_at(row, 0))
                 .optional()
@@ -20,10 +26,16 @@ pub(super) fn lookup(c: &Connection, key: IdempotencyKey, fingerprint: &[u8; 32]
     Ok(kept.and_then(|kept| kept.decide(fingerprint)))
 }
 
-/// The columns `kept_at` reads.
-pub(super) const KEPT_COLUMNS: &str = "fingerprint, status, headers, body";
+/// The columns `kept_at` reads: the record `i` and the session `s` its answer refers to.
+pub(super) static KEPT_SELECT: LazyLock<String> = LazyLock::new(|| {
+    let session = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
+    format!("i.fingerprint, i.status, i.headers, i.body, i.session_id, {}", session.join(", "))
+});
 
-/// The kept record whose `KEPT_COLUMNS` start at column `at`.
+/// Joins the session a record `i` refers to, as `s`.
+pub(super) const KEPT_JOIN: &str = "LEFT JOIN sessions s ON s.id = i.session_id";
+
+/// The kept record whose `KEPT_SELECT` columns start at column `at`.
 pub(super) fn kept_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Kept> {
     let answer = row.get::<_, Option<u16>>(at + 1)?.map(|status| -> rusqlite::Result<StoredResponse> {
         Ok(StoredResponse {
@@ -33,9 +45,14 @@ pub(super) fn kept_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Kept> {
                 .and_then(|h| serde_json::from_str(&h).ok())
                 .unwrap_or_default(),
             body: row.get::<_, Option<Vec<u8>>>(at + 3)?.unwrap_or_default(),
+            session: optional_uuid_at(row, at + 4)?,
         })
     });
-    Ok(Kept { fingerprint: row.get(at)?, answer: answer.transpose()? })
+    let session = match row.get_ref(at + 5)? {
+        rusqlite::types::ValueRef::Null => None,
+        _ => Some(session_at(row, at + 5)?),
+    };
+    Ok(Kept { fingerprint: row.get(at)?, answer: answer.transpose()?, session })
 }
 
 /// Writes the complete record (over one an earlier version left without an answer), unless
@@ -48,14 +65,23 @@ pub(super) fn keep(
     now: Timestamp,
     answer: &StoredResponse,
 ) -> Result<Option<Found>, StoreError> {
-    let headers = serde_json::to_string(&answer.headers).map_err(|e| StoreError::Internal(e.to_string()))?;
+    // An answer kept as a session reference keeps no headers and no body.
+    let (headers, body) = match answer.session {
+        Some(_) => (None, None),
+        None => {
+            let headers = serde_json::to_string(&answer.headers).map_err(|e| StoreError::Internal(e.to_string()))?;
+            (Some(headers), Some(&answer.body))
+        }
+    };
     let kept = c
         .prepare_cached(
-            "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on, status, headers, body, completed_on)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?4)
+            "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on, status, headers, body,
+                                      completed_on, session_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?4, ?8)
              ON CONFLICT (merchant_id, request_id) DO UPDATE SET
                  fingerprint = excluded.fingerprint, started_on = excluded.started_on, status = excluded.status,
-                 headers = excluded.headers, body = excluded.body, completed_on = excluded.completed_on
+                 headers = excluded.headers, body = excluded.body, completed_on = excluded.completed_on,
+                 session_id = excluded.session_id
               WHERE idempotency.status IS NULL",
         )
         .and_then(|mut s| {
@@ -66,7 +92,8 @@ pub(super) fn keep(
                 now.millis(),
                 answer.status,
                 headers,
-                answer.body
+                body,
+                answer.session.map(|id| *id.as_bytes())
             ])
         })
         .map_err(|e| internal(&e))?;

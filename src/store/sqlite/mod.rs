@@ -466,12 +466,13 @@ impl Store for SqliteStore {
         request_id: Uuid,
     ) -> Result<(Option<Merchant>, Option<Kept>), StoreError> {
         static SQL: LazyLock<String> = LazyLock::new(|| {
-            let columns = idempotency::KEPT_COLUMNS.split(", ").map(|column| format!("i.{column}")).collect::<Vec<_>>();
             format!(
                 "SELECT m.id, m.name, m.disabled, m.created_on, {}
                    FROM merchants m LEFT JOIN idempotency i ON i.merchant_id = m.id AND i.request_id = ?2
+                        {}
                   WHERE m.api_key_hash = ?1",
-                columns.join(", ")
+                *idempotency::KEPT_SELECT,
+                idempotency::KEPT_JOIN
             )
         });
         self.point_reads

@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "qr code success url", include_str!("../../../migrations/sqlite/0006_qr_code_success_url.sql")),
     (7, "delivery claims", include_str!("../../../migrations/sqlite/0007_delivery_claims.sql")),
     (8, "idempotency by insertion", include_str!("../../../migrations/sqlite/0008_idempotency_by_insertion.sql")),
+    (9, "idempotency session answers", include_str!("../../../migrations/sqlite/0009_idempotency_session_answers.sql")),
 ];
 
 /// Applies every migration not applied yet, each in its own transaction.
