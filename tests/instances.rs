@@ -1,4 +1,4 @@
-//! Several instances on one PostgreSQL database (SPEC §7, docs/DESIGN.md "PostgreSQL backend"):
+//! Several instances on one PostgreSQL database (docs/OPERATIONS.md "Several instances on PostgreSQL", docs/DESIGN.md "PostgreSQL backend"):
 //! two real `redirect-sessions serve` processes share one database, and every guarantee a
 //! single instance gives holds across them — sessions, idempotency, cancel races, the expiry
 //! sweep, and webhook deliveries, also when one instance is killed with claims in flight (the

@@ -5,7 +5,9 @@
 //!
 //! The test runs a private PostgreSQL cluster of its own (initdb + pg_ctl on a free port, as the
 //! `postgres` OS user when the tests run as root, since initdb refuses root), so it can stop and
-//! start the server at will. Without the PostgreSQL server binaries it says it was skipped.
+//! start the server at will. When it cannot (no PostgreSQL server binaries, `initdb` or
+//! `pg_ctl start` failing) it says it was skipped, and passes; under `CI=true` it fails instead,
+//! so that CI never counts a test that did not run as passed.
 
 mod common;
 
@@ -28,7 +30,14 @@ const RECOVERY: Duration = Duration::from_secs(60);
 /// The OS user that owns the cluster when the tests run as root.
 const CLUSTER_OWNER: &str = "postgres";
 
+/// Whether the tests run in CI (`CI=true`), where a test that cannot run must fail.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value.eq_ignore_ascii_case("true") || value == "1")
+}
+
+/// Skips the test saying why; under `CI=true` fails it instead.
 fn skip(why: &str) {
+    assert!(!in_ci(), "CI=true, so this test may not be skipped: {why}");
     // Straight to the stream: libtest hides `println!` output of passing tests.
     let _ = writeln!(std::io::stderr(), "skipped: {why}");
 }

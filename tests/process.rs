@@ -425,7 +425,7 @@ async fn every_create_answered_before_a_kill_9_amid_concurrent_writes_survives_i
     let unlimited = ["--rate-limit-per-key", "0"];
     let mut served = workspace.serve(&unlimited, &[]);
     let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let writers: Vec<_> = (0..48)
+    let mut writers: Vec<_> = (0..48)
         .map(|_| {
             let (client, url, key, answered) =
                 (served.client.clone(), served.url.clone(), key.clone(), answered.clone());
@@ -447,9 +447,21 @@ async fn every_create_answered_before_a_kill_9_amid_concurrent_writes_survives_i
             })
         })
         .collect();
-    while answered.lock().unwrap().len() < 500 {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    // 500 answered creates, then the crash. A writer that stops early (it panicked, or the
+    // server went away) fails the test at once; the deadline only keeps anything else from
+    // hanging the run.
+    let enough = async {
+        while answered.lock().unwrap().len() < 500 {
+            if let Some(stopped) = writers.iter().position(|writer| writer.is_finished()) {
+                let outcome = writers.swap_remove(stopped).await;
+                panic!("a writer stopped before the crash ({outcome:?}): {:?}", served.lines());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(120), enough).await.unwrap_or_else(|_| {
+        panic!("500 creates were not answered within two minutes ({} were)", answered.lock().unwrap().len())
+    });
     served.kill_9();
     for writer in writers {
         writer.await.unwrap();

@@ -439,21 +439,34 @@ mod tests {
         assert_eq!((result.status, result.error.as_deref()), (None, Some("timeout after 200ms")));
     }
 
+    /// How long a wait may take before a test fails as hung: a safety net for an event that
+    /// never comes, never a bound on how fast it comes.
+    const HANG_GUARD: Duration = Duration::from_secs(120);
+
     #[tokio::test]
     async fn an_endless_body_is_cut_off_without_failing_the_attempt() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
-        tokio::spawn(async move {
+        let sender = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
             let _ = socket.read(&mut [0u8; 4096]).await;
             let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
             let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
             while socket.write_all(chunk.as_bytes()).await.is_ok() {}
         });
-        let result = WebhookClient::new(Duration::from_secs(20), true, 8).unwrap().post(&url, &[], Bytes::new()).await;
+        // The attempt's own timeout is an hour: a client that read the body to its deadline
+        // would never come back within the hang guard, so coming back at all is the cut-off.
+        let client = WebhookClient::new(Duration::from_secs(3600), true, 8).unwrap();
+        let result = tokio::time::timeout(HANG_GUARD, client.post(&url, &[], Bytes::new()))
+            .await
+            .expect("the attempt kept reading the endless body instead of cutting it off");
         assert_eq!((result.status, result.error.as_deref()), (Some(200), None));
-        assert!(result.duration < Duration::from_secs(15), "the body was read to the deadline");
+        // And the connection was dropped rather than kept for reuse: the sender's writes fail.
+        tokio::time::timeout(HANG_GUARD, sender)
+            .await
+            .expect("the connection of the cut-off body stayed open")
+            .expect("the sender ends");
     }
 
     #[tokio::test]
@@ -474,7 +487,15 @@ mod tests {
             let result = guarded.post(&url, &[], Bytes::new()).await;
             assert_eq!((result.status, result.error), (None, Some(expected)), "{url}");
         }
-        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
-        assert!(accepted.is_err(), "the receiver got a connection");
+        // Connections are accepted in the order they were made: when the first one is a marker
+        // made only now, the guarded client made none.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut marker = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        marker.write_all(b"marker").await.unwrap();
+        let (mut first, _) = tokio::time::timeout(HANG_GUARD, listener.accept()).await.expect("accepts").unwrap();
+        let mut sent = [0u8; 6];
+        let read = tokio::time::timeout(HANG_GUARD, first.read_exact(&mut sent)).await.expect("reads");
+        read.unwrap_or_else(|e| panic!("the first connection was not the marker ({e}): the guarded client connected"));
+        assert_eq!(&sent, b"marker", "the receiver got a connection from the guarded client");
     }
 }

@@ -35,6 +35,10 @@ use crate::store::{
 
 const ENV: &str = "REDIRECT_SESSIONS_TEST_POSTGRES";
 
+/// How long a wait may take before a test fails as hung: a safety net for an event that never
+/// comes, never a bound on how fast it comes.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
 const SETTINGS: PoolSettings = PoolSettings {
     max_connections: 8,
     acquire_timeout: Duration::from_secs(5),
@@ -252,43 +256,52 @@ async fn a_database_that_is_not_migrated_is_not_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_unavailable_without_hanging() {
-    // Needs no server: nothing listens on port 1.
-    let started = std::time::Instant::now();
-    let result = PostgresStore::open("postgres://postgres@127.0.0.1:1/none", SETTINGS, true, ring()).await;
+    // Needs no server: nothing listens on port 1. The open must come back with Unavailable (the
+    // refused connect), not hang; the generous timeout only keeps a hang from stalling the run.
+    let open = PostgresStore::open("postgres://postgres@127.0.0.1:1/none", SETTINGS, true, ring());
+    let result = tokio::time::timeout(HANG_GUARD, open).await.expect("opening an unreachable server hung");
     assert!(matches!(result, Err(StoreError::Unavailable(_))), "{:?}", result.err());
-    assert!(started.elapsed() < Duration::from_secs(15));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_runs_too_long_is_unavailable_and_its_connection_is_closed() {
     let db = test_db!();
     let store = db.open().await;
-    let started = std::time::Instant::now();
+    // The statement would sleep for an hour: no statement_timeout ends it, and the server does
+    // not notice a closed socket while it runs. Only the cancel of the call's limit ends it.
     let result = store
         .run_within(Duration::from_millis(300), |c| {
             Box::pin(async move {
-                c.batch_execute("SELECT pg_sleep(30)").await?;
+                c.batch_execute("SET statement_timeout = 0").await?;
+                c.batch_execute("SELECT pg_sleep(3600)").await?;
                 Ok(())
             })
         })
         .await;
-    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
-    assert!(started.elapsed() < Duration::from_secs(5));
-    // The connection was closed, not handed to the next caller: the server ends its session.
+    // The call's own limit gave up on it: its error, not one of the statement's.
+    assert!(
+        matches!(&result, Err(StoreError::Unavailable(message)) if message == "the database did not answer in time"),
+        "{result:?}"
+    );
+    // The statement was cancelled and the connection closed, not handed to the next caller: the
+    // server ends its session (the generous deadline only keeps a failure from hanging).
     let sql = db.sql().await;
-    let mut gone = false;
-    for _ in 0..50 {
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    loop {
         let row = sql
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND datname = current_database()", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                  WHERE query = 'SELECT pg_sleep(3600)' AND datname = current_database()",
+                &[],
+            )
             .await
             .expect("counts");
         if row.get::<_, i64>(0) == 0 {
-            gone = true;
             break;
         }
+        assert!(std::time::Instant::now() < deadline, "the abandoned statement's session never ended");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(gone, "the abandoned statement's session ended");
     store.list_merchants().await.expect("the pool goes on with a fresh connection");
 
     // The server's own bound, statement_timeout, is a 503 too.
@@ -789,23 +802,82 @@ async fn woken(notify: &Notify, within: Duration) -> bool {
     tokio::time::timeout(within, notify.notified()).await.is_ok()
 }
 
+/// Whether a wake-up is pending right now (taking it), without waiting for one.
+fn wake_pending(notify: &Notify) -> bool {
+    futures_util::FutureExt::now_or_never(notify.notified()).is_some()
+}
+
+/// A connection of the test's own that `LISTEN`s on the dispatchers' channel: it sees every
+/// `NOTIFY` the stores send, in commit order, and can send a marker of its own.
+struct Watch {
+    client: tokio_postgres::Client,
+    payloads: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Watch {
+    async fn start(url: &str) -> Watch {
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.expect("connects");
+        let (sender, payloads) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            // Polling the connection this way drives it and hands over the notifications.
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        let _ = sender.send(n.payload().to_owned());
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN {}", super::listen::CHANNEL)).await.expect("listens");
+        Watch { client, payloads }
+    }
+
+    /// The next notification's payload.
+    async fn next(&mut self) -> String {
+        let next = tokio::time::timeout(HANG_GUARD, self.payloads.recv()).await;
+        next.expect("a notification came").expect("the watching connection is open")
+    }
+
+    /// Sends a marker `NOTIFY` and answers the payloads of every notification committed before
+    /// it (PostgreSQL delivers them in commit order, the marker included).
+    async fn before_marker(&mut self) -> Vec<String> {
+        let marker = format!("marker {}", Uuid::now_v7());
+        self.client.execute("SELECT pg_notify($1, $2)", &[&super::listen::CHANNEL, &marker]).await.expect("notifies");
+        let mut before = Vec::new();
+        loop {
+            match self.next().await {
+                payload if payload == marker => return before,
+                payload => before.push(payload),
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queuing_on_one_instance_wakes_the_dispatcher_of_another() {
     let db = test_db!();
     let (a, b) = (db.open().await, db.open().await);
     let wake_b = b.deliveries_queued();
     // The listener wakes once when it starts listening; after that, only NOTIFY does.
-    assert!(woken(&wake_b, Duration::from_secs(10)).await, "B's listener connected");
-    assert!(!woken(&wake_b, Duration::from_millis(300)).await, "nothing queued yet");
+    assert!(woken(&wake_b, HANG_GUARD).await, "B's listener connected");
+    let mut watch = Watch::start(&db.url).await;
 
     let m = merchant(&a, NOW).await;
     a.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
     let s = session(Uuid::now_v7(), m, spec_with(None, "2"), NOW, Duration::from_secs(900));
     a.create_session(s.clone()).await.expect("creates");
-    assert!(!woken(&wake_b, Duration::from_millis(300)).await, "creating queues nothing");
+    // Nothing was queued yet, and creating queues nothing: no NOTIFY came before the marker.
+    assert_eq!(watch.before_marker().await, Vec::<String>::new(), "subscribing or creating sent a NOTIFY");
+    // The marker is the one NOTIFY so far: B wakes for it, and for nothing else.
+    assert!(woken(&wake_b, HANG_GUARD).await, "B heard the marker");
+    assert!(!wake_pending(&wake_b), "B was woken by something other than a NOTIFY");
+
     a.cancel_session(cancel(m, s.id, NOW)).await.expect("cancels");
-    assert!(woken(&wake_b, Duration::from_secs(5)).await, "A's commit woke B");
-    assert!(woken(&a.deliveries_queued(), Duration::from_secs(1)).await, "and A's own dispatcher");
+    assert_eq!(watch.next().await, "", "the cancel's commit sent a NOTIFY");
+    assert!(woken(&wake_b, HANG_GUARD).await, "A's commit woke B");
+    assert!(woken(&a.deliveries_queued(), HANG_GUARD).await, "and A's own dispatcher");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -813,7 +885,7 @@ async fn the_pool_and_the_listener_recover_when_the_server_drops_every_connectio
     let db = test_db!();
     let (a, b) = (db.open().await, db.open().await);
     let wake_b = b.deliveries_queued();
-    assert!(woken(&wake_b, Duration::from_secs(10)).await, "B's listener connected");
+    assert!(woken(&wake_b, HANG_GUARD).await, "B's listener connected");
     let m = merchant(&a, NOW).await;
     a.put_subscription(subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW)).await.expect("subscribes");
     a.list_merchants().await.expect("a pooled connection exists");
@@ -829,25 +901,24 @@ async fn the_pool_and_the_listener_recover_when_the_server_drops_every_connectio
         .expect("terminates");
 
     // The first call may meet a dead connection (then it is Unavailable, never Internal);
-    // soon calls succeed on fresh ones.
-    let mut recovered = false;
-    for _ in 0..50 {
+    // soon calls succeed on fresh ones (the deadline only keeps a failure from hanging).
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    loop {
         match a.list_merchants().await {
-            Ok(_) => {
-                recovered = true;
-                break;
+            Ok(_) => break,
+            Err(StoreError::Unavailable(error)) => {
+                assert!(std::time::Instant::now() < deadline, "the pool never reconnected: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
             Err(error) => panic!("a lost connection must be Unavailable: {error}"),
         }
     }
-    assert!(recovered, "the pool reconnected");
     // B's listener reconnects (and wakes once for what it may have missed), then hears A again.
-    assert!(woken(&wake_b, Duration::from_secs(10)).await, "B's listener reconnected");
+    assert!(woken(&wake_b, HANG_GUARD).await, "B's listener reconnected");
     let s = session(Uuid::now_v7(), m, spec_with(None, "2"), NOW, Duration::from_secs(900));
     a.create_session(s.clone()).await.expect("creates");
     a.cancel_session(cancel(m, s.id, NOW)).await.expect("cancels");
-    assert!(woken(&wake_b, Duration::from_secs(5)).await, "A's commit woke B after the reconnect");
+    assert!(woken(&wake_b, HANG_GUARD).await, "A's commit woke B after the reconnect");
 }
 
 /// The same scenario on SQLite and PostgreSQL must read the same, line by line.
@@ -1911,20 +1982,21 @@ async fn the_claims_of_a_registered_dispatcher_whose_instance_is_gone_are_free_w
     assert_eq!(b.claim_deliveries(live, now, now.plus(lease), 10, 16).await.expect("claims").len(), 1);
     assert_eq!((held(dead).await, held(tool).await), (2, 1));
 
-    // A goes (its connections with it): B frees and takes A's claims within seconds; the
-    // tool's lease is left to run out.
+    // A goes (its connections with it): B frees and takes A's claims while their leases still
+    // run (the tool's lease, taken with them, is still held afterwards), not when they run out.
+    // The deadline, far below the lease, only keeps a failure from hanging.
     drop(a);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + HANG_GUARD;
     let mut taken = 0;
     while taken < 2 {
-        assert!(std::time::Instant::now() < deadline, "B took {taken} of A's two claims in time");
+        assert!(std::time::Instant::now() < deadline, "B took only {taken} of A's two claims");
         tokio::time::sleep(Duration::from_millis(200)).await;
         let now = Timestamp::now();
         taken += b.claim_deliveries(live, now, now.plus(lease), 10, 16).await.expect("claims").len();
     }
     assert_eq!((held(dead).await, held(tool).await, held(live).await), (0, 1, 3));
     // The registration goes once A holds nothing; B's stays, and goes when it stops.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + HANG_GUARD;
     while sql.query_one(registered, &[&dead]).await.expect("reads").get::<_, i64>(0) > 0 {
         assert!(std::time::Instant::now() < deadline, "A's registration stayed");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1933,7 +2005,7 @@ async fn the_claims_of_a_registered_dispatcher_whose_instance_is_gone_are_free_w
     }
     assert_eq!(sql.query_one(registered, &[&live]).await.expect("reads").get::<_, i64>(0), 1);
     b.dispatcher_stopped(live).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + HANG_GUARD;
     while sql.query_one(registered, &[&live]).await.expect("reads").get::<_, i64>(0) > 0 {
         assert!(std::time::Instant::now() < deadline, "B's registration stayed after it stopped");
         tokio::time::sleep(Duration::from_millis(50)).await;
