@@ -234,7 +234,7 @@ async fn migrations_apply_twice_and_from_two_instances_at_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     // Pooled connections carry the statement timeout that bounds every query.
     let timeout = a
         .run(|c| Box::pin(async move { Ok(c.query_one("SHOW statement_timeout", &[]).await?.get::<_, String>(0)) }))
@@ -546,6 +546,7 @@ async fn the_same_request_id_from_two_instances_runs_once_and_both_answer_alike(
                     status: 200,
                     headers: Vec::new(),
                     body: format!("{i} {}", matches!(outcome, CancelOutcome::Cancelled(_))).into_bytes(),
+                    session: None,
                 }),
                 seal: None,
             };
@@ -560,7 +561,7 @@ async fn the_same_request_id_from_two_instances_runs_once_and_both_answer_alike(
                 assert!(matches!(outcome, CancelOutcome::Cancelled(_)), "the one that ran cancelled: {outcome:?}");
                 kept.push(answer.expect("kept"));
             }
-            Guarded::Earlier(Found::Replay(answer)) => replayed.push(answer),
+            Guarded::Earlier(Found::Replay(replay)) => replayed.push(replay.answer),
             Guarded::Earlier(found) => panic!("the same request was refused: {found:?}"),
         }
     }
@@ -1169,6 +1170,7 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
             ("etag".to_owned(), "\"1\"".to_owned()),
         ],
         body: b"{\"id\":1}\x00\xff".to_vec(),
+        session: None,
     };
     log.push(format!("{:?}", store.idempotency_lookup(key, [1; 32]).await));
     log.push(format!("{:?}", store.idempotency_keep(key, [1; 32], at(62_000), kept(201)).await));
@@ -1185,6 +1187,11 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
             status: if matches!(outcome, CreateOutcome::Created(_)) { 201 } else { 200 },
             headers: Vec::new(),
             body: b"guarded".to_vec(),
+            // A new session's answer is kept as a reference to it, and read back with its row.
+            session: match outcome {
+                CreateOutcome::Created(session) => Some(session.id),
+                _ => None,
+            },
         }),
         seal: None,
     };
