@@ -6,22 +6,17 @@
 //! at most its per-subscription cap and never starves the others; shutdown with an attempt in
 //! flight; an event that survives `kill -9` of the real binary; retention.
 
-// The shared harness calls `.ok().expect(..)`; it is not this file's to change.
-#[allow(clippy::ok_expect)]
-mod common;
-mod webhook_support;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::binary::{command, Served};
-use common::*;
+use crate::common::binary::{command, Served};
+use crate::common::*;
+use crate::webhook_support::*;
 use redirect_sessions::domain::time::Timestamp;
 use redirect_sessions::store::webhooks::{AttemptOutcome, AttemptRecord, NextStep, Retention};
 use redirect_sessions::webhooks::signature;
 use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
-use webhook_support::*;
 
 const CANCELLED: &str = "RedirectSessionCancelled";
 const EXPIRED: &str = "RedirectSessionExpired";

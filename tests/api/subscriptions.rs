@@ -1,17 +1,12 @@
 //! The subscriptions API (docs/WEBHOOKS.md) and the deliveries API (docs/API.md):
 //! create, replace, delete, read, list, validation, ownership; list and redeliver deliveries.
 
-// The shared harness calls `.ok().expect(..)`; it is not this file's to change.
-#[allow(clippy::ok_expect)]
-mod common;
-mod webhook_support;
-
+use crate::common::*;
+use crate::webhook_support::*;
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use common::*;
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use uuid::Uuid;
-use webhook_support::*;
 
 const CANCELLED: &str = "RedirectSessionCancelled";
 const EXPIRED: &str = "RedirectSessionExpired";

@@ -1,11 +1,9 @@
 //! Session tokens (docs/DESIGN.md "Tokens"): EdDSA JWTs verifiable with the published JWKS, with the
 //! documented claims; stable across repeated PUTs; still verifiable after a key rotation.
 
-mod common;
-
+use crate::common::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::*;
 use ed25519_dalek::{Signature, VerifyingKey};
 use reqwest::Method;
 use serde_json::{json, Value};

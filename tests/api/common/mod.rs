@@ -29,6 +29,16 @@ use uuid::Uuid;
 /// The merchant API's base path.
 pub const BASE: &str = "/customer-authentication-service/v1";
 
+/// The path of one session.
+pub fn session_path(id: impl std::fmt::Display) -> String {
+    format!("{BASE}/redirect-sessions/{id}")
+}
+
+/// The path that cancels one session.
+pub fn cancel_path(id: impl std::fmt::Display) -> String {
+    format!("{BASE}/redirect-sessions/{id}/cancel")
+}
+
 /// Which backend the integration tests run on: `sqlite` (default) or `postgres`.
 pub const BACKEND_ENV: &str = "REDIRECT_SESSIONS_TEST_BACKEND";
 /// The admin URL of the PostgreSQL server tests create their databases on.

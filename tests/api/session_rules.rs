@@ -2,16 +2,10 @@
 //! (docs/API.md, docs/ERRORS.md): every failing field at once, exact status and `code`, and the correlation
 //! id on every answer.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-fn session_path(id: impl std::fmt::Display) -> String {
-    format!("{BASE}/redirect-sessions/{id}")
-}
 
 /// `PUT` of a raw JSON text to a fresh id.
 async fn put_text(server: &TestServer, body: &str) -> Response {

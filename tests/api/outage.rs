@@ -9,20 +9,17 @@
 //! `pg_ctl start` failing) it says it was skipped, and passes; under `CI=true` it fails instead,
 //! so that CI never counts a test that did not run as passed.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::binary::{command, Served};
-use common::new_transaction_intent;
+use crate::common::binary::{command, Served};
+use crate::common::{new_transaction_intent, BASE};
 use reqwest::{Client, Method, Response};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-const BASE: &str = "/customer-authentication-service/v1";
 /// A request that takes longer than this hangs, as far as this test is concerned.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the service may take to recover once PostgreSQL is back.

@@ -3,16 +3,12 @@
 //! codes delivered to a gateway in the test (the `http` sender). The merchant's view of each
 //! session is read through the merchant API, its events from the store.
 
-// The shared harness calls `.ok().expect(..)`; it is not this file's to change.
-#[allow(clippy::ok_expect)]
-mod common;
-mod webhook_support;
-
 use std::fmt;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::common::*;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -20,7 +16,6 @@ use axum::routing::post;
 use axum::Router;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::*;
 use futures_util::future::join_all;
 use redirect_sessions::config::{Config, OtpSender};
 use redirect_sessions::domain::otp;
@@ -652,8 +647,8 @@ async fn the_link_of_an_expired_session_is_answered_410_with_the_way_back_to_the
 async fn a_new_transaction_intent_is_authenticated_by_code_confirmed_and_shown_as_a_qr_code() {
     let gateway = Gateway::start().await;
     let server = server(&gateway).await;
-    let hook = webhook_support::Receiver::answering(204).await;
-    webhook_support::subscribe(&server, &hook.url(), &[COMPLETED]).await;
+    let hook = crate::webhook_support::Receiver::answering(204).await;
+    crate::webhook_support::subscribe(&server, &hook.url(), &[COMPLETED]).await;
     let (created, browser) = opened(&server, &new_transaction_intent()).await;
     let id = created.id;
 

@@ -8,19 +8,17 @@
 //! These tests only make sense on PostgreSQL: without `REDIRECT_SESSIONS_TEST_POSTGRES` each
 //! prints `skipped: …` and passes. Each test has a database of its own, dropped at the end.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::binary::{command, Served};
+use crate::common::*;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
-use common::binary::{command, Served};
-use common::*;
 use futures_util::future::join_all;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -163,10 +161,6 @@ impl Answer {
     fn code(&self) -> String {
         self.json()["code"].as_str().unwrap_or_default().to_owned()
     }
-}
-
-fn session_path(id: Uuid) -> String {
-    format!("{BASE}/redirect-sessions/{id}")
 }
 
 /// Two instances on one fresh PostgreSQL database with one merchant. Field order matters: the

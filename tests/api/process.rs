@@ -2,13 +2,11 @@
 //! OpenAPI command, bad settings, layered settings, serving, crash durability and graceful
 //! shutdown.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::binary::{command, run, Served};
-use common::{assert_error, new_transaction_intent, status_and_json, TestDatabase, BASE};
+use crate::common::binary::{command, run, Served};
+use crate::common::{assert_error, new_transaction_intent, status_and_json, TestDatabase, BASE};
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use uuid::Uuid;

@@ -2,14 +2,12 @@
 //! and the metrics they leave (docs/API.md). Request validation and the errors of the HTTP edge
 //! are in `session_rules.rs`.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::common::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::*;
 use redirect_sessions::domain::event::EventType;
 use redirect_sessions::domain::time::Timestamp;
 use reqwest::{Method, Response};
@@ -73,10 +71,6 @@ async fn answer(response: Response) -> Answer {
     let text = response.text().await.unwrap();
     let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
     Answer { status, headers, text, body }
-}
-
-fn session_path(id: impl std::fmt::Display) -> String {
-    format!("{BASE}/redirect-sessions/{id}")
 }
 
 /// `PUT` of a raw JSON text, with an `x-request-id` when given.

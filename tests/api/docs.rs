@@ -1,8 +1,6 @@
 //! The OpenAPI document, the human docs pages, health checks, and the answer to a panic.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use redirect_sessions::error::ErrorCode;
 use serde_json::{json, Value};
 

@@ -5,17 +5,13 @@
 //! needed; a wrong, malformed or missing key stops the program with one clear line; on SQLite
 //! without a configured key a key file is created once beside the database.
 
-// The shared harness calls `.ok().expect(..)`; it is not this file's to change.
-#[allow(clippy::ok_expect)]
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::binary::{command, run, Finished, SECRETS_KEY};
+use crate::common::*;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use common::binary::{command, run, Finished, SECRETS_KEY};
-use common::*;
 use redirect_sessions::app::AppState;
 use redirect_sessions::domain::time::Timestamp;
 use redirect_sessions::domain::token::KeyPair;

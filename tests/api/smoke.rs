@@ -2,9 +2,7 @@
 //! (`REDIRECT_SESSIONS_TEST_BACKEND`), a session is created and read back, and a PostgreSQL test
 //! database is gone once its test is done — also when the test panicked.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use redirect_sessions::config::DatabaseUrl;
 
 #[tokio::test]

@@ -4,8 +4,6 @@
 //! webhook deliveries (once failing) — and then none of the secrets it handled appears in
 //! anything it printed.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::common::binary::{address_in, command, run, DEADLINE};
+use crate::common::{fresh_database_url, new_transaction_intent, BASE};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
-use common::binary::{address_in, command, run, DEADLINE};
-use common::{fresh_database_url, new_transaction_intent, BASE};
 use reqwest::Client;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;

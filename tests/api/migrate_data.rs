@@ -15,16 +15,15 @@
 //! in-process servers are this file's own (the shared harness picks its backend from the
 //! environment; this test needs SQLite first and PostgreSQL after).
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::binary::{command, Finished};
+use crate::common::{session_path, BASE};
 use axum::http::{HeaderMap, StatusCode};
-use common::binary::{command, Finished};
 use redirect_sessions::admin;
 use redirect_sessions::app::{self, AppState};
 use redirect_sessions::config::{Config, DatabaseUrl};
@@ -43,7 +42,6 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 const ENV: &str = "REDIRECT_SESSIONS_TEST_POSTGRES";
-const BASE: &str = "/customer-authentication-service/v1";
 /// The same public URL for every server, so that `redirectUrl` and error links match.
 const PUBLIC_URL: &str = "https://pay.example.com";
 const SUBSCRIPTIONS: &str = "/customer-authentication-service/v1/redirect-session-events/subscriptions";
@@ -89,7 +87,7 @@ impl Server {
         config.rate_limit_per_ip = 0;
         config.allow_private_callbacks = true;
         // The same key on both sides: migrate-data copies the encrypted secrets as they are.
-        config.secrets_key = Some(SecretKey::parse(common::binary::SECRETS_KEY).unwrap());
+        config.secrets_key = Some(SecretKey::parse(crate::common::binary::SECRETS_KEY).unwrap());
         adjust(&mut config);
         let state = AppState::open(config).await.expect("the service starts");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -311,10 +309,6 @@ fn new_transaction_intent(amount: Value) -> Value {
 
 fn subscription(callback_url: &str, event_types: &[&str]) -> Value {
     json!({"callbackUrl": callback_url, "apiKey": "callback-key", "eventTypes": event_types})
-}
-
-fn session_path(id: Uuid) -> String {
-    format!("{BASE}/redirect-sessions/{id}")
 }
 
 /// Everything a merchant can read, captured to compare servers.

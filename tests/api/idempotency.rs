@@ -3,15 +3,13 @@
 //! waits for it (or is told it is in progress), and records are per merchant and survive a
 //! restart.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use axum::http::StatusCode;
 use axum::middleware::from_fn_with_state;
-use common::*;
 use redirect_sessions::api::{auth, idempotency, with_common_layers};
 use redirect_sessions::domain::event::EventType;
 use redirect_sessions::error::ApiError;
@@ -20,14 +18,6 @@ use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-
-fn session_path(id: Uuid) -> String {
-    format!("{BASE}/redirect-sessions/{id}")
-}
-
-fn cancel_path(id: Uuid) -> String {
-    format!("{BASE}/redirect-sessions/{id}/cancel")
-}
 
 fn bytes_of(body: &Value) -> Vec<u8> {
     serde_json::to_vec(body).unwrap()

@@ -3,15 +3,13 @@
 //! `http_body_timeout` while other clients are served, and connections beyond
 //! `http_max_connections` wait until one closes. Raw TCP, so the test controls every byte.
 
-mod common;
-
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 use tokio::net::TcpStream;
 use uuid::Uuid;
