@@ -1,8 +1,7 @@
-//! Merchant authentication by `x-api-key`, and the per-key and per-address rate limits.
+//! Merchant authentication by `x-api-key`, with the one read the request needs beside the
+//! merchant (the rate limits are their own layers: `super::ratelimit`).
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -25,22 +24,14 @@ pub fn key_hash(api_key: &str) -> [u8; 32] {
     Sha256::digest(api_key.as_bytes()).into()
 }
 
-/// Authenticates the merchant, applies the rate limits, and puts the `Merchant` in the
+/// Authenticates the merchant and puts the `Merchant` in the
 /// request's extensions.
 pub async fn middleware(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
-        if let Err(retry_after) = state.limits.check_address(peer.ip()) {
-            return too_many(retry_after).into_response();
-        }
-    }
     let key = request.headers().get(API_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (merchant, beside) = match authenticate(&state, key, read_beside(&request)).await {
         Ok(found) => found,
         Err(error) => return error.into_response(),
     };
-    if let Err(retry_after) = state.limits.check_key(merchant.id) {
-        return too_many(retry_after).into_response();
-    }
     request.extensions_mut().insert(merchant);
     match beside {
         Beside::Nothing => {}
@@ -132,10 +123,6 @@ async fn authenticate(state: &AppState, key: Option<String>, read: Read) -> Resu
         Ok(_) => Err(unauthorized()),
         Err(error) => Err(super::extract::store_error(error)),
     }
-}
-
-fn too_many(retry_after: u64) -> ApiError {
-    ApiError::new(ErrorCode::TooManyRequests, "Too many requests; slow down.").with_retry_after(retry_after)
 }
 
 #[cfg(test)]

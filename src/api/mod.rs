@@ -21,14 +21,17 @@ use crate::error::{ApiError, ErrorCode};
 /// The base path of the merchant API.
 pub const BASE: &str = "/customer-authentication-service/v1";
 
-/// The whole service: merchant API (authenticated, idempotent) and public endpoints, wrapped
+/// The whole service: merchant API (rate-limited by address, authenticated, rate-limited by
+/// key, idempotent, in that order) and public endpoints, wrapped
 /// in the request-context middleware (correlation id, error bodies, panics, metrics).
 pub fn router(state: AppState) -> Router {
     let merchant = sessions::router()
         .merge(subscriptions::router())
         .merge(deliveries::router())
         .layer(from_fn_with_state(state.clone(), idempotency::middleware))
-        .layer(from_fn_with_state(state.clone(), auth::middleware));
+        .layer(from_fn_with_state(state.clone(), ratelimit::by_key))
+        .layer(from_fn_with_state(state.clone(), auth::middleware))
+        .layer(from_fn_with_state(state.clone(), ratelimit::by_address));
     let mut public = Router::new().merge(health::router()).merge(docs::router()).merge(crate::hosted::router());
     if state.config.metrics_listen.is_none() {
         public = public.route("/metrics", get(health::get_metrics));

@@ -1,13 +1,22 @@
-//! Token-bucket rate limits per API key and per client address. They are per instance: with
-//! N instances behind a load balancer a client may get up to N times the rate.
+//! Token-bucket rate limits per client address and per API key, each its own middleware layer
+//! of the merchant API: the address before authentication (no database read for a client over
+//! its rate), the key after it. They are per instance: with N instances behind a load balancer
+//! a client may get up to N times the rate.
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ErrorCode};
+use crate::store::Merchant;
 
 /// Both limits. A rate of 0 turns a limit off.
 pub struct Limits {
@@ -34,6 +43,30 @@ impl Limits {
     pub fn check_address(&self, address: IpAddr) -> Result<(), u64> {
         self.per_address.as_ref().map_or(Ok(()), |b| b.take(address))
     }
+}
+
+/// `429 TooManyRequests` for a client address over its rate, before anything else is done.
+pub async fn by_address(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
+        if let Err(retry_after) = state.limits.check_address(peer.ip()) {
+            return too_many(retry_after).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// `429 TooManyRequests` for a merchant over its rate (after `auth`, which names the merchant).
+pub async fn by_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(merchant) = request.extensions().get::<Merchant>() {
+        if let Err(retry_after) = state.limits.check_key(merchant.id) {
+            return too_many(retry_after).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn too_many(retry_after: u64) -> ApiError {
+    ApiError::new(ErrorCode::TooManyRequests, "Too many requests; slow down.").with_retry_after(retry_after)
 }
 
 struct Buckets<K> {
