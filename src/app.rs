@@ -47,7 +47,7 @@ pub struct Shared {
     /// Delivers one-time codes to customers.
     pub code_sender: crate::hosted::sender::CodeSender,
     pub keyring: RwLock<Arc<Keyring>>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub limits: api::ratelimit::Limits,
     /// The requests with an `x-request-id` running in this process.
     pub in_flight: api::idempotency::InFlight,
@@ -78,7 +78,7 @@ impl AppState {
             config,
             store,
             keyring: RwLock::new(Arc::new(keyring)),
-            metrics: Metrics::new(),
+            metrics: Arc::new(Metrics::new()),
         })))
     }
 
@@ -119,7 +119,13 @@ pub async fn serve(
             concurrency: state.config.webhook_concurrency,
             per_subscription: state.config.webhook_concurrency_per_subscription,
         };
-        jobs.push(tokio::spawn(dispatcher::run(state.store.clone(), client, settings, stopped.clone())));
+        jobs.push(tokio::spawn(dispatcher::run(
+            state.store.clone(),
+            client,
+            settings,
+            state.metrics.clone(),
+            stopped.clone(),
+        )));
     }
 
     let limits = server::Limits::of(&state.config);

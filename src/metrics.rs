@@ -1,4 +1,5 @@
-//! Prometheus metrics: request counts and latencies by route and status, and session counters.
+//! Prometheus metrics: request counts and latencies by route and status, session counters, and
+//! webhook deliveries (attempts by outcome and duration, failures, the backlog and its lag).
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -47,6 +48,33 @@ pub struct Metrics {
     sessions_cancelled: AtomicU64,
     sessions_expired: AtomicU64,
     hosted: [AtomicU64; HOSTED_EVENTS.len()],
+    webhook_attempts: [AtomicU64; ATTEMPT_ENDS.len()],
+    webhook_attempt_duration: Series,
+    webhook_failed: AtomicU64,
+}
+
+/// How a webhook attempt ended (`redirect_sessions_webhook_attempts_total{outcome}`). Three
+/// values and no per-merchant label, so the number of series stays fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// The receiver answered, but not 2xx (a redirect counts here).
+    Rejected,
+    /// No answer: refused address, connection failed, timed out, or cut off.
+    Unanswered,
+}
+
+const ATTEMPT_ENDS: [(AttemptEnd, &str); 3] =
+    [(AttemptEnd::Delivered, "delivered"), (AttemptEnd::Rejected, "rejected"), (AttemptEnd::Unanswered, "unanswered")];
+
+/// The webhook backlog as the database has it at a scrape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryBacklog {
+    /// Deliveries waiting to be sent (due or scheduled for a retry).
+    pub pending: u64,
+    /// How long the oldest due delivery has been due: the outbox's lag (0 when none is due).
+    pub oldest_due: Duration,
 }
 
 /// What happens on the hosted page, counted (`redirect_sessions_hosted_<name>_total`).
@@ -135,11 +163,22 @@ impl Metrics {
         self.hosted[index].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A webhook attempt ended after `elapsed`; `gave_up`: its delivery is `Failed` for good.
+    pub fn webhook_attempt(&self, end: AttemptEnd, elapsed: Duration, gave_up: bool) {
+        let index = ATTEMPT_ENDS.iter().position(|(e, _)| *e == end).expect("every end is listed");
+        self.webhook_attempts[index].fetch_add(1, Ordering::Relaxed);
+        self.webhook_attempt_duration.observe(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+        if gave_up {
+            self.webhook_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Renders everything in the Prometheus text exposition format 0.0.4, with the store's
-    /// group-commit counters when it has them.
-    pub fn render(&self, write_batches: Option<(u64, u64)>) -> String {
+    /// group-commit counters when it has them and the delivery backlog when it could be read.
+    pub fn render(&self, write_batches: Option<(u64, u64)>, backlog: Option<DeliveryBacklog>) -> String {
         let mut out = String::with_capacity(4096);
         self.render_into(&mut out).expect("formatting into a String cannot fail");
+        self.render_webhooks(&mut out, backlog).expect("formatting into a String cannot fail");
         if let Some((batches, jobs)) = write_batches {
             let counters = [
                 ("store_write_batches_total", "Write transactions committed (each one fsync).", batches),
@@ -220,6 +259,50 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    fn render_webhooks(&self, out: &mut String, backlog: Option<DeliveryBacklog>) -> fmt::Result {
+        let name = "redirect_sessions_webhook_attempts_total";
+        writeln!(out, "# HELP {name} Webhook attempts by how they ended.")?;
+        writeln!(out, "# TYPE {name} counter")?;
+        for ((_, outcome), counter) in ATTEMPT_ENDS.iter().zip(&self.webhook_attempts) {
+            writeln!(out, "{name}{{outcome=\"{outcome}\"}} {}", counter.load(Ordering::Relaxed))?;
+        }
+        let name = "redirect_sessions_webhook_attempt_duration_seconds";
+        writeln!(out, "# HELP {name} How long webhook attempts took, answered or not.")?;
+        writeln!(out, "# TYPE {name} histogram")?;
+        let series = &self.webhook_attempt_duration;
+        let mut cumulative = 0;
+        for (le, bucket) in BUCKET_LABELS.iter().chain(std::iter::once(&"+Inf")).zip(&series.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}")?;
+        }
+        writeln!(out, "{name}_sum {}", series.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9)?;
+        writeln!(out, "{name}_count {cumulative}")?;
+        let name = "redirect_sessions_webhook_deliveries_failed_total";
+        writeln!(out, "# HELP {name} Deliveries that used up their retries and are Failed.")?;
+        writeln!(out, "# TYPE {name} counter")?;
+        writeln!(out, "{name} {}", self.webhook_failed.load(Ordering::Relaxed))?;
+        if let Some(backlog) = backlog {
+            let gauges = [
+                (
+                    "redirect_sessions_webhook_deliveries_pending",
+                    "Deliveries waiting to be sent (due now or scheduled for a retry), in all instances.",
+                    backlog.pending as f64,
+                ),
+                (
+                    "redirect_sessions_webhook_oldest_due_seconds",
+                    "How long the oldest due delivery has waited: the outbox lag (0 when none is due).",
+                    backlog.oldest_due.as_secs_f64(),
+                ),
+            ];
+            for (name, help, value) in gauges {
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Escapes a label value as the exposition format requires: backslash, double quote, newline.
 fn escape_label(value: &str) -> String {
     let mut escaped = String::with_capacity(value.len());
@@ -291,24 +374,25 @@ redirect_sessions_hosted_aborts_total 0
             expected += &format!("{h}_bucket{{{l},le=\"{le}\"}} {n}\n");
         }
         expected += &format!("{h}_sum{{{l}}} 0.0303\n{h}_count{{{l}}} 2\n{COUNTERS_AT_ZERO}");
-        assert_eq!(metrics.render(None), expected);
+        // The webhook series follow.
+        assert!(metrics.render(None, None).starts_with(&expected));
     }
 
     #[test]
     fn a_duration_exactly_on_a_bound_falls_in_that_bucket() {
         let metrics = Metrics::new();
         metrics.record_request("GET", "/r", 200, Duration::from_millis(1));
-        let out = metrics.render(None);
+        let out = metrics.render(None, None);
         assert!(out.contains("le=\"0.0005\"} 0\n"));
         assert!(out.contains("le=\"0.001\"} 1\n"));
     }
 
     #[test]
     fn the_stores_group_commit_counters_follow_when_it_has_them() {
-        let out = Metrics::new().render(Some((3, 40)));
+        let out = Metrics::new().render(Some((3, 40)), None);
         assert!(out.contains("\n# TYPE store_write_batches_total counter\nstore_write_batches_total 3\n"), "{out}");
         assert!(out.contains("\n# TYPE store_write_jobs_total counter\nstore_write_jobs_total 40\n"), "{out}");
-        assert!(!Metrics::new().render(None).contains("store_write"));
+        assert!(!Metrics::new().render(None, None).contains("store_write"));
     }
 
     #[test]
@@ -317,7 +401,7 @@ redirect_sessions_hosted_aborts_total 0
         metrics.hosted(Hosted::CodeSent);
         metrics.hosted(Hosted::CodeSent);
         metrics.hosted(Hosted::Abort);
-        let text = metrics.render(None);
+        let text = metrics.render(None, None);
         assert!(text.contains("redirect_sessions_hosted_codes_sent_total 2\n"), "{text}");
         assert!(text.contains("redirect_sessions_hosted_aborts_total 1\n"), "{text}");
         assert!(text.contains("redirect_sessions_hosted_arrivals_total 0\n"), "{text}");
@@ -325,7 +409,33 @@ redirect_sessions_hosted_aborts_total 0
 
     #[test]
     fn a_fresh_registry_renders_session_counters_at_zero() {
-        assert!(Metrics::new().render(None).ends_with(COUNTERS_AT_ZERO));
+        assert!(Metrics::new().render(None, None).contains(COUNTERS_AT_ZERO));
+    }
+
+    #[test]
+    fn webhook_attempts_are_counted_by_outcome_and_timed_and_the_backlog_is_rendered_when_read() {
+        let metrics = Metrics::new();
+        metrics.webhook_attempt(AttemptEnd::Delivered, Duration::from_millis(30), false);
+        metrics.webhook_attempt(AttemptEnd::Delivered, Duration::from_millis(40), false);
+        metrics.webhook_attempt(AttemptEnd::Unanswered, Duration::from_secs(10), true);
+        let backlog = DeliveryBacklog { pending: 7, oldest_due: Duration::from_millis(1500) };
+        let out = metrics.render(None, Some(backlog));
+        for line in [
+            "redirect_sessions_webhook_attempts_total{outcome=\"delivered\"} 2\n",
+            "redirect_sessions_webhook_attempts_total{outcome=\"rejected\"} 0\n",
+            "redirect_sessions_webhook_attempts_total{outcome=\"unanswered\"} 1\n",
+            "redirect_sessions_webhook_attempt_duration_seconds_bucket{le=\"0.05\"} 2\n",
+            "redirect_sessions_webhook_attempt_duration_seconds_bucket{le=\"10\"} 3\n",
+            "redirect_sessions_webhook_attempt_duration_seconds_sum 10.07\n",
+            "redirect_sessions_webhook_attempt_duration_seconds_count 3\n",
+            "redirect_sessions_webhook_deliveries_failed_total 1\n",
+            "# TYPE redirect_sessions_webhook_deliveries_pending gauge\nredirect_sessions_webhook_deliveries_pending 7\n",
+            "# TYPE redirect_sessions_webhook_oldest_due_seconds gauge\nredirect_sessions_webhook_oldest_due_seconds 1.5\n",
+        ] {
+            assert!(out.contains(line), "{line} is missing from:\n{out}");
+        }
+        // A backlog that could not be read leaves its gauges out rather than showing zero.
+        assert!(!metrics.render(None, None).contains("webhook_deliveries_pending"));
     }
 
     #[test]
@@ -336,7 +446,7 @@ redirect_sessions_hosted_aborts_total 0
         metrics.sessions_cancelled(3);
         metrics.sessions_expired(5);
         metrics.sessions_expired(0);
-        let out = metrics.render(None);
+        let out = metrics.render(None, None);
         assert!(out.contains("\nredirect_sessions_created_total 2\n"));
         assert!(out.contains("\nredirect_sessions_cancelled_total 3\n"));
         assert!(out.contains("\nredirect_sessions_expired_total 5\n"));
@@ -346,7 +456,7 @@ redirect_sessions_hosted_aborts_total 0
     fn label_values_escape_backslash_quote_and_newline() {
         let metrics = Metrics::new();
         metrics.record_request("GET", "a\\b\"c\nd", 404, Duration::ZERO);
-        let out = metrics.render(None);
+        let out = metrics.render(None, None);
         let expected = r#"http_requests_total{method="GET",route="a\\b\"c\nd",status="404"} 1"#;
         assert!(out.contains(expected), "{out}");
     }
@@ -357,7 +467,7 @@ redirect_sessions_hosted_aborts_total 0
         for (m, r, s) in [("POST", "/a", 201), ("GET", "/b", 200), ("GET", "/a", 500), ("GET", "/a", 200)] {
             metrics.record_request(m, r, s, Duration::ZERO);
         }
-        let out = metrics.render(None);
+        let out = metrics.render(None, None);
         let totals: Vec<&str> = out.lines().filter(|l| l.starts_with("http_requests_total{")).collect();
         assert_eq!(
             totals,
@@ -389,7 +499,7 @@ redirect_sessions_hosted_aborts_total 0
         for handle in handles {
             handle.join().unwrap();
         }
-        let out = metrics.render(None);
+        let out = metrics.render(None, None);
         for status in [200, 404] {
             let l = format!("method=\"GET\",route=\"/r\",status=\"{status}\"");
             assert!(out.contains(&format!("http_requests_total{{{l}}} 40000\n")));

@@ -1,5 +1,7 @@
 //! Health checks, the token signing keys (JWKS) and Prometheus metrics.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -9,7 +11,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::app::AppState;
+use crate::domain::time::Timestamp;
 use crate::error::{ApiError, ErrorBody};
+use crate::metrics::DeliveryBacklog;
 
 /// The routes of this module (`/metrics` is added by the main router or the metrics
 /// listener).
@@ -62,9 +66,22 @@ pub async fn get_jwks(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "Operations",
     responses((status = 200, description = "Prometheus text format 0.0.4.", content_type = "text/plain")))]
 pub async fn get_metrics(State(state): State<AppState>) -> Response {
+    // The backlog is one read of the database; while the database cannot be read, the gauges
+    // are left out of the scrape (absent, not zero) and the rest is answered.
+    let now = Timestamp::now();
+    let backlog = match state.store.delivery_backlog(now).await {
+        Ok(backlog) => Some(DeliveryBacklog {
+            pending: backlog.pending,
+            oldest_due: backlog.oldest_due.map_or(Duration::ZERO, |due| now.since(due)),
+        }),
+        Err(error) => {
+            tracing::warn!(%error, "could not read the delivery backlog for /metrics");
+            None
+        }
+    };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.metrics.render(state.store.write_batches()),
+        state.metrics.render(state.store.write_batches(), backlog),
     )
         .into_response()
 }

@@ -43,6 +43,11 @@ impl Timestamp {
         Timestamp(self.0.saturating_sub(duration.as_millis() as i64))
     }
 
+    /// How long after `earlier` this instant is (zero when it is not after it).
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0).max(0) as u64)
+    }
+
     /// Parses RFC 3339 with any offset; sub-millisecond digits are truncated.
     pub fn parse_rfc3339(text: &str) -> Option<Self> {
         let parsed = OffsetDateTime::parse(text, &Rfc3339).ok()?;

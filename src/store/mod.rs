@@ -430,6 +430,8 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
     async fn redeliver(&self, merchant_id: Uuid, id: Uuid, now: Timestamp) -> Result<RedeliverOutcome, StoreError> {
         ran(self.redeliver_guarded(merchant_id, id, now, None).await?)
     }
+    /// The pending deliveries and the oldest due one at `now` (one read over the due index).
+    async fn delivery_backlog(&self, now: Timestamp) -> Result<webhooks::Backlog, StoreError>;
     /// Deletes up to `batch` rows of each kind past their retention; answers how many went.
     async fn purge(&self, now: Timestamp, retention: Retention, batch: usize) -> Result<usize, StoreError>;
     /// Notified after a commit that queued deliveries (wakes the dispatcher).

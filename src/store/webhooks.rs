@@ -29,6 +29,15 @@ pub enum PutSubscriptionOutcome {
     Exists(SubscriptionRecord),
 }
 
+/// The deliveries waiting to be sent, in all instances (for `/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Deliveries in state `Pending` (due, or scheduled for a retry).
+    pub pending: u64,
+    /// When the oldest due one became due (`None` when none is due at the time asked).
+    pub oldest_due: Option<Timestamp>,
+}
+
 /// A merchant's request to replace or remove one of its subscriptions.
 #[derive(Clone, Debug)]
 pub struct SubscriptionChange {

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::client::{AttemptResult, WebhookClient};
 use super::signature;
 use crate::domain::time::Timestamp;
+use crate::metrics::{AttemptEnd, Metrics};
 use crate::store::webhooks::{AttemptOutcome, AttemptRecord, ClaimedDelivery, NextStep};
 use crate::store::DynStore;
 
@@ -42,7 +43,13 @@ pub struct DispatcherSettings {
 }
 
 /// Runs the dispatcher until `stopped` turns true; then waits for attempts in flight.
-pub async fn run(store: DynStore, client: WebhookClient, settings: DispatcherSettings, stopped: watch::Receiver<bool>) {
+pub async fn run(
+    store: DynStore,
+    client: WebhookClient,
+    settings: DispatcherSettings,
+    metrics: Arc<Metrics>,
+    stopped: watch::Receiver<bool>,
+) {
     let owner = Uuid::now_v7();
     // Before the first claim: the claims of dispatchers that are gone (on SQLite, of any earlier
     // process) are free at once instead of when their leases run out.
@@ -63,7 +70,7 @@ pub async fn run(store: DynStore, client: WebhookClient, settings: DispatcherSet
     let (results, queue) = mpsc::unbounded_channel();
     let recorded = Arc::new(Notify::new());
     let recorder = tokio::spawn(record_results(store.clone(), queue, recorded.clone()));
-    let context = Arc::new(Sender { client, settings, owner, in_flight: Mutex::new(HashSet::new()) });
+    let context = Arc::new(Sender { client, settings, owner, metrics, in_flight: Mutex::new(HashSet::new()) });
     claim_loop(&store, &context, &slots, &results, &recorded, stopped).await;
 
     // Let attempts in flight finish (each is bounded by the request timeout), then flush.
@@ -156,6 +163,7 @@ struct Sender {
     client: WebhookClient,
     settings: DispatcherSettings,
     owner: Uuid,
+    metrics: Arc<Metrics>,
     /// Deliveries claimed and not yet answered, so that shutdown can release them.
     in_flight: Mutex<HashSet<Uuid>>,
 }
@@ -186,6 +194,12 @@ impl Sender {
         let result = self.client.post(&delivery.callback_url, &headers, body.into_bytes().into()).await;
         let next = next_step(&result, delivery.retry_index, &self.settings.retry_schedule, Timestamp::now());
         log_attempt(&delivery, &result, next);
+        let end = match result.status {
+            Some(status) if (200..300).contains(&status) => AttemptEnd::Delivered,
+            Some(_) => AttemptEnd::Rejected,
+            None => AttemptEnd::Unanswered,
+        };
+        self.metrics.webhook_attempt(end, result.duration, next == NextStep::Failed);
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&delivery.id);
         let _ = results.send(AttemptOutcome {
             delivery_id: delivery.id,

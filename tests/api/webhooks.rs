@@ -807,3 +807,58 @@ async fn a_receiver_that_never_answers_holds_at_most_its_cap_and_never_starves_a
     silent.release_silenced();
     server.stop().await;
 }
+
+/// The value of one series on `/metrics` (its full name with labels), if it is there.
+async fn metric(server: &TestServer, series: &str) -> Option<f64> {
+    let text = server.client.get(format!("{}/metrics", server.url)).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_attempts_by_outcome_and_deliveries_that_fail_for_good() {
+    let server = TestServer::start_with(|c| c.webhook_retry_schedule = vec![Duration::from_millis(100)]).await;
+    // One delivery rejected once, then delivered; another never answered (nothing listens on
+    // its port), so it fails for good after its one retry.
+    let receiver = Receiver::scripted(&[Reply::Status(500)], Reply::Status(204)).await;
+    let (delivered, _) = subscribe(&server, &receiver.url(), &[CANCELLED]).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (failed, _) = subscribe(&server, &format!("http://{closed}/hook"), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+    wait_for_delivery(&server, delivered, "delivered on the second attempt", in_state("Delivered")).await;
+    wait_for_delivery(&server, failed, "failed after its retry", in_state("Failed")).await;
+
+    let attempts = "redirect_sessions_webhook_attempts_total";
+    assert_eq!(metric(&server, &format!("{attempts}{{outcome=\"delivered\"}}")).await, Some(1.0));
+    assert_eq!(metric(&server, &format!("{attempts}{{outcome=\"rejected\"}}")).await, Some(1.0));
+    assert_eq!(metric(&server, &format!("{attempts}{{outcome=\"unanswered\"}}")).await, Some(2.0));
+    assert_eq!(metric(&server, "redirect_sessions_webhook_attempt_duration_seconds_count").await, Some(4.0));
+    assert_eq!(metric(&server, "redirect_sessions_webhook_deliveries_failed_total").await, Some(1.0));
+    assert_eq!(metric(&server, "redirect_sessions_webhook_deliveries_pending").await, Some(0.0));
+    assert_eq!(metric(&server, "redirect_sessions_webhook_oldest_due_seconds").await, Some(0.0));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_show_deliveries_nobody_sends_as_a_growing_lag() {
+    // No dispatcher: the event's delivery is due and stays due, as when every dispatcher is
+    // stuck; the lag is what an alert watches (docs/OPERATIONS.md "Metrics").
+    let server = TestServer::start_with(|c| c.webhook_dispatcher = false).await;
+    let receiver = Receiver::answering(204).await;
+    subscribe(&server, &receiver.url(), &[CANCELLED]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+    assert_eq!(metric(&server, "redirect_sessions_webhook_deliveries_pending").await, Some(1.0));
+    let first = metric(&server, "redirect_sessions_webhook_oldest_due_seconds").await.expect("the lag is shown");
+    let mut later = first;
+    for _ in 0..200 {
+        later = metric(&server, "redirect_sessions_webhook_oldest_due_seconds").await.expect("the lag is shown");
+        if later > first {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(later > first, "the lag of a due delivery nobody sends grows: {first} then {later}");
+    assert!(receiver.received().is_empty());
+    server.stop().await;
+}

@@ -38,7 +38,7 @@ use crate::domain::token::KeyPair;
 use crate::secrets::{KeyRing, Resealed};
 use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
-    AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, NextStep,
+    AttemptOutcome, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, NextStep,
     PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
 };
 use crate::store::{
@@ -630,6 +630,10 @@ impl Store for PostgresStore {
             self.run(move |c| Box::pin(webhooks::redeliver(c, merchant_id, id, now, guard))).await?;
         self.queued_deliveries(queued);
         Ok(outcome)
+    }
+
+    async fn delivery_backlog(&self, now: Timestamp) -> Result<Backlog> {
+        self.run(move |c| Box::pin(webhooks::backlog(c, now))).await
     }
 
     async fn purge(&self, now: Timestamp, retention: Retention, batch: usize) -> Result<usize> {

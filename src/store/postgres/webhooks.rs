@@ -23,7 +23,7 @@ use crate::domain::time::Timestamp;
 use crate::secrets::KeyRing;
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key};
 use crate::store::webhooks::{
-    decide_redelivery, AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimPicker, ClaimedDelivery,
+    decide_redelivery, AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimPicker, ClaimedDelivery,
     DeliveryFilter, DeliveryRecord, DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverDecision,
     RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
 };
@@ -760,6 +760,18 @@ async fn redeliver_in(tx: &Transaction<'_>, merchant_id: Uuid, id: Uuid, now: Ti
     notify_dispatchers(tx).await?;
     let queued = get_delivery(tx, id, "").await?.ok_or_else(|| internal("the delivery vanished while locked"))?;
     Ok(RedeliverOutcome::Queued(queued))
+}
+
+/// The pending deliveries and the oldest due one at `now`, read over the due index.
+pub async fn backlog(c: &mut Client, now: Timestamp) -> Result<Backlog> {
+    let row = query_one(
+        &*c,
+        "SELECT count(*), min(next_attempt_on) FILTER (WHERE next_attempt_on <= $1)
+           FROM deliveries WHERE state = 'Pending'",
+        &[&Ts(now)],
+    )
+    .await?;
+    Ok(Backlog { pending: row.try_get::<_, i64>(0)?.max(0) as u64, oldest_due: ts_opt(&row, 1)? })
 }
 
 /// Deletes up to `batch` finished deliveries (with their attempts) and events older than the

@@ -27,8 +27,8 @@ use crate::domain::token::KeyPair;
 use crate::secrets::KeyRing;
 use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
-    AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, PutSubscriptionOutcome,
-    RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
+    AttemptOutcome, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
+    PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
 };
 use crate::store::{
     decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey,
@@ -761,6 +761,10 @@ impl Store for SqliteStore {
         let (outcome, queued) = self.writer.run_undoable(move |c| idempotency::guarded(c, guard, redeliver)).await?;
         self.queued_deliveries(queued);
         Ok(outcome)
+    }
+
+    async fn delivery_backlog(&self, now: Timestamp) -> Result<Backlog, StoreError> {
+        self.readers.run(move |c| webhooks::backlog(c, now)).await
     }
 
     async fn purge(&self, now: Timestamp, retention: Retention, batch: usize) -> Result<usize, StoreError> {

@@ -13,9 +13,9 @@ use crate::domain::time::Timestamp;
 use crate::secrets::KeyRing;
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key};
 use crate::store::webhooks::{
-    decide_redelivery, AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter,
-    DeliveryRecord, DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverDecision, RedeliverOutcome, Retention,
-    SubscriptionChange, SubscriptionRecord,
+    decide_redelivery, AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery,
+    DeliveryFilter, DeliveryRecord, DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverDecision,
+    RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
 };
 use crate::store::{etag_matches, StoreError};
 
@@ -551,6 +551,23 @@ pub fn redeliver(c: &Connection, merchant_id: Uuid, id: Uuid, now: Timestamp) ->
     )
     .map_err(|e| internal(&e))?;
     Ok(RedeliverOutcome::Queued(get_delivery(c, id)?.expect("it was just read")))
+}
+
+/// The pending deliveries and the oldest due one at `now`, read over the due index.
+pub fn backlog(c: &Connection, now: Timestamp) -> Result<Backlog> {
+    c.prepare_cached(
+        "SELECT count(*), min(CASE WHEN next_attempt_on <= ?1 THEN next_attempt_on END)
+           FROM deliveries INDEXED BY deliveries_due WHERE state = 'Pending'",
+    )
+    .and_then(|mut s| {
+        s.query_row(params![now.millis()], |row| {
+            Ok(Backlog {
+                pending: row.get::<_, i64>(0)?.max(0) as u64,
+                oldest_due: row.get::<_, Option<i64>>(1)?.map(Timestamp::from_millis),
+            })
+        })
+    })
+    .map_err(|e| internal(&e))
 }
 
 /// Deletes up to `batch` finished deliveries (with their attempts) and events older than the
