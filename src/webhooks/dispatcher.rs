@@ -293,14 +293,21 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_is_retried_within_twenty_percent_of_the_scheduled_delay() {
+    fn a_failure_is_retried_within_twenty_percent_of_the_scheduled_delay_and_the_jitter_varies() {
+        let mut seen = std::collections::BTreeSet::new();
         for _ in 0..200 {
             let NextStep::RetryAt(at) = next_step(&result(Some(500), None), 1, &SCHEDULE, Timestamp::from_millis(0))
             else {
                 panic!("expected a retry");
             };
             assert!((80_000..=120_000).contains(&at.millis()), "{at:?}");
+            seen.insert(at.millis());
         }
+        // Receivers that failed together must not be retried together: 200 draws over a
+        // 40,000 ms window land on many different instants, and on both sides of the delay.
+        assert!(seen.len() > 100, "only {} different retry times", seen.len());
+        assert!(seen.first().is_some_and(|&first| first < 95_000), "{seen:?}");
+        assert!(seen.last().is_some_and(|&last| last > 105_000), "{seen:?}");
     }
 
     #[test]
