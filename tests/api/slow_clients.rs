@@ -7,7 +7,7 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 use reqwest::Method;
@@ -174,11 +174,10 @@ async fn clients_that_trickle_their_headers_are_cut_off_while_others_are_served(
     }
     assert!(rounds_while_all_hang_on > 0, "no ordinary request was answered while the slow clients hung on");
 
-    // Every slow client is cut off, within a few header timeouts.
-    let deadline = Instant::now() + header_timeout * 5;
+    // Every slow client is cut off by the server: none is still connected when it would give
+    // up itself (after ten header timeouts of trickling).
     for client in clients {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let outcome = tokio::time::timeout(left, client).await.expect("every slow client is cut off in time").unwrap();
+        let outcome = client.await.unwrap();
         assert!(outcome.is_some(), "a slow client was still connected after {give_up:?}");
     }
     // And the server is still fine.

@@ -653,9 +653,9 @@ async fn an_event_committed_before_a_kill_9_is_delivered_by_the_next_process() {
     assert_eq!(receiver.received().len(), 1, "delivered once");
 }
 
-/// The lease the binary takes with its default webhook timeout: the timeout (10 s) plus 30 s
-/// (src/webhooks/dispatcher.rs, LEASE_MARGIN).
-const DEFAULT_LEASE: Duration = Duration::from_secs(40);
+/// How long a wait may take before the test fails as hung: a safety net for an event that
+/// never comes, never a bound on how fast it comes.
+const HANG_GUARD: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_cut_short_by_a_kill_9_is_made_again_by_the_next_process_without_waiting_for_its_lease() {
@@ -692,21 +692,16 @@ async fn an_attempt_cut_short_by_a_kill_9_is_made_again_by_the_next_process_with
     assert_eq!((&leased["state"], &leased["attempts"]), (&json!("Pending"), &json!([])), "{page}");
     first.kill_9();
 
-    let restarted = Instant::now();
     let second = serve(&database_url, &open).await;
-    // Well within the lease: a deadline half of it from the restart (start-up included).
-    let deadline = restarted + DEFAULT_LEASE / 2;
+    // The new process voids the old one's lease as its dispatcher starts (its log says so,
+    // checked below) and sends the event again; the deadline only keeps a failure from hanging.
+    let deadline = Instant::now() + HANG_GUARD;
     let again = loop {
         let received = receiver.received();
         if received.len() >= 2 {
             break received[1].clone();
         }
-        assert!(
-            Instant::now() < deadline,
-            "the event was not sent again within {:?} of the restart; log: {:?}",
-            DEFAULT_LEASE / 2,
-            second.lines()
-        );
+        assert!(Instant::now() < deadline, "the event was never sent again; log: {:?}", second.lines());
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(again.header("webhook-id"), event_id, "the same event");
@@ -777,17 +772,20 @@ async fn a_receiver_that_never_answers_holds_at_most_its_cap_and_never_starves_a
     assert_eq!(pending.len(), 100, "the backlog is pending");
 
     cancelled_sessions_as(&server, &other_key, HEALTHY_EVENTS, HEALTHY_EVENTS).await;
-    // Alone they arrive in well under a second; behind the backlog they arrive about as soon.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // They arrive while the silent receiver still holds every attempt it was sent: nothing of
+    // the silent one had to time out first (its attempts last the whole test). The deadline
+    // only keeps a failure from hanging.
+    let deadline = Instant::now() + HANG_GUARD;
     while healthy.received().len() < HEALTHY_EVENTS {
         assert!(
             Instant::now() < deadline,
-            "the healthy receiver got {} of {HEALTHY_EVENTS} events in time ({} requests in flight at the silent one)",
+            "the healthy receiver got {} of {HEALTHY_EVENTS} events ({} requests in flight at the silent one)",
             healthy.received().len(),
             silent.in_flight()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(silent.in_flight(), PER_SUBSCRIPTION, "the silent receiver still holds all its attempts");
     let healthy_deliveries =
         deliveries_as(&server, &other_key, &format!("subscriptionId={healthy_subscription}")).await;
     assert_eq!(healthy_deliveries.len(), HEALTHY_EVENTS);
