@@ -724,10 +724,8 @@ async fn a_receiver_that_never_answers_holds_at_most_its_cap_on_each_instance_an
         assert_eq!(pair.either(i).put_session(&other_key, *id).await.status, 201);
         assert_eq!(pair.either(i + 1).cancel_session(&other_key, *id).await.status, 200);
     }
-    until(DEADLINE, "the healthy receiver to get every event", || async {
-        healthy.received().len() >= HEALTHY_EVENTS
-    })
-    .await;
+    until(DEADLINE, "the healthy receiver to get every event", || async { healthy.received().len() >= HEALTHY_EVENTS })
+        .await;
     // They arrived while every attempt at the silent receiver was still held: none had ended
     // (by its timeout) and been recorded, so no slot had to be freed for them.
     let ended = format!(
