@@ -6,7 +6,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::api::auth::key_hash;
+use crate::domain::key::key_hash;
 use crate::domain::request::e164;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;

@@ -5,24 +5,18 @@ use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::context::RequestContext;
 use super::BASE;
 use crate::app::AppState;
+use crate::domain::key::key_hash;
 use crate::domain::validate::parse_uuid;
 use crate::error::{ApiError, ErrorCode};
 use crate::store::{Kept, Merchant, SessionRecord};
 
 /// The header that carries the merchant's API key.
 pub const API_KEY: &str = "x-api-key";
-
-/// The stored form of an API key. Keys are 32 random bytes, so a plain SHA-256 (rather than
-/// a slow password hash) is enough: nobody can guess their way through 2^256 inputs.
-pub fn key_hash(api_key: &str) -> [u8; 32] {
-    Sha256::digest(api_key.as_bytes()).into()
-}
 
 /// Authenticates the merchant and puts the `Merchant` in the
 /// request's extensions.

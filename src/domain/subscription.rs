@@ -139,7 +139,7 @@ pub fn callback_url(text: &str, rules: SubscriptionRules) -> Result<String, Stri
             url::Host::Ipv6(ip) => Some(std::net::IpAddr::V6(ip)),
             url::Host::Domain(_) => None,
         };
-        if ip.is_some_and(|ip| !crate::webhooks::client::is_public(ip)) {
+        if ip.is_some_and(|ip| !super::address::is_public(ip)) {
             return Err("must not point to a private, loopback or otherwise non-public address".to_owned());
         }
     }
