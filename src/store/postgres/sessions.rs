@@ -120,21 +120,22 @@ pub async fn create_session(
     // The answer a new session gets is known before the write: one statement inserts the
     // session and keeps that answer (one round trip). Should another request have kept a
     // record under the key, the statement fails whole and that record is answered.
+    // Otherwise (the id taken, the customer unknown, or an old record without an answer) one
+    // transaction decides, and keeps its answer.
     let created = CreateOutcome::Created(session.clone());
     let rendered = guard.render(&created)?;
     match create_in(&*c, &session, Some(&rendered)).await {
         Ok(Some(created)) => return Ok(Guarded::Ran(created, Some(rendered.answer))),
         Ok(None) => {}
         Err(KeptFirst) => {
-            let found = lookup(&*c, guard.key, &guard.fingerprint).await?;
-            return found
-                .map(Guarded::Earlier)
-                .ok_or_else(|| internal("an idempotency record conflicted but cannot be read"));
+            if let Some(found) = lookup(&*c, guard.key, &guard.fingerprint).await? {
+                return Ok(Guarded::Earlier(found));
+            }
+            // A record an earlier version left without an answer: the transaction below
+            // replaces it (`finish` keeps over such a record).
         }
         Err(Failed(error)) => return Err(error),
     }
-    // Not inserted (the id is taken, or the customer unknown): decided, and its answer kept,
-    // in one transaction.
     let tx = c.transaction().await?;
     let outcome = decide_create(&tx, session).await?;
     Ok(finish(tx, Some(guard), outcome, 0).await?.0)

@@ -2018,3 +2018,31 @@ async fn the_claims_of_a_registered_dispatcher_whose_instance_is_gone_are_free_w
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_record_an_earlier_version_left_without_an_answer_does_not_block_a_create() {
+    // Before answers were kept with their change, a record was written first without one; a
+    // crash could leave it. The create it guarded runs on a retry, and its answer replaces it.
+    let db = test_db!();
+    let store = db.open().await;
+    let m = merchant(&store, NOW).await;
+    let key = IdempotencyKey { merchant_id: m, request_id: Uuid::now_v7() };
+    db.sql()
+        .await
+        .execute(
+            "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on) VALUES ($1, $2, $3, now())",
+            &[&m, &key.request_id, &&[9u8; 32][..]],
+        )
+        .await
+        .expect("an old record");
+    let answer = StoredResponse { status: 201, headers: Vec::new(), body: b"created".to_vec(), session: None };
+    let kept = answer.clone();
+    let guard = Guard { key, fingerprint: [9; 32], now: NOW, answer: Box::new(move |_| kept.clone()), seal: None };
+    let record = session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, Duration::from_secs(900));
+    let outcome = store.create_session_guarded(record, Some(guard)).await.expect("creates");
+    assert!(matches!(&outcome, Guarded::Ran(CreateOutcome::Created(_), Some(_))), "{outcome:?}");
+    match store.idempotency_lookup(key, [9; 32]).await.expect("reads") {
+        Some(Found::Replay(replay)) => assert_eq!(replay.answer, answer),
+        other => panic!("the answer did not replace the old record: {other:?}"),
+    }
+}
