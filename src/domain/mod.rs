@@ -8,6 +8,7 @@ pub mod key;
 pub mod locale;
 pub mod money;
 pub mod otp;
+pub mod record;
 pub mod request;
 pub mod session;
 pub mod subscription;
