@@ -54,11 +54,7 @@ impl SessionRecord {
 
     /// Whether an `If-Match` header value matches this session at `now`.
     pub fn matches(&self, if_match: &str, now: Timestamp) -> bool {
-        let current = self.etag(now);
-        if_match
-            .split(',')
-            .map(str::trim)
-            .any(|tag| tag == "*" || tag == current || tag.strip_prefix("W/") == Some(&current))
+        etag_matches(if_match, &self.etag(now))
     }
 }
 
