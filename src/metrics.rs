@@ -225,17 +225,7 @@ impl Metrics {
         writeln!(out, "# HELP {name} HTTP request latency in seconds.")?;
         writeln!(out, "# TYPE {name} histogram")?;
         for (s, labels) in snapshots.iter().zip(&labels) {
-            let mut cumulative = 0;
-            let les = BUCKET_LABELS.iter().chain(std::iter::once(&"+Inf"));
-            for (le, count) in les.zip(s.buckets) {
-                cumulative += count;
-                writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}")?;
-            }
-            // Integer nanoseconds divided by 1e9 rounds to the nearest f64 of the exact decimal,
-            // so `{}` prints e.g. 0.0303 rather than 0.030299999999999997.
-            let sum_seconds = s.sum_nanos as f64 / 1e9;
-            writeln!(out, "{name}_sum{{{labels}}} {sum_seconds}")?;
-            writeln!(out, "{name}_count{{{labels}}} {cumulative}")?;
+            write_histogram(out, name, labels, s.buckets, s.sum_nanos)?;
         }
 
         let sessions = [
@@ -271,13 +261,8 @@ impl Metrics {
         writeln!(out, "# HELP {name} How long webhook attempts took, answered or not.")?;
         writeln!(out, "# TYPE {name} histogram")?;
         let series = &self.webhook_attempt_duration;
-        let mut cumulative = 0;
-        for (le, bucket) in BUCKET_LABELS.iter().chain(std::iter::once(&"+Inf")).zip(&series.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}")?;
-        }
-        writeln!(out, "{name}_sum {}", series.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9)?;
-        writeln!(out, "{name}_count {cumulative}")?;
+        let buckets = std::array::from_fn(|i| series.buckets[i].load(Ordering::Relaxed));
+        write_histogram(out, name, "", buckets, series.sum_nanos.load(Ordering::Relaxed))?;
         let name = "redirect_sessions_webhook_deliveries_failed_total";
         writeln!(out, "# HELP {name} Deliveries that used up their retries and are Failed.")?;
         writeln!(out, "# TYPE {name} counter")?;
@@ -301,6 +286,27 @@ impl Metrics {
         }
         Ok(())
     }
+}
+
+/// The sample lines of one histogram series: its cumulative buckets, sum and count. `labels`
+/// are the series' own (`a="1",b="2"`), or empty.
+fn write_histogram(out: &mut String, name: &str, labels: &str, buckets: [u64; 15], sum_nanos: u64) -> fmt::Result {
+    let (with_le, own) = if labels.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (format!("{labels},"), format!("{{{labels}}}"))
+    };
+    let mut cumulative = 0;
+    let les = BUCKET_LABELS.iter().chain(std::iter::once(&"+Inf"));
+    for (le, count) in les.zip(buckets) {
+        cumulative += count;
+        writeln!(out, "{name}_bucket{{{with_le}le=\"{le}\"}} {cumulative}")?;
+    }
+    // Integer nanoseconds divided by 1e9 rounds to the nearest f64 of the exact decimal, so `{}`
+    // prints e.g. 0.0303 rather than 0.030299999999999997.
+    let sum_seconds = sum_nanos as f64 / 1e9;
+    writeln!(out, "{name}_sum{own} {sum_seconds}")?;
+    writeln!(out, "{name}_count{own} {cumulative}")
 }
 
 /// Escapes a label value as the exposition format requires: backslash, double quote, newline.

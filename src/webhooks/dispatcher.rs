@@ -194,10 +194,12 @@ impl Sender {
         let result = self.client.post(&delivery.callback_url, &headers, body.into_bytes().into()).await;
         let next = next_step(&result, delivery.retry_index, &self.settings.retry_schedule, Timestamp::now());
         log_attempt(&delivery, &result, next);
-        let end = match result.status {
-            Some(status) if (200..300).contains(&status) => AttemptEnd::Delivered,
-            Some(_) => AttemptEnd::Rejected,
-            None => AttemptEnd::Unanswered,
+        let end = if result.is_success() {
+            AttemptEnd::Delivered
+        } else if result.status.is_some() {
+            AttemptEnd::Rejected
+        } else {
+            AttemptEnd::Unanswered
         };
         self.metrics.webhook_attempt(end, result.duration, next == NextStep::Failed);
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&delivery.id);
