@@ -426,16 +426,6 @@ fn wrong(code: &str) -> String {
     format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000)
 }
 
-/// The value of a counter on `/metrics`.
-async fn counter(server: &TestServer, name: &str) -> u64 {
-    let text = server.client.get(format!("{}/metrics", server.url)).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
-        .parse()
-        .expect("a counter is a number")
-}
-
 fn now_millis() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
@@ -505,7 +495,7 @@ async fn arriving_by_form_or_by_link_sets_the_cookie_redirects_to_pay_and_opens_
         assert_eq!(events(&server, created.id).await, Vec::<&str>::new());
     }
     // The counter counts browsers that arrived with a valid token, first or again: 2 + 3.
-    assert_eq!(counter(&server, "redirect_sessions_hosted_arrivals_total").await, 5);
+    assert_eq!(server.metric("redirect_sessions_hosted_arrivals_total").await, Some(5.0));
 }
 
 /// A token of the test's choosing, signed by the server's key.
@@ -593,7 +583,7 @@ async fn bad_tokens_get_an_error_page_and_change_nothing() {
         .unwrap();
     let (_, theirs_now) = status_and_json(response).await;
     assert_eq!(theirs_now["state"], "Created", "{theirs_now}");
-    assert_eq!(counter(&server, "redirect_sessions_hosted_arrivals_total").await, 0);
+    assert_eq!(server.metric("redirect_sessions_hosted_arrivals_total").await, Some(0.0));
 }
 
 #[tokio::test]
@@ -636,7 +626,7 @@ async fn the_link_of_an_expired_session_is_answered_410_with_the_way_back_to_the
         assert!(!answer.has("abort"), "{answer:?}");
     }
     assert_eq!(read(&server, created.id).await["state"], "Expired");
-    assert_eq!(counter(&server, "redirect_sessions_hosted_arrivals_total").await, 0);
+    assert_eq!(server.metric("redirect_sessions_hosted_arrivals_total").await, Some(0.0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -825,8 +815,8 @@ async fn five_wrong_entries_use_the_code_up_so_the_right_one_is_refused_after_th
     assert_eq!(session["state"], "Opened", "{session}");
     assert!(session.get("customerId").is_none(), "{session}");
     assert_eq!(events(&server, created.id).await, Vec::<&str>::new());
-    assert_eq!(counter(&server, "redirect_sessions_hosted_codes_wrong_total").await, 6);
-    assert_eq!(counter(&server, "redirect_sessions_hosted_authentications_total").await, 0);
+    assert_eq!(server.metric("redirect_sessions_hosted_codes_wrong_total").await, Some(6.0));
+    assert_eq!(server.metric("redirect_sessions_hosted_authentications_total").await, Some(0.0));
 }
 
 /// The stored sign-in state of `session`: the phone and the code hash (`None` when there is
@@ -866,8 +856,8 @@ async fn a_failed_send_is_answered_502_records_nothing_and_may_be_retried_at_onc
     assert_eq!(gateway.sent().len(), 1, "the gateway was asked");
     assert_eq!(stored_code(&server, created.id).await, None, "nothing recorded");
     assert_eq!(read(&server, created.id).await["state"], "Opened");
-    assert_eq!(counter(&server, "redirect_sessions_hosted_codes_failed_total").await, 1);
-    assert_eq!(counter(&server, "redirect_sessions_hosted_codes_sent_total").await, 0);
+    assert_eq!(server.metric("redirect_sessions_hosted_codes_failed_total").await, Some(1.0));
+    assert_eq!(server.metric("redirect_sessions_hosted_codes_sent_total").await, Some(0.0));
 
     // Fixed; the next send goes out at once (no 30 s wait after a failure) and works.
     gateway.answer(200);
@@ -877,8 +867,8 @@ async fn a_failed_send_is_answered_502_records_nothing_and_may_be_retried_at_onc
     assert_ne!(sent[0].code(), sent[1].code(), "a new code");
     browser.verify(&sent[1].code()).await.assert_see_other("/pay");
     assert_eq!(read(&server, created.id).await["state"], "Authenticated");
-    assert_eq!(counter(&server, "redirect_sessions_hosted_codes_failed_total").await, 1);
-    assert_eq!(counter(&server, "redirect_sessions_hosted_codes_sent_total").await, 1);
+    assert_eq!(server.metric("redirect_sessions_hosted_codes_failed_total").await, Some(1.0));
+    assert_eq!(server.metric("redirect_sessions_hosted_codes_sent_total").await, Some(1.0));
 }
 
 #[tokio::test]
@@ -1028,7 +1018,7 @@ async fn a_new_customer_is_registered_by_code_and_sent_straight_back_to_the_succ
     page.assert_page_with(200, "outcome");
     assert_eq!(page.lang(), "de");
     assert_eq!(page.back(), SUCCESS_URL);
-    assert_eq!(counter(&server, "redirect_sessions_hosted_completions_total").await, 1);
+    assert_eq!(server.metric("redirect_sessions_hosted_completions_total").await, Some(1.0));
 }
 
 #[tokio::test]
@@ -1093,7 +1083,7 @@ async fn giving_up_aborts_the_session_once_and_returns_to_the_abort_url() {
     browser.abort().await.assert_see_other(ABORT_URL);
     assert_eq!(read(&server, created.id).await["state"], "Aborted");
     assert_eq!(events(&server, created.id).await, [ABORTED]);
-    assert_eq!(counter(&server, "redirect_sessions_hosted_aborts_total").await, 2);
+    assert_eq!(server.metric("redirect_sessions_hosted_aborts_total").await, Some(2.0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1188,7 +1178,7 @@ async fn confirm_racing_the_merchant_cancel_has_exactly_one_winner() {
         &mut std::io::stderr(),
         format!("{completed} completed, {cancelled} cancelled\n").as_bytes(),
     );
-    assert_eq!(counter(server, "redirect_sessions_hosted_completions_total").await, completed);
+    assert_eq!(server.metric("redirect_sessions_hosted_completions_total").await, Some(completed as f64));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1246,7 +1236,7 @@ async fn a_code_entered_as_the_session_expires_authenticates_before_or_is_refuse
         &mut std::io::stderr(),
         format!("{authenticated} of {SESSIONS} authenticated before they expired\n").as_bytes(),
     );
-    assert_eq!(counter(server, "redirect_sessions_hosted_authentications_total").await, authenticated);
+    assert_eq!(server.metric("redirect_sessions_hosted_authentications_total").await, Some(authenticated as f64));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1353,7 +1343,7 @@ async fn the_metrics_count_what_happens_on_the_page() {
         ("aborts", 1),
     ] {
         let name = format!("redirect_sessions_hosted_{name}_total");
-        assert_eq!(counter(&server, &name).await, expected, "{name}");
+        assert_eq!(server.metric(&name).await, Some(expected as f64), "{name}");
     }
 }
 
@@ -1418,7 +1408,7 @@ async fn two_tabs_sending_a_code_at_once_record_one_code_that_works() {
     for answer in answers.iter().filter(|a| a.status == 303) {
         answer.assert_see_other("/pay");
     }
-    assert_eq!(counter(&server, "redirect_sessions_hosted_codes_sent_total").await, 1, "one code recorded");
+    assert_eq!(server.metric("redirect_sessions_hosted_codes_sent_total").await, Some(1.0), "one code recorded");
     // Exactly one of the codes is the one in force.
     let codes: Vec<String> = sent.iter().map(Sent::code).collect();
     let hash = stored_code(&server, created.id).await.expect("a row").1.expect("a code in force");
@@ -1445,7 +1435,7 @@ async fn a_code_submitted_twice_at_once_authenticates_once() {
     lost.assert_page(lost.status);
     let session = read(&server, created.id).await;
     assert_eq!(session["state"], "Authenticated", "{session}");
-    assert_eq!(counter(&server, "redirect_sessions_hosted_authentications_total").await, 1);
+    assert_eq!(server.metric("redirect_sessions_hosted_authentications_total").await, Some(1.0));
     // One customer was registered: the next session with the phone links that one.
     let (next, _) = authenticated(&server, &gateway, &new_transaction_intent(), "+4915118181818").await;
     assert_eq!(read(&server, next.id).await["customerId"], session["customerId"]);

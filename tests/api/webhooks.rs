@@ -806,12 +806,6 @@ async fn a_receiver_that_never_answers_holds_at_most_its_cap_and_never_starves_a
     server.stop().await;
 }
 
-/// The value of one series on `/metrics` (its full name with labels), if it is there.
-async fn metric(server: &TestServer, series: &str) -> Option<f64> {
-    let text = server.client.get(format!("{}/metrics", server.url)).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[tokio::test]
 async fn metrics_count_attempts_by_outcome_and_deliveries_that_fail_for_good() {
     let server = TestServer::start_with(|c| c.webhook_retry_schedule = vec![Duration::from_millis(100)]).await;
@@ -827,13 +821,13 @@ async fn metrics_count_attempts_by_outcome_and_deliveries_that_fail_for_good() {
     wait_for_delivery(&server, failed, "failed after its retry", in_state("Failed")).await;
 
     let attempts = "redirect_sessions_webhook_attempts_total";
-    assert_eq!(metric(&server, &format!("{attempts}{{outcome=\"delivered\"}}")).await, Some(1.0));
-    assert_eq!(metric(&server, &format!("{attempts}{{outcome=\"rejected\"}}")).await, Some(1.0));
-    assert_eq!(metric(&server, &format!("{attempts}{{outcome=\"unanswered\"}}")).await, Some(2.0));
-    assert_eq!(metric(&server, "redirect_sessions_webhook_attempt_duration_seconds_count").await, Some(4.0));
-    assert_eq!(metric(&server, "redirect_sessions_webhook_deliveries_failed_total").await, Some(1.0));
-    assert_eq!(metric(&server, "redirect_sessions_webhook_deliveries_pending").await, Some(0.0));
-    assert_eq!(metric(&server, "redirect_sessions_webhook_oldest_due_seconds").await, Some(0.0));
+    assert_eq!(server.metric(&format!("{attempts}{{outcome=\"delivered\"}}")).await, Some(1.0));
+    assert_eq!(server.metric(&format!("{attempts}{{outcome=\"rejected\"}}")).await, Some(1.0));
+    assert_eq!(server.metric(&format!("{attempts}{{outcome=\"unanswered\"}}")).await, Some(2.0));
+    assert_eq!(server.metric("redirect_sessions_webhook_attempt_duration_seconds_count").await, Some(4.0));
+    assert_eq!(server.metric("redirect_sessions_webhook_deliveries_failed_total").await, Some(1.0));
+    assert_eq!(server.metric("redirect_sessions_webhook_deliveries_pending").await, Some(0.0));
+    assert_eq!(server.metric("redirect_sessions_webhook_oldest_due_seconds").await, Some(0.0));
     server.stop().await;
 }
 
@@ -846,11 +840,11 @@ async fn metrics_show_deliveries_nobody_sends_as_a_growing_lag() {
     subscribe(&server, &receiver.url(), &[CANCELLED]).await;
     let session = server.created_session().await;
     assert_eq!(server.cancel_session(session).await.status(), 200);
-    assert_eq!(metric(&server, "redirect_sessions_webhook_deliveries_pending").await, Some(1.0));
-    let first = metric(&server, "redirect_sessions_webhook_oldest_due_seconds").await.expect("the lag is shown");
+    assert_eq!(server.metric("redirect_sessions_webhook_deliveries_pending").await, Some(1.0));
+    let first = server.metric("redirect_sessions_webhook_oldest_due_seconds").await.expect("the lag is shown");
     let mut later = first;
     for _ in 0..200 {
-        later = metric(&server, "redirect_sessions_webhook_oldest_due_seconds").await.expect("the lag is shown");
+        later = server.metric("redirect_sessions_webhook_oldest_due_seconds").await.expect("the lag is shown");
         if later > first {
             break;
         }

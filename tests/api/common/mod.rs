@@ -431,6 +431,12 @@ impl TestServer {
     }
 
     /// Creates a session with `new_transaction_intent()` and answers its id.
+    /// The value of one series on `/metrics` (its name with any labels), if it is there.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.client.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap();
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     pub async fn created_session(&self) -> Uuid {
         let id = Uuid::new_v4();
         let response = self.put_session(id, &new_transaction_intent()).await;
