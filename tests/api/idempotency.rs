@@ -243,6 +243,22 @@ async fn held_route(server: &TestServer) -> HeldRoute {
     HeldRoute { caller, entered, release, calls }
 }
 
+impl HeldRoute {
+    /// Sends `body` under `request_id` in the background.
+    fn put_in_background(&self, request_id: Uuid, body: &'static str) -> tokio::task::JoinHandle<Response> {
+        let caller = self.caller.clone();
+        tokio::spawn(async move { caller.put(request_id, body).await })
+    }
+
+    /// Sends the first request under `request_id` in the background, and returns once the
+    /// handler holds it.
+    async fn first_running(&self, request_id: Uuid) -> tokio::task::JoinHandle<Response> {
+        let first = self.put_in_background(request_id, "{}");
+        self.entered.notified().await;
+        first
+    }
+}
+
 /// Serves `route` at `/route` behind auth, idempotency and the common layers; answers its URL.
 async fn serve_merchant_route(
     server: &TestServer,
@@ -292,24 +308,15 @@ async fn a_duplicate_arriving_while_the_first_runs_waits_and_replays_its_answer(
     let route = held_route(&server).await;
     let request_id = Uuid::new_v4();
     let key = IdempotencyKey { merchant_id: server.merchant_id, request_id };
-    let first = tokio::spawn({
-        let caller = route.caller.clone();
-        async move { answer(caller.put(request_id, "{}").await).await }
-    });
-    route.entered.notified().await;
-    let duplicates: Vec<_> = (0..3)
-        .map(|_| {
-            let caller = route.caller.clone();
-            tokio::spawn(async move { answer(caller.put(request_id, "{}").await).await })
-        })
-        .collect();
+    let first = route.first_running(request_id).await;
+    let duplicates: Vec<_> = (0..3).map(|_| route.put_in_background(request_id, "{}")).collect();
     until_waiting(&server, key, 3).await;
     route.release.notify_one();
 
-    let first = first.await.unwrap();
+    let first = answer(first.await.unwrap()).await;
     assert_eq!((first.status, first.replayed, first.body.as_slice()), (200, None, &b"done"[..]));
     for duplicate in duplicates {
-        let duplicate = duplicate.await.unwrap();
+        let duplicate = answer(duplicate.await.unwrap()).await;
         assert_eq!(duplicate.status, 200);
         assert_eq!((duplicate.replayed.as_deref(), duplicate.body.as_slice()), (Some("true"), &b"done"[..]));
     }
@@ -322,11 +329,7 @@ async fn a_duplicate_held_up_longer_than_the_wait_is_answered_request_in_progres
     let server = TestServer::start().await;
     let route = held_route(&server).await;
     let request_id = Uuid::new_v4();
-    let first = tokio::spawn({
-        let caller = route.caller.clone();
-        async move { answer(caller.put(request_id, "{}").await).await }
-    });
-    route.entered.notified().await;
+    let first = route.first_running(request_id).await;
 
     let response = route.caller.put(request_id, "{}").await;
     assert_eq!(response.headers().get("idempotent-replayed"), None);
@@ -335,7 +338,7 @@ async fn a_duplicate_held_up_longer_than_the_wait_is_answered_request_in_progres
 
     // Once the first is over, a retry gets its answer.
     route.release.notify_one();
-    assert_eq!(first.await.unwrap().body, b"done");
+    assert_eq!(answer(first.await.unwrap()).await.body, b"done");
     let retried = answer(route.caller.put(request_id, "{}").await).await;
     assert_eq!((retried.replayed.as_deref(), retried.body.as_slice()), (Some("true"), &b"done"[..]));
     assert_eq!(route.calls.load(Ordering::SeqCst), 1);
@@ -348,19 +351,12 @@ async fn a_different_request_under_an_id_still_executing_is_refused_as_reused_on
     let route = held_route(&server).await;
     let request_id = Uuid::new_v4();
     let key = IdempotencyKey { merchant_id: server.merchant_id, request_id };
-    let first = tokio::spawn({
-        let caller = route.caller.clone();
-        async move { answer(caller.put(request_id, "{}").await).await }
-    });
-    route.entered.notified().await;
-    let other = tokio::spawn({
-        let caller = route.caller.clone();
-        async move { caller.put(request_id, "{\"other\":1}").await }
-    });
+    let first = route.first_running(request_id).await;
+    let other = route.put_in_background(request_id, "{\"other\":1}");
     until_waiting(&server, key, 1).await;
     route.release.notify_one();
 
-    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(first.await.unwrap().status(), 200);
     assert_error(other.await.unwrap(), 422, "RequestIdReused").await;
     assert_eq!(route.calls.load(Ordering::SeqCst), 1);
     server.stop().await;
