@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::context::RequestContext;
 use super::extract::{empty_body, paginate, parse_query, path_id, store_error, RawPathParam};
-use super::idempotency::{error_answer, respond, Scope};
+use super::idempotency::{error_answer, json_answer, respond, Scope};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::event::EventType;
@@ -20,7 +20,7 @@ use crate::domain::time::Timestamp;
 use crate::domain::validate::{parse_uuid, Errors};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::store::webhooks::{AttemptRecord, DeliveryFilter, DeliveryRecord, DeliveryState, RedeliverOutcome};
-use crate::store::{Merchant, StoredResponse};
+use crate::store::Merchant;
 
 /// The routes of this resource.
 pub fn router() -> Router<AppState> {
@@ -187,9 +187,7 @@ pub async fn redeliver(
         move |outcome: &RedeliverOutcome| {
             let error = match outcome {
                 RedeliverOutcome::Queued(record) => {
-                    let body = serde_json::to_vec(&Delivery::from(record.clone())).expect("deliveries serialise");
-                    let headers = vec![(header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned())];
-                    return StoredResponse { status: 200, headers, body, session: None };
+                    return json_answer(StatusCode::OK, &Delivery::from(record.clone()), None, None)
                 }
                 RedeliverOutcome::NotFound => ApiError::new(ErrorCode::DeliveryNotFound, "No delivery has this id."),
                 RedeliverOutcome::OtherMerchant => {

@@ -260,6 +260,20 @@ fn answer_found(state: &AppState, key: IdempotencyKey, found: Found) -> Response
     response
 }
 
+/// A JSON answer: `body` serialised, with its entity tag and location when it has them.
+pub fn json_answer(
+    status: StatusCode,
+    body: &impl serde::Serialize,
+    etag: Option<String>,
+    location: Option<String>,
+) -> StoredResponse {
+    let mut headers = vec![(header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned())];
+    headers.extend(etag.map(|tag| (header::ETAG.as_str().to_owned(), tag)));
+    headers.extend(location.map(|path| (header::LOCATION.as_str().to_owned(), path)));
+    let body = serde_json::to_vec(body).expect("answers serialise");
+    StoredResponse { status: status.as_u16(), headers, body, session: None }
+}
+
 /// An error as a kept answer: the bytes `ApiError::render` sends.
 pub fn error_answer(error: &ApiError, correlation_id: Uuid, public_url: &str) -> StoredResponse {
     let mut headers = vec![(header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned())];

@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -16,7 +16,7 @@ use super::context::RequestContext;
 use super::extract::{
     empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam,
 };
-use super::idempotency::{error_answer, respond, Scope};
+use super::idempotency::{error_answer, json_answer, respond, Scope};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::request::{
@@ -150,15 +150,9 @@ pub struct RedirectSessionPage {
 /// The answer showing `session` at `now`: its representation, `ETag`, and for a new session
 /// its `Location`.
 fn session_answer(status: StatusCode, session: SessionRecord, now: Timestamp, public_url: &str) -> StoredResponse {
-    let mut headers = vec![
-        (header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned()),
-        (header::ETAG.as_str().to_owned(), session.etag(now)),
-    ];
-    if status == StatusCode::CREATED {
-        headers.push((header::LOCATION.as_str().to_owned(), format!("{BASE}/redirect-sessions/{}", session.id)));
-    }
-    let body = serde_json::to_vec(&RedirectSession::of(session, now, public_url)).expect("sessions serialise");
-    StoredResponse { status: status.as_u16(), headers, body, session: None }
+    let etag = session.etag(now);
+    let location = (status == StatusCode::CREATED).then(|| format!("{BASE}/redirect-sessions/{}", session.id));
+    json_answer(status, &RedirectSession::of(session, now, public_url), Some(etag), location)
 }
 
 /// `session_answer` kept as a reference to the session (`StoredResponse::session`): a `201`

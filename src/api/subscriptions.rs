@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::context::RequestContext;
 use super::extract::{id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam};
-use super::idempotency::{error_answer, respond, Scope};
+use super::idempotency::{error_answer, json_answer, respond, Scope};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::event::EventType;
@@ -93,15 +93,9 @@ impl Subscription {
 /// The answer showing `record` (with its signing secret only when `with_secret`): its
 /// representation, `ETag`, and for a new subscription its `Location`.
 fn subscription_answer(status: StatusCode, record: SubscriptionRecord, with_secret: bool) -> StoredResponse {
-    let mut headers = vec![
-        (header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned()),
-        (header::ETAG.as_str().to_owned(), format!("\"{}\"", record.version)),
-    ];
-    if status == StatusCode::CREATED {
-        headers.push((header::LOCATION.as_str().to_owned(), format!("{BASE}{PATH}/{}", record.id)));
-    }
-    let body = serde_json::to_vec(&Subscription::of(record, with_secret)).expect("subscriptions serialise");
-    StoredResponse { status: status.as_u16(), headers, body, session: None }
+    let etag = format!("\"{}\"", record.version);
+    let location = (status == StatusCode::CREATED).then(|| format!("{BASE}{PATH}/{}", record.id));
+    json_answer(status, &Subscription::of(record, with_secret), Some(etag), location)
 }
 
 fn not_found() -> ApiError {
