@@ -41,17 +41,25 @@ def _rejected_fields(response):
 
 @schemathesis.hook
 def filter_failure(ctx, failure, case, response):
-    """Accepts one failure that is not the API's fault: a made-up list cursor.
+    """Accepts two failures that are not the API's fault, both rules JSON Schema cannot state.
 
-    A cursor is opaque (openapi.json: unpadded base64url, 51 to 76 characters); only the ones the
-    service gave out as `nextCursor` decode, and the server answers any other with 400 Validation
-    naming `cursor` alone. Schemathesis cannot know the cursors the service gave out, so a
-    "schema-valid request rejected" (ST202, check positive_data_acceptance) is dropped when the
-    request carried a `cursor` and `cursor` is the only field the 400 names. Every other failure,
-    and this check for every other field, stays.
+    - A made-up list cursor. A cursor is opaque (openapi.json: unpadded base64url, 51 to 76
+      characters); only the ones the service gave out as `nextCursor` decode, and the server
+      answers any other with 400 Validation naming `cursor` alone. Schemathesis cannot know the
+      cursors the service gave out.
+    - A recovery window that runs backwards or spans more than 14 days. `since` and `until` are
+      each a date-time (openapi.json), but how they relate (`until` after `since`, at most 14
+      days later, `until` defaulting to now) is a rule across two fields; the server answers
+      400 Validation naming `until` alone.
+
+    So a "schema-valid request rejected" (ST202, check positive_data_acceptance) is dropped in
+    exactly those two cases. Every other failure, and this check for every other field, stays.
     """
     if failure.code != "ST202" or response.status_code != 400:
         return True
-    if not (case.query or {}).get("cursor"):
-        return True
-    return _rejected_fields(response) != {"cursor"}
+    rejected = _rejected_fields(response)
+    if (case.query or {}).get("cursor") and rejected == {"cursor"}:
+        return False
+    if case.method.upper() == "POST" and case.path.endswith("/recover") and rejected == {"until"}:
+        return False
+    return True

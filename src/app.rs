@@ -14,7 +14,7 @@ use crate::domain::time::Timestamp;
 use crate::domain::token::{KeyPair, Keyring};
 use crate::metrics::Metrics;
 use crate::server;
-use crate::store::webhooks::Retention;
+use crate::store::webhooks::{Retention, SuspendPolicy};
 use crate::store::{self, DynStore, StoreError};
 use crate::webhooks::client::WebhookClient;
 use crate::webhooks::dispatcher::{self, DispatcherSettings};
@@ -51,6 +51,8 @@ pub struct Shared {
     pub limits: api::ratelimit::Limits,
     /// The requests with an `x-request-id` running in this process.
     pub in_flight: api::idempotency::InFlight,
+    /// Sends webhooks: the dispatcher's attempts and merchants' test events.
+    pub webhook_client: WebhookClient,
 }
 
 impl std::ops::Deref for AppState {
@@ -69,7 +71,11 @@ impl AppState {
         let code_sender = crate::hosted::sender::CodeSender::new(config.otp_sender.clone())
             .map_err(|e| StoreError::Internal(format!("cannot build the one-time code sender: {e}")))?;
         let public_url = config.public_base();
+        let webhook_client =
+            WebhookClient::new(config.webhook_timeout, config.allow_private_callbacks, config.webhook_concurrency)
+                .map_err(|e| StoreError::Internal(format!("cannot build the webhook client: {e}")))?;
         Ok(AppState(Arc::new(Shared {
+            webhook_client,
             pay_url: format!("{public_url}{}", crate::hosted::PAY_PATH),
             public_url,
             code_sender,
@@ -110,14 +116,13 @@ pub async fn serve(
     jobs.push(tokio::spawn(reload_keys(state.clone(), stopped.clone())));
     jobs.push(tokio::spawn(purge_old_records(state.clone(), stopped.clone())));
     if state.config.webhook_dispatcher {
-        let config = &state.config;
-        let client =
-            WebhookClient::new(config.webhook_timeout, config.allow_private_callbacks, config.webhook_concurrency)?;
+        let client = state.webhook_client.clone();
         let settings = DispatcherSettings {
             retry_schedule: state.config.webhook_retry_schedule.clone(),
             timeout: state.config.webhook_timeout,
             concurrency: state.config.webhook_concurrency,
             per_subscription: state.config.webhook_concurrency_per_subscription,
+            suspend: SuspendPolicy { failing_for: state.config.webhook_suspend_after },
         };
         jobs.push(tokio::spawn(dispatcher::run(
             state.store.clone(),

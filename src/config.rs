@@ -24,6 +24,7 @@ const DEFAULT_WEBHOOK_TIMEOUT: &str = "10s";
 const DEFAULT_WEBHOOK_CONCURRENCY: &str = "256";
 const DEFAULT_WEBHOOK_CONCURRENCY_PER_SUBSCRIPTION: &str = "16";
 const DEFAULT_DELIVERY_RETENTION: &str = "30d";
+const DEFAULT_WEBHOOK_SUSPEND_AFTER: &str = "5d";
 const DEFAULT_RATE_LIMIT_PER_KEY: &str = "1000";
 const DEFAULT_RATE_LIMIT_PER_IP: &str = "0";
 const DEFAULT_LOG: &str = "info";
@@ -62,6 +63,7 @@ pub struct RawSettings {
     #[serde(default, deserialize_with = "text_or_number")]
     pub webhook_concurrency_per_subscription: Option<String>,
     pub delivery_retention: Option<String>,
+    pub webhook_suspend_after: Option<String>,
     pub allow_private_callbacks: Option<bool>,
     pub allow_http_redirect_urls: Option<bool>,
     /// The file may also give a TOML integer.
@@ -161,6 +163,9 @@ pub struct Config {
     pub webhook_concurrency_per_subscription: usize,
     /// How long finished deliveries, their attempts and events are kept, 1h to 3650d; default 30d.
     pub delivery_retention: Duration,
+    /// How long a receiver may answer nothing but failures before its subscription is
+    /// suspended, 1m to 90d; default 5d.
+    pub webhook_suspend_after: Duration,
     /// Default false.
     pub allow_private_callbacks: bool,
     /// Default false.
@@ -415,6 +420,9 @@ impl Layers {
             delivery_retention: setting!(delivery_retention, DEFAULT_DELIVERY_RETENTION, |text| {
                 duration_within(text, hours(1), hours(24 * 3650), "from 1h to 3650d")
             }),
+            webhook_suspend_after: setting!(webhook_suspend_after, DEFAULT_WEBHOOK_SUSPEND_AFTER, |text| {
+                duration_within(text, Duration::from_secs(60), hours(24 * 90), "from 1m to 90d")
+            }),
             allow_private_callbacks: switch!(allow_private_callbacks, false),
             allow_http_redirect_urls: switch!(allow_http_redirect_urls, false),
             rate_limit_per_key: setting!(rate_limit_per_key, DEFAULT_RATE_LIMIT_PER_KEY, parse_rate),
@@ -500,7 +508,7 @@ fn env_layer(env: &HashMap<String, String>) -> Result<RawSettings, ConfigError> 
     Ok(from_env!(
         text: listen, database_url, database_max_connections, database_acquire_timeout, database_connect_timeout,
             public_url, session_ttl, webhook_retry_schedule,
-            webhook_timeout, webhook_concurrency, webhook_concurrency_per_subscription, delivery_retention, rate_limit_per_key, rate_limit_per_ip, metrics_listen, log,
+            webhook_timeout, webhook_concurrency, webhook_concurrency_per_subscription, delivery_retention, webhook_suspend_after, rate_limit_per_key, rate_limit_per_ip, metrics_listen, log,
             http_header_timeout, http_body_timeout, http_max_connections,
             otp_sender, otp_http_url, otp_http_token, secrets_key, secrets_old_keys;
         switch: allow_private_callbacks, allow_http_redirect_urls, expiry_sweep, webhook_dispatcher

@@ -109,6 +109,10 @@ struct ServeArgs {
     /// How long finished deliveries, their attempts and events are kept (default 30d).
     #[arg(long, value_name = "DURATION")]
     delivery_retention: Option<String>,
+    /// How long a receiver may answer nothing but failures before its subscription is
+    /// suspended (default 5d).
+    #[arg(long, value_name = "DURATION")]
+    webhook_suspend_after: Option<String>,
     /// Allow http and loopback/private webhook callback targets (for tests).
     #[arg(long)]
     allow_private_callbacks: bool,
@@ -221,6 +225,7 @@ fn main() -> ExitCode {
         flags.webhook_concurrency = serve.webhook_concurrency.clone();
         flags.webhook_concurrency_per_subscription = serve.webhook_concurrency_per_subscription.clone();
         flags.delivery_retention = serve.delivery_retention.clone();
+        flags.webhook_suspend_after = serve.webhook_suspend_after.clone();
         flags.allow_private_callbacks = serve.allow_private_callbacks.then_some(true);
         flags.allow_http_redirect_urls = serve.allow_http_redirect_urls.then_some(true);
         flags.rate_limit_per_key = serve.rate_limit_per_key.clone();

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
+use crate::store::webhooks::SuspendReason;
+
 /// Upper bounds of the latency buckets, as rendered in the `le` label.
 const BUCKET_LABELS: [&str; 14] =
     ["0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10"];
@@ -51,6 +53,8 @@ pub struct Metrics {
     webhook_attempts: [AtomicU64; ATTEMPT_ENDS.len()],
     webhook_attempt_duration: Series,
     webhook_failed: AtomicU64,
+    /// Subscriptions suspended, by `SuspendReason::ALL` index.
+    webhook_suspensions: [AtomicU64; SuspendReason::ALL.len()],
 }
 
 /// How a webhook attempt ended (`redirect_sessions_webhook_attempts_total{outcome}`). Three
@@ -75,6 +79,8 @@ pub struct DeliveryBacklog {
     pub pending: u64,
     /// How long the oldest due delivery has been due: the outbox's lag (0 when none is due).
     pub oldest_due: Duration,
+    /// Deliveries held for suspended subscriptions.
+    pub held: u64,
 }
 
 /// What happens on the hosted page, counted (`redirect_sessions_hosted_<name>_total`).
@@ -174,6 +180,12 @@ impl Metrics {
     }
 
     /// Renders everything in the Prometheus text exposition format 0.0.4, with the store's
+    /// The dispatcher suspended a subscription for `reason`.
+    pub fn webhook_suspended(&self, reason: SuspendReason) {
+        let index = SuspendReason::ALL.iter().position(|r| *r == reason).expect("every reason is listed");
+        self.webhook_suspensions[index].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// group-commit counters when it has them and the delivery backlog when it could be read.
     pub fn render(&self, write_batches: Option<(u64, u64)>, backlog: Option<DeliveryBacklog>) -> String {
         let mut out = String::with_capacity(4096);
@@ -267,6 +279,12 @@ impl Metrics {
         writeln!(out, "# HELP {name} Deliveries that used up their retries and are Failed.")?;
         writeln!(out, "# TYPE {name} counter")?;
         writeln!(out, "{name} {}", self.webhook_failed.load(Ordering::Relaxed))?;
+        let name = "redirect_sessions_webhook_suspensions_total";
+        writeln!(out, "# HELP {name} Subscriptions suspended by this instance, by reason.")?;
+        writeln!(out, "# TYPE {name} counter")?;
+        for (reason, counter) in SuspendReason::ALL.iter().zip(&self.webhook_suspensions) {
+            writeln!(out, "{name}{{reason=\"{}\"}} {}", reason.as_str(), counter.load(Ordering::Relaxed))?;
+        }
         if let Some(backlog) = backlog {
             let gauges = [
                 (
@@ -278,6 +296,11 @@ impl Metrics {
                     "redirect_sessions_webhook_oldest_due_seconds",
                     "How long the oldest due delivery has waited: the outbox lag (0 when none is due).",
                     backlog.oldest_due.as_secs_f64(),
+                ),
+                (
+                    "redirect_sessions_webhook_deliveries_held",
+                    "Deliveries held for suspended subscriptions (sent when they are resumed), in all instances.",
+                    backlog.held as f64,
                 ),
             ];
             for (name, help, value) in gauges {
@@ -424,7 +447,8 @@ redirect_sessions_hosted_aborts_total 0
         metrics.webhook_attempt(AttemptEnd::Delivered, Duration::from_millis(30), false);
         metrics.webhook_attempt(AttemptEnd::Delivered, Duration::from_millis(40), false);
         metrics.webhook_attempt(AttemptEnd::Unanswered, Duration::from_secs(10), true);
-        let backlog = DeliveryBacklog { pending: 7, oldest_due: Duration::from_millis(1500) };
+        metrics.webhook_suspended(SuspendReason::ReceiverGone);
+        let backlog = DeliveryBacklog { pending: 7, oldest_due: Duration::from_millis(1500), held: 3 };
         let out = metrics.render(None, Some(backlog));
         for line in [
             "redirect_sessions_webhook_attempts_total{outcome=\"delivered\"} 2\n",
@@ -435,6 +459,9 @@ redirect_sessions_hosted_aborts_total 0
             "redirect_sessions_webhook_attempt_duration_seconds_sum 10.07\n",
             "redirect_sessions_webhook_attempt_duration_seconds_count 3\n",
             "redirect_sessions_webhook_deliveries_failed_total 1\n",
+            "redirect_sessions_webhook_suspensions_total{reason=\"ReceiverGone\"} 1\n",
+            "redirect_sessions_webhook_suspensions_total{reason=\"ReceiverFailing\"} 0\n",
+            "# TYPE redirect_sessions_webhook_deliveries_held gauge\nredirect_sessions_webhook_deliveries_held 3\n",
             "# TYPE redirect_sessions_webhook_deliveries_pending gauge\nredirect_sessions_webhook_deliveries_pending 7\n",
             "# TYPE redirect_sessions_webhook_oldest_due_seconds gauge\nredirect_sessions_webhook_oldest_due_seconds 1.5\n",
         ] {

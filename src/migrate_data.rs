@@ -41,8 +41,9 @@ use crate::store::postgres::{self, PoolSettings};
 /// The SQLite schema this build copies from: the last migration in `migrations/sqlite/`. A new
 /// SQLite migration must teach this module its columns before this number moves. (3 and 4
 /// only changed indexes; 5 added the customer flow; 6 only filled in `qrCodeSuccessUrl` in
-/// the specs, which are copied as they are; 7 only added indexes.)
-pub const SQLITE_SCHEMA_VERSION: i64 = 9;
+/// the specs, which are copied as they are; 7 only added indexes; 10 added the subscriptions'
+/// previous secret, state and run of failures, and the `Held` deliveries.)
+pub const SQLITE_SCHEMA_VERSION: i64 = 10;
 
 /// Rows per batch handed from the reader thread to the writer.
 const BATCH: usize = 4096;
@@ -459,11 +460,14 @@ fn tables() -> Vec<Table> {
         },
         Table {
             name: "subscriptions",
+            // The replaced signing secret is sealed like the current one: copied as it is.
             select: "SELECT id, merchant_id, callback_url, api_key, event_mask, signing_secret, created_on,
-                            last_modified_on, version
+                            last_modified_on, version, previous_secret, previous_secret_expires_on, state,
+                            suspended_on, suspended_reason, failing_since
                        FROM subscriptions",
             columns: "id, merchant_id, callback_url, api_key, event_mask, signing_secret, created_on, last_modified_on,
-                      version",
+                      version, previous_secret, previous_secret_expires_on, state, suspended_on, suspended_reason,
+                      failing_since",
             types: vec![
                 Type::UUID,
                 Type::UUID,
@@ -474,6 +478,12 @@ fn tables() -> Vec<Table> {
                 Type::TIMESTAMPTZ,
                 Type::TIMESTAMPTZ,
                 Type::INT8,
+                Type::TEXT,
+                Type::TIMESTAMPTZ,
+                Type::TEXT,
+                Type::TIMESTAMPTZ,
+                Type::TEXT,
+                Type::TIMESTAMPTZ,
             ],
             convert: |r| {
                 Ok(vec![
@@ -486,6 +496,12 @@ fn tables() -> Vec<Table> {
                     ts(r, 6)?,
                     ts(r, 7)?,
                     get::<i64>(r, 8)?,
+                    get::<Option<String>>(r, 9)?,
+                    ts_opt(r, 10)?,
+                    get::<String>(r, 11)?,
+                    ts_opt(r, 12)?,
+                    get::<Option<String>>(r, 13)?,
+                    ts_opt(r, 14)?,
                 ])
             },
         },

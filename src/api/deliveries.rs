@@ -15,7 +15,7 @@ use super::extract::{empty_body, paginate, parse_query, path_id, store_error, Ra
 use super::idempotency::{error_answer, json_answer, respond, Scope};
 use super::BASE;
 use crate::app::AppState;
-use crate::domain::event::EventType;
+use crate::domain::event::EventKind;
 use crate::domain::time::Timestamp;
 use crate::domain::validate::{parse_uuid, Errors};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
@@ -52,8 +52,11 @@ pub struct Delivery {
     pub id: Uuid,
     /// The event id: `webhook-id` and `x-request-id` of every attempt.
     pub event_id: Uuid,
-    pub event_type: EventType,
-    pub redirect_session_id: Uuid,
+    /// `RedirectSessionTest` for a test event (`POST …/subscriptions/{id}/test`).
+    pub event_type: EventKind,
+    /// The session the event is about; absent for a test event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_session_id: Option<Uuid>,
     pub subscription_id: Uuid,
     pub state: DeliveryState,
     /// When the next attempt is due (pending deliveries only).
@@ -137,7 +140,7 @@ pub async fn list_deliveries(
             },
             "state" => match DeliveryState::parse(value) {
                 Some(delivery_state) => filter.state = Some(delivery_state),
-                None => errors.add(name, "must be one of Pending, Delivered, Failed, Cancelled"),
+                None => errors.add(name, "must be one of Pending, Delivered, Failed, Cancelled, Held"),
             },
             _ => return false,
         }

@@ -14,7 +14,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Responses};
 use utoipa::{Modify, Number, OpenApi};
 
-use super::{deliveries, health, sessions, subscriptions};
+use super::{catalogue, deliveries, health, sessions, subscription_operations, subscriptions};
 use crate::app::AppState;
 use crate::error::ErrorCode;
 
@@ -34,6 +34,10 @@ use crate::error::ErrorCode;
         subscriptions::delete_subscription,
         subscriptions::get_subscription,
         subscriptions::list_subscriptions,
+        subscription_operations::rotate_secret,
+        subscription_operations::send_test,
+        subscription_operations::recover,
+        subscription_operations::resume,
         deliveries::list_deliveries,
         deliveries::redeliver,
         health::get_live,
@@ -41,6 +45,7 @@ use crate::error::ErrorCode;
         health::get_jwks,
         health::get_metrics,
     ),
+    components(schemas(catalogue::SessionEvent, catalogue::TestEvent)),
     modifiers(&ApiKeyScheme, &ExactRules),
 )]
 struct ApiDoc;
@@ -226,11 +231,14 @@ fn https_url(url: &mut Object) {
     url.max_length = Some(MAX_URL);
 }
 
-/// The OpenAPI document as pretty JSON with a trailing newline (the committed `openapi.json`).
+/// The OpenAPI document as pretty JSON with a trailing newline (the committed `openapi.json`),
+/// with the event catalogue as its `webhooks` section (which utoipa does not model).
 pub fn openapi_json() -> String {
     let mut document = ApiDoc::openapi();
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    let mut text = document.to_pretty_json().expect("the OpenAPI document serialises");
+    let mut document = serde_json::to_value(document).expect("the OpenAPI document serialises");
+    document["webhooks"] = catalogue::webhooks();
+    let mut text = serde_json::to_string_pretty(&document).expect("JSON serialises");
     text.push('\n');
     text
 }

@@ -73,6 +73,7 @@ pub async fn get_metrics(State(state): State<AppState>) -> Response {
         Ok(backlog) => Some(DeliveryBacklog {
             pending: backlog.pending,
             oldest_due: backlog.oldest_due.map_or(Duration::ZERO, |due| now.since(due)),
+            held: backlog.held,
         }),
         Err(error) => {
             tracing::warn!(%error, "could not read the delivery backlog for /metrics");

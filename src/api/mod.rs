@@ -1,6 +1,7 @@
 //! The HTTP API: the router, its middleware stack, and one module per resource.
 
 pub mod auth;
+pub mod catalogue;
 pub mod context;
 pub mod deliveries;
 pub mod docs;
@@ -9,6 +10,7 @@ pub mod health;
 pub mod idempotency;
 pub mod ratelimit;
 pub mod sessions;
+pub mod subscription_operations;
 pub mod subscriptions;
 
 use axum::middleware::{from_fn, from_fn_with_state};
@@ -27,6 +29,7 @@ pub const BASE: &str = "/customer-authentication-service/v1";
 pub fn router(state: AppState) -> Router {
     let merchant = sessions::router()
         .merge(subscriptions::router())
+        .merge(subscription_operations::router())
         .merge(deliveries::router())
         .layer(from_fn_with_state(state.clone(), idempotency::middleware))
         .layer(from_fn_with_state(state.clone(), ratelimit::by_key))

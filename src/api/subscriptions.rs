@@ -21,12 +21,13 @@ use crate::domain::time::Timestamp;
 use crate::domain::validate::Errors;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::store::webhooks::{
-    ChangeSubscriptionOutcome, PutSubscriptionOutcome, SubscriptionChange, SubscriptionRecord,
+    ChangeSubscriptionOutcome, PutSubscriptionOutcome, SubscriptionChange, SubscriptionRecord, SubscriptionStatus,
+    SuspendReason,
 };
 use crate::store::{Merchant, StoredResponse};
 use crate::webhooks::signature::generate_secret;
 
-const PATH: &str = "/redirect-session-events/subscriptions";
+pub(super) const PATH: &str = "/redirect-session-events/subscriptions";
 
 /// The routes of this resource.
 pub fn router() -> Router<AppState> {
@@ -47,9 +48,26 @@ pub struct Subscription {
     pub created_on: Timestamp,
     #[schema(value_type = String, format = DateTime)]
     pub last_modified_on: Timestamp,
+    /// `Suspended`: its receiver failed for too long or answered `410 Gone`; new deliveries
+    /// are held until it is resumed (`POST …/resume` or a `PATCH`).
+    pub state: SubscriptionState,
+    /// When it was suspended (suspended subscriptions only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub suspended_on: Option<Timestamp>,
+    /// Why it was suspended (suspended subscriptions only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspended_reason: Option<SuspendReason>,
     /// `whsec_` + base64 of 32 bytes: the key of the `webhook-signature` HMAC. Shown once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signing_secret: Option<String>,
+}
+
+/// Whether a subscription's deliveries are attempted.
+#[derive(Clone, Copy, Serialize, ToSchema)]
+pub enum SubscriptionState {
+    Active,
+    Suspended,
 }
 
 /// The body of PUT and PATCH (documentation only; read by `domain::subscription`).
@@ -79,12 +97,21 @@ pub struct SubscriptionPage {
 
 impl Subscription {
     fn of(record: SubscriptionRecord, with_secret: bool) -> Self {
+        let (state, suspended_on, suspended_reason) = match record.status {
+            SubscriptionStatus::Active => (SubscriptionState::Active, None, None),
+            SubscriptionStatus::Suspended { since, reason } => {
+                (SubscriptionState::Suspended, Some(since), Some(reason))
+            }
+        };
         Subscription {
             id: record.id,
             callback_url: record.spec.callback_url,
             event_types: record.spec.event_types.types(),
             created_on: record.created_on,
             last_modified_on: record.last_modified_on,
+            state,
+            suspended_on,
+            suspended_reason,
             signing_secret: with_secret.then_some(record.signing_secret),
         }
     }
@@ -92,17 +119,17 @@ impl Subscription {
 
 /// The answer showing `record` (with its signing secret only when `with_secret`): its
 /// representation, `ETag`, and for a new subscription its `Location`.
-fn subscription_answer(status: StatusCode, record: SubscriptionRecord, with_secret: bool) -> StoredResponse {
+pub(super) fn subscription_answer(status: StatusCode, record: SubscriptionRecord, with_secret: bool) -> StoredResponse {
     let etag = format!("\"{}\"", record.version);
     let location = (status == StatusCode::CREATED).then(|| format!("{BASE}{PATH}/{}", record.id));
     json_answer(status, &Subscription::of(record, with_secret), Some(etag), location)
 }
 
-fn not_found() -> ApiError {
+pub(super) fn not_found() -> ApiError {
     ApiError::new(ErrorCode::SubscriptionNotFound, "No event subscription has this id.")
 }
 
-fn other_merchant() -> ApiError {
+pub(super) fn other_merchant() -> ApiError {
     ApiError::new(ErrorCode::InvalidTriggeredBy, "The subscription belongs to another merchant.")
 }
 
@@ -123,8 +150,11 @@ async fn id_and_spec(
     id_and_body(id, body.map(|body| parse_subscription(&body, rules)))
 }
 
-/// Renders what a PATCH or DELETE came to.
-fn changed(state: &AppState, correlation_id: Uuid) -> impl Fn(&ChangeSubscriptionOutcome) -> StoredResponse + Clone {
+/// Renders what a PATCH, DELETE or resume came to.
+pub(super) fn changed(
+    state: &AppState,
+    correlation_id: Uuid,
+) -> impl Fn(&ChangeSubscriptionOutcome) -> StoredResponse + Clone {
     let state = state.clone();
     move |outcome| {
         let error = match outcome {
@@ -182,6 +212,8 @@ pub async fn create_subscription(
         created_on: now,
         last_modified_on: now,
         version: 1,
+        previous_secret: None,
+        status: SubscriptionStatus::Active,
     };
     let render = {
         let (state, merchant_id, correlation_id) = (state.clone(), merchant.id, context.correlation_id);
@@ -205,7 +237,7 @@ pub async fn create_subscription(
     Ok(respond(&state, scope, guarded, render, |_| {}))
 }
 
-/// Replace a subscription's callback URL, API key and event types.
+/// Replace a subscription's callback URL, API key and event types; resumes a suspended one.
 #[utoipa::path(
     patch, path = "/customer-authentication-service/v1/redirect-session-events/subscriptions/{eventSubscriptionId}",
     tag = "Event subscriptions",

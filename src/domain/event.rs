@@ -37,6 +37,54 @@ impl EventType {
     }
 }
 
+/// What a delivery carries: an event of one of the types above, or a test event a merchant
+/// asked for (`POST …/subscriptions/{id}/test`), which belongs to no session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, ToSchema)]
+pub enum EventKind {
+    RedirectSessionCancelled,
+    RedirectSessionExpired,
+    RedirectSessionCompleted,
+    RedirectSessionAborted,
+    RedirectSessionTest,
+}
+
+impl EventKind {
+    const ALL: [EventKind; 5] = [
+        EventKind::RedirectSessionCancelled,
+        EventKind::RedirectSessionExpired,
+        EventKind::RedirectSessionCompleted,
+        EventKind::RedirectSessionAborted,
+        EventKind::RedirectSessionTest,
+    ];
+
+    /// The name used in JSON and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::RedirectSessionCancelled => EventType::RedirectSessionCancelled.as_str(),
+            EventKind::RedirectSessionExpired => EventType::RedirectSessionExpired.as_str(),
+            EventKind::RedirectSessionCompleted => EventType::RedirectSessionCompleted.as_str(),
+            EventKind::RedirectSessionAborted => EventType::RedirectSessionAborted.as_str(),
+            EventKind::RedirectSessionTest => "RedirectSessionTest",
+        }
+    }
+
+    /// The kind named `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == text)
+    }
+}
+
+impl From<EventType> for EventKind {
+    fn from(event: EventType) -> Self {
+        match event {
+            EventType::RedirectSessionCancelled => EventKind::RedirectSessionCancelled,
+            EventType::RedirectSessionExpired => EventKind::RedirectSessionExpired,
+            EventType::RedirectSessionCompleted => EventKind::RedirectSessionCompleted,
+            EventType::RedirectSessionAborted => EventKind::RedirectSessionAborted,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,6 +94,16 @@ mod tests {
     fn exactly_the_terminal_states_cause_an_event() {
         for state in ALL_STATES {
             assert_eq!(EventType::for_state(state).is_some(), state.is_terminal(), "{state:?}");
+        }
+    }
+
+    #[test]
+    fn every_event_kind_reads_back_from_its_name() {
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        }
+        for event in crate::domain::subscription::ALL_EVENT_TYPES {
+            assert_eq!(EventKind::from(event).as_str(), event.as_str());
         }
     }
 }

@@ -17,8 +17,9 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use self::webhooks::{
-    AttemptOutcome, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, PutSubscriptionOutcome,
-    RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
+    AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
+    PutSubscriptionOutcome, RecoverOutcome, RecoverWindow, RedeliverOutcome, Retention, SecretRotation,
+    SubscriptionChange, SubscriptionRecord, SuspendPolicy, Suspension, TestDelivery,
 };
 use crate::domain::event::EventType;
 use crate::domain::session::State;
@@ -183,7 +184,9 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         after: Option<(Timestamp, Uuid)>,
         limit: usize,
     ) -> Result<Vec<SubscriptionRecord>, StoreError>;
-    /// Replaces all three fields; under a guard, keeps the answer in the same transaction.
+    /// Replaces all three fields, and resumes a suspended subscription (as
+    /// `resume_subscription_guarded` does); under a guard, keeps the answer in the same
+    /// transaction.
     async fn patch_subscription_guarded(
         &self,
         change: SubscriptionChange,
@@ -202,7 +205,7 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         let change = SubscriptionChange { merchant_id, id, if_match, now };
         ran(self.patch_subscription_guarded(change, spec, None).await?)
     }
-    /// Removes it and cancels its queued deliveries; under a guard, keeps the answer in the
+    /// Removes it and cancels its queued and held deliveries; under a guard, keeps the answer in the
     /// same transaction.
     async fn delete_subscription_guarded(
         &self,
@@ -220,6 +223,40 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         let change = SubscriptionChange { merchant_id, id, if_match, now };
         ran(self.delete_subscription_guarded(change, None).await?)
     }
+
+    /// Makes `rotation.secret` the signing secret; the one it replaces keeps signing for
+    /// `rotation.grace` (not at all when zero, and a secret replaced earlier stops at once).
+    /// Answers the record opened, with `previous_secret` set while it signs; under a guard,
+    /// keeps the answer in the same transaction.
+    async fn rotate_subscription_secret_guarded(
+        &self,
+        change: SubscriptionChange,
+        rotation: SecretRotation,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError>;
+    /// Makes a suspended subscription active again and queues its held deliveries (an active
+    /// one is answered as it is); under a guard, keeps the answer in the same transaction.
+    async fn resume_subscription_guarded(
+        &self,
+        change: SubscriptionChange,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError>;
+    /// Queues again up to `window.limit` `Failed` deliveries of the subscription whose event
+    /// lies in the window (held instead while it is suspended), with a fresh retry schedule;
+    /// under a guard, keeps the answer in the same transaction.
+    async fn recover_deliveries_guarded(
+        &self,
+        change: SubscriptionChange,
+        window: RecoverWindow,
+        guard: Option<Guard<RecoverOutcome>>,
+    ) -> Result<Guarded<RecoverOutcome>, StoreError>;
+    /// Records a test event, its delivery (`Delivered` or `Failed`, never retried) and its one
+    /// attempt; under a guard, keeps the answer in the same transaction.
+    async fn record_test_delivery_guarded(
+        &self,
+        test: TestDelivery,
+        guard: Option<Guard<AttemptRecord>>,
+    ) -> Result<Guarded<AttemptRecord>, StoreError>;
 
     /// Announces a dispatcher that is about to claim deliveries as `owner`, and frees the
     /// leases of dispatchers that are gone; answers how many deliveries it freed. SQLite (one
@@ -239,8 +276,15 @@ pub trait Store: customer::CustomerStore + Send + Sync + 'static {
         limit: usize,
         per_subscription: usize,
     ) -> Result<Vec<ClaimedDelivery>, StoreError>;
-    /// Records attempts (in one transaction) and moves their deliveries on.
-    async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<(), StoreError>;
+    /// Records attempts (in one transaction) and moves their deliveries on; keeps track of
+    /// how long each receiver has failed and suspends subscriptions as `policy` says (their
+    /// pending deliveries are then held). Answers the subscriptions it suspended.
+    async fn record_attempts(
+        &self,
+        outcomes: Vec<AttemptOutcome>,
+        now: Timestamp,
+        policy: SuspendPolicy,
+    ) -> Result<Vec<Suspension>, StoreError>;
     /// Gives up leases on deliveries that were claimed but not attempted.
     async fn release_claims(&self, owner: Uuid, ids: Vec<Uuid>) -> Result<(), StoreError>;
     /// A merchant's deliveries with their attempts, newest first, `limit + 1` at most.

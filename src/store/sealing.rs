@@ -20,6 +20,9 @@ pub fn seal_subscription(ring: &KeyRing, mut record: SubscriptionRecord) -> Resu
     let row = row_of(record.id);
     record.spec.api_key = ring.seal_text(Column::SubscriptionApiKey, &row, &record.spec.api_key)?;
     record.signing_secret = ring.seal_text(Column::SubscriptionSigningSecret, &row, &record.signing_secret)?;
+    if let Some(previous) = &mut record.previous_secret {
+        previous.secret = ring.seal_text(Column::SubscriptionSigningSecret, &row, &previous.secret)?;
+    }
     Ok(record)
 }
 
@@ -28,7 +31,16 @@ pub fn open_subscription(ring: &KeyRing, mut record: SubscriptionRecord) -> Resu
     let row = row_of(record.id);
     record.spec.api_key = ring.open_text(Column::SubscriptionApiKey, &row, &record.spec.api_key)?;
     record.signing_secret = ring.open_text(Column::SubscriptionSigningSecret, &row, &record.signing_secret)?;
+    if let Some(previous) = &mut record.previous_secret {
+        previous.secret = ring.open_text(Column::SubscriptionSigningSecret, &row, &previous.secret)?;
+    }
     Ok(record)
+}
+
+/// A new signing secret of the subscription `id`, sealed. A replaced secret is kept as it
+/// was sealed (the same column and row), so a rotation copies it without opening it.
+pub fn seal_signing_secret(ring: &KeyRing, id: Uuid, secret: &str) -> Result<String, StoreError> {
+    Ok(ring.seal_text(Column::SubscriptionSigningSecret, &row_of(id), secret)?)
 }
 
 /// A new API key of the subscription `id`, sealed.
@@ -46,6 +58,9 @@ pub fn open_claimed(
     let row = row_of(subscription);
     delivery.api_key = ring.open_text(Column::SubscriptionApiKey, &row, &delivery.api_key)?;
     delivery.signing_secret = ring.open_text(Column::SubscriptionSigningSecret, &row, &delivery.signing_secret)?;
+    if let Some(previous) = &mut delivery.previous_secret {
+        *previous = ring.open_text(Column::SubscriptionSigningSecret, &row, previous)?;
+    }
     Ok(delivery)
 }
 

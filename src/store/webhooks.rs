@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::domain::event::EventType;
+use crate::domain::event::EventKind;
 use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 
@@ -19,6 +19,163 @@ pub struct SubscriptionRecord {
     pub created_on: Timestamp,
     pub last_modified_on: Timestamp,
     pub version: i64,
+    /// The secret the last rotation replaced, still signing beside the new one until it expires.
+    pub previous_secret: Option<PreviousSecret>,
+    pub status: SubscriptionStatus,
+}
+
+/// A replaced signing secret during its overlap with the new one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreviousSecret {
+    pub secret: String,
+    pub expires_on: Timestamp,
+}
+
+impl PreviousSecret {
+    /// The secret while it still signs at `now`.
+    pub fn signing_at(&self, now: Timestamp) -> Option<&str> {
+        (now < self.expires_on).then_some(self.secret.as_str())
+    }
+}
+
+/// Whether deliveries of a subscription are attempted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubscriptionStatus {
+    Active,
+    /// New deliveries are held (never attempted, never dropped) until it is resumed.
+    Suspended {
+        since: Timestamp,
+        reason: SuspendReason,
+    },
+}
+
+/// Why a subscription was suspended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
+pub enum SuspendReason {
+    /// The receiver answered `410 Gone`.
+    ReceiverGone,
+    /// The receiver answered nothing but failures for `webhook_suspend_after`.
+    ReceiverFailing,
+}
+
+impl SuspendReason {
+    /// All reasons.
+    pub const ALL: [SuspendReason; 2] = [SuspendReason::ReceiverGone, SuspendReason::ReceiverFailing];
+
+    /// The stored and JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuspendReason::ReceiverGone => "ReceiverGone",
+            SuspendReason::ReceiverFailing => "ReceiverFailing",
+        }
+    }
+
+    /// The reason named `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+}
+
+impl SubscriptionStatus {
+    /// From the stored columns `state`, `suspended_on` and `suspended_reason`; `None` when they
+    /// do not make sense together.
+    pub fn from_columns(state: &str, since: Option<Timestamp>, reason: Option<&str>) -> Option<Self> {
+        match (state, since, reason.and_then(SuspendReason::parse)) {
+            ("Active", _, _) => Some(SubscriptionStatus::Active),
+            ("Suspended", Some(since), Some(reason)) => Some(SubscriptionStatus::Suspended { since, reason }),
+            _ => None,
+        }
+    }
+
+    /// The stored `state`.
+    pub fn state(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Active => "Active",
+            SubscriptionStatus::Suspended { .. } => "Suspended",
+        }
+    }
+}
+
+/// When the dispatcher suspends a subscription: after a `410 Gone`, or when its receiver has
+/// answered nothing but failures for `failing_for`.
+#[derive(Clone, Copy, Debug)]
+pub struct SuspendPolicy {
+    pub failing_for: Duration,
+}
+
+impl SuspendPolicy {
+    /// Whether an attempt that failed with `status` at `now`, the receiver failing since
+    /// `failing_since` (this attempt included), suspends the subscription, and why.
+    pub fn decide(&self, status: Option<u16>, failing_since: Timestamp, now: Timestamp) -> Option<SuspendReason> {
+        if status == Some(410) {
+            Some(SuspendReason::ReceiverGone)
+        } else if now.millis() - failing_since.millis() >= self.failing_for.as_millis() as i64 {
+            Some(SuspendReason::ReceiverFailing)
+        } else {
+            None
+        }
+    }
+}
+
+/// A subscription the dispatcher suspended while recording attempts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Suspension {
+    pub subscription_id: Uuid,
+    pub reason: SuspendReason,
+}
+
+/// A new signing secret and how long the one it replaces keeps signing.
+#[derive(Clone, Debug)]
+pub struct SecretRotation {
+    /// In clear; the store seals it.
+    pub secret: String,
+    pub grace: Duration,
+}
+
+/// The session id stored with a test event, which belongs to no session (the events table
+/// requires one): read back as `None`.
+pub const NO_SESSION: Uuid = Uuid::nil();
+
+/// The most failed deliveries one recovery queues; the answer says when more are left.
+pub const RECOVER_AT_MOST: usize = 100_000;
+/// The widest window one recovery covers.
+pub const RECOVER_WINDOW_AT_MOST: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Which failed deliveries of a subscription to queue again: those whose event lies in
+/// `[since, until)`, at most `limit`.
+#[derive(Clone, Copy, Debug)]
+pub struct RecoverWindow {
+    pub since: Timestamp,
+    pub until: Timestamp,
+    pub limit: usize,
+}
+
+/// What a recovery came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoverOutcome {
+    /// `queued` deliveries are pending again (held, while the subscription is suspended);
+    /// `more` when the window holds further failed deliveries beyond the limit.
+    Queued {
+        queued: u64,
+        more: bool,
+    },
+    NotFound,
+    OtherMerchant,
+}
+
+/// A test event sent to a subscription, with its one attempt: recorded as a delivery that is
+/// never retried.
+#[derive(Clone, Debug)]
+pub struct TestDelivery {
+    pub merchant_id: Uuid,
+    pub subscription_id: Uuid,
+    pub event_id: Uuid,
+    pub time: Timestamp,
+    /// The event's `data` member, as JSON text.
+    pub data: String,
+    pub attempt: AttemptRecord,
+    /// Whether the receiver answered 2xx.
+    pub delivered: bool,
 }
 
 /// What creating a subscription came to.
@@ -36,6 +193,8 @@ pub struct Backlog {
     pub pending: u64,
     /// When the oldest due one became due (`None` when none is due at the time asked).
     pub oldest_due: Option<Timestamp>,
+    /// Deliveries in state `Held` (their subscription is suspended).
+    pub held: u64,
 }
 
 /// A merchant's request to replace or remove one of its subscriptions.
@@ -65,12 +224,19 @@ pub enum DeliveryState {
     Delivered,
     Failed,
     Cancelled,
+    /// Kept while its subscription is suspended; pending again when it is resumed.
+    Held,
 }
 
 impl DeliveryState {
     /// All states.
-    pub const ALL: [DeliveryState; 4] =
-        [DeliveryState::Pending, DeliveryState::Delivered, DeliveryState::Failed, DeliveryState::Cancelled];
+    pub const ALL: [DeliveryState; 5] = [
+        DeliveryState::Pending,
+        DeliveryState::Delivered,
+        DeliveryState::Failed,
+        DeliveryState::Cancelled,
+        DeliveryState::Held,
+    ];
 
     /// The stored and JSON name.
     pub fn as_str(self) -> &'static str {
@@ -79,6 +245,7 @@ impl DeliveryState {
             DeliveryState::Delivered => "Delivered",
             DeliveryState::Failed => "Failed",
             DeliveryState::Cancelled => "Cancelled",
+            DeliveryState::Held => "Held",
         }
     }
 
@@ -103,8 +270,9 @@ pub struct AttemptRecord {
 pub struct DeliveryRecord {
     pub id: Uuid,
     pub event_id: Uuid,
-    pub event_type: EventType,
-    pub session_id: Uuid,
+    pub event_type: EventKind,
+    /// `None` for a test event.
+    pub session_id: Option<Uuid>,
     pub subscription_id: Uuid,
     pub merchant_id: Uuid,
     pub state: DeliveryState,
@@ -128,13 +296,15 @@ pub struct DeliveryFilter {
 pub struct ClaimedDelivery {
     pub id: Uuid,
     pub event_id: Uuid,
-    pub event_type: EventType,
+    pub event_type: EventKind,
     pub event_time: Timestamp,
     /// The event's `data` member, as JSON text.
     pub data: String,
     pub callback_url: String,
     pub api_key: String,
     pub signing_secret: String,
+    /// The secret a rotation replaced, while it still signs (at the time of the claim).
+    pub previous_secret: Option<String>,
     /// Attempts made before this one.
     pub attempts: i64,
     /// Position in the retry schedule.
@@ -241,7 +411,7 @@ pub fn decide_redelivery(delivery: Option<DeliveryRecord>, merchant_id: Uuid) ->
     }
     match delivery.state {
         DeliveryState::Cancelled => answer(RedeliverOutcome::Cancelled),
-        DeliveryState::Pending => answer(RedeliverOutcome::Queued(delivery)),
+        DeliveryState::Pending | DeliveryState::Held => answer(RedeliverOutcome::Queued(delivery)),
         DeliveryState::Failed | DeliveryState::Delivered => RedeliverDecision::Requeue(delivery),
     }
 }

@@ -13,7 +13,7 @@ use super::client::{AttemptResult, WebhookClient};
 use super::signature;
 use crate::domain::time::Timestamp;
 use crate::metrics::{AttemptEnd, Metrics};
-use crate::store::webhooks::{AttemptOutcome, AttemptRecord, ClaimedDelivery, NextStep};
+use crate::store::webhooks::{AttemptOutcome, AttemptRecord, ClaimedDelivery, NextStep, SuspendPolicy};
 use crate::store::DynStore;
 
 /// How often the dispatcher looks for due deliveries when nothing woke it.
@@ -40,6 +40,8 @@ pub struct DispatcherSettings {
     /// Leases one subscription may hold at most (attempts in flight to one receiver), so that
     /// a receiver that never answers cannot take every slot.
     pub per_subscription: usize,
+    /// When a failing receiver's subscription is suspended.
+    pub suspend: SuspendPolicy,
 }
 
 /// Runs the dispatcher until `stopped` turns true; then waits for attempts in flight.
@@ -69,7 +71,8 @@ pub async fn run(
     let slots = Arc::new(Semaphore::new(settings.concurrency));
     let (results, queue) = mpsc::unbounded_channel();
     let recorded = Arc::new(Notify::new());
-    let recorder = tokio::spawn(record_results(store.clone(), queue, recorded.clone()));
+    let recorder =
+        tokio::spawn(record_results(store.clone(), queue, recorded.clone(), settings.suspend, metrics.clone()));
     let context = Arc::new(Sender { client, settings, owner, metrics, in_flight: Mutex::new(HashSet::new()) });
     claim_loop(&store, &context, &slots, &results, &recorded, stopped).await;
 
@@ -147,13 +150,29 @@ async fn claim_loop(
 
 /// Records attempt results, many per write; wakes the claim loop (`recorded`) after each write,
 /// since the leases it ended make room under the per-subscription cap.
-async fn record_results(store: DynStore, mut queue: mpsc::UnboundedReceiver<AttemptOutcome>, recorded: Arc<Notify>) {
+async fn record_results(
+    store: DynStore,
+    mut queue: mpsc::UnboundedReceiver<AttemptOutcome>,
+    recorded: Arc<Notify>,
+    policy: SuspendPolicy,
+    metrics: Arc<Metrics>,
+) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
     while queue.recv_many(&mut batch, RECORD_BATCH).await > 0 {
         let outcomes = std::mem::take(&mut batch);
-        if let Err(error) = store.record_attempts(outcomes, Timestamp::now()).await {
+        match store.record_attempts(outcomes, Timestamp::now(), policy).await {
+            Ok(suspensions) => {
+                for suspension in suspensions {
+                    tracing::warn!(
+                        subscription.id = %suspension.subscription_id,
+                        reason = suspension.reason.as_str(),
+                        "webhook subscription suspended; its deliveries are held until it is resumed"
+                    );
+                    metrics.webhook_suspended(suspension.reason);
+                }
+            }
             // The leases run out and the deliveries are attempted again: at least once.
-            tracing::warn!(%error, "could not record webhook attempts; they will be retried");
+            Err(error) => tracing::warn!(%error, "could not record webhook attempts; they will be retried"),
         }
         recorded.notify_one();
     }
@@ -176,22 +195,7 @@ impl Sender {
         results: mpsc::UnboundedSender<AttemptOutcome>,
     ) {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(delivery.id);
-        let started = Timestamp::now();
-        let body = cloud_event(&delivery);
-        let event_id = delivery.event_id.to_string();
-        let signature = match signature::secret_key(&delivery.signing_secret) {
-            Some(key) => signature::sign(&key, &event_id, started.seconds(), body.as_bytes()),
-            None => String::new(),
-        };
-        let headers = [
-            ("content-type", "application/json".to_owned()),
-            ("x-api-key", delivery.api_key.clone()),
-            ("x-request-id", event_id.clone()),
-            ("webhook-id", event_id),
-            ("webhook-timestamp", started.seconds().to_string()),
-            ("webhook-signature", signature),
-        ];
-        let result = self.client.post(&delivery.callback_url, &headers, body.into_bytes().into()).await;
+        let (started, result) = send(&self.client, &delivery).await;
         let next = next_step(&result, delivery.retry_index, &self.settings.retry_schedule, Timestamp::now());
         log_attempt(&delivery, &result, next);
         let end = if result.is_success() {
@@ -216,6 +220,31 @@ impl Sender {
             next,
         });
     }
+}
+
+/// Sends `delivery` once: its CloudEvent, signed with its secret (and with the replaced one
+/// during a rotation's overlap). Answers when the attempt started and what it came to.
+pub async fn send(client: &WebhookClient, delivery: &ClaimedDelivery) -> (Timestamp, AttemptResult) {
+    let started = Timestamp::now();
+    let body = cloud_event(delivery);
+    let event_id = delivery.event_id.to_string();
+    let signature = [Some(delivery.signing_secret.as_str()), delivery.previous_secret.as_deref()]
+        .into_iter()
+        .flatten()
+        .filter_map(signature::secret_key)
+        .map(|key| signature::sign(&key, &event_id, started.seconds(), body.as_bytes()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let headers = [
+        ("content-type", "application/json".to_owned()),
+        ("x-api-key", delivery.api_key.clone()),
+        ("x-request-id", event_id.clone()),
+        ("webhook-id", event_id),
+        ("webhook-timestamp", started.seconds().to_string()),
+        ("webhook-signature", signature),
+    ];
+    let result = client.post(&delivery.callback_url, &headers, body.into_bytes().into()).await;
+    (started, result)
 }
 
 fn log_attempt(delivery: &ClaimedDelivery, result: &AttemptResult, next: NextStep) {
@@ -331,12 +360,13 @@ mod tests {
         let delivery = ClaimedDelivery {
             id: Uuid::nil(),
             event_id: Uuid::max(),
-            event_type: crate::domain::event::EventType::RedirectSessionCancelled,
+            event_type: crate::domain::event::EventKind::RedirectSessionCancelled,
             event_time: Timestamp::from_millis(0),
             data: r#"{"id":"x"}"#.to_owned(),
             callback_url: String::new(),
             api_key: String::new(),
             signing_secret: String::new(),
+            previous_secret: None,
             attempts: 0,
             retry_index: 0,
         };

@@ -951,3 +951,59 @@ async fn a_customer_finishing_on_one_instance_races_the_merchant_cancelling_on_t
     assert_eq!(count(&sql, "SELECT count(*) FROM events").await, SESSIONS as i64, "no other events");
     let _ = writeln_stderr(&format!("{completed} completed, {cancelled} cancelled (the customer lost at {lost_at:?})"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_and_a_suspension_made_through_one_instance_hold_for_the_dispatchers_of_both() {
+    use crate::webhook_support::{verifying_entries, Receiver as Recording, Reply};
+    let Some(pair) = Pair::start(&["--webhook-retry-schedule", "100ms,100ms,100ms"]).await else { return };
+    let receiver = Recording::answering(204).await;
+    let id = Uuid::new_v4();
+    let path = format!("{BASE}/redirect-session-events/subscriptions/{id}");
+    let body = json!({"callbackUrl": receiver.url(), "apiKey": "callback-key", "eventTypes": [CANCELLED]});
+    let created = pair.a.call(Method::PUT, &path, &pair.key, Some(&body)).await;
+    assert_eq!(created.status, 201, "{}", String::from_utf8_lossy(&created.body));
+    let old = created.json()["signingSecret"].as_str().unwrap().to_owned();
+
+    // Rotated through B: whichever dispatcher sends, both signatures come.
+    let rotate = json!({"gracePeriodSeconds": 3600});
+    let rotated = pair.b.call(Method::POST, &format!("{path}/rotate-secret"), &pair.key, Some(&rotate)).await;
+    assert_eq!(rotated.status, 200, "{}", String::from_utf8_lossy(&rotated.body));
+    let new = rotated.json()["signingSecret"].as_str().unwrap().to_owned();
+    const FIRST: usize = 20;
+    for (i, session) in pair.create_sessions(FIRST).await.into_iter().enumerate() {
+        assert_eq!(pair.either(i).cancel_session(&pair.key, session).await.status, 200);
+    }
+    for request in receiver.wait_for_requests(FIRST).await {
+        assert_eq!(verifying_entries(&request, &new), [true, false]);
+        assert_eq!(verifying_entries(&request, &old), [false, true]);
+    }
+
+    // A 410 seen by one dispatcher suspends the subscription for both: every later event is held.
+    receiver.answer_from_now_on(Reply::Status(410));
+    let session = pair.create_sessions(1).await[0];
+    assert_eq!(pair.a.cancel_session(&pair.key, session).await.status, 200);
+    for instance in [&pair.a, &pair.b] {
+        until(DEADLINE, "the suspension to show on both instances", || async {
+            let read = instance.call(Method::GET, &path, &pair.key, None).await.json();
+            read["state"] == "Suspended" && read["suspendedReason"] == "ReceiverGone"
+        })
+        .await;
+    }
+    const LATER: usize = 10;
+    for (i, session) in pair.create_sessions(LATER).await.into_iter().enumerate() {
+        assert_eq!(pair.either(i).cancel_session(&pair.key, session).await.status, 200);
+    }
+    let sql = pair.database.sql().await;
+    assert_eq!(count(&sql, "SELECT count(*) FROM deliveries WHERE state = 'Held'").await, 1 + LATER as i64);
+    assert_eq!(receiver.received().len(), FIRST + 1, "nothing is sent while suspended");
+
+    // Resumed through B: both dispatchers send the held deliveries, once each.
+    receiver.answer_from_now_on(Reply::Status(204));
+    let resumed = pair.b.call(Method::POST, &format!("{path}/resume"), &pair.key, None).await;
+    assert_eq!((resumed.status, &resumed.json()["state"]), (200, &json!("Active")));
+    until(DEADLINE, "the held deliveries to be delivered", || async {
+        count(&sql, "SELECT count(*) FROM deliveries WHERE state = 'Delivered'").await == (FIRST + 1 + LATER) as i64
+    })
+    .await;
+    assert_eq!(receiver.received().len(), FIRST + 1 + LATER + 1, "the one that got 410 came again, once");
+}

@@ -19,6 +19,7 @@ mod session_rules;
 mod sessions;
 mod slow_clients;
 mod smoke;
+mod subscription_operations;
 mod subscriptions;
 mod tokens;
 mod webhooks;

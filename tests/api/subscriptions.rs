@@ -66,11 +66,15 @@ async fn a_new_subscription_answers_201_with_location_etag_and_a_signing_secret_
     let (status, headers, text) = parts(put_subscription(&server, id, &body).await).await;
     assert_eq!(status, 201, "{text}");
     let created = json_of(&text);
-    assert_eq!(members(&created), ["id", "callbackUrl", "eventTypes", "createdOn", "lastModifiedOn", "signingSecret"]);
+    assert_eq!(
+        members(&created),
+        ["id", "callbackUrl", "eventTypes", "createdOn", "lastModifiedOn", "state", "signingSecret"]
+    );
     assert_eq!(created["id"], json!(id));
     assert_eq!(created["callbackUrl"], "https://shop.example/hooks");
     assert_eq!(created["eventTypes"], json!([CANCELLED, EXPIRED]), "echoed in canonical order");
     assert_eq!(created["createdOn"], created["lastModifiedOn"]);
+    assert_eq!(created["state"], "Active");
     let secret = created["signingSecret"].as_str().unwrap();
     let key = STANDARD.decode(secret.strip_prefix("whsec_").expect("the whsec_ prefix")).expect("base64");
     assert_eq!(key.len(), 32, "{secret}");
@@ -137,7 +141,11 @@ async fn patch_replaces_all_three_fields_and_echoes_event_types_in_canonical_ord
     let (status, headers, text) = parts(patch(&server, id, &replacement).await).await;
     assert_eq!(status, 200, "{text}");
     let patched = json_of(&text);
-    assert_eq!(members(&patched), ["id", "callbackUrl", "eventTypes", "createdOn", "lastModifiedOn"], "no secret");
+    assert_eq!(
+        members(&patched),
+        ["id", "callbackUrl", "eventTypes", "createdOn", "lastModifiedOn", "state"],
+        "no secret"
+    );
     assert_eq!(patched["id"], json!(id));
     assert_eq!(patched["callbackUrl"], "https://shop.example/b");
     assert_eq!(patched["eventTypes"], json!([CANCELLED, EXPIRED, COMPLETED, ABORTED]));
@@ -308,7 +316,7 @@ async fn subscriptions_are_listed_newest_first_in_pages() {
     assert_eq!(ids(&second), newest_first[2..]);
     assert_eq!(second.get("nextCursor"), None, "{second}");
     let item = &second["items"][0];
-    assert_eq!(members(item), ["id", "callbackUrl", "eventTypes", "createdOn", "lastModifiedOn"]);
+    assert_eq!(members(item), ["id", "callbackUrl", "eventTypes", "createdOn", "lastModifiedOn", "state"]);
 
     for bad in ["limit=0", "limit=101", "limit=x", "cursor=garbage!"] {
         let response = server.request(Method::GET, &format!("{}?{bad}", subscriptions_path())).send().await.unwrap();

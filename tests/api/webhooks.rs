@@ -12,7 +12,7 @@ use crate::common::binary::{command, Served};
 use crate::common::*;
 use crate::webhook_support::*;
 use redirect_sessions::domain::time::Timestamp;
-use redirect_sessions::store::webhooks::{AttemptOutcome, AttemptRecord, NextStep, Retention};
+use redirect_sessions::store::webhooks::{AttemptOutcome, AttemptRecord, NextStep, Retention, SuspendPolicy};
 use redirect_sessions::webhooks::signature;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -36,11 +36,6 @@ fn assert_signed(request: &Received, secret: &str) -> i64 {
     assert!(!signature::verify(&key, id, timestamp + 1, &request.body, header));
     assert!(!signature::verify(&key, id, timestamp, b"{}", header));
     timestamp
-}
-
-/// The member names of a JSON object, in order.
-fn members(body: &Value) -> Vec<&str> {
-    body.as_object().unwrap_or_else(|| panic!("not an object: {body}")).keys().map(String::as_str).collect()
 }
 
 fn unix_now() -> i64 {
@@ -542,7 +537,8 @@ async fn a_delivery_claimed_by_a_dispatcher_that_died_is_sent_by_the_next_one_wi
         },
         next: NextStep::Failed,
     };
-    second.store().record_attempts(vec![late], Timestamp::now()).await.expect("recording works");
+    let policy = SuspendPolicy { failing_for: Duration::from_secs(3600) };
+    second.store().record_attempts(vec![late], Timestamp::now(), policy).await.expect("recording works");
     let after = deliveries_as(&second, &key, "").await;
     assert_eq!(after, [delivered], "unchanged");
     second.stop().await;

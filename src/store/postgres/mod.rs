@@ -31,15 +31,16 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use crate::domain::event::EventType;
+use crate::domain::event::{EventKind, EventType};
 use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
 use crate::secrets::{KeyRing, Resealed};
 use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
-    AttemptOutcome, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord, NextStep,
-    PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
+    AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
+    PutSubscriptionOutcome, RecoverOutcome, RecoverWindow, RedeliverOutcome, Retention, SecretRotation,
+    SubscriptionChange, SubscriptionRecord, SuspendPolicy, Suspension, TestDelivery,
 };
 use crate::store::{
     CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey, Kept, Merchant, SessionFilter,
@@ -400,6 +401,11 @@ fn parse_event_type(text: &str) -> Result<EventType> {
         .ok_or_else(|| internal(format!("unknown event type {text}")))
 }
 
+/// The kind of event a delivery carries, named `text`.
+fn parse_event_kind(text: &str) -> Result<EventKind> {
+    EventKind::parse(text).ok_or_else(|| internal(format!("unknown event type {text}")))
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn ready(&self) -> Result<()> {
@@ -543,7 +549,10 @@ impl Store for PostgresStore {
         guard: Option<Guard<ChangeSubscriptionOutcome>>,
     ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
         let ring = self.secrets.clone();
-        self.run(move |c| Box::pin(webhooks::patch_subscription(c, ring, change, spec, guard))).await
+        let (outcome, queued) =
+            self.run(move |c| Box::pin(webhooks::patch_subscription(c, ring, change, spec, guard))).await?;
+        self.queued_deliveries(queued);
+        Ok(outcome)
     }
 
     async fn delete_subscription_guarded(
@@ -553,6 +562,47 @@ impl Store for PostgresStore {
     ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
         let ring = self.secrets.clone();
         self.run(move |c| Box::pin(webhooks::delete_subscription(c, ring, change, guard))).await
+    }
+
+    async fn rotate_subscription_secret_guarded(
+        &self,
+        change: SubscriptionChange,
+        rotation: SecretRotation,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
+        let ring = self.secrets.clone();
+        self.run(move |c| Box::pin(webhooks::rotate_secret(c, ring, change, rotation, guard))).await
+    }
+
+    async fn resume_subscription_guarded(
+        &self,
+        change: SubscriptionChange,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
+        let ring = self.secrets.clone();
+        let (outcome, queued) =
+            self.run(move |c| Box::pin(webhooks::resume_subscription(c, ring, change, guard))).await?;
+        self.queued_deliveries(queued);
+        Ok(outcome)
+    }
+
+    async fn recover_deliveries_guarded(
+        &self,
+        change: SubscriptionChange,
+        window: RecoverWindow,
+        guard: Option<Guard<RecoverOutcome>>,
+    ) -> Result<Guarded<RecoverOutcome>> {
+        let (outcome, queued) = self.run(move |c| Box::pin(webhooks::recover(c, change, window, guard))).await?;
+        self.queued_deliveries(queued);
+        Ok(outcome)
+    }
+
+    async fn record_test_delivery_guarded(
+        &self,
+        test: TestDelivery,
+        guard: Option<Guard<AttemptRecord>>,
+    ) -> Result<Guarded<AttemptRecord>> {
+        self.run(move |c| Box::pin(webhooks::record_test_delivery(c, test, guard))).await
     }
 
     async fn dispatcher_started(&self, owner: Uuid) -> Result<usize> {
@@ -604,11 +654,16 @@ impl Store for PostgresStore {
         Ok(claimed)
     }
 
-    async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<()> {
-        let retries = outcomes.iter().any(|o| matches!(o.next, NextStep::RetryAt(_)));
-        self.run(move |c| Box::pin(webhooks::record_attempts(c, outcomes, now))).await?;
-        self.queued_deliveries(usize::from(retries));
-        Ok(())
+    async fn record_attempts(
+        &self,
+        outcomes: Vec<AttemptOutcome>,
+        now: Timestamp,
+        policy: SuspendPolicy,
+    ) -> Result<Vec<Suspension>> {
+        let (suspensions, queued) =
+            self.run(move |c| Box::pin(webhooks::record_attempts(c, outcomes, now, policy))).await?;
+        self.queued_deliveries(queued);
+        Ok(suspensions)
     }
 
     async fn release_claims(&self, owner: Uuid, ids: Vec<Uuid>) -> Result<()> {

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "idempotency session answers",
         include_str!("../../../migrations/postgres/0006_idempotency_session_answers.sql"),
     ),
+    (7, "subscription operations", include_str!("../../../migrations/postgres/0007_subscription_operations.sql")),
 ];
 
 /// Advisory lock keys (arbitrary constants; each names one critical section).

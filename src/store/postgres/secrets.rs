@@ -25,26 +25,35 @@ pub async fn reseal(client: &mut Client, ring: &KeyRing, rotate: bool) -> Result
     tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     let mut counts = Resealed::default();
 
-    let subscriptions = query(&tx, "SELECT id, api_key, signing_secret FROM subscriptions", &[]).await?;
+    let subscriptions =
+        query(&tx, "SELECT id, api_key, signing_secret, previous_secret FROM subscriptions", &[]).await?;
     for row in &subscriptions {
         let (id, api_key, secret): (Uuid, String, String) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let previous: Option<String> = row.try_get(3)?;
         let at = row_of(id);
         let new_key = reseal_text(ring, Column::SubscriptionApiKey, &at, &api_key, rotate)?;
         let new_secret = reseal_text(ring, Column::SubscriptionSigningSecret, &at, &secret, rotate)?;
-        if new_key.is_none() && new_secret.is_none() {
+        // The secret a rotation replaced is sealed under the same column and row.
+        let new_previous = match &previous {
+            Some(previous) => reseal_text(ring, Column::SubscriptionSigningSecret, &at, previous, rotate)?,
+            None => None,
+        };
+        if new_key.is_none() && new_secret.is_none() && new_previous.is_none() {
             counts.unchanged += 1;
             continue;
         }
         let changed = execute(
             &tx,
-            "UPDATE subscriptions SET api_key = $4, signing_secret = $5
-              WHERE id = $1 AND api_key = $2 AND signing_secret = $3",
+            "UPDATE subscriptions SET api_key = $5, signing_secret = $6, previous_secret = $7
+              WHERE id = $1 AND api_key = $2 AND signing_secret = $3 AND previous_secret IS NOT DISTINCT FROM $4",
             &[
                 &id,
                 &api_key,
                 &secret,
+                &previous,
                 &new_key.unwrap_or_else(|| api_key.clone()),
                 &new_secret.unwrap_or_else(|| secret.clone()),
+                &new_previous.or_else(|| previous.clone()),
             ],
         )
         .await?;

@@ -25,8 +25,10 @@ use crate::domain::token::KeyPair;
 use crate::store::customer::{CodeEntered, CodeRecorded, CustomerStore, Finish, Step, StepOutcome};
 use crate::store::sqlite::SqliteStore;
 use crate::store::webhooks::{
-    AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, DeliveryFilter, DeliveryState, NextStep,
-    PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionRecord,
+    AttemptOutcome, AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
+    DeliveryState, NextStep, PutSubscriptionOutcome, RecoverOutcome, RecoverWindow, RedeliverOutcome, Retention,
+    SecretRotation, SubscriptionChange, SubscriptionRecord, SubscriptionStatus, SuspendPolicy, SuspendReason,
+    Suspension, TestDelivery,
 };
 use crate::store::{
     CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey, Merchant, SessionFilter,
@@ -189,8 +191,13 @@ fn subscription(id: Uuid, merchant_id: Uuid, events: &[EventType], created_on: T
         created_on,
         last_modified_on: created_on,
         version: 1,
+        previous_secret: None,
+        status: SubscriptionStatus::Active,
     }
 }
+
+/// Suspends for a `410 Gone` only, never for the time a receiver has failed.
+const ONLY_GONE: SuspendPolicy = SuspendPolicy { failing_for: Duration::from_secs(10 * 365 * 86_400) };
 
 async fn merchant(store: &dyn Store, created_on: Timestamp) -> Uuid {
     let id = Uuid::now_v7();
@@ -234,7 +241,7 @@ async fn migrations_apply_twice_and_from_two_instances_at_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7]);
     // Pooled connections carry the statement timeout that bounds every query.
     let timeout = a
         .run(|c| Box::pin(async move { Ok(c.query_one("SHOW statement_timeout", &[]).await?.get::<_, String>(0)) }))
@@ -629,13 +636,13 @@ async fn claims_from_two_instances_never_overlap_and_expired_leases_move_on() {
         attempt: AttemptRecord { attempt, started_on: after, duration_ms: 12, status: Some(200), error: None },
         next: NextStep::Delivered,
     };
-    a.record_attempts(vec![outcome(owner_first, 1)], after).await.expect("records");
+    a.record_attempts(vec![outcome(owner_first, 1)], after, ONLY_GONE).await.expect("records");
     let pending = |store: Arc<PostgresStore>| async move {
         let filter = DeliveryFilter { state: Some(DeliveryState::Pending), limit: 100, ..DeliveryFilter::default() };
         store.list_deliveries(m, filter).await.expect("lists").len()
     };
     assert_eq!(pending(a.clone()).await, 60);
-    b.record_attempts(vec![outcome(owner_second, 2)], after).await.expect("records");
+    b.record_attempts(vec![outcome(owner_second, 2)], after, ONLY_GONE).await.expect("records");
     assert_eq!(pending(a.clone()).await, 59);
 }
 
@@ -946,6 +953,9 @@ struct Ids {
     sessions: [Uuid; 5],
     request: Uuid,
     guarded: Uuid,
+    /// Sessions and the test event of the subscription operations.
+    later_sessions: [Uuid; 2],
+    test_event: Uuid,
 }
 
 impl Ids {
@@ -959,6 +969,8 @@ impl Ids {
             sessions: [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()],
             request: Uuid::now_v7(),
             guarded: Uuid::now_v7(),
+            later_sessions: [Uuid::now_v7(), Uuid::now_v7()],
+            test_event: Uuid::now_v7(),
         }
     }
 }
@@ -1107,14 +1119,14 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
     // A result for a delivery this owner does not hold changes nothing.
     let mut stale = outcomes.clone();
     stale.iter_mut().for_each(|o| o.owner = Uuid::max());
-    store.record_attempts(stale, at(2_150)).await.expect("records");
-    store.record_attempts(outcomes, at(2_200)).await.expect("records");
+    store.record_attempts(stale, at(2_150), ONLY_GONE).await.expect("records");
+    store.record_attempts(outcomes, at(2_200), ONLY_GONE).await.expect("records");
     let describe = |list: Vec<crate::store::webhooks::DeliveryRecord>| {
         let mut lines: Vec<String> = list
             .iter()
             .map(|d| {
                 format!(
-                    "{} {} {} {:?} {:?} {} {} {:?}",
+                    "{} {:?} {} {:?} {:?} {} {} {:?}",
                     d.event_type.as_str(),
                     d.session_id,
                     d.subscription_id,
@@ -1223,8 +1235,87 @@ async fn scenario(store: &dyn Store, ids: &Ids) -> Vec<String> {
     log.push(format!("{:?}", store.purge(at(100_000), gone, 2).await));
     log.push(format!("{:?}", store.purge(at(100_000), gone, 100).await));
     log.push(format!("{:?}", store.purge(at(100_000), gone, 100).await));
-    log.extend(describe(store.list_deliveries(m1, all).await.expect("lists")));
+    log.extend(describe(store.list_deliveries(m1, all.clone()).await.expect("lists")));
+
+    // Operating a subscription: rotation, suspension, held deliveries, recovery, resumption,
+    // test deliveries.
+    let op = |ms: u64| at(200_000 + ms);
+    let sub_change = |merchant_id: Uuid, id: Uuid, if_match: Option<&str>, now: Timestamp| SubscriptionChange {
+        merchant_id,
+        id,
+        if_match: if_match.map(str::to_owned),
+        now,
+    };
+    let by_m2 = DeliveryFilter { limit: 100, ..DeliveryFilter::default() };
+    let hour = Duration::from_secs(3600);
+    for (tag, grace) in [(Some("\"7\""), hour), (Some("\"1\""), hour), (None, hour)] {
+        let rotation = SecretRotation { secret: format!("whsec_{grace:?}"), grace };
+        let outcome = store.rotate_subscription_secret_guarded(sub_change(m2, s3, tag, op(0)), rotation, None).await;
+        log.push(format!("{:?}", outcome.map(ran)));
+    }
+    let [f, g] = ids.later_sessions;
+    for (id, ms) in [(f, 1), (g, 5)] {
+        store.create_session(session(id, m2, spec_with(None, "5"), op(ms), ttl)).await.expect("creates");
+    }
+    log.push(format!("{:?}", store.cancel_session(request(m2, f, None, op(2))).await));
+    let mut claimed = store.claim_deliveries(owner, op(3), op(60_000), 10, 100).await.expect("claims");
+    claimed.retain(|d| d.callback_url.ends_with(&s3.to_string()));
+    for d in &claimed {
+        log.push(format!(
+            "claimed {} {} {:?} {}",
+            d.event_type.as_str(),
+            d.signing_secret,
+            d.previous_secret,
+            d.attempts
+        ));
+    }
+    let gone: Vec<AttemptOutcome> = claimed
+        .iter()
+        .map(|d| AttemptOutcome {
+            delivery_id: d.id,
+            owner,
+            attempt: AttemptRecord { attempt: 1, started_on: op(4), duration_ms: 7, status: Some(410), error: None },
+            next: NextStep::Failed,
+        })
+        .collect();
+    log.push(format!("{:?}", store.record_attempts(gone, op(4), ONLY_GONE).await));
+    log.push(format!("{:?}", store.get_subscription(s3).await));
+    log.push(format!("{:?}", store.cancel_session(request(m2, g, None, op(6))).await));
+    log.extend(describe(store.list_deliveries(m2, by_m2.clone()).await.expect("lists")));
+    log.push(format!("{:?}", store.delivery_backlog(op(7)).await));
+    let window = RecoverWindow { since: NOW, until: op(10), limit: 1 };
+    for (merchant, tag) in [(m1, None), (m2, Some("\"1\"")), (m2, None), (m2, None)] {
+        let outcome = store.recover_deliveries_guarded(sub_change(merchant, s3, tag, op(8)), window, None).await;
+        log.push(format!("{:?}", outcome.map(ran)));
+    }
+    log.push(format!("{:?}", store.resume_subscription_guarded(sub_change(m2, s3, None, op(9)), None).await.map(ran)));
+    log.push(format!("{:?}", store.resume_subscription_guarded(sub_change(m2, s3, None, op(10)), None).await.map(ran)));
+    log.extend(describe(store.list_deliveries(m2, by_m2.clone()).await.expect("lists")));
+    let test = TestDelivery {
+        merchant_id: m1,
+        subscription_id: s2,
+        event_id: ids.test_event,
+        time: op(11),
+        data: format!("{{\"subscriptionId\":\"{s2}\"}}"),
+        attempt: AttemptRecord {
+            attempt: 1,
+            started_on: op(11),
+            duration_ms: 9,
+            status: None,
+            error: Some("refused".to_owned()),
+        },
+        delivered: false,
+    };
+    log.push(format!("{:?}", store.record_test_delivery_guarded(test, None).await.map(ran)));
+    let only_s2 = DeliveryFilter { subscription_id: Some(s2), ..all };
+    log.extend(describe(store.list_deliveries(m1, only_s2).await.expect("lists")));
+    log.push(format!("{:?}", store.purge(op(500_000), gone_retention(), 100).await));
+    log.extend(describe(store.list_deliveries(m2, by_m2).await.expect("lists")));
     log
+}
+
+fn gone_retention() -> Retention {
+    Retention { deliveries: Duration::ZERO, idempotency: Duration::ZERO }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2045,4 +2136,600 @@ async fn a_record_an_earlier_version_left_without_an_answer_does_not_block_a_cre
         Some(Found::Replay(replay)) => assert_eq!(replay.answer, answer),
         other => panic!("the answer did not replace the old record: {other:?}"),
     }
+}
+
+// ----- Operating a subscription: secret rotation, suspension, resumption, recovery, tests -----
+
+fn change(merchant_id: Uuid, id: Uuid, if_match: Option<&str>, now: Timestamp) -> SubscriptionChange {
+    SubscriptionChange { merchant_id, id, if_match: if_match.map(str::to_owned), now }
+}
+
+/// The outcome of a write that ran without a guard.
+fn ran<O>(outcome: Guarded<O>) -> O {
+    match outcome {
+        Guarded::Ran(outcome, _) => outcome,
+        Guarded::Earlier(found) => panic!("a write without a key found a kept record: {found:?}"),
+    }
+}
+
+/// The record of a change that was done.
+fn done(outcome: Result<Guarded<ChangeSubscriptionOutcome>, StoreError>) -> SubscriptionRecord {
+    match ran(outcome.expect("answers")) {
+        ChangeSubscriptionOutcome::Done(record) => record,
+        other => panic!("not done: {other:?}"),
+    }
+}
+
+fn rotation(secret: &str, grace: Duration) -> SecretRotation {
+    SecretRotation { secret: secret.to_owned(), grace }
+}
+
+/// An attempt of the claimed `delivery` by `owner` started at `started_on`.
+fn attempted(
+    delivery: &ClaimedDelivery,
+    owner: Uuid,
+    started_on: Timestamp,
+    status: Option<u16>,
+    next: NextStep,
+) -> AttemptOutcome {
+    AttemptOutcome {
+        delivery_id: delivery.id,
+        owner,
+        attempt: AttemptRecord {
+            attempt: delivery.attempts + 1,
+            started_on,
+            duration_ms: 20,
+            status,
+            error: status.is_none().then(|| "connection refused".to_owned()),
+        },
+        next,
+    }
+}
+
+/// The deliveries of one subscription, newest first.
+async fn deliveries_of(store: &PostgresStore, m: Uuid, subscription: Uuid) -> Vec<DeliveryRecord> {
+    let filter = DeliveryFilter { subscription_id: Some(subscription), limit: 1000, ..DeliveryFilter::default() };
+    store.list_deliveries(m, filter).await.expect("lists")
+}
+
+fn in_state(deliveries: &[DeliveryRecord], state: DeliveryState) -> usize {
+    deliveries.iter().filter(|d| d.state == state).count()
+}
+
+fn state_of(deliveries: &[DeliveryRecord], id: Uuid) -> DeliveryState {
+    deliveries.iter().find(|d| d.id == id).expect("listed").state
+}
+
+/// The claimed deliveries of `subscription`, oldest event first.
+async fn claimed_of(
+    sql: &tokio_postgres::Client,
+    claimed: &[ClaimedDelivery],
+    subscription: Uuid,
+) -> Vec<ClaimedDelivery> {
+    let subscriptions = claimed_subscriptions(sql, claimed).await;
+    let ids: Vec<Uuid> = sql
+        .query(
+            "SELECT id FROM deliveries WHERE id = ANY($1) ORDER BY next_attempt_on, id",
+            &[&claimed.iter().map(|d| d.id).collect::<Vec<_>>()],
+        )
+        .await
+        .expect("reads")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut of: Vec<ClaimedDelivery> = ids
+        .iter()
+        .zip(&subscriptions)
+        .filter(|(_, s)| **s == subscription)
+        .map(|(id, _)| claimed.iter().find(|d| d.id == *id).expect("claimed").clone())
+        .collect();
+    of.sort_by_key(|d| (d.event_time, d.id));
+    of
+}
+
+async fn failing_since(sql: &tokio_postgres::Client, subscription: Uuid) -> Option<Timestamp> {
+    let row =
+        sql.query_one("SELECT failing_since FROM subscriptions WHERE id = $1", &[&subscription]).await.expect("reads");
+    super::ts_opt(&row, 0).expect("a time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_signing_secret_keeps_signing_beside_the_new_one_until_it_expires() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    let id = Uuid::now_v7();
+    let original = subscription(id, m, &ALL_EVENTS, NOW);
+    store.put_subscription(original.clone()).await.expect("subscribes");
+    cancelled_sessions(&store, m, 1, NOW).await;
+    let sealed_before: String =
+        sql.query_one("SELECT signing_secret FROM subscriptions WHERE id = $1", &[&id]).await.expect("reads").get(0);
+
+    let at = NOW.plus(Duration::from_secs(1));
+    let grace = Duration::from_secs(3600);
+    for (merchant, subscription, tag, expected) in [
+        (Uuid::now_v7(), id, None, "OtherMerchant"),
+        (m, Uuid::now_v7(), None, "NotFound"),
+        (m, id, Some("\"2\""), "VersionMismatch"),
+    ] {
+        let outcome = store
+            .rotate_subscription_secret_guarded(
+                change(merchant, subscription, tag, at),
+                rotation("whsec_x", grace),
+                None,
+            )
+            .await
+            .expect("answers");
+        assert_eq!(format!("{:?}", ran(outcome)), expected);
+    }
+    let rotated = done(
+        store
+            .rotate_subscription_secret_guarded(change(m, id, Some("\"1\""), at), rotation("whsec_new", grace), None)
+            .await,
+    );
+    assert_eq!(rotated.signing_secret, "whsec_new");
+    let previous =
+        crate::store::webhooks::PreviousSecret { secret: original.signing_secret.clone(), expires_on: at.plus(grace) };
+    assert_eq!(rotated.previous_secret, Some(previous));
+    assert_eq!((rotated.version, rotated.last_modified_on, rotated.status), (2, at, SubscriptionStatus::Active));
+    assert_eq!(store.get_subscription(id).await.expect("reads"), Some(rotated.clone()));
+    // The replaced secret is copied as it was sealed; neither is ever stored in clear.
+    let row = sql
+        .query_one("SELECT previous_secret, signing_secret FROM subscriptions WHERE id = $1", &[&id])
+        .await
+        .expect("reads");
+    assert_eq!(row.get::<_, String>(0), sealed_before);
+    assert!(!row.get::<_, String>(1).contains("whsec_new"));
+
+    // Deliveries are signed with both while the replaced one signs, and not from its expiry on.
+    let owner = Uuid::now_v7();
+    let lease = Duration::from_secs(60);
+    let claimed = store.claim_deliveries(owner, at, at.plus(lease), 10, 10).await.expect("claims");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].signing_secret, "whsec_new");
+    assert_eq!(claimed[0].previous_secret.as_deref(), Some(original.signing_secret.as_str()));
+    store.release_claims(owner, vec![claimed[0].id]).await.expect("releases");
+    let expiry = at.plus(grace);
+    let claimed = store.claim_deliveries(owner, expiry, expiry.plus(lease), 10, 10).await.expect("claims");
+    assert_eq!((claimed.len(), claimed[0].previous_secret.as_deref()), (1, None));
+    store.release_claims(owner, vec![claimed[0].id]).await.expect("releases");
+
+    // Without a grace period the replaced secret stops signing at once, and so does the one an
+    // earlier rotation replaced.
+    let later = at.plus(Duration::from_secs(2));
+    let again = done(
+        store
+            .rotate_subscription_secret_guarded(
+                change(m, id, None, later),
+                rotation("whsec_newer", Duration::ZERO),
+                None,
+            )
+            .await,
+    );
+    assert_eq!((again.signing_secret.as_str(), &again.previous_secret, again.version), ("whsec_newer", &None, 3));
+    let cleared: bool = sql
+        .query_one(
+            "SELECT previous_secret IS NULL AND previous_secret_expires_on IS NULL FROM subscriptions WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("reads")
+        .get(0);
+    assert!(cleared);
+    let claimed = store.claim_deliveries(owner, later, later.plus(lease), 10, 10).await.expect("claims");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].signing_secret.as_str(), claimed[0].previous_secret.as_deref()), ("whsec_newer", None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_secrets_key_seals_the_replaced_signing_secret_again_too() {
+    use crate::secrets::{KeyRing, SecretKey};
+    let db = test_db!();
+    let (old, new) = (SecretKey::generate().expect("a key"), SecretKey::generate().expect("a key"));
+    let open = |ring: KeyRing| PostgresStore::open(&db.url, SETTINGS, true, Arc::new(ring));
+    let store = open(KeyRing::new(old.clone(), Vec::new())).await.expect("opens");
+    let m = merchant(&store, NOW).await;
+    let id = Uuid::now_v7();
+    let original = subscription(id, m, &ALL_EVENTS, NOW);
+    store.put_subscription(original.clone()).await.expect("subscribes");
+    let grace = Duration::from_secs(3600);
+    done(store.rotate_subscription_secret_guarded(change(m, id, None, NOW), rotation("whsec_new", grace), None).await);
+    cancelled_sessions(&store, m, 1, NOW).await;
+    drop(store);
+
+    let rotating = open(KeyRing::new(new.clone(), vec![old])).await.expect("opens with both keys");
+    assert_eq!(rotating.rotate_secrets().await.expect("rotates").subscriptions, 1);
+    drop(rotating);
+    // With the new key alone (opening checks that every secret opens), the replaced one too.
+    let store = open(KeyRing::new(new, Vec::new())).await.expect("every secret opens with the new key");
+    let record = store.get_subscription(id).await.expect("reads").expect("exists");
+    assert_eq!(record.previous_secret.map(|p| p.secret), Some(original.signing_secret.clone()));
+    let claimed = store.claim_deliveries(Uuid::now_v7(), NOW, NOW.plus(grace), 10, 10).await.expect("claims");
+    assert_eq!(claimed.len(), 1, "its secrets open");
+    assert_eq!(claimed[0].previous_secret.as_deref(), Some(original.signing_secret.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_receiver_is_suspended_and_its_deliveries_are_held() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    let (gone, healthy) = (Uuid::now_v7(), Uuid::now_v7());
+    for id in [gone, healthy] {
+        store.put_subscription(subscription(id, m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    }
+    cancelled_sessions(&store, m, 3, NOW).await;
+    let at = NOW.plus(Duration::from_secs(1));
+    let lease = Duration::from_secs(60);
+    let owner = Uuid::now_v7();
+    let claimed = store.claim_deliveries(owner, at, at.plus(lease), 100, 100).await.expect("claims");
+    assert_eq!(claimed.len(), 6);
+    let (to_gone, to_healthy) = (claimed_of(&sql, &claimed, gone).await, claimed_of(&sql, &claimed, healthy).await);
+    assert_eq!((to_gone.len(), to_healthy.len()), (3, 3));
+
+    // One 410 suspends the subscription: its delivery to retry is held, one failed for good stays
+    // failed, and its other pending deliveries, leased ones too, are held. Other subscriptions
+    // go on.
+    let retry = NextStep::RetryAt(at.plus(lease));
+    let suspensions = store
+        .record_attempts(
+            vec![
+                attempted(&to_gone[0], owner, at, Some(410), retry),
+                attempted(&to_gone[1], owner, at, Some(500), NextStep::Failed),
+                attempted(&to_healthy[0], owner, at, Some(500), retry),
+            ],
+            at,
+            ONLY_GONE,
+        )
+        .await
+        .expect("records");
+    assert_eq!(suspensions, [Suspension { subscription_id: gone, reason: SuspendReason::ReceiverGone }]);
+    let record = store.get_subscription(gone).await.expect("reads").expect("exists");
+    assert_eq!(record.status, SubscriptionStatus::Suspended { since: at, reason: SuspendReason::ReceiverGone });
+    assert_eq!((record.version, record.last_modified_on), (2, at));
+    assert_eq!(
+        store.get_subscription(healthy).await.expect("reads").expect("exists").status,
+        SubscriptionStatus::Active
+    );
+    let listed = deliveries_of(&store, m, gone).await;
+    assert_eq!(
+        [to_gone[0].id, to_gone[1].id, to_gone[2].id].map(|id| state_of(&listed, id)),
+        [DeliveryState::Held, DeliveryState::Failed, DeliveryState::Held]
+    );
+    assert!(listed.iter().all(|d| d.next_attempt_on.is_none()), "only pending deliveries are due");
+    assert_eq!(listed.iter().find(|d| d.id == to_gone[0].id).expect("listed").attempts.len(), 1);
+    let leases: i64 = sql
+        .query_one("SELECT count(*) FROM deliveries WHERE subscription_id = $1 AND lease_owner IS NOT NULL", &[&gone])
+        .await
+        .expect("counts")
+        .get(0);
+    assert_eq!(leases, 0, "the held deliveries' leases are void");
+    assert_eq!(in_state(&deliveries_of(&store, m, healthy).await, DeliveryState::Pending), 3);
+
+    // The result of an attempt whose lease the suspension voided is kept, and changes nothing.
+    let late = store
+        .record_attempts(vec![attempted(&to_gone[2], owner, at, Some(204), NextStep::Delivered)], at, ONLY_GONE)
+        .await
+        .expect("records");
+    assert!(late.is_empty());
+    let listed = deliveries_of(&store, m, gone).await;
+    assert_eq!(state_of(&listed, to_gone[2].id), DeliveryState::Held);
+    assert_eq!(listed.iter().find(|d| d.id == to_gone[2].id).expect("listed").attempts.len(), 1);
+
+    // New events: held for the suspended subscription, pending for the other.
+    cancelled_sessions(&store, m, 1, at).await;
+    assert_eq!(in_state(&deliveries_of(&store, m, gone).await, DeliveryState::Held), 3);
+    assert_eq!(in_state(&deliveries_of(&store, m, healthy).await, DeliveryState::Pending), 4);
+    // Held deliveries are never claimed, and are counted apart.
+    let later = at.plus(lease).plus(Duration::from_secs(1));
+    let backlog = store.delivery_backlog(later).await.expect("counts");
+    assert_eq!((backlog.pending, backlog.held), (4, 3));
+    let claimed = store.claim_deliveries(Uuid::now_v7(), later, later.plus(lease), 100, 100).await.expect("claims");
+    assert_eq!(claimed_subscriptions(&sql, &claimed).await, [healthy; 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_failing_for_long_enough_is_suspended() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let policy = SuspendPolicy { failing_for: Duration::from_secs(600) };
+    let minutes = |n: u64| NOW.plus(Duration::from_secs(60 * n));
+    let m = merchant(&store, NOW).await;
+    let id = Uuid::now_v7();
+    store.put_subscription(subscription(id, m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    cancelled_sessions(&store, m, 3, NOW).await;
+    let owner = Uuid::now_v7();
+    let claimed = store.claim_deliveries(owner, NOW, minutes(60), 100, 100).await.expect("claims");
+    let claimed = claimed_of(&sql, &claimed, id).await;
+    assert_eq!(claimed.len(), 3);
+
+    // A failure begins a run of failures, a success ends it.
+    let first = attempted(&claimed[0], owner, NOW, Some(500), NextStep::RetryAt(minutes(1)));
+    assert!(store.record_attempts(vec![first], NOW, policy).await.expect("records").is_empty());
+    assert_eq!(failing_since(&sql, id).await, Some(NOW));
+    let delivered = attempted(&claimed[1], owner, NOW, Some(204), NextStep::Delivered);
+    assert!(store.record_attempts(vec![delivered], NOW, policy).await.expect("records").is_empty());
+    assert_eq!(failing_since(&sql, id).await, None);
+
+    // A new run, not yet long enough…
+    let retried = store.claim_deliveries(owner, minutes(1), minutes(60), 100, 100).await.expect("claims");
+    assert_eq!(retried.iter().map(|d| d.id).collect::<Vec<_>>(), [claimed[0].id]);
+    let second = attempted(&retried[0], owner, minutes(1), None, NextStep::RetryAt(minutes(20)));
+    assert!(store.record_attempts(vec![second], minutes(1), policy).await.expect("records").is_empty());
+    assert_eq!(failing_since(&sql, id).await, Some(minutes(1)));
+    assert_eq!(store.get_subscription(id).await.expect("reads").expect("exists").status, SubscriptionStatus::Active);
+    // …then long enough: suspended, the delivery to retry held, and so is the one pending.
+    let third = attempted(&claimed[2], owner, minutes(11), Some(503), NextStep::RetryAt(minutes(30)));
+    let suspensions = store.record_attempts(vec![third], minutes(11), policy).await.expect("records");
+    assert_eq!(suspensions, [Suspension { subscription_id: id, reason: SuspendReason::ReceiverFailing }]);
+    let record = store.get_subscription(id).await.expect("reads").expect("exists");
+    assert_eq!(
+        record.status,
+        SubscriptionStatus::Suspended { since: minutes(11), reason: SuspendReason::ReceiverFailing }
+    );
+    let listed = deliveries_of(&store, m, id).await;
+    assert_eq!(
+        claimed.iter().map(|d| state_of(&listed, d.id)).collect::<Vec<_>>(),
+        [DeliveryState::Held, DeliveryState::Delivered, DeliveryState::Held]
+    );
+    // New events of a suspended subscription are held.
+    cancelled_sessions(&store, m, 1, minutes(12)).await;
+    assert_eq!(in_state(&deliveries_of(&store, m, id).await, DeliveryState::Held), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_queues_the_held_deliveries_and_a_patch_resumes_too() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    let id = Uuid::now_v7();
+    let original = subscription(id, m, &ALL_EVENTS, NOW);
+    store.put_subscription(original.clone()).await.expect("subscribes");
+    cancelled_sessions(&store, m, 2, NOW).await;
+    let owner = Uuid::now_v7();
+    let hour = Duration::from_secs(3600);
+    let claimed = store.claim_deliveries(owner, NOW, NOW.plus(hour), 100, 100).await.expect("claims");
+    let gone = attempted(&claimed[0], owner, NOW, Some(410), NextStep::RetryAt(NOW.plus(hour)));
+    assert_eq!(store.record_attempts(vec![gone], NOW, ONLY_GONE).await.expect("records").len(), 1);
+    assert_eq!(in_state(&deliveries_of(&store, m, id).await, DeliveryState::Held), 2);
+
+    let at = NOW.plus(Duration::from_secs(60));
+    for (merchant, subscription, tag, expected) in [
+        (Uuid::now_v7(), id, None, "OtherMerchant"),
+        (m, Uuid::now_v7(), None, "NotFound"),
+        (m, id, Some("\"1\""), "VersionMismatch"),
+    ] {
+        let outcome = store.resume_subscription_guarded(change(merchant, subscription, tag, at), None).await;
+        assert_eq!(format!("{:?}", ran(outcome.expect("answers"))), expected);
+    }
+    let wake = store.deliveries_queued();
+    let resumed = done(store.resume_subscription_guarded(change(m, id, Some("\"2\""), at), None).await);
+    assert_eq!((resumed.status, resumed.version, resumed.last_modified_on), (SubscriptionStatus::Active, 3, at));
+    assert_eq!(resumed.spec, original.spec);
+    assert_eq!(store.get_subscription(id).await.expect("reads"), Some(resumed.clone()));
+    assert!(wake_pending(&wake) || woken(&wake, HANG_GUARD).await, "the dispatcher is woken");
+    let listed = deliveries_of(&store, m, id).await;
+    assert!(listed.iter().all(|d| d.state == DeliveryState::Pending && d.next_attempt_on == Some(at)), "{listed:?}");
+    assert_eq!(failing_since(&sql, id).await, None);
+    let claimed = store.claim_deliveries(owner, at, at.plus(hour), 100, 100).await.expect("claims");
+    assert_eq!(claimed.len(), 2, "due at once");
+
+    // An active subscription is answered as it is.
+    let again = done(store.resume_subscription_guarded(change(m, id, None, at.plus(hour)), None).await);
+    assert_eq!(again, resumed);
+
+    // A PATCH of a suspended subscription resumes it, even with the same fields.
+    let gone = attempted(&claimed[0], owner, at, Some(410), NextStep::RetryAt(at.plus(hour)));
+    assert_eq!(store.record_attempts(vec![gone], at, ONLY_GONE).await.expect("records").len(), 1);
+    assert_eq!(in_state(&deliveries_of(&store, m, id).await, DeliveryState::Held), 2);
+    let later = at.plus(Duration::from_secs(1));
+    let patched = match store.patch_subscription(m, id, original.spec.clone(), None, later).await.expect("patches") {
+        ChangeSubscriptionOutcome::Done(record) => record,
+        other => panic!("not patched: {other:?}"),
+    };
+    assert_eq!((patched.status, patched.version, patched.last_modified_on), (SubscriptionStatus::Active, 5, later));
+    let listed = deliveries_of(&store, m, id).await;
+    assert!(listed.iter().all(|d| d.state == DeliveryState::Pending && d.next_attempt_on == Some(later)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovering_queues_the_failed_deliveries_of_a_window_oldest_first() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    let id = Uuid::now_v7();
+    store.put_subscription(subscription(id, m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let second = |n: u64| NOW.plus(Duration::from_secs(n));
+    // Five events a second apart; every delivery fails for good but the third.
+    for n in 0..5 {
+        cancelled_sessions(&store, m, 1, second(n)).await;
+    }
+    let owner = Uuid::now_v7();
+    let claimed = store.claim_deliveries(owner, second(10), second(70), 100, 100).await.expect("claims");
+    let claimed = claimed_of(&sql, &claimed, id).await;
+    assert_eq!(claimed.iter().map(|d| d.event_time).collect::<Vec<_>>(), (0..5).map(second).collect::<Vec<_>>());
+    let outcomes = claimed
+        .iter()
+        .enumerate()
+        .map(|(n, d)| match n {
+            2 => attempted(d, owner, second(10), Some(204), NextStep::Delivered),
+            _ => attempted(d, owner, second(10), Some(500), NextStep::Failed),
+        })
+        .collect();
+    store.record_attempts(outcomes, second(10), ONLY_GONE).await.expect("records");
+    let states = || async {
+        let listed = deliveries_of(&store, m, id).await;
+        claimed.iter().map(|d| state_of(&listed, d.id)).collect::<Vec<_>>()
+    };
+    use DeliveryState::{Delivered, Failed, Held, Pending};
+    assert_eq!(states().await, [Failed, Failed, Delivered, Failed, Failed]);
+
+    // [1 s, 4 s): the failed ones of the second and fourth events, one at a time.
+    let window = |limit: usize| RecoverWindow { since: second(1), until: second(4), limit };
+    let recover = |merchant: Uuid, subscription: Uuid, window: RecoverWindow, now: Timestamp| {
+        let store = &store;
+        async move {
+            ran(store
+                .recover_deliveries_guarded(change(merchant, subscription, None, now), window, None)
+                .await
+                .expect("answers"))
+        }
+    };
+    assert_eq!(recover(Uuid::now_v7(), id, window(1), second(20)).await, RecoverOutcome::OtherMerchant);
+    assert_eq!(recover(m, Uuid::now_v7(), window(1), second(20)).await, RecoverOutcome::NotFound);
+    let stale_tag = store
+        .recover_deliveries_guarded(change(m, id, Some("\"9\""), second(20)), window(1), None)
+        .await
+        .expect("answers");
+    assert!(!matches!(ran(stale_tag), RecoverOutcome::Queued { .. }), "an If-Match that does not match");
+    let wake = store.deliveries_queued();
+    assert_eq!(recover(m, id, window(1), second(20)).await, RecoverOutcome::Queued { queued: 1, more: true });
+    assert!(wake_pending(&wake) || woken(&wake, HANG_GUARD).await, "the dispatcher is woken");
+    assert_eq!(states().await, [Failed, Pending, Delivered, Failed, Failed]);
+    let listed = deliveries_of(&store, m, id).await;
+    assert_eq!(listed.iter().find(|d| d.id == claimed[1].id).expect("listed").next_attempt_on, Some(second(20)));
+    let row = sql
+        .query_one(
+            "SELECT retry_index, lease_owner IS NULL, last_modified_on = $2 FROM deliveries WHERE id = $1",
+            &[&claimed[1].id, &super::Ts(second(20))],
+        )
+        .await
+        .expect("reads");
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, bool>(1), row.get::<_, bool>(2)), (0, true, true));
+    assert_eq!(recover(m, id, window(1), second(21)).await, RecoverOutcome::Queued { queued: 1, more: false });
+    assert_eq!(states().await, [Failed, Pending, Delivered, Pending, Failed]);
+    assert_eq!(recover(m, id, window(10), second(22)).await, RecoverOutcome::Queued { queued: 0, more: false });
+
+    // While the subscription is suspended, recovered deliveries are held.
+    let retried = store.claim_deliveries(owner, second(30), second(90), 100, 100).await.expect("claims");
+    assert_eq!(retried.len(), 2);
+    let gone = attempted(&retried[0], owner, second(30), Some(410), NextStep::RetryAt(second(90)));
+    assert_eq!(store.record_attempts(vec![gone], second(30), ONLY_GONE).await.expect("records").len(), 1);
+    let all = RecoverWindow { since: NOW, until: second(5), limit: 10 };
+    assert_eq!(recover(m, id, all, second(40)).await, RecoverOutcome::Queued { queued: 2, more: false });
+    assert_eq!(states().await, [Held, Held, Delivered, Held, Held]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_delivery_is_recorded_with_its_one_attempt_and_belongs_to_no_session() {
+    let db = test_db!();
+    let store = db.open().await;
+    let m = merchant(&store, NOW).await;
+    let id = Uuid::now_v7();
+    store.put_subscription(subscription(id, m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    let data = format!("{{\"subscriptionId\":\"{id}\"}}");
+    let attempt = AttemptRecord { attempt: 1, started_on: NOW, duration_ms: 12, status: Some(401), error: None };
+    let test = TestDelivery {
+        merchant_id: m,
+        subscription_id: id,
+        event_id: Uuid::now_v7(),
+        time: NOW,
+        data: data.clone(),
+        attempt: attempt.clone(),
+        delivered: false,
+    };
+    assert_eq!(ran(store.record_test_delivery_guarded(test.clone(), None).await.expect("records")), attempt);
+    let listed = deliveries_of(&store, m, id).await;
+    assert_eq!(listed.len(), 1);
+    let delivery = &listed[0];
+    assert_eq!(
+        (delivery.event_id, delivery.event_type, delivery.session_id, delivery.state, delivery.next_attempt_on),
+        (test.event_id, crate::domain::event::EventKind::RedirectSessionTest, None, DeliveryState::Failed, None)
+    );
+    assert_eq!((delivery.created_on, delivery.last_modified_on), (NOW, NOW.plus(Duration::from_millis(12))));
+    assert_eq!(delivery.attempts, std::slice::from_ref(&attempt));
+    // Never retried…
+    let later = NOW.plus(Duration::from_secs(60));
+    assert!(store
+        .claim_deliveries(Uuid::now_v7(), later, later.plus(later.since(NOW)), 10, 10)
+        .await
+        .expect("claims")
+        .is_empty());
+    // …but redelivered on request, with its data as written.
+    match store.redeliver(m, delivery.id, later).await.expect("redelivers") {
+        RedeliverOutcome::Queued(queued) => assert_eq!(queued.state, DeliveryState::Pending),
+        other => panic!("not queued: {other:?}"),
+    }
+    let claimed = store
+        .claim_deliveries(Uuid::now_v7(), later, later.plus(Duration::from_secs(60)), 10, 10)
+        .await
+        .expect("claims");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        (claimed[0].event_type, claimed[0].event_time, claimed[0].data.as_str()),
+        (crate::domain::event::EventKind::RedirectSessionTest, NOW, data.as_str())
+    );
+
+    // Under a guard the answer is kept with it; a second run of the same request records nothing.
+    let guard = || Guard {
+        key: IdempotencyKey { merchant_id: m, request_id: Uuid::max() },
+        fingerprint: [7; 32],
+        now: later,
+        answer: Box::new(|attempt: &AttemptRecord| StoredResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: format!("{:?}", attempt.status).into_bytes(),
+            session: None,
+        }),
+        seal: None,
+    };
+    let delivered = AttemptRecord { status: Some(204), started_on: later, ..attempt.clone() };
+    let test =
+        TestDelivery { event_id: Uuid::now_v7(), time: later, attempt: delivered.clone(), delivered: true, ..test };
+    match store.record_test_delivery_guarded(test.clone(), Some(guard())).await.expect("records") {
+        Guarded::Ran(outcome, Some(kept)) => {
+            assert_eq!(outcome, delivered);
+            assert_eq!(kept.body, b"Some(204)");
+        }
+        other => panic!("not run under its guard: {other:?}"),
+    }
+    let replay = TestDelivery { event_id: Uuid::now_v7(), ..test };
+    let again = store.record_test_delivery_guarded(replay, Some(guard())).await.expect("answers");
+    assert!(matches!(again, Guarded::Earlier(Found::Replay(_))), "{again:?}");
+    let listed = deliveries_of(&store, m, id).await;
+    assert_eq!(listed.len(), 2);
+    assert_eq!(in_state(&listed, DeliveryState::Delivered), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_keeps_held_deliveries_and_their_events() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    let (gone, healthy) = (Uuid::now_v7(), Uuid::now_v7());
+    for id in [gone, healthy] {
+        store.put_subscription(subscription(id, m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    }
+    cancelled_sessions(&store, m, 2, NOW).await;
+    let owner = Uuid::now_v7();
+    let hour = Duration::from_secs(3600);
+    let claimed = store.claim_deliveries(owner, NOW, NOW.plus(hour), 100, 100).await.expect("claims");
+    let (to_gone, to_healthy) = (claimed_of(&sql, &claimed, gone).await, claimed_of(&sql, &claimed, healthy).await);
+    let mut outcomes = vec![attempted(&to_gone[0], owner, NOW, Some(410), NextStep::RetryAt(NOW.plus(hour)))];
+    outcomes.extend(to_healthy.iter().map(|d| attempted(d, owner, NOW, Some(204), NextStep::Delivered)));
+    assert_eq!(store.record_attempts(outcomes, NOW, ONLY_GONE).await.expect("records").len(), 1);
+
+    let everything = Retention { deliveries: Duration::ZERO, idempotency: Duration::ZERO };
+    let far = NOW.plus(Duration::from_secs(400 * 86_400));
+    assert!(store.purge(far, everything, 100).await.expect("purges") >= 4, "the delivered ones and their attempts");
+    assert!(deliveries_of(&store, m, healthy).await.is_empty());
+    let held = deliveries_of(&store, m, gone).await;
+    assert_eq!(in_state(&held, DeliveryState::Held), 2);
+    assert_eq!(held.iter().map(|d| d.attempts.len()).sum::<usize>(), 1, "with their attempts");
+    let events: Vec<Uuid> = held.iter().map(|d| d.event_id).collect();
+    let kept: i64 =
+        sql.query_one("SELECT count(*) FROM events WHERE id = ANY($1)", &[&events]).await.expect("counts").get(0);
+    assert_eq!(kept, 2, "and their events");
+    assert_eq!(store.purge(far, everything, 100).await.expect("purges"), 0);
+
+    // Resumed, they are sent with their events.
+    done(store.resume_subscription_guarded(change(m, gone, None, far), None).await);
+    let claimed = store.claim_deliveries(owner, far, far.plus(hour), 100, 100).await.expect("claims");
+    assert_eq!(claimed.len(), 2);
 }

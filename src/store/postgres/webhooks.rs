@@ -3,7 +3,14 @@
 //! `SKIP LOCKED`, recording attempts, and retention.
 //!
 //! Lock order, so that writers on different instances never wait on each other in a cycle:
-//! a subscription row before its deliveries, and several deliveries in id order.
+//! a subscription row before its deliveries, several subscriptions in id order, and several
+//! deliveries in id order.
+//!
+//! A subscription's `state` is changed only under a `FOR UPDATE` lock on its row (suspending,
+//! resuming, deleting), which conflicts with the `FOR KEY SHARE` that queuing an event takes:
+//! so a delivery is queued either before the change (and the change holds or queues it with
+//! the others) or after it (and sees the new state), never `Pending` for a suspended one nor
+//! `Held` for an active one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,17 +22,18 @@ use uuid::Uuid;
 
 use super::idempotency::finish;
 use super::{
-    execute, int8, internal, listen, parse_event_type, query, query_one, query_opt, ts, ts_opt, Client, Result, Sql, Ts,
+    execute, int8, internal, listen, parse_event_kind, query, query_one, query_opt, ts, ts_opt, Client, Result, Sql, Ts,
 };
-use crate::domain::event::EventType;
+use crate::domain::event::{EventKind, EventType};
 use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
 use crate::secrets::KeyRing;
-use crate::store::sealing::{open_claimed, open_subscription, seal_api_key};
+use crate::store::sealing::{open_claimed, open_subscription, seal_api_key, seal_signing_secret};
 use crate::store::webhooks::{
     decide_redelivery, AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimPicker, ClaimedDelivery,
-    DeliveryFilter, DeliveryRecord, DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverDecision,
-    RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
+    DeliveryFilter, DeliveryRecord, DeliveryState, NextStep, PreviousSecret, PutSubscriptionOutcome, RecoverOutcome,
+    RecoverWindow, RedeliverDecision, RedeliverOutcome, Retention, SecretRotation, SubscriptionChange,
+    SubscriptionRecord, SubscriptionStatus, SuspendPolicy, SuspendReason, Suspension, TestDelivery, NO_SESSION,
 };
 use crate::store::{etag_matches, Guard, Guarded};
 
@@ -39,11 +47,12 @@ pub struct NewEvent {
 }
 
 /// Inserts `events` and queues one delivery per event and subscription of its merchant that
-/// wants it, in the caller's transaction; answers how many deliveries. The subscriptions are
-/// read `FOR KEY SHARE`: a concurrent `delete_subscription` (which locks its row `FOR UPDATE`
-/// first) either waits for this commit and then cancels these deliveries too, or commits
-/// first and its subscription is no longer matched here. Either way no delivery stays pending
-/// for a deleted subscription.
+/// wants it, in the caller's transaction (`Held` for a suspended subscription); answers how
+/// many deliveries became `Pending`. The subscriptions are read `FOR KEY SHARE`: a concurrent
+/// `delete_subscription` (which locks its row `FOR UPDATE` first) either waits for this commit
+/// and then cancels these deliveries too, or commits first and its subscription is no longer
+/// matched here. Either way no delivery stays pending for a deleted subscription; and likewise
+/// for suspending and resuming (see the module's comment).
 pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: Timestamp) -> Result<usize> {
     if events.is_empty() {
         return Ok(0);
@@ -67,30 +76,36 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: Times
     let mut distinct = merchants.clone();
     distinct.sort_unstable();
     distinct.dedup();
-    // Newest first, the order SQLite reads them in (through its by-merchant index).
+    // Locked in id order (see the module's comment); answered newest first, the order SQLite
+    // reads them in (through its by-merchant index). A row locked `FOR UPDATE` meanwhile is
+    // read again once free, so its `state` is the one committed.
     let subscriptions = query(
         tx,
-        "SELECT id, merchant_id, event_mask FROM subscriptions
-          WHERE merchant_id = ANY($1) AND (event_mask & $2) <> 0
-          ORDER BY created_on DESC, id DESC
-            FOR KEY SHARE",
+        "WITH locked AS MATERIALIZED (
+             SELECT id, merchant_id, event_mask, state, created_on FROM subscriptions
+              WHERE merchant_id = ANY($1) AND (event_mask & $2) <> 0
+              ORDER BY id
+                FOR KEY SHARE
+         )
+         SELECT id, merchant_id, event_mask, state = 'Suspended' FROM locked ORDER BY created_on DESC, id DESC",
         &[&distinct, &mask_param(wanted)],
     )
     .await?
     .iter()
-    .map(|row| Ok((row.try_get::<_, Uuid>(0)?, row.try_get::<_, Uuid>(1)?, row.try_get::<_, i32>(2)?)))
-    .collect::<Result<Vec<_>>>()?;
+    .map(|row| Ok((row.try_get::<_, Uuid>(0)?, row.try_get::<_, Uuid>(1)?, row.try_get::<_, i32>(2)?, row.try_get(3)?)))
+    .collect::<Result<Vec<(Uuid, Uuid, i32, bool)>>>()?;
 
-    let (mut delivery_ids, mut event_ids, mut subscription_ids, mut merchant_ids) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut delivery_ids, mut event_ids, mut subscription_ids, mut merchant_ids, mut states) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for event in events {
         let bit = EventMask::of(event.kind).bits();
-        for (subscription, merchant, mask) in &subscriptions {
+        for (subscription, merchant, mask, suspended) in &subscriptions {
             if *merchant == event.merchant_id && i64::from(*mask) & bit != 0 {
                 delivery_ids.push(Uuid::now_v7());
                 event_ids.push(event.id);
                 subscription_ids.push(*subscription);
                 merchant_ids.push(*merchant);
+                states.push(if *suspended { DeliveryState::Held } else { DeliveryState::Pending }.as_str());
             }
         }
     }
@@ -101,13 +116,17 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: Times
         tx,
         "INSERT INTO deliveries (id, event_id, subscription_id, merchant_id, state, next_attempt_on, created_on,
                                  last_modified_on)
-         SELECT id, event_id, subscription_id, merchant_id, 'Pending', $5, $5, $5
-           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[]) AS d(id, event_id, subscription_id, merchant_id)",
-        &[&delivery_ids, &event_ids, &subscription_ids, &merchant_ids, &Ts(now)],
+         SELECT id, event_id, subscription_id, merchant_id, state, $6, $6, $6
+           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[])
+             AS d(id, event_id, subscription_id, merchant_id, state)",
+        &[&delivery_ids, &event_ids, &subscription_ids, &merchant_ids, &states, &Ts(now)],
     )
     .await?;
-    notify_dispatchers(tx).await?;
-    Ok(delivery_ids.len())
+    let pending = states.iter().filter(|state| **state == DeliveryState::Pending.as_str()).count();
+    if pending > 0 {
+        notify_dispatchers(tx).await?;
+    }
+    Ok(pending)
 }
 
 /// Wakes every instance's dispatcher when the caller's transaction commits (PostgreSQL sends
@@ -122,10 +141,18 @@ fn mask_param(bits: i64) -> i32 {
     i32::try_from(bits).unwrap_or(0)
 }
 
-const SUBSCRIPTION_COLUMNS: &str =
-    "id, merchant_id, callback_url, api_key, event_mask, signing_secret, created_on, last_modified_on, version";
+const SUBSCRIPTION_COLUMNS: &str = "id, merchant_id, callback_url, api_key, event_mask, signing_secret, created_on,
+     last_modified_on, version, previous_secret, previous_secret_expires_on, state, suspended_on, suspended_reason";
 
 fn subscription_from_row(row: &Row) -> Result<SubscriptionRecord> {
+    let previous_secret = match (row.try_get::<_, Option<String>>(9)?, ts_opt(row, 10)?) {
+        (Some(secret), Some(expires_on)) => Some(PreviousSecret { secret, expires_on }),
+        _ => None,
+    };
+    let state: &str = row.try_get(11)?;
+    let reason: Option<&str> = row.try_get(13)?;
+    let status = SubscriptionStatus::from_columns(state, ts_opt(row, 12)?, reason)
+        .ok_or_else(|| internal(format!("subscription state {state} with reason {reason:?}")))?;
     Ok(SubscriptionRecord {
         id: row.try_get(0)?,
         merchant_id: row.try_get(1)?,
@@ -138,6 +165,8 @@ fn subscription_from_row(row: &Row) -> Result<SubscriptionRecord> {
         created_on: ts(row, 6)?,
         last_modified_on: ts(row, 7)?,
         version: row.try_get(8)?,
+        previous_secret,
+        status,
     })
 }
 
@@ -169,12 +198,17 @@ pub async fn put_subscription(
 }
 
 async fn put_in(tx: &Transaction<'_>, record: SubscriptionRecord) -> Result<PutSubscriptionOutcome> {
+    let (suspended_on, reason) = match record.status {
+        SubscriptionStatus::Active => (None, None),
+        SubscriptionStatus::Suspended { since, reason } => (Some(Ts(since)), Some(reason.as_str())),
+    };
     // A subscription deleted between the insert and the read is inserted again.
     for _ in 0..3 {
         let inserted = execute(
             tx,
             &format!(
-                "INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                "INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
                  ON CONFLICT (id) DO NOTHING"
             ),
             &[
@@ -187,6 +221,11 @@ async fn put_in(tx: &Transaction<'_>, record: SubscriptionRecord) -> Result<PutS
                 &Ts(record.created_on),
                 &Ts(record.last_modified_on),
                 &record.version,
+                &record.previous_secret.as_ref().map(|p| p.secret.as_str()),
+                &record.previous_secret.as_ref().map(|p| Ts(p.expires_on)),
+                &record.status.state(),
+                &suspended_on,
+                &reason,
             ],
         )
         .await?;
@@ -222,34 +261,33 @@ pub async fn list_subscriptions(
 /// The merchant's subscription locked with `lock`, or why it cannot be changed.
 async fn owned_subscription(
     tx: &Transaction<'_>,
-    merchant_id: Uuid,
-    id: Uuid,
-    if_match: Option<&str>,
+    change: &SubscriptionChange,
     lock: &str,
 ) -> Result<std::result::Result<SubscriptionRecord, ChangeSubscriptionOutcome>> {
-    Ok(match load_subscription(tx, id, lock).await? {
+    Ok(match load_subscription(tx, change.id, lock).await? {
         None => Err(ChangeSubscriptionOutcome::NotFound),
-        Some(s) if s.merchant_id != merchant_id => Err(ChangeSubscriptionOutcome::OtherMerchant),
-        Some(s) if if_match.is_some_and(|tag| !etag_matches(tag, &format!("\"{}\"", s.version))) => {
+        Some(s) if s.merchant_id != change.merchant_id => Err(ChangeSubscriptionOutcome::OtherMerchant),
+        Some(s) if change.if_match.as_deref().is_some_and(|tag| !etag_matches(tag, &format!("\"{}\"", s.version))) => {
             Err(ChangeSubscriptionOutcome::VersionMismatch)
         }
         Some(s) => Ok(s),
     })
 }
 
-/// Replaces all three fields of a merchant's subscription; answers the record opened. The
-/// row is locked before the `If-Match` check, so of two PATCHes with the same tag only the
-/// first succeeds.
+/// Replaces all three fields of a merchant's subscription, resuming it when suspended (its
+/// held deliveries are then queued); answers the record opened and how many deliveries it
+/// queued. The row is locked before the `If-Match` check, so of two PATCHes with the same tag
+/// only the first succeeds.
 pub async fn patch_subscription(
     c: &mut Client,
     ring: Arc<KeyRing>,
     change: SubscriptionChange,
     spec: SubscriptionSpec,
     guard: Option<Guard<ChangeSubscriptionOutcome>>,
-) -> Result<Guarded<ChangeSubscriptionOutcome>> {
+) -> Result<(Guarded<ChangeSubscriptionOutcome>, usize)> {
     let tx = c.transaction().await?;
-    let outcome = patch_in(&tx, &ring, &change, spec).await?;
-    Ok(finish(tx, guard, outcome, 0).await?.0)
+    let (outcome, queued) = patch_in(&tx, &ring, &change, spec).await?;
+    finish(tx, guard, outcome, queued).await
 }
 
 async fn patch_in(
@@ -257,13 +295,13 @@ async fn patch_in(
     ring: &KeyRing,
     change: &SubscriptionChange,
     spec: SubscriptionSpec,
-) -> Result<ChangeSubscriptionOutcome> {
+) -> Result<(ChangeSubscriptionOutcome, usize)> {
     let (id, now) = (change.id, change.now);
-    let mut record =
-        match owned_subscription(tx, change.merchant_id, id, change.if_match.as_deref(), "FOR NO KEY UPDATE").await? {
-            Ok(record) => open_subscription(ring, record)?,
-            Err(outcome) => return Ok(outcome),
-        };
+    let mut record = match owned_subscription(tx, change, "FOR NO KEY UPDATE").await? {
+        Ok(record) => open_subscription(ring, record)?,
+        Err(outcome) => return Ok((outcome, 0)),
+    };
+    let queued = resume_in(tx, &mut record, now).await?;
     if record.spec != spec {
         let sealed_key = seal_api_key(ring, id, &spec.api_key)?;
         execute(
@@ -278,11 +316,241 @@ async fn patch_in(
         record.last_modified_on = now;
         record.version += 1;
     }
+    Ok((ChangeSubscriptionOutcome::Done(record), queued))
+}
+
+/// Resumes `record` (read under a lock) when it is suspended: active again, its run of
+/// failures forgotten, its held deliveries pending now (with a `NOTIFY`); answers how many it
+/// queued (0 for an active one, which stays as it is). The row is locked `FOR UPDATE` first
+/// (see the module's comment).
+async fn resume_in(tx: &Transaction<'_>, record: &mut SubscriptionRecord, now: Timestamp) -> Result<usize> {
+    if record.status == SubscriptionStatus::Active {
+        return Ok(0);
+    }
+    execute(tx, "SELECT 1 FROM subscriptions WHERE id = $1 FOR UPDATE", &[&record.id]).await?;
+    execute(
+        tx,
+        "UPDATE subscriptions SET state = 'Active', suspended_on = NULL, suspended_reason = NULL,
+                failing_since = NULL, version = version + 1, last_modified_on = $2
+          WHERE id = $1",
+        &[&record.id, &Ts(now)],
+    )
+    .await?;
+    let queued = execute(
+        tx,
+        "WITH held AS MATERIALIZED (
+             SELECT id FROM deliveries WHERE subscription_id = $1 AND state = 'Held' ORDER BY id FOR NO KEY UPDATE)
+         UPDATE deliveries d SET state = 'Pending', next_attempt_on = $2, lease_owner = NULL, lease_until = NULL,
+                last_modified_on = $2
+           FROM held WHERE d.id = held.id",
+        &[&record.id, &Ts(now)],
+    )
+    .await?;
+    if queued > 0 {
+        notify_dispatchers(tx).await?;
+    }
+    record.status = SubscriptionStatus::Active;
+    record.version += 1;
+    record.last_modified_on = now;
+    Ok(usize::try_from(queued).unwrap_or(usize::MAX))
+}
+
+/// Resumes a merchant's suspended subscription and queues its held deliveries (an active one
+/// is answered as it is); answers the record opened and how many deliveries it queued.
+pub async fn resume_subscription(
+    c: &mut Client,
+    ring: Arc<KeyRing>,
+    change: SubscriptionChange,
+    guard: Option<Guard<ChangeSubscriptionOutcome>>,
+) -> Result<(Guarded<ChangeSubscriptionOutcome>, usize)> {
+    let tx = c.transaction().await?;
+    let (outcome, queued) = match owned_subscription(&tx, &change, "FOR NO KEY UPDATE").await? {
+        Ok(record) => {
+            let mut record = open_subscription(&ring, record)?;
+            let queued = resume_in(&tx, &mut record, change.now).await?;
+            (ChangeSubscriptionOutcome::Done(record), queued)
+        }
+        Err(outcome) => (outcome, 0),
+    };
+    finish(tx, guard, outcome, queued).await
+}
+
+/// Makes `rotation.secret` a merchant's subscription's signing secret. The replaced one is
+/// copied as it is sealed (same column and row) and keeps signing for the grace period; with
+/// none, no earlier secret signs any more. Answers the record opened.
+pub async fn rotate_secret(
+    c: &mut Client,
+    ring: Arc<KeyRing>,
+    change: SubscriptionChange,
+    rotation: SecretRotation,
+    guard: Option<Guard<ChangeSubscriptionOutcome>>,
+) -> Result<Guarded<ChangeSubscriptionOutcome>> {
+    let tx = c.transaction().await?;
+    let outcome = rotate_in(&tx, &ring, &change, &rotation).await?;
+    Ok(finish(tx, guard, outcome, 0).await?.0)
+}
+
+async fn rotate_in(
+    tx: &Transaction<'_>,
+    ring: &KeyRing,
+    change: &SubscriptionChange,
+    rotation: &SecretRotation,
+) -> Result<ChangeSubscriptionOutcome> {
+    let (id, now) = (change.id, change.now);
+    let mut record = match owned_subscription(tx, change, "FOR NO KEY UPDATE").await? {
+        Ok(record) => open_subscription(ring, record)?,
+        Err(outcome) => return Ok(outcome),
+    };
+    let overlap = !rotation.grace.is_zero();
+    let expires_on = now.plus(rotation.grace);
+    let sealed = seal_signing_secret(ring, id, &rotation.secret)?;
+    // The right-hand sides read the row as it was: the replaced secret, not the new one.
+    execute(
+        tx,
+        "UPDATE subscriptions
+            SET previous_secret = CASE WHEN $3 THEN signing_secret END,
+                previous_secret_expires_on = CASE WHEN $3 THEN $4::timestamptz END,
+                signing_secret = $2, version = version + 1, last_modified_on = $5
+          WHERE id = $1",
+        &[&id, &sealed, &overlap, &Ts(expires_on), &Ts(now)],
+    )
+    .await?;
+    let replaced = std::mem::replace(&mut record.signing_secret, rotation.secret.clone());
+    record.previous_secret = overlap.then_some(PreviousSecret { secret: replaced, expires_on });
+    record.version += 1;
+    record.last_modified_on = now;
     Ok(ChangeSubscriptionOutcome::Done(record))
 }
 
-/// Removes a merchant's subscription and cancels its queued deliveries (see `record_events`
-/// for why the subscription is locked `FOR UPDATE` first); answers the removed record opened.
+/// Queues again up to `window.limit` failed deliveries of a merchant's subscription whose
+/// event lies in `[since, until)`, oldest first, with a fresh retry schedule (held while it is
+/// suspended); answers what it came to and how many became pending.
+pub async fn recover(
+    c: &mut Client,
+    change: SubscriptionChange,
+    window: RecoverWindow,
+    guard: Option<Guard<RecoverOutcome>>,
+) -> Result<(Guarded<RecoverOutcome>, usize)> {
+    let tx = c.transaction().await?;
+    let (outcome, queued) = recover_in(&tx, &change, window).await?;
+    finish(tx, guard, outcome, queued).await
+}
+
+async fn recover_in(
+    tx: &Transaction<'_>,
+    change: &SubscriptionChange,
+    window: RecoverWindow,
+) -> Result<(RecoverOutcome, usize)> {
+    // The lock makes a concurrent suspension (`FOR UPDATE`) wait, so the state read here holds
+    // until the commit.
+    let subscription = match owned_subscription(tx, change, "FOR NO KEY UPDATE").await? {
+        Ok(record) => record,
+        Err(ChangeSubscriptionOutcome::OtherMerchant) => return Ok((RecoverOutcome::OtherMerchant, 0)),
+        // `RecoverOutcome` has no answer of its own for a tag that does not match.
+        Err(_) => return Ok((RecoverOutcome::NotFound, 0)),
+    };
+    let state = match subscription.status {
+        SubscriptionStatus::Active => DeliveryState::Pending,
+        SubscriptionStatus::Suspended { .. } => DeliveryState::Held,
+    };
+    // A delivery is created in the transaction of its event, with its time: the window is read
+    // over `deliveries_by_subscription`. One more than the limit is read to tell whether more
+    // are left; those taken are locked in id order and checked again under their lock.
+    let row = query_one(
+        tx,
+        "WITH chosen AS MATERIALIZED (
+             SELECT id, created_on FROM deliveries
+              WHERE subscription_id = $1 AND created_on >= $2 AND created_on < $3 AND state = 'Failed'
+              ORDER BY created_on, id LIMIT $5
+         ), taken AS MATERIALIZED (
+             SELECT d.id FROM deliveries d
+              WHERE d.id IN (SELECT id FROM chosen ORDER BY created_on, id LIMIT $4) AND d.state = 'Failed'
+              ORDER BY d.id FOR NO KEY UPDATE
+         ), queued AS (
+             UPDATE deliveries d SET state = $6, retry_index = 0, next_attempt_on = $7, lease_owner = NULL,
+                    lease_until = NULL, last_modified_on = $7
+               FROM taken WHERE d.id = taken.id
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM chosen), (SELECT count(*) FROM queued)",
+        &[
+            &change.id,
+            &Ts(window.since),
+            &Ts(window.until),
+            &int8(window.limit),
+            &int8(window.limit.saturating_add(1)),
+            &state.as_str(),
+            &Ts(change.now),
+        ],
+    )
+    .await?;
+    let (chosen, queued): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    let more = usize::try_from(chosen).unwrap_or(usize::MAX) > window.limit;
+    let queued = u64::try_from(queued).unwrap_or(0);
+    let pending = if state == DeliveryState::Pending { usize::try_from(queued).unwrap_or(usize::MAX) } else { 0 };
+    if pending > 0 {
+        notify_dispatchers(tx).await?;
+    }
+    Ok((RecoverOutcome::Queued { queued, more }, pending))
+}
+
+/// Records a test event (of no session), its finished delivery and its one attempt in one
+/// transaction; under a guard, keeps the answer in the same transaction.
+pub async fn record_test_delivery(
+    c: &mut Client,
+    test: TestDelivery,
+    guard: Option<Guard<AttemptRecord>>,
+) -> Result<Guarded<AttemptRecord>> {
+    let int = |n: i64| i32::try_from(n).map_err(|_| internal(format!("{n} does not fit an integer column")));
+    let delivery_id = Uuid::now_v7();
+    let state = if test.delivered { DeliveryState::Delivered } else { DeliveryState::Failed };
+    let finished = Timestamp::from_millis(test.time.millis().saturating_add(test.attempt.duration_ms.max(0)));
+    let a = &test.attempt;
+    let tx = c.transaction().await?;
+    // `data` goes in as text: the server parses it, and `event_data_text` writes it back.
+    execute(
+        &tx,
+        "INSERT INTO events (id, merchant_id, session_id, type, data, created_on)
+         VALUES ($1, $2, $3, $4, $5::text::jsonb, $6)",
+        &[
+            &test.event_id,
+            &test.merchant_id,
+            &NO_SESSION,
+            &EventKind::RedirectSessionTest.as_str(),
+            &test.data,
+            &Ts(test.time),
+        ],
+    )
+    .await?;
+    execute(
+        &tx,
+        "INSERT INTO deliveries (id, event_id, subscription_id, merchant_id, state, attempts, retry_index,
+                                 next_attempt_on, created_on, last_modified_on)
+         VALUES ($1, $2, $3, $4, $5, 1, 0, $6, $6, $7)",
+        &[
+            &delivery_id,
+            &test.event_id,
+            &test.subscription_id,
+            &test.merchant_id,
+            &state.as_str(),
+            &Ts(test.time),
+            &Ts(finished),
+        ],
+    )
+    .await?;
+    execute(
+        &tx,
+        "INSERT INTO delivery_attempts (delivery_id, attempt, started_on, duration_ms, status, error)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&delivery_id, &int(a.attempt)?, &Ts(a.started_on), &a.duration_ms, &a.status.map(i32::from), &a.error],
+    )
+    .await?;
+    Ok(finish(tx, guard, test.attempt, 0).await?.0)
+}
+
+/// Removes a merchant's subscription and cancels its queued and held deliveries (see
+/// `record_events` for why the subscription is locked `FOR UPDATE` first); answers the removed
+/// record opened.
 pub async fn delete_subscription(
     c: &mut Client,
     ring: Arc<KeyRing>,
@@ -300,14 +568,15 @@ async fn delete_in(
     change: &SubscriptionChange,
 ) -> Result<ChangeSubscriptionOutcome> {
     let (id, now) = (change.id, change.now);
-    let record = match owned_subscription(tx, change.merchant_id, id, change.if_match.as_deref(), "FOR UPDATE").await? {
+    let record = match owned_subscription(tx, change, "FOR UPDATE").await? {
         Ok(record) => open_subscription(ring, record)?,
         Err(outcome) => return Ok(outcome),
     };
     execute(
         tx,
         "WITH doomed AS MATERIALIZED (
-             SELECT id FROM deliveries WHERE subscription_id = $1 AND state = 'Pending' ORDER BY id FOR NO KEY UPDATE)
+             SELECT id FROM deliveries WHERE subscription_id = $1 AND state IN ('Pending', 'Held')
+              ORDER BY id FOR NO KEY UPDATE)
          UPDATE deliveries d SET state = 'Cancelled', lease_owner = NULL, lease_until = NULL, last_modified_on = $2
            FROM doomed WHERE d.id = doomed.id",
         &[&id, &Ts(now)],
@@ -400,7 +669,8 @@ async fn claimable<C: GenericClient>(
 }
 
 /// Leases those of `candidates` still due and free to `owner` until `lease_until`; answers
-/// them with what is needed to send them. `SKIP LOCKED` lets dispatchers on several instances
+/// them with what is needed to send them (the replaced signing secret while it still signs at
+/// `now`). `SKIP LOCKED` lets dispatchers on several instances
 /// claim at once without waiting on each other, and a row claimed by another in the meantime
 /// is re-checked under its lock (its lease no longer due) and passed over: no delivery is
 /// claimed twice.
@@ -424,7 +694,8 @@ async fn lease_candidates(
              RETURNING d.id, d.event_id, d.subscription_id, d.attempts, d.retry_index, d.next_attempt_on
          )
          SELECT c.id, c.event_id, e.type, e.created_on, e.data, s.callback_url, s.api_key, s.signing_secret,
-                c.attempts, c.retry_index, s.id
+                c.attempts, c.retry_index, s.id,
+                CASE WHEN s.previous_secret_expires_on > $3 THEN s.previous_secret END
            FROM claimed c JOIN events e ON e.id = c.event_id JOIN subscriptions s ON s.id = c.subscription_id
           ORDER BY c.next_attempt_on, c.id",
         &[&owner, &Ts(lease_until), &Ts(now), &candidates],
@@ -501,12 +772,13 @@ pub async fn claim_deliveries(
             ClaimedDelivery {
                 id: row.try_get(0)?,
                 event_id: row.try_get(1)?,
-                event_type: parse_event_type(row.try_get(2)?)?,
+                event_type: parse_event_kind(row.try_get(2)?)?,
                 event_time: ts(row, 3)?,
                 data: event_data_text(&data),
                 callback_url: row.try_get(5)?,
                 api_key: row.try_get(6)?,
                 signing_secret: row.try_get(7)?,
+                previous_secret: row.try_get(11)?,
                 attempts: i64::from(row.try_get::<_, i32>(8)?),
                 retry_index: i64::from(row.try_get::<_, i32>(9)?),
             }
@@ -543,12 +815,30 @@ fn event_data_text(data: &serde_json::Value) -> String {
     serde_json::Value::Object(ordered).to_string()
 }
 
+/// A subscription's receiver while a batch of attempts is recorded.
+struct Receiver {
+    suspended: bool,
+    /// As stored, and as the batch leaves it.
+    failing_since: (Option<Timestamp>, Option<Timestamp>),
+    /// Set when the batch suspends it.
+    suspend: Option<SuspendReason>,
+}
+
 /// Records attempts and moves their deliveries on, each only while `owner` still holds its
-/// lease (a dispatcher whose lease ran out cannot overwrite the new owner's work). One
-/// transaction, two statements, whatever the batch size.
-pub async fn record_attempts(c: &mut Client, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<()> {
+/// lease (a dispatcher whose lease ran out cannot overwrite the new owner's work). Keeps each
+/// receiver's run of failures (`failing_since`: when its current run of failed attempts began)
+/// and suspends subscriptions as `policy` says: their pending deliveries are then held, leased
+/// ones too (whose results are then refused: they go out again on resume), and a delivery to
+/// retry becomes held instead of pending. Answers the subscriptions it suspended and how many
+/// deliveries it queued. One transaction of a few statements, whatever the batch size.
+pub async fn record_attempts(
+    c: &mut Client,
+    outcomes: Vec<AttemptOutcome>,
+    now: Timestamp,
+    policy: SuspendPolicy,
+) -> Result<(Vec<Suspension>, usize)> {
     if outcomes.is_empty() {
-        return Ok(());
+        return Ok((Vec::new(), 0));
     }
     let int = |n: i64| i32::try_from(n).map_err(|_| internal(format!("{n} does not fit an integer column")));
     let mut attempt_rows = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -563,22 +853,10 @@ pub async fn record_attempts(c: &mut Client, outcomes: Vec<AttemptOutcome>, now:
     }
     // SQLite applies outcomes one by one, and the first for a delivery clears its lease, so a
     // later one for the same delivery changes nothing: keep only the first per delivery.
-    let mut seen = std::collections::HashSet::new();
-    let mut moves = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for outcome in outcomes.iter().filter(|o| seen.insert(o.delivery_id)) {
-        let (state, retry_step, next) = match outcome.next {
-            NextStep::Delivered => (DeliveryState::Delivered, 0, now),
-            NextStep::Failed => (DeliveryState::Failed, 1, now),
-            NextStep::RetryAt(at) => (DeliveryState::Pending, 1, at),
-        };
-        moves.0.push(outcome.delivery_id);
-        moves.1.push(outcome.owner);
-        moves.2.push(state.as_str());
-        moves.3.push(int(outcome.attempt.attempt)?);
-        moves.4.push(retry_step);
-        moves.5.push(Ts(next));
-    }
-    let retries = outcomes.iter().any(|o| matches!(o.next, NextStep::RetryAt(_)));
+    let mut seen = HashSet::new();
+    let firsts: Vec<&AttemptOutcome> = outcomes.iter().filter(|o| seen.insert(o.delivery_id)).collect();
+    let ids: Vec<Uuid> = firsts.iter().map(|o| o.delivery_id).collect();
+    let owners: Vec<Uuid> = firsts.iter().map(|o| o.owner).collect();
 
     let tx = c.transaction().await?;
     execute(
@@ -589,29 +867,149 @@ pub async fn record_attempts(c: &mut Client, outcomes: Vec<AttemptOutcome>, now:
         &[&attempt_rows.0, &attempt_rows.1, &attempt_rows.2, &attempt_rows.3, &attempt_rows.4, &attempt_rows.5],
     )
     .await?;
+    // In lock order: the subscriptions (their state and run of failures, in id order), then the
+    // deliveries whose lease `owner` still holds (in id order). `UNION ALL` runs its branches in
+    // turn. A delivery's subscription never changes, so it is read before its row is locked.
+    let rows = query(
+        &tx,
+        "WITH receivers AS MATERIALIZED (
+             SELECT id, state = 'Suspended' AS suspended, failing_since FROM subscriptions
+              WHERE id IN (SELECT subscription_id FROM deliveries WHERE id = ANY($1))
+              ORDER BY id FOR NO KEY UPDATE
+         ), leased AS MATERIALIZED (
+             SELECT d.id, d.subscription_id FROM deliveries d
+               JOIN unnest($1::uuid[], $2::uuid[]) AS o(id, owner) ON o.id = d.id
+              WHERE d.lease_owner = o.owner AND d.state = 'Pending'
+              ORDER BY d.id FOR NO KEY UPDATE OF d
+         )
+         SELECT NULL::uuid, id, suspended, failing_since FROM receivers
+         UNION ALL
+         SELECT id, subscription_id, NULL, NULL FROM leased",
+        &[&ids, &owners],
+    )
+    .await?;
+    let mut receivers: HashMap<Uuid, Receiver> = HashMap::new();
+    let mut leased: HashMap<Uuid, Uuid> = HashMap::new();
+    for row in &rows {
+        let subscription: Uuid = row.try_get(1)?;
+        match row.try_get::<_, Option<Uuid>>(0)? {
+            Some(delivery) => {
+                leased.insert(delivery, subscription);
+            }
+            None => {
+                let failing_since = ts_opt(row, 3)?;
+                let suspended = row.try_get(2)?;
+                receivers.insert(
+                    subscription,
+                    Receiver { suspended, failing_since: (failing_since, failing_since), suspend: None },
+                );
+            }
+        }
+    }
+
+    // In the order recorded, as SQLite does: a success ends a run of failures; a failure
+    // starts one or goes on with it, and may suspend the subscription.
+    let mut suspensions = Vec::new();
+    for outcome in &firsts {
+        let Some(receiver) = leased.get(&outcome.delivery_id).and_then(|s| receivers.get_mut(s).map(|r| (s, r))) else {
+            // The lease is gone (another dispatcher sends it again): only the attempt is kept.
+            continue;
+        };
+        let (subscription, receiver) = receiver;
+        if outcome.next == NextStep::Delivered {
+            receiver.failing_since.1 = None;
+            continue;
+        }
+        let since = *receiver.failing_since.1.get_or_insert(outcome.attempt.started_on);
+        if !receiver.suspended {
+            if let Some(reason) = policy.decide(outcome.attempt.status, since, now) {
+                receiver.suspended = true;
+                receiver.suspend = Some(reason);
+                suspensions.push(Suspension { subscription_id: *subscription, reason });
+            }
+        }
+    }
+
+    let mut moves = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut queued = 0;
+    for outcome in firsts.iter().filter(|o| leased.contains_key(&o.delivery_id)) {
+        let suspended =
+            leased.get(&outcome.delivery_id).and_then(|s| receivers.get(s)).is_some_and(|receiver| receiver.suspended);
+        let (state, retry_step, next) = match outcome.next {
+            NextStep::Delivered => (DeliveryState::Delivered, 0, now),
+            NextStep::Failed => (DeliveryState::Failed, 1, now),
+            NextStep::RetryAt(_) if suspended => (DeliveryState::Held, 1, now),
+            NextStep::RetryAt(at) => (DeliveryState::Pending, 1, at),
+        };
+        queued += usize::from(state == DeliveryState::Pending);
+        moves.0.push(outcome.delivery_id);
+        moves.1.push(outcome.owner);
+        moves.2.push(state.as_str());
+        moves.3.push(int(outcome.attempt.attempt)?);
+        moves.4.push(retry_step);
+        moves.5.push(Ts(next));
+    }
+    let mut changed = (Vec::new(), Vec::new(), Vec::new());
+    for (id, receiver) in &receivers {
+        if receiver.suspend.is_some() || receiver.failing_since.0 != receiver.failing_since.1 {
+            changed.0.push(*id);
+            changed.1.push(receiver.failing_since.1.map(Ts));
+            changed.2.push(receiver.suspend.map(SuspendReason::as_str));
+        }
+    }
+    let mut suspended: Vec<Uuid> = suspensions.iter().map(|s| s.subscription_id).collect();
+    suspended.sort_unstable();
+    if !suspended.is_empty() {
+        // Changing the state takes `FOR UPDATE` (see the module's comment): events being
+        // queued for these subscriptions commit first, and their deliveries are held below.
+        execute(&tx, "SELECT 1 FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE", &[&suspended]).await?;
+    }
     execute(
         &tx,
         "WITH outcome AS (
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::int4[], $6::timestamptz[])
                AS o(id, owner, state, attempt, retry_step, next_attempt_on)
-         ), held AS MATERIALIZED (
-             SELECT d.id FROM deliveries d JOIN outcome o ON o.id = d.id
-              WHERE d.lease_owner = o.owner AND d.state = 'Pending'
-              ORDER BY d.id FOR NO KEY UPDATE OF d
+         ), moved AS (
+             UPDATE deliveries d
+                SET state = o.state, attempts = GREATEST(d.attempts, o.attempt),
+                    retry_index = d.retry_index + o.retry_step, next_attempt_on = o.next_attempt_on,
+                    lease_owner = NULL, lease_until = NULL, last_modified_on = $7
+               FROM outcome o
+              WHERE d.id = o.id AND d.lease_owner = o.owner AND d.state = 'Pending'
+             RETURNING 1
+         ), receivers AS (
+             UPDATE subscriptions s
+                SET failing_since = r.failing_since,
+                    state = CASE WHEN r.reason IS NULL THEN s.state ELSE 'Suspended' END,
+                    suspended_on = CASE WHEN r.reason IS NULL THEN s.suspended_on ELSE $7 END,
+                    suspended_reason = COALESCE(r.reason, s.suspended_reason),
+                    version = s.version + CASE WHEN r.reason IS NULL THEN 0 ELSE 1 END,
+                    last_modified_on = CASE WHEN r.reason IS NULL THEN s.last_modified_on ELSE $7 END
+               FROM unnest($8::uuid[], $9::timestamptz[], $10::text[]) AS r(id, failing_since, reason)
+              WHERE s.id = r.id
+             RETURNING 1
          )
-         UPDATE deliveries d
-            SET state = o.state, attempts = GREATEST(d.attempts, o.attempt), retry_index = d.retry_index + o.retry_step,
-                next_attempt_on = o.next_attempt_on, lease_owner = NULL, lease_until = NULL, last_modified_on = $7
-           FROM outcome o, held h
-          WHERE d.id = o.id AND h.id = o.id",
-        &[&moves.0, &moves.1, &moves.2, &moves.3, &moves.4, &moves.5, &Ts(now)],
+         SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM receivers)",
+        &[&moves.0, &moves.1, &moves.2, &moves.3, &moves.4, &moves.5, &Ts(now), &changed.0, &changed.1, &changed.2],
     )
     .await?;
-    if retries {
+    if !suspended.is_empty() {
+        execute(
+            &tx,
+            "WITH held AS MATERIALIZED (
+                 SELECT id FROM deliveries WHERE subscription_id = ANY($1) AND state = 'Pending'
+                  ORDER BY id FOR NO KEY UPDATE)
+             UPDATE deliveries d SET state = 'Held', lease_owner = NULL, lease_until = NULL, last_modified_on = $2
+               FROM held WHERE d.id = held.id",
+            &[&suspended, &Ts(now)],
+        )
+        .await?;
+    }
+    if queued > 0 {
         notify_dispatchers(&tx).await?;
     }
     tx.commit().await?;
-    Ok(())
+    Ok((suspensions, queued))
 }
 
 /// Gives up `owner`'s leases on deliveries it claimed but did not attempt.
@@ -639,8 +1037,8 @@ fn delivery_from_row(row: &Row) -> Result<DeliveryRecord> {
     Ok(DeliveryRecord {
         id: row.try_get(0)?,
         event_id: row.try_get(1)?,
-        event_type: parse_event_type(row.try_get(2)?)?,
-        session_id: row.try_get(3)?,
+        event_type: parse_event_kind(row.try_get(2)?)?,
+        session_id: Some(row.try_get::<_, Uuid>(3)?).filter(|id| *id != NO_SESSION),
         subscription_id: row.try_get(4)?,
         merchant_id: row.try_get(5)?,
         state,
@@ -720,8 +1118,9 @@ pub async fn list_deliveries(c: &mut Client, merchant_id: Uuid, filter: Delivery
     with_attempts(&*c, deliveries).await
 }
 
-/// Queues a `Failed` (or `Delivered`) delivery again with a fresh retry schedule; under a
-/// guard, keeps the answer in the same transaction. Answers how many deliveries it queued.
+/// Queues a `Failed` (or `Delivered`) delivery again with a fresh retry schedule (held while
+/// its subscription is suspended); under a guard, keeps the answer in the same transaction.
+/// Answers how many deliveries became pending.
 pub async fn redeliver(
     c: &mut Client,
     merchant_id: Uuid,
@@ -731,7 +1130,7 @@ pub async fn redeliver(
 ) -> Result<(Guarded<RedeliverOutcome>, usize)> {
     let tx = c.transaction().await?;
     let outcome = redeliver_in(&tx, merchant_id, id, now).await?;
-    let queued = usize::from(matches!(outcome, RedeliverOutcome::Queued(_)));
+    let queued = usize::from(matches!(&outcome, RedeliverOutcome::Queued(d) if d.state == DeliveryState::Pending));
     finish(tx, guard, outcome, queued).await
 }
 
@@ -740,42 +1139,55 @@ async fn redeliver_in(tx: &Transaction<'_>, merchant_id: Uuid, id: Uuid, now: Ti
         RedeliverDecision::Requeue(delivery) => delivery,
         RedeliverDecision::Answer(answer) => return Ok(answer),
     };
-    // A delivery whose subscription is gone can never be sent again. The key-share lock makes
-    // a concurrent unsubscribe wait and then cancel this delivery with the others.
-    let subscribed = tx
-        .query_opt("SELECT 1 FROM subscriptions WHERE id = $1 FOR KEY SHARE", &[&delivery.subscription_id])
-        .await?
-        .is_some();
-    if !subscribed {
-        return Ok(RedeliverOutcome::Cancelled);
-    }
+    // A delivery whose subscription is gone can never be sent again; one whose subscription is
+    // suspended is held until it is resumed. The key-share lock makes a concurrent unsubscribe,
+    // suspension or resumption (`FOR UPDATE`) wait and then treat this delivery with the others.
+    let state = match query_opt(
+        tx,
+        "SELECT state = 'Suspended' FROM subscriptions WHERE id = $1 FOR KEY SHARE",
+        &[&delivery.subscription_id],
+    )
+    .await?
+    {
+        None => return Ok(RedeliverOutcome::Cancelled),
+        Some(row) if row.try_get::<_, bool>(0)? => DeliveryState::Held,
+        Some(_) => DeliveryState::Pending,
+    };
     execute(
         tx,
-        "UPDATE deliveries SET state = 'Pending', retry_index = 0, next_attempt_on = $2, lease_owner = NULL,
+        "UPDATE deliveries SET state = $3, retry_index = 0, next_attempt_on = $2, lease_owner = NULL,
                 lease_until = NULL, last_modified_on = $2
           WHERE id = $1",
-        &[&id, &Ts(now)],
+        &[&id, &Ts(now), &state.as_str()],
     )
     .await?;
-    notify_dispatchers(tx).await?;
+    if state == DeliveryState::Pending {
+        notify_dispatchers(tx).await?;
+    }
     let queued = get_delivery(tx, id, "").await?.ok_or_else(|| internal("the delivery vanished while locked"))?;
     Ok(RedeliverOutcome::Queued(queued))
 }
 
-/// The pending deliveries and the oldest due one at `now`, read over the due index.
+/// The pending deliveries and the oldest due one at `now`, read over the due index, and the
+/// held ones, over theirs.
 pub async fn backlog(c: &mut Client, now: Timestamp) -> Result<Backlog> {
     let row = query_one(
         &*c,
-        "SELECT count(*), min(next_attempt_on) FILTER (WHERE next_attempt_on <= $1)
+        "SELECT count(*), min(next_attempt_on) FILTER (WHERE next_attempt_on <= $1),
+                (SELECT count(*) FROM deliveries WHERE state = 'Held')
            FROM deliveries WHERE state = 'Pending'",
         &[&Ts(now)],
     )
     .await?;
-    Ok(Backlog { pending: row.try_get::<_, i64>(0)?.max(0) as u64, oldest_due: ts_opt(&row, 1)? })
+    Ok(Backlog {
+        pending: row.try_get::<_, i64>(0)?.max(0) as u64,
+        oldest_due: ts_opt(&row, 1)?,
+        held: row.try_get::<_, i64>(2)?.max(0) as u64,
+    })
 }
 
 /// Deletes up to `batch` finished deliveries (with their attempts) and events older than the
-/// retention, and idempotency records and one-time-code states older than theirs; answers how
+/// retention (never a held delivery, nor the event it carries), and idempotency records and one-time-code states older than theirs; answers how
 /// many rows went. Finished deliveries go in id order as on SQLite; `SKIP LOCKED` lets purges
 /// on several instances run side by side.
 pub async fn purge(c: &mut Client, now: Timestamp, retention: Retention, batch: usize) -> Result<usize> {
@@ -785,7 +1197,7 @@ pub async fn purge(c: &mut Client, now: Timestamp, retention: Retention, batch: 
     let deliveries = query_one(
         &tx,
         "WITH doomed AS MATERIALIZED (
-             SELECT id FROM deliveries WHERE state <> 'Pending' AND last_modified_on < $1
+             SELECT id FROM deliveries WHERE state NOT IN ('Pending', 'Held') AND last_modified_on < $1
               ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
          ), attempts AS (
              DELETE FROM delivery_attempts a USING doomed WHERE a.delivery_id = doomed.id RETURNING 1

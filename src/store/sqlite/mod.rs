@@ -27,8 +27,9 @@ use crate::domain::token::KeyPair;
 use crate::secrets::KeyRing;
 use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
-    AttemptOutcome, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
-    PutSubscriptionOutcome, RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
+    AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
+    PutSubscriptionOutcome, RecoverOutcome, RecoverWindow, RedeliverOutcome, Retention, SecretRotation,
+    SubscriptionChange, SubscriptionRecord, SuspendPolicy, Suspension, TestDelivery,
 };
 use crate::store::{
     decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey,
@@ -693,8 +694,10 @@ impl Store for SqliteStore {
         guard: Option<Guard<ChangeSubscriptionOutcome>>,
     ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError> {
         let ring = self.secrets.clone();
-        let patch = move |c: &Connection| Ok((webhooks::patch_subscription(c, &ring, &change, spec)?, 0));
-        Ok(self.writer.run_undoable(move |c| idempotency::guarded(c, guard, patch)).await?.0)
+        let patch = move |c: &Connection| webhooks::patch_subscription(c, &ring, &change, spec);
+        let (outcome, queued) = self.writer.run_undoable(move |c| idempotency::guarded(c, guard, patch)).await?;
+        self.queued_deliveries(queued);
+        Ok(outcome)
     }
 
     async fn delete_subscription_guarded(
@@ -705,6 +708,53 @@ impl Store for SqliteStore {
         let ring = self.secrets.clone();
         let delete = move |c: &Connection| Ok((webhooks::delete_subscription(c, &ring, &change)?, 0));
         Ok(self.writer.run_undoable(move |c| idempotency::guarded(c, guard, delete)).await?.0)
+    }
+
+    async fn rotate_subscription_secret_guarded(
+        &self,
+        change: SubscriptionChange,
+        rotation: SecretRotation,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError> {
+        let ring = self.secrets.clone();
+        let rotate = move |c: &Connection| Ok((webhooks::rotate_secret(c, &ring, &change, &rotation)?, 0));
+        Ok(self.writer.run_undoable(move |c| idempotency::guarded(c, guard, rotate)).await?.0)
+    }
+
+    async fn resume_subscription_guarded(
+        &self,
+        change: SubscriptionChange,
+        guard: Option<Guard<ChangeSubscriptionOutcome>>,
+    ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError> {
+        let ring = self.secrets.clone();
+        let resume = move |c: &Connection| webhooks::resume_subscription(c, &ring, &change);
+        let (outcome, queued) = self.writer.run_undoable(move |c| idempotency::guarded(c, guard, resume)).await?;
+        self.queued_deliveries(queued);
+        Ok(outcome)
+    }
+
+    async fn recover_deliveries_guarded(
+        &self,
+        change: SubscriptionChange,
+        window: RecoverWindow,
+        guard: Option<Guard<RecoverOutcome>>,
+    ) -> Result<Guarded<RecoverOutcome>, StoreError> {
+        let recover = move |c: &Connection| webhooks::recover(c, &change, window);
+        let (outcome, queued) = self.writer.run_undoable(move |c| idempotency::guarded(c, guard, recover)).await?;
+        self.queued_deliveries(queued);
+        Ok(outcome)
+    }
+
+    async fn record_test_delivery_guarded(
+        &self,
+        test: TestDelivery,
+        guard: Option<Guard<AttemptRecord>>,
+    ) -> Result<Guarded<AttemptRecord>, StoreError> {
+        let record = move |c: &Connection| {
+            webhooks::record_test_delivery(c, &test)?;
+            Ok((test.attempt, 0))
+        };
+        Ok(self.writer.run_undoable(move |c| idempotency::guarded(c, guard, record)).await?.0)
     }
 
     async fn dispatcher_started(&self, owner: Uuid) -> Result<usize, StoreError> {
@@ -727,11 +777,16 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>, now: Timestamp) -> Result<(), StoreError> {
+    async fn record_attempts(
+        &self,
+        outcomes: Vec<AttemptOutcome>,
+        now: Timestamp,
+        policy: SuspendPolicy,
+    ) -> Result<Vec<Suspension>, StoreError> {
         let retries = outcomes.iter().any(|o| matches!(o.next, crate::store::webhooks::NextStep::RetryAt(_)));
-        self.writer.run(move |c| webhooks::record_attempts(c, &outcomes, now)).await?;
+        let suspensions = self.writer.run(move |c| webhooks::record_attempts(c, &outcomes, now, policy)).await?;
         self.queued_deliveries(usize::from(retries));
-        Ok(())
+        Ok(suspensions)
     }
 
     async fn release_claims(&self, owner: Uuid, ids: Vec<Uuid>) -> Result<(), StoreError> {

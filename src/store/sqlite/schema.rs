@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "delivery claims", include_str!("../../../migrations/sqlite/0007_delivery_claims.sql")),
     (8, "idempotency by insertion", include_str!("../../../migrations/sqlite/0008_idempotency_by_insertion.sql")),
     (9, "idempotency session answers", include_str!("../../../migrations/sqlite/0009_idempotency_session_answers.sql")),
+    (10, "subscription operations", include_str!("../../../migrations/sqlite/0010_subscription_operations.sql")),
 ];
 
 /// Applies every migration not applied yet, each in its own transaction.

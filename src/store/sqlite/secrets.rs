@@ -42,21 +42,27 @@ pub fn reseal(c: &Connection, ring: &KeyRing, rotate: bool) -> Result<Resealed, 
 fn reseal_rows(c: &Connection, ring: &KeyRing, rotate: bool) -> Result<Resealed, StoreError> {
     let mut counts = Resealed::default();
 
-    let subscriptions: Vec<([u8; 16], String, String)> = c
-        .prepare("SELECT id, api_key, signing_secret FROM subscriptions")
-        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect())
+    type SubscriptionSecrets = ([u8; 16], String, String, Option<String>);
+    let subscriptions: Vec<SubscriptionSecrets> = c
+        .prepare("SELECT id, api_key, signing_secret, previous_secret FROM subscriptions")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect())
         .map_err(|e| internal(&e))?;
-    for (id, api_key, secret) in subscriptions {
+    for (id, api_key, secret, previous) in subscriptions {
         let row = row_of(Uuid::from_bytes(id));
         let new_key = reseal_text(ring, Column::SubscriptionApiKey, &row, &api_key, rotate)?;
         let new_secret = reseal_text(ring, Column::SubscriptionSigningSecret, &row, &secret, rotate)?;
-        if new_key.is_none() && new_secret.is_none() {
+        // A replaced secret is sealed under the signing secret's column and row.
+        let new_previous = match &previous {
+            Some(previous) => reseal_text(ring, Column::SubscriptionSigningSecret, &row, previous, rotate)?,
+            None => None,
+        };
+        if new_key.is_none() && new_secret.is_none() && new_previous.is_none() {
             counts.unchanged += 1;
             continue;
         }
         c.execute(
-            "UPDATE subscriptions SET api_key = ?2, signing_secret = ?3 WHERE id = ?1",
-            params![id, new_key.unwrap_or(api_key), new_secret.unwrap_or(secret)],
+            "UPDATE subscriptions SET api_key = ?2, signing_secret = ?3, previous_secret = ?4 WHERE id = ?1",
+            params![id, new_key.unwrap_or(api_key), new_secret.unwrap_or(secret), new_previous.or(previous)],
         )
         .map_err(|e| internal(&e))?;
         counts.subscriptions += 1;

@@ -5,26 +5,38 @@
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use uuid::Uuid;
 
+use super::uuid_at;
 use super::worker::internal;
-use super::{parse_event_type, uuid_at};
-use crate::domain::event::EventType;
+use crate::domain::event::{EventKind, EventType};
 use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
 use crate::secrets::KeyRing;
-use crate::store::sealing::{open_claimed, open_subscription, seal_api_key};
+use crate::store::sealing::{open_claimed, open_subscription, seal_api_key, seal_signing_secret};
 use crate::store::webhooks::{
     decide_redelivery, AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery,
-    DeliveryFilter, DeliveryRecord, DeliveryState, NextStep, PutSubscriptionOutcome, RedeliverDecision,
-    RedeliverOutcome, Retention, SubscriptionChange, SubscriptionRecord,
+    DeliveryFilter, DeliveryRecord, DeliveryState, NextStep, PreviousSecret, PutSubscriptionOutcome, RecoverOutcome,
+    RecoverWindow, RedeliverDecision, RedeliverOutcome, Retention, SecretRotation, SubscriptionChange,
+    SubscriptionRecord, SubscriptionStatus, SuspendPolicy, SuspendReason, Suspension, TestDelivery, NO_SESSION,
 };
 use crate::store::{etag_matches, StoreError};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-const SUBSCRIPTION_COLUMNS: &str =
-    "id, merchant_id, callback_url, api_key, event_mask, signing_secret, created_on, last_modified_on, version";
+const SUBSCRIPTION_COLUMNS: &str = "id, merchant_id, callback_url, api_key, event_mask, signing_secret, created_on,
+     last_modified_on, version, previous_secret, previous_secret_expires_on, state, suspended_on, suspended_reason";
 
 fn subscription_from_row(row: &Row<'_>) -> rusqlite::Result<SubscriptionRecord> {
+    let previous = match (row.get::<_, Option<String>>(9)?, row.get::<_, Option<i64>>(10)?) {
+        (Some(secret), Some(expires_on)) => {
+            Some(PreviousSecret { secret, expires_on: Timestamp::from_millis(expires_on) })
+        }
+        _ => None,
+    };
+    let state: String = row.get(11)?;
+    let suspended_on = row.get::<_, Option<i64>>(12)?.map(Timestamp::from_millis);
+    let reason: Option<String> = row.get(13)?;
+    let status =
+        SubscriptionStatus::from_columns(&state, suspended_on, reason.as_deref()).ok_or_else(|| bad_column(11))?;
     Ok(SubscriptionRecord {
         id: uuid_at(row, 0)?,
         merchant_id: uuid_at(row, 1)?,
@@ -37,6 +49,8 @@ fn subscription_from_row(row: &Row<'_>) -> rusqlite::Result<SubscriptionRecord> 
         created_on: Timestamp::from_millis(row.get(6)?),
         last_modified_on: Timestamp::from_millis(row.get(7)?),
         version: row.get(8)?,
+        previous_secret: previous,
+        status,
     })
 }
 
@@ -52,8 +66,13 @@ pub fn put_subscription(c: &Connection, record: SubscriptionRecord) -> Result<Pu
     if let Some(existing) = get_subscription(c, record.id)? {
         return Ok(PutSubscriptionOutcome::Exists(existing));
     }
+    let (suspended_on, reason) = match record.status {
+        SubscriptionStatus::Active => (None, None),
+        SubscriptionStatus::Suspended { since, reason } => (Some(since.millis()), Some(reason.as_str())),
+    };
     c.prepare_cached(&format!(
-        "INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        "INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
     ))
     .and_then(|mut s| {
         s.execute(params![
@@ -65,7 +84,12 @@ pub fn put_subscription(c: &Connection, record: SubscriptionRecord) -> Result<Pu
             record.signing_secret,
             record.created_on.millis(),
             record.last_modified_on.millis(),
-            record.version
+            record.version,
+            record.previous_secret.as_ref().map(|p| p.secret.as_str()),
+            record.previous_secret.as_ref().map(|p| p.expires_on.millis()),
+            record.status.state(),
+            suspended_on,
+            reason
         ])
     })
     .map_err(|e| internal(&e))?;
@@ -108,20 +132,22 @@ fn owned_subscription(
     })
 }
 
-/// Replaces all three fields of a merchant's subscription; answers the record opened.
+/// Replaces all three fields of a merchant's subscription, resuming it when suspended;
+/// answers the record opened and how many held deliveries it queued.
 pub fn patch_subscription(
     c: &Connection,
     ring: &KeyRing,
     change: &SubscriptionChange,
     spec: SubscriptionSpec,
-) -> Result<ChangeSubscriptionOutcome> {
+) -> Result<(ChangeSubscriptionOutcome, usize)> {
     let (id, now) = (change.id, change.now);
     let mut record = match owned_subscription(c, change.merchant_id, id, change.if_match.as_deref())? {
         Ok(record) => open_subscription(ring, record)?,
-        Err(outcome) => return Ok(outcome),
+        Err(outcome) => return Ok((outcome, 0)),
     };
+    let queued = resume_held(c, &mut record, now)?;
     if record.spec == spec {
-        return Ok(ChangeSubscriptionOutcome::Done(record));
+        return Ok((ChangeSubscriptionOutcome::Done(record), queued));
     }
     let sealed_key = seal_api_key(ring, id, &spec.api_key)?;
     c.prepare_cached(
@@ -136,7 +162,7 @@ pub fn patch_subscription(
     record.spec = spec;
     record.last_modified_on = now;
     record.version += 1;
-    Ok(ChangeSubscriptionOutcome::Done(record))
+    Ok((ChangeSubscriptionOutcome::Done(record), queued))
 }
 
 /// Removes a merchant's subscription and cancels its queued deliveries; answers the removed
@@ -153,12 +179,183 @@ pub fn delete_subscription(
     };
     c.execute(
         "UPDATE deliveries SET state = 'Cancelled', lease_owner = NULL, lease_until = NULL, last_modified_on = ?2
-          WHERE subscription_id = ?1 AND state = 'Pending'",
+          WHERE subscription_id = ?1 AND state IN ('Pending', 'Held')",
         params![id.as_bytes(), now.millis()],
     )
     .and_then(|_| c.execute("DELETE FROM subscriptions WHERE id = ?1", params![id.as_bytes()]))
     .map_err(|e| internal(&e))?;
     Ok(ChangeSubscriptionOutcome::Done(record))
+}
+
+/// Resumes `record` (opened) when it is suspended: active again, with its held deliveries
+/// pending now; answers how many it queued (0 for an active one, which stays as it is).
+fn resume_held(c: &Connection, record: &mut SubscriptionRecord, now: Timestamp) -> Result<usize> {
+    if record.status == SubscriptionStatus::Active {
+        return Ok(0);
+    }
+    c.prepare_cached(
+        "UPDATE subscriptions SET state = 'Active', suspended_on = NULL, suspended_reason = NULL,
+                failing_since = NULL, version = version + 1, last_modified_on = ?2
+          WHERE id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![record.id.as_bytes(), now.millis()]))
+    .map_err(|e| internal(&e))?;
+    let queued = c
+        .prepare_cached(
+            "UPDATE deliveries INDEXED BY deliveries_held
+                SET state = 'Pending', next_attempt_on = ?2, lease_owner = NULL, lease_until = NULL,
+                    last_modified_on = ?2
+              WHERE subscription_id = ?1 AND state = 'Held'",
+        )
+        .and_then(|mut s| s.execute(params![record.id.as_bytes(), now.millis()]))
+        .map_err(|e| internal(&e))?;
+    record.status = SubscriptionStatus::Active;
+    record.version += 1;
+    record.last_modified_on = now;
+    Ok(queued)
+}
+
+/// Resumes a merchant's suspended subscription and queues its held deliveries; answers the
+/// record opened and how many it queued.
+pub fn resume_subscription(
+    c: &Connection,
+    ring: &KeyRing,
+    change: &SubscriptionChange,
+) -> Result<(ChangeSubscriptionOutcome, usize)> {
+    let mut record = match owned_subscription(c, change.merchant_id, change.id, change.if_match.as_deref())? {
+        Ok(record) => open_subscription(ring, record)?,
+        Err(outcome) => return Ok((outcome, 0)),
+    };
+    let queued = resume_held(c, &mut record, change.now)?;
+    Ok((ChangeSubscriptionOutcome::Done(record), queued))
+}
+
+/// Makes `rotation.secret` a merchant's subscription's signing secret; the replaced one keeps
+/// signing for the grace period. Answers the record opened.
+pub fn rotate_secret(
+    c: &Connection,
+    ring: &KeyRing,
+    change: &SubscriptionChange,
+    rotation: &SecretRotation,
+) -> Result<ChangeSubscriptionOutcome> {
+    let (id, now) = (change.id, change.now);
+    let mut record = match owned_subscription(c, change.merchant_id, id, change.if_match.as_deref())? {
+        Ok(record) => open_subscription(ring, record)?,
+        Err(outcome) => return Ok(outcome),
+    };
+    let overlap = !rotation.grace.is_zero();
+    let expires_on = now.plus(rotation.grace);
+    let sealed = seal_signing_secret(ring, id, &rotation.secret)?;
+    c.prepare_cached(
+        "UPDATE subscriptions
+            SET previous_secret = CASE WHEN ?3 THEN signing_secret END,
+                previous_secret_expires_on = CASE WHEN ?3 THEN ?4 END,
+                signing_secret = ?2, version = version + 1, last_modified_on = ?5
+          WHERE id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![id.as_bytes(), sealed, overlap, expires_on.millis(), now.millis()]))
+    .map_err(|e| internal(&e))?;
+    let replaced = std::mem::replace(&mut record.signing_secret, rotation.secret.clone());
+    record.previous_secret = overlap.then_some(PreviousSecret { secret: replaced, expires_on });
+    record.version += 1;
+    record.last_modified_on = now;
+    Ok(ChangeSubscriptionOutcome::Done(record))
+}
+
+/// Queues again the failed deliveries of a merchant's subscription whose event lies in the
+/// window (held while it is suspended); answers what it came to and how many became pending.
+pub fn recover(c: &Connection, change: &SubscriptionChange, window: RecoverWindow) -> Result<(RecoverOutcome, usize)> {
+    let subscription = match owned_subscription(c, change.merchant_id, change.id, change.if_match.as_deref())? {
+        Ok(record) => record,
+        Err(ChangeSubscriptionOutcome::OtherMerchant) => return Ok((RecoverOutcome::OtherMerchant, 0)),
+        Err(_) => return Ok((RecoverOutcome::NotFound, 0)),
+    };
+    let state = match subscription.status {
+        SubscriptionStatus::Active => DeliveryState::Pending,
+        SubscriptionStatus::Suspended { .. } => DeliveryState::Held,
+    };
+    // A delivery is created in the transaction of its event, with its time.
+    let ids: Vec<[u8; 16]> = c
+        .prepare_cached(
+            "SELECT id FROM deliveries INDEXED BY deliveries_by_subscription
+              WHERE subscription_id = ?1 AND created_on >= ?2 AND created_on < ?3 AND state = 'Failed'
+              ORDER BY created_on, id LIMIT ?4",
+        )
+        .and_then(|mut s| {
+            s.query_map(
+                params![change.id.as_bytes(), window.since.millis(), window.until.millis(), window.limit as i64 + 1],
+                |row| row.get(0),
+            )?
+            .collect()
+        })
+        .map_err(|e| internal(&e))?;
+    let more = ids.len() > window.limit;
+    let mut requeue = c
+        .prepare_cached(
+            "UPDATE deliveries SET state = ?2, retry_index = 0, next_attempt_on = ?3, lease_owner = NULL,
+                    lease_until = NULL, last_modified_on = ?3
+              WHERE id = ?1",
+        )
+        .map_err(|e| internal(&e))?;
+    let ids = &ids[..ids.len().min(window.limit)];
+    for id in ids {
+        requeue.execute(params![id, state.as_str(), change.now.millis()]).map_err(|e| internal(&e))?;
+    }
+    let pending = if state == DeliveryState::Pending { ids.len() } else { 0 };
+    Ok((RecoverOutcome::Queued { queued: ids.len() as u64, more }, pending))
+}
+
+/// Records a test event, its finished delivery and its one attempt.
+pub fn record_test_delivery(c: &Connection, test: &TestDelivery) -> Result<()> {
+    let delivery_id = Uuid::now_v7();
+    let state = if test.delivered { DeliveryState::Delivered } else { DeliveryState::Failed };
+    let finished = test.time.millis() + test.attempt.duration_ms;
+    let a = &test.attempt;
+    c.prepare_cached(
+        "INSERT INTO events (id, merchant_id, session_id, type, data, created_on) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            test.event_id.as_bytes(),
+            test.merchant_id.as_bytes(),
+            NO_SESSION.as_bytes(),
+            EventKind::RedirectSessionTest.as_str(),
+            test.data,
+            test.time.millis()
+        ])
+    })
+    .and_then(|_| {
+        c.prepare_cached(
+            "INSERT INTO deliveries (id, event_id, subscription_id, merchant_id, state, attempts, next_attempt_on,
+                                     created_on, last_modified_on)
+             VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6, ?7)",
+        )?
+        .execute(params![
+            delivery_id.as_bytes(),
+            test.event_id.as_bytes(),
+            test.subscription_id.as_bytes(),
+            test.merchant_id.as_bytes(),
+            state.as_str(),
+            test.time.millis(),
+            finished
+        ])
+    })
+    .and_then(|_| {
+        c.prepare_cached(
+            "INSERT INTO delivery_attempts (delivery_id, attempt, started_on, duration_ms, status, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            delivery_id.as_bytes(),
+            a.attempt,
+            a.started_on.millis(),
+            a.duration_ms,
+            a.status,
+            a.error
+        ])
+    })
+    .map(drop)
+    .map_err(|e| internal(&e))
 }
 
 /// Queues one delivery of `event_id` per subscription of the merchant that wants `event`;
@@ -170,31 +367,37 @@ pub fn queue_deliveries(
     event: EventType,
     now: Timestamp,
 ) -> Result<usize> {
-    let subscriptions: Vec<[u8; 16]> = c
-        .prepare_cached("SELECT id FROM subscriptions WHERE merchant_id = ?1 AND (event_mask & ?2) != 0")
+    // A suspended subscription's deliveries are held, not attempted.
+    let subscriptions: Vec<([u8; 16], String)> = c
+        .prepare_cached(
+            "SELECT id, CASE state WHEN 'Suspended' THEN 'Held' ELSE 'Pending' END FROM subscriptions
+              WHERE merchant_id = ?1 AND (event_mask & ?2) != 0",
+        )
         .and_then(|mut s| {
-            s.query_map(params![merchant_id.as_bytes(), EventMask::of(event).bits()], |r| r.get(0))?.collect()
+            s.query_map(params![merchant_id.as_bytes(), EventMask::of(event).bits()], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
         })
         .map_err(|e| internal(&e))?;
     let mut insert = c
         .prepare_cached(
             "INSERT INTO deliveries (id, event_id, subscription_id, merchant_id, state, next_attempt_on, created_on,
                                      last_modified_on)
-             VALUES (?1, ?2, ?3, ?4, 'Pending', ?5, ?5, ?5)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6)",
         )
         .map_err(|e| internal(&e))?;
-    for subscription in &subscriptions {
+    for (subscription, state) in &subscriptions {
         insert
             .execute(params![
                 Uuid::now_v7().as_bytes(),
                 event_id.as_bytes(),
                 subscription,
                 merchant_id.as_bytes(),
+                state,
                 now.millis()
             ])
             .map_err(|e| internal(&e))?;
     }
-    Ok(subscriptions.len())
+    Ok(subscriptions.iter().filter(|(_, state)| state == "Pending").count())
 }
 
 /// How many due deliveries of subscriptions at their cap a claim passes over, walking the due
@@ -346,7 +549,8 @@ pub fn claim_deliveries(
     let mut details = c
         .prepare_cached(
             "SELECT d.id, d.event_id, e.type, e.created_on, e.data, s.callback_url, s.api_key, s.signing_secret,
-                    d.attempts, d.retry_index, s.id
+                    d.attempts, d.retry_index, s.id,
+                    CASE WHEN s.previous_secret_expires_on > ?2 THEN s.previous_secret END
                FROM deliveries d JOIN events e ON e.id = d.event_id JOIN subscriptions s ON s.id = d.subscription_id
               WHERE d.id = ?1",
         )
@@ -354,17 +558,18 @@ pub fn claim_deliveries(
     let mut claimed = Vec::with_capacity(ids.len());
     for id in ids {
         let delivery = details
-            .query_row(params![id], |row| {
+            .query_row(params![id, now.millis()], |row| {
                 let kind: String = row.get(2)?;
                 let delivery = ClaimedDelivery {
                     id: uuid_at(row, 0)?,
                     event_id: uuid_at(row, 1)?,
-                    event_type: parse_event_type(&kind).ok_or_else(|| bad_column(2))?,
+                    event_type: EventKind::parse(&kind).ok_or_else(|| bad_column(2))?,
                     event_time: Timestamp::from_millis(row.get(3)?),
                     data: row.get(4)?,
                     callback_url: row.get(5)?,
                     api_key: row.get(6)?,
                     signing_secret: row.get(7)?,
+                    previous_secret: row.get(11)?,
                     attempts: row.get(8)?,
                     retry_index: row.get(9)?,
                 };
@@ -387,12 +592,26 @@ fn bad_column(index: usize) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, "unexpected value".into())
 }
 
-/// Records attempts and moves their deliveries on, each only while its lease is still held.
-pub fn record_attempts(c: &Connection, outcomes: &[AttemptOutcome], now: Timestamp) -> Result<()> {
+/// Records attempts and moves their deliveries on, each only while its lease is still held;
+/// keeps each receiver's run of failures (`failing_since`) and suspends subscriptions as
+/// `policy` says, holding their pending deliveries. Answers the subscriptions it suspended.
+pub fn record_attempts(
+    c: &Connection,
+    outcomes: &[AttemptOutcome],
+    now: Timestamp,
+    policy: SuspendPolicy,
+) -> Result<Vec<Suspension>> {
     let mut attempt = c
         .prepare_cached(
             "INSERT OR IGNORE INTO delivery_attempts (delivery_id, attempt, started_on, duration_ms, status, error)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(|e| internal(&e))?;
+    let mut leased = c
+        .prepare_cached(
+            "SELECT d.subscription_id, s.state, s.failing_since
+               FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
+              WHERE d.id = ?1 AND d.lease_owner = ?2 AND d.state = 'Pending'",
         )
         .map_err(|e| internal(&e))?;
     let mut update = c
@@ -402,6 +621,7 @@ pub fn record_attempts(c: &Connection, outcomes: &[AttemptOutcome], now: Timesta
               WHERE id = ?1 AND lease_owner = ?2 AND state = 'Pending'",
         )
         .map_err(|e| internal(&e))?;
+    let mut suspensions = Vec::new();
     for outcome in outcomes {
         let a = &outcome.attempt;
         attempt
@@ -414,9 +634,35 @@ pub fn record_attempts(c: &Connection, outcomes: &[AttemptOutcome], now: Timesta
                 a.error
             ])
             .map_err(|e| internal(&e))?;
+        let lease = leased
+            .query_row(params![outcome.delivery_id.as_bytes(), outcome.owner.as_bytes()], |row| {
+                Ok((row.get::<_, [u8; 16]>(0)?, row.get::<_, String>(1)? == "Suspended", row.get::<_, Option<i64>>(2)?))
+            })
+            .optional()
+            .map_err(|e| internal(&e))?;
+        // The lease is gone (another dispatcher sends it again): only the attempt is kept.
+        let Some((subscription, mut suspended, failing_since)) = lease else {
+            continue;
+        };
+        if outcome.next == NextStep::Delivered {
+            receiver_answered(c, &subscription)?;
+        } else {
+            let since = failing_since.map_or(a.started_on, Timestamp::from_millis);
+            if failing_since.is_none() {
+                receiver_failing_since(c, &subscription, since)?;
+            }
+            if !suspended {
+                if let Some(reason) = policy.decide(a.status, since, now) {
+                    suspend(c, &subscription, reason, now)?;
+                    suspensions.push(Suspension { subscription_id: Uuid::from_bytes(subscription), reason });
+                    suspended = true;
+                }
+            }
+        }
         let (state, retry_step, next) = match outcome.next {
             NextStep::Delivered => (DeliveryState::Delivered, 0, now),
             NextStep::Failed => (DeliveryState::Failed, 1, now),
+            NextStep::RetryAt(_) if suspended => (DeliveryState::Held, 1, now),
             NextStep::RetryAt(at) => (DeliveryState::Pending, 1, at),
         };
         update
@@ -431,7 +677,53 @@ pub fn record_attempts(c: &Connection, outcomes: &[AttemptOutcome], now: Timesta
             ])
             .map_err(|e| internal(&e))?;
     }
-    Ok(())
+    // Every outcome of the batch is applied first (a later one may have been delivered), then
+    // what is still pending for a suspended subscription is held.
+    for suspension in &suspensions {
+        hold_pending(c, suspension.subscription_id, now)?;
+    }
+    Ok(suspensions)
+}
+
+/// The receiver of `subscription` answered 2xx: its run of failures, if any, is over.
+fn receiver_answered(c: &Connection, subscription: &[u8; 16]) -> Result<()> {
+    c.prepare_cached("UPDATE subscriptions SET failing_since = NULL WHERE id = ?1 AND failing_since IS NOT NULL")
+        .and_then(|mut s| s.execute(params![subscription]))
+        .map(drop)
+        .map_err(|e| internal(&e))
+}
+
+/// The receiver of `subscription` began a run of failures at `since`.
+fn receiver_failing_since(c: &Connection, subscription: &[u8; 16], since: Timestamp) -> Result<()> {
+    c.prepare_cached("UPDATE subscriptions SET failing_since = ?2 WHERE id = ?1 AND failing_since IS NULL")
+        .and_then(|mut s| s.execute(params![subscription, since.millis()]))
+        .map(drop)
+        .map_err(|e| internal(&e))
+}
+
+/// Suspends `subscription` for `reason`.
+fn suspend(c: &Connection, subscription: &[u8; 16], reason: SuspendReason, now: Timestamp) -> Result<()> {
+    c.prepare_cached(
+        "UPDATE subscriptions SET state = 'Suspended', suspended_on = ?2, suspended_reason = ?3,
+                version = version + 1, last_modified_on = ?2
+          WHERE id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![subscription, now.millis(), reason.as_str()]))
+    .map(drop)
+    .map_err(|e| internal(&e))
+}
+
+/// Holds the pending deliveries of a suspended subscription, leased ones too: the results of
+/// their attempts in flight are then refused, and they go out again on resume.
+fn hold_pending(c: &Connection, subscription: Uuid, now: Timestamp) -> Result<()> {
+    c.prepare_cached(
+        "UPDATE deliveries INDEXED BY deliveries_due_by_subscription
+            SET state = 'Held', lease_owner = NULL, lease_until = NULL, last_modified_on = ?2
+          WHERE subscription_id = ?1 AND state = 'Pending'",
+    )
+    .and_then(|mut s| s.execute(params![subscription.as_bytes(), now.millis()]))
+    .map(drop)
+    .map_err(|e| internal(&e))
 }
 
 /// Gives up `owner`'s leases on deliveries it claimed but did not attempt.
@@ -457,8 +749,8 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<DeliveryRecord> {
     Ok(DeliveryRecord {
         id: uuid_at(row, 0)?,
         event_id: uuid_at(row, 1)?,
-        event_type: parse_event_type(&kind).ok_or_else(|| bad_column(2))?,
-        session_id: uuid_at(row, 3)?,
+        event_type: EventKind::parse(&kind).ok_or_else(|| bad_column(2))?,
+        session_id: Some(uuid_at(row, 3)?).filter(|id| *id != NO_SESSION),
         subscription_id: uuid_at(row, 4)?,
         merchant_id: uuid_at(row, 5)?,
         state,
@@ -539,15 +831,18 @@ pub fn redeliver(c: &Connection, merchant_id: Uuid, id: Uuid, now: Timestamp) ->
         RedeliverDecision::Requeue(delivery) => delivery,
         RedeliverDecision::Answer(answer) => return Ok(answer),
     };
-    // A delivery whose subscription is gone can never be sent again.
-    if get_subscription(c, delivery.subscription_id)?.is_none() {
-        return Ok(RedeliverOutcome::Cancelled);
-    }
+    // A delivery whose subscription is gone can never be sent again; one whose subscription is
+    // suspended is held until it is resumed.
+    let state = match get_subscription(c, delivery.subscription_id)? {
+        None => return Ok(RedeliverOutcome::Cancelled),
+        Some(s) if s.status != SubscriptionStatus::Active => DeliveryState::Held,
+        Some(_) => DeliveryState::Pending,
+    };
     c.execute(
-        "UPDATE deliveries SET state = 'Pending', retry_index = 0, next_attempt_on = ?2, lease_owner = NULL,
+        "UPDATE deliveries SET state = ?3, retry_index = 0, next_attempt_on = ?2, lease_owner = NULL,
                 lease_until = NULL, last_modified_on = ?2
           WHERE id = ?1",
-        params![id.as_bytes(), now.millis()],
+        params![id.as_bytes(), now.millis(), state.as_str()],
     )
     .map_err(|e| internal(&e))?;
     Ok(RedeliverOutcome::Queued(get_delivery(c, id)?.expect("it was just read")))
@@ -556,7 +851,8 @@ pub fn redeliver(c: &Connection, merchant_id: Uuid, id: Uuid, now: Timestamp) ->
 /// The pending deliveries and the oldest due one at `now`, read over the due index.
 pub fn backlog(c: &Connection, now: Timestamp) -> Result<Backlog> {
     c.prepare_cached(
-        "SELECT count(*), min(CASE WHEN next_attempt_on <= ?1 THEN next_attempt_on END)
+        "SELECT count(*), min(CASE WHEN next_attempt_on <= ?1 THEN next_attempt_on END),
+                (SELECT count(*) FROM deliveries INDEXED BY deliveries_held WHERE state = 'Held')
            FROM deliveries INDEXED BY deliveries_due WHERE state = 'Pending'",
     )
     .and_then(|mut s| {
@@ -564,6 +860,7 @@ pub fn backlog(c: &Connection, now: Timestamp) -> Result<Backlog> {
             Ok(Backlog {
                 pending: row.get::<_, i64>(0)?.max(0) as u64,
                 oldest_due: row.get::<_, Option<i64>>(1)?.map(Timestamp::from_millis),
+                held: row.get::<_, i64>(2)?.max(0) as u64,
             })
         })
     })
@@ -577,9 +874,9 @@ pub fn purge(c: &Connection, now: Timestamp, retention: Retention, batch: usize)
     let batch = batch as i64;
     let run = |sql: &str| c.execute(sql, params![cutoff, batch]).map_err(|e| internal(&e));
     let mut removed = run("DELETE FROM delivery_attempts WHERE delivery_id IN (
-             SELECT id FROM deliveries WHERE state != 'Pending' AND last_modified_on < ?1 ORDER BY id LIMIT ?2)")?;
+             SELECT id FROM deliveries WHERE state NOT IN ('Pending', 'Held') AND last_modified_on < ?1 ORDER BY id LIMIT ?2)")?;
     removed += run("DELETE FROM deliveries WHERE id IN (
-             SELECT id FROM deliveries WHERE state != 'Pending' AND last_modified_on < ?1 ORDER BY id LIMIT ?2)")?;
+             SELECT id FROM deliveries WHERE state NOT IN ('Pending', 'Held') AND last_modified_on < ?1 ORDER BY id LIMIT ?2)")?;
     removed += run("DELETE FROM events WHERE id IN (
              SELECT e.id FROM events e WHERE e.created_on < ?1
                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id) LIMIT ?2)")?;

@@ -373,6 +373,20 @@ pub fn attempts(delivery: &Value) -> &Vec<Value> {
     delivery["attempts"].as_array().unwrap_or_else(|| panic!("no attempts array: {delivery}"))
 }
 
+/// The `v1,…` entries of a request's `webhook-signature`, and whether each verifies with `secret`.
+pub fn verifying_entries(request: &Received, secret: &str) -> Vec<bool> {
+    let key = redirect_sessions::webhooks::signature::secret_key(secret).expect("a usable secret");
+    let timestamp: i64 = request.header("webhook-timestamp").parse().expect("webhook-timestamp is unix seconds");
+    let (id, body) = (request.header("webhook-id"), &request.body);
+    let verify = |entry| redirect_sessions::webhooks::signature::verify(&key, id, timestamp, body, entry);
+    request.header("webhook-signature").split(' ').map(verify).collect()
+}
+
+/// The member names of a JSON object, in order.
+pub fn members(body: &Value) -> Vec<&str> {
+    body.as_object().unwrap_or_else(|| panic!("not an object: {body}")).keys().map(String::as_str).collect()
+}
+
 /// The `fieldName`s of a validation error body, in order.
 pub fn field_names(error: &Value) -> Vec<String> {
     error["details"]["validationErrorReasons"]
