@@ -1104,6 +1104,21 @@ mod tests {
     }
 
     #[test]
+    fn webhook_suspend_after_defaults_to_5_days_comes_from_every_layer_and_is_bounded() {
+        assert_eq!(Config::defaults().webhook_suspend_after, hours(5 * 24));
+        let file = TempToml::new("webhook_suspend_after = \"2d\"\n");
+        assert_eq!(load(Some(&file), &env(&[]), &no_flags()).webhook_suspend_after, hours(48));
+        let vars = env(&[("REDIRECT_SESSIONS_WEBHOOK_SUSPEND_AFTER", "12h")]);
+        assert_eq!(load(Some(&file), &vars, &no_flags()).webhook_suspend_after, hours(12));
+        let flags = RawSettings { webhook_suspend_after: Some("30m".into()), ..no_flags() };
+        assert_eq!(load(Some(&file), &vars, &flags).webhook_suspend_after, Duration::from_secs(1800));
+        for bad in ["59s", "91d", "soon"] {
+            let vars = env(&[("REDIRECT_SESSIONS_WEBHOOK_SUSPEND_AFTER", bad)]);
+            assert!(error(None, &vars, &no_flags()).starts_with("invalid REDIRECT_SESSIONS_WEBHOOK_SUSPEND_AFTER"));
+        }
+    }
+
+    #[test]
     fn webhook_concurrency_per_subscription_defaults_to_16_and_comes_from_every_layer() {
         assert_eq!(Config::defaults().webhook_concurrency_per_subscription, 16);
         let file = TempToml::new("webhook_concurrency_per_subscription = 4\n");

@@ -15,18 +15,22 @@
 //!   Together they split the created sessions in two halves.
 //! - `pay`: the hosted page with a browser's cookie.
 //! - `webhooks`: deliveries to a local receiver (its ceiling, a backlog drained, end to end, idle).
+//! - `recover` (not in the default): 100,000 deliveries fail for good at a receiver answering
+//!   500, then the receiver answers 204 and one `POST …/subscriptions/{id}/recover` queues them
+//!   all again: how long the recovery takes to answer, and how fast its deliveries drain.
 //!
 //! The table names the variant of every write row, so one run can measure both against one
 //! ceiling:
 //!
 //! cargo build --release --bins && ./target/release/loadgen --connections 256 --duration 10s \
 //!     --scenarios ceiling,create,create-bare,replay,read,cancel,cancel-bare,pay,webhooks
+//! ./target/release/loadgen --connections 256 --scenarios ceiling,recover
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,8 +46,8 @@ use uuid::Uuid;
 const BASE: &str = "/customer-authentication-service/v1";
 
 /// Every scenario `--scenarios` knows, in the order they run.
-const SCENARIOS: [&str; 9] =
-    ["ceiling", "create", "create-bare", "replay", "read", "cancel", "cancel-bare", "pay", "webhooks"];
+const SCENARIOS: [&str; 10] =
+    ["ceiling", "create", "create-bare", "replay", "read", "cancel", "cancel-bare", "pay", "webhooks", "recover"];
 
 struct Args {
     connections: usize,
@@ -525,14 +529,24 @@ async fn arrived_browsers(address: SocketAddr, key: &str, n: usize, request_id: 
     cookies
 }
 
+/// When each session's event first arrived at a receiver.
+type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
+
 /// A webhook receiver answering 204 that records when each session's event arrived.
-async fn receiver() -> (SocketAddr, Arc<Mutex<HashMap<String, Instant>>>) {
-    let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let seen = arrivals.clone();
+async fn receiver() -> (SocketAddr, Arrivals) {
+    let (address, arrivals, _) = switchable_receiver().await;
+    (address, arrivals)
+}
+
+/// Like `receiver`, answering with the status in the returned cell (204 at first).
+async fn switchable_receiver() -> (SocketAddr, Arrivals, Arc<AtomicU16>) {
+    let arrivals: Arrivals = Arc::default();
+    let answer = Arc::new(AtomicU16::new(204));
+    let (seen, status) = (arrivals.clone(), answer.clone());
     let app = axum::Router::new().route(
         "/hook",
         post(move |body: Bytes| {
-            let seen = seen.clone();
+            let (seen, status) = (seen.clone(), status.clone());
             async move {
                 let at = Instant::now();
                 // The session id follows `"data":{"id":"`; finding it beats parsing the event.
@@ -540,14 +554,123 @@ async fn receiver() -> (SocketAddr, Arc<Mutex<HashMap<String, Instant>>>) {
                 if let Some(id) = text.split(r#""data":{"id":""#).nth(1).and_then(|rest| rest.get(..36)) {
                     seen.lock().expect("not poisoned").entry(id.to_owned()).or_insert(at);
                 }
-                axum::http::StatusCode::NO_CONTENT
+                axum::http::StatusCode::from_u16(status.load(Ordering::Relaxed)).expect("a status")
             }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let address = listener.local_addr().expect("an address");
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (address, arrivals)
+    (address, arrivals, answer)
+}
+
+/// Subscribes `hook` to cancellations; answers the subscription's id.
+async fn subscribe(server: &Server, key: &str, hook: SocketAddr) -> Uuid {
+    let id = Uuid::new_v4();
+    let subscription =
+        format!(r#"{{"callbackUrl":"http://{hook}/hook","apiKey":"bench","eventTypes":["RedirectSessionCancelled"]}}"#);
+    let path = format!("{BASE}/redirect-session-events/subscriptions/{id}");
+    let put = request(Method::PUT, server.first(), &path, key, Some(Bytes::from(subscription)), None);
+    let mut sender = connect(server.first()).await.expect("connects");
+    let status = sender.send_request(put).await.expect("subscribes").status();
+    assert_eq!(status, 201, "subscribing the receiver");
+    id
+}
+
+/// A counter or gauge of the first instance's `/metrics`.
+async fn metric(server: &Server, series: &str) -> f64 {
+    let get = Request::builder()
+        .uri("/metrics")
+        .header("host", server.first().to_string())
+        .body(Full::default())
+        .expect("valid");
+    let mut sender = connect(server.first()).await.expect("connects");
+    let body = sender.send_request(get).await.expect("answers").into_body().collect().await.expect("a body");
+    let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+    text.lines().find_map(|line| line.strip_prefix(&format!("{series} "))?.parse().ok()).unwrap_or(0.0)
+}
+
+/// How many deliveries the `recover` scenario makes fail and recovers in one request.
+const RECOVERED: usize = 100_000;
+
+/// `recover`: `RECOVERED` deliveries fail for good, then one recovery queues them all again
+/// and they drain to the receiver, which answers 204 from then on.
+async fn recover(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<String>) {
+    let (hook, arrivals, answer) = switchable_receiver().await;
+    let subscription = subscribe(server, key, hook).await;
+    // One retry a millisecond later: every delivery fails for good after two attempts.
+    server.restart(&args.server, &["--webhook-retry-schedule", "1ms", "--webhook-concurrency-per-subscription", "256"]);
+    answer.store(500, Ordering::Relaxed);
+    let since = Instant::now();
+    let wall_since = redirect_sessions::domain::time::Timestamp::now();
+    let (_, sessions) = create_sessions(
+        "create (to fail)",
+        server,
+        key,
+        args.connections,
+        Duration::from_secs(3600),
+        RECOVERED,
+        args.request_id,
+    )
+    .await;
+    let make = cancels(server.first(), key, sessions, args.request_id, None);
+    let cancelled = load(
+        "cancel (to fail)",
+        &server.addresses,
+        args.connections,
+        Duration::from_secs(3600),
+        Expect::status(200),
+        make,
+    )
+    .await;
+    let failed_series = "redirect_sessions_webhook_deliveries_failed_total";
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    while (metric(server, failed_series).await as usize) < cancelled.requests && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("{} deliveries failed for good in {:?}", cancelled.requests, since.elapsed());
+
+    answer.store(204, Ordering::Relaxed);
+    arrivals.lock().expect("not poisoned").clear();
+    let window = format!(r#"{{"since":"{wall_since}"}}"#);
+    let path = format!("{BASE}/redirect-session-events/subscriptions/{subscription}/recover");
+    let post = request(Method::POST, server.first(), &path, key, Some(Bytes::from(window)), Some(Uuid::new_v4()));
+    let mut sender = connect(server.first()).await.expect("connects");
+    let started = Instant::now();
+    let response = sender.send_request(post).await.expect("recovers");
+    let answered = started.elapsed();
+    let body = response.into_body().collect().await.expect("a body").to_bytes();
+    let recovered: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
+    let queued = recovered["queued"].as_u64().unwrap_or(0) as usize;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while arrivals.lock().expect("not poisoned").len() < queued && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = arrivals.lock().expect("not poisoned").len();
+    let last = arrivals.lock().expect("not poisoned").values().max().copied().unwrap_or(started);
+    rows.push(row(
+        &Stats {
+            name: format!("recover: one POST …/recover queues {queued} failed deliveries ({recovered})"),
+            requests: 1,
+            errors: usize::from(queued != cancelled.requests),
+            elapsed: answered,
+            latencies_us: vec![answered.as_micros() as u32],
+            server_cpu: None,
+        },
+        None,
+    ));
+    rows.push(row(
+        &Stats {
+            name: format!("recover: drain the {queued} recovered deliveries (from the POST)"),
+            requests: drained,
+            errors: queued - drained,
+            elapsed: last.saturating_duration_since(started),
+            latencies_us: Vec::new(),
+            server_cpu: None,
+        },
+        None,
+    ));
+    server.restart(&args.server, &[]);
 }
 
 async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<String>) {
@@ -560,19 +683,7 @@ async fn webhooks(server: &mut Server, key: &str, args: &Args, rows: &mut Vec<St
         load("receiver ceiling (POST 204)", &[hook], args.connections, args.duration, Expect::status(204), make).await;
     rows.push(row(&ceiling, None));
 
-    let subscription =
-        format!(r#"{{"callbackUrl":"http://{hook}/hook","apiKey":"bench","eventTypes":["RedirectSessionCancelled"]}}"#);
-    let put = request(
-        Method::PUT,
-        server.first(),
-        &format!("{BASE}/redirect-session-events/subscriptions/{}", Uuid::new_v4()),
-        key,
-        Some(Bytes::from(subscription)),
-        None,
-    );
-    let mut sender = connect(server.first()).await.expect("connects");
-    let status = sender.send_request(put).await.expect("subscribes").status();
-    assert_eq!(status, 201, "subscribing the receiver");
+    subscribe(server, key, hook).await;
 
     // Drain: queue deliveries with the dispatcher off, then start it and time the backlog.
     server.restart(&args.server, &["--no-webhook-dispatcher"]);
@@ -863,6 +974,9 @@ async fn run(args: Args) {
     let (database, wal) = server.database_bytes();
     if wants("webhooks") {
         webhooks(&mut server, &key, &args, &mut rows).await;
+    }
+    if wants("recover") {
+        recover(&mut server, &key, &args, &mut rows).await;
     }
 
     println!(
