@@ -240,3 +240,84 @@ async fn bodies_built_from_the_documented_schemas_are_accepted() {
     assert_eq!(status, 201, "the documented body {body} was answered {answer}");
     server.stop().await;
 }
+
+/// Whether `value` conforms to `schema` of the OpenAPI `document`, as far as the event
+/// catalogue uses JSON Schema: `$ref`, `allOf`, `required`, `properties` (no member beyond
+/// them), `const` and `enum`. Answers what does not conform.
+fn nonconformities(document: &Value, schema: &Value, value: &Value, at: &str) -> Vec<String> {
+    if let Some(reference) = schema["$ref"].as_str() {
+        let name = reference.strip_prefix("#/components/schemas/").expect("a component reference");
+        return nonconformities(document, &document["components"]["schemas"][name], value, at);
+    }
+    let mut problems = Vec::new();
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        problems.extend(nonconformities(document, part, value, at));
+    }
+    if let Some(expected) = schema.get("const") {
+        if value != expected {
+            problems.push(format!("{at}: {value} is not {expected}"));
+        }
+    }
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !allowed.contains(value) {
+            problems.push(format!("{at}: {value} is not one of {allowed:?}"));
+        }
+    }
+    for required in schema["required"].as_array().into_iter().flatten() {
+        if value.get(required.as_str().unwrap()).is_none() {
+            problems.push(format!("{at}: {required} is missing"));
+        }
+    }
+    if let Some(properties) = schema["properties"].as_object() {
+        let Some(members) = value.as_object() else {
+            return vec![format!("{at}: {value} is not an object")];
+        };
+        for (name, member) in members {
+            match properties.get(name) {
+                Some(property) => problems.extend(nonconformities(document, property, member, &format!("{at}.{name}"))),
+                // Only a schema that lists every member may say what is extra (not a part of an allOf).
+                None if schema.get("type").is_none() || schema["required"].is_array() => {
+                    problems.push(format!("{at}: {name} is not in the schema"))
+                }
+                None => {}
+            }
+        }
+    }
+    problems
+}
+
+#[tokio::test]
+async fn delivered_events_conform_to_the_event_catalogue_of_the_document() {
+    use crate::webhook_support::*;
+    let server = TestServer::start().await;
+    let receiver = Receiver::answering(204).await;
+    let (subscription, _) = subscribe(&server, &receiver.url(), &["RedirectSessionCancelled"]).await;
+    let session = server.created_session().await;
+    assert_eq!(server.cancel_session(session).await.status(), 200);
+    receiver.wait_for_requests(1).await;
+    let path = format!("{}/test", subscription_path(subscription));
+    assert_eq!(server.request(reqwest::Method::POST, &path).send().await.unwrap().status(), 200);
+
+    let document: Value = serde_json::from_str(&committed_openapi()).unwrap();
+    for request in receiver.wait_for_requests(2).await {
+        let event = request.json();
+        let kind = event["type"].as_str().unwrap();
+        let entry = &document["webhooks"][kind]["post"];
+        let schema = &entry["requestBody"]["content"]["application/json"]["schema"];
+        assert!(schema.is_object(), "the catalogue has no entry for {kind}");
+        let problems = nonconformities(&document, schema, &event, "body");
+        assert!(problems.is_empty(), "{kind}: {problems:?}\n{event}");
+        // The check is not vacuous: the event with a member renamed does not conform.
+        let mut renamed = event.clone();
+        let data = renamed["data"].as_object_mut().unwrap();
+        let (name, value) = data.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+        data.remove(&name);
+        data.insert(format!("{name}X"), value);
+        assert!(!nonconformities(&document, schema, &renamed, "body").is_empty(), "{renamed}");
+        for header in entry["parameters"].as_array().unwrap() {
+            let name = header["name"].as_str().unwrap();
+            assert!(!request.header(name).is_empty(), "{kind}: the catalogue names {name}, which was not sent");
+        }
+    }
+    server.stop().await;
+}
