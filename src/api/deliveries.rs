@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::context::RequestContext;
 use super::extract::{empty_body, paginate, parse_query, path_id, store_error, RawPathParam};
-use super::idempotency::{error_answer, json_answer, respond, Scope};
+use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::event::EventKind;
@@ -204,8 +204,6 @@ pub async fn redeliver(
             error_answer(&error, correlation_id, &state.public_url)
         }
     };
-    let scope = scope.map(|Extension(scope)| scope);
-    let guard = scope.map(|scope| scope.guard(render.clone()));
-    let guarded = state.store.redeliver_guarded(merchant.id, id, Timestamp::now(), guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |_| {}))
+    let write = |guard| state.store.redeliver_guarded(merchant.id, id, Timestamp::now(), guard);
+    guarded_write(&state, scope, Keep::Clear, render, write, |_| {}).await
 }

@@ -203,6 +203,38 @@ async fn claim(
     }
 }
 
+/// How a write's answer is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    Clear,
+    /// It shows a secret (a signing secret): kept encrypted.
+    Sealed,
+}
+
+/// Runs the store write `write` under the request's key when it has one (the guard it gets
+/// keeps the answer `render` makes in the write's transaction) and responds as `respond` does.
+pub async fn guarded_write<O, R, W, F>(
+    state: &AppState,
+    scope: Option<axum::Extension<Scope>>,
+    keep: Keep,
+    render: R,
+    write: W,
+    ran: impl FnOnce(&O),
+) -> Result<Response, ApiError>
+where
+    R: Fn(&O) -> StoredResponse + Clone + Send + 'static,
+    W: FnOnce(Option<Guard<O>>) -> F,
+    F: std::future::Future<Output = Result<Guarded<O>, crate::store::StoreError>>,
+{
+    let scope = scope.map(|axum::Extension(scope)| scope);
+    let guard = scope.map(|scope| match keep {
+        Keep::Clear => scope.guard(render.clone()),
+        Keep::Sealed => scope.guard_sealed(state, render.clone()),
+    });
+    let guarded = write(guard).await.map_err(store_error)?;
+    Ok(respond(state, scope, guarded, render, ran))
+}
+
 /// The response of a write run under `scope` (or without a key): the answer the write kept,
 /// or the one `render` makes of its outcome, or the answer kept first by an earlier request.
 /// `ran` sees the outcome of a write that ran.

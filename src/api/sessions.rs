@@ -16,7 +16,7 @@ use super::context::RequestContext;
 use super::extract::{
     empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam,
 };
-use super::idempotency::{error_answer, json_answer, respond, Scope};
+use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::request::{
@@ -240,7 +240,6 @@ pub async fn create_redirect_session(
         last_correlation_id: context.correlation_id,
         version: 1,
     };
-    let scope = scope.map(|Extension(scope)| scope);
     let render = {
         let (state, spec, merchant_id, correlation_id) =
             (state.clone(), session.spec.clone(), merchant.id, context.correlation_id);
@@ -266,13 +265,13 @@ pub async fn create_redirect_session(
             }
         }
     };
-    let guard = scope.map(|scope| scope.guard(render.clone()));
-    let guarded = state.store.create_session_guarded(session, guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |outcome| {
+    let write = |guard| state.store.create_session_guarded(session, guard);
+    guarded_write(&state, scope, Keep::Clear, render, write, |outcome| {
         if let CreateOutcome::Created(_) = outcome {
             state.metrics.session_created();
         }
-    }))
+    })
+    .await
 }
 
 /// Read a redirect session.
@@ -358,7 +357,6 @@ pub async fn cancel_redirect_session(
         correlation_id: context.correlation_id,
         now,
     };
-    let scope = scope.map(|Extension(scope)| scope);
     let render = {
         let (state, correlation_id) = (state.clone(), context.correlation_id);
         move |outcome: &CancelOutcome| {
@@ -378,14 +376,14 @@ pub async fn cancel_redirect_session(
             error_answer(&error, correlation_id, &state.public_url)
         }
     };
-    let guard = scope.map(|scope| scope.guard(render.clone()));
-    let guarded = state.store.cancel_session_guarded(request, guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |outcome| {
+    let write = |guard| state.store.cancel_session_guarded(request, guard);
+    guarded_write(&state, scope, Keep::Clear, render, write, |outcome| {
         if let CancelOutcome::Cancelled(_) = outcome {
             state.metrics.sessions_cancelled(1);
             tracing::debug!(session.id = %id, merchant.id = %merchant.id, "redirect session cancelled");
         }
-    }))
+    })
+    .await
 }
 
 /// List the merchant's redirect sessions, newest first.

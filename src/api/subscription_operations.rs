@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::context::RequestContext;
 use super::extract::{body_bytes, if_match, is_json, path_id, store_error, RawPathParam};
-use super::idempotency::{error_answer, json_answer, respond, Scope};
+use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
 use super::subscriptions::{changed, not_found, other_merchant, PATH};
 use super::BASE;
 use crate::app::AppState;
@@ -223,11 +223,9 @@ pub async fn rotate_secret(
             other => changed(other),
         }
     };
-    let scope = scope.map(|Extension(scope)| scope);
     // The answer shows the new secret: kept encrypted.
-    let guard = scope.map(|scope| scope.guard_sealed(&state, render.clone()));
-    let guarded = state.store.rotate_subscription_secret_guarded(change, rotation, guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |_| {}))
+    let write = |guard| state.store.rotate_subscription_secret_guarded(change, rotation, guard);
+    guarded_write(&state, scope, Keep::Sealed, render, write, |_| {}).await
 }
 
 /// Send a signed test event to the subscription's receiver and answer how it went.
@@ -305,10 +303,8 @@ pub async fn send_test(
         };
         json_answer(StatusCode::OK, &answer, None, None)
     };
-    let scope = scope.map(|Extension(scope)| scope);
-    let guard = scope.map(|scope| scope.guard(render));
-    let guarded = state.store.record_test_delivery_guarded(test, guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |_| {}))
+    let write = |guard| state.store.record_test_delivery_guarded(test, guard);
+    guarded_write(&state, scope, Keep::Clear, render, write, |_| {}).await
 }
 
 /// Queue again every failed delivery of the subscription whose event lies in a time window.
@@ -358,10 +354,8 @@ pub async fn recover(
             error_answer(&error, correlation_id, &state.public_url)
         }
     };
-    let scope = scope.map(|Extension(scope)| scope);
-    let guard = scope.map(|scope| scope.guard(render.clone()));
-    let guarded = state.store.recover_deliveries_guarded(change, window, guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |_| {}))
+    let write = |guard| state.store.recover_deliveries_guarded(change, window, guard);
+    guarded_write(&state, scope, Keep::Clear, render, write, |_| {}).await
 }
 
 /// Resume a suspended subscription: it is `Active` again and its held deliveries are sent.
@@ -397,10 +391,9 @@ pub async fn resume(
     super::extract::empty_body(&headers, body).await?;
     let change =
         SubscriptionChange { merchant_id: merchant.id, id, if_match: if_match(&headers)?, now: Timestamp::now() };
-    let (scope, render) = (scope.map(|Extension(scope)| scope), changed(&state, context.correlation_id));
-    let guard = scope.map(|scope| scope.guard(render.clone()));
-    let guarded = state.store.resume_subscription_guarded(change, guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |_| {}))
+    let render = changed(&state, context.correlation_id);
+    let write = |guard| state.store.resume_subscription_guarded(change, guard);
+    guarded_write(&state, scope, Keep::Clear, render, write, |_| {}).await
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::context::RequestContext;
 use super::extract::{id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam};
-use super::idempotency::{error_answer, json_answer, respond, Scope};
+use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
 use super::BASE;
 use crate::app::AppState;
 use crate::domain::event::EventType;
@@ -230,11 +230,9 @@ pub async fn create_subscription(
             }
         }
     };
-    let scope = scope.map(|Extension(scope)| scope);
     // The new subscription's answer shows its signing secret: kept encrypted.
-    let guard = scope.map(|scope| scope.guard_sealed(&state, render.clone()));
-    let guarded = state.store.put_subscription_guarded(record, guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |_| {}))
+    let write = |guard| state.store.put_subscription_guarded(record, guard);
+    guarded_write(&state, scope, Keep::Sealed, render, write, |_| {}).await
 }
 
 /// Replace a subscription's callback URL, API key and event types; resumes a suspended one.
@@ -270,10 +268,9 @@ pub async fn update_subscription(
     let (id, spec) = id_and_spec(&state, &raw_id, &headers, body).await?;
     let change =
         SubscriptionChange { merchant_id: merchant.id, id, if_match: if_match(&headers)?, now: Timestamp::now() };
-    let (scope, render) = (scope.map(|Extension(scope)| scope), changed(&state, context.correlation_id));
-    let guard = scope.map(|scope| scope.guard(render.clone()));
-    let guarded = state.store.patch_subscription_guarded(change, spec, guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |_| {}))
+    let render = changed(&state, context.correlation_id);
+    let write = |guard| state.store.patch_subscription_guarded(change, spec, guard);
+    guarded_write(&state, scope, Keep::Clear, render, write, |_| {}).await
 }
 
 /// Unsubscribe: removes the subscription and cancels its queued deliveries.
@@ -307,10 +304,9 @@ pub async fn delete_subscription(
     let id = path_id(&raw_id, "eventSubscriptionId")?;
     let change =
         SubscriptionChange { merchant_id: merchant.id, id, if_match: if_match(&headers)?, now: Timestamp::now() };
-    let (scope, render) = (scope.map(|Extension(scope)| scope), changed(&state, context.correlation_id));
-    let guard = scope.map(|scope| scope.guard(render.clone()));
-    let guarded = state.store.delete_subscription_guarded(change, guard).await.map_err(store_error)?;
-    Ok(respond(&state, scope, guarded, render, |_| {}))
+    let render = changed(&state, context.correlation_id);
+    let write = |guard| state.store.delete_subscription_guarded(change, guard);
+    guarded_write(&state, scope, Keep::Clear, render, write, |_| {}).await
 }
 
 /// Read a subscription.
