@@ -4,8 +4,7 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -13,7 +12,6 @@ use uuid::Uuid;
 use super::context::RequestContext;
 use super::extract::{empty_body, paginate, parse_query, path_id, store_error, RawPathParam};
 use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
-use super::BASE;
 use crate::app::AppState;
 use crate::domain::event::EventKind;
 use crate::domain::time::Timestamp;
@@ -21,13 +19,6 @@ use crate::domain::validate::{parse_uuid, Errors};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::store::webhooks::{AttemptRecord, DeliveryFilter, DeliveryRecord, DeliveryState, RedeliverOutcome};
 use crate::store::Merchant;
-
-/// The routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(&format!("{BASE}/redirect-session-events/deliveries"), get(list_deliveries))
-        .route(&format!("{BASE}/redirect-session-events/deliveries/{{deliveryId}}/redeliver"), post(redeliver))
-}
 
 /// One attempt to deliver.
 #[derive(Serialize, ToSchema)]

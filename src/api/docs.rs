@@ -14,7 +14,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Responses};
 use utoipa::{Modify, Number, OpenApi};
 
-use super::{catalogue, deliveries, health, sessions, subscription_operations, subscriptions};
+use super::{catalogue, health};
 use crate::app::AppState;
 use crate::error::ErrorCode;
 
@@ -24,29 +24,9 @@ use crate::error::ErrorCode;
         title = "redirect-sessions",
         description = "Redirect sessions for payment merchants: the Customer Authentication Service contract and more.",
     ),
-    paths(
-        sessions::create_redirect_session,
-        sessions::get_redirect_session,
-        sessions::list_redirect_sessions,
-        sessions::cancel_redirect_session,
-        subscriptions::create_subscription,
-        subscriptions::update_subscription,
-        subscriptions::delete_subscription,
-        subscriptions::get_subscription,
-        subscriptions::list_subscriptions,
-        subscription_operations::rotate_secret,
-        subscription_operations::send_test,
-        subscription_operations::recover,
-        subscription_operations::resume,
-        deliveries::list_deliveries,
-        deliveries::redeliver,
-        health::get_live,
-        health::get_ready,
-        health::get_jwks,
-        health::get_metrics,
-    ),
+    // Every other operation comes from the routers (`api::merchant_api`, `api::public_api`).
+    paths(health::get_metrics),
     components(schemas(catalogue::SessionEvent, catalogue::TestEvent)),
-    modifiers(&ApiKeyScheme, &ExactRules),
 )]
 struct ApiDoc;
 
@@ -235,6 +215,11 @@ fn https_url(url: &mut Object) {
 /// with the event catalogue as its `webhooks` section (which utoipa does not model).
 pub fn openapi_json() -> String {
     let mut document = ApiDoc::openapi();
+    for routes in [super::merchant_api(), super::public_api()] {
+        document.merge(routes.split_for_parts().1);
+    }
+    ApiKeyScheme.modify(&mut document);
+    ExactRules.modify(&mut document);
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();
     let mut document = serde_json::to_value(document).expect("the OpenAPI document serialises");
     document["webhooks"] = catalogue::webhooks();

@@ -5,8 +5,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -14,15 +13,6 @@ use crate::app::AppState;
 use crate::domain::time::Timestamp;
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::DeliveryBacklog;
-
-/// The routes of this module (`/metrics` is added by the main router or the metrics
-/// listener).
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/health/live", get(get_live))
-        .route("/health/ready", get(get_ready))
-        .route("/.well-known/jwks.json", get(get_jwks))
-}
 
 /// A health answer.
 #[derive(Serialize, ToSchema)]

@@ -16,6 +16,8 @@ pub mod subscriptions;
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::get;
 use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::AppState;
 use crate::error::{ApiError, ErrorCode};
@@ -23,19 +25,49 @@ use crate::error::{ApiError, ErrorCode};
 /// The base path of the merchant API.
 pub const BASE: &str = "/customer-authentication-service/v1";
 
+/// The merchant API: every route with its OpenAPI operation, declared once (by the handler's
+/// `#[utoipa::path]`), so the router and the document cannot drift apart.
+pub fn merchant_api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(sessions::list_redirect_sessions))
+        .routes(routes!(sessions::get_redirect_session, sessions::create_redirect_session))
+        .routes(routes!(sessions::cancel_redirect_session))
+        .routes(routes!(subscriptions::list_subscriptions))
+        .routes(routes!(
+            subscriptions::get_subscription,
+            subscriptions::create_subscription,
+            subscriptions::update_subscription,
+            subscriptions::delete_subscription
+        ))
+        .routes(routes!(subscription_operations::rotate_secret))
+        .routes(routes!(subscription_operations::send_test))
+        .routes(routes!(subscription_operations::recover))
+        .routes(routes!(subscription_operations::resume))
+        .routes(routes!(deliveries::list_deliveries))
+        .routes(routes!(deliveries::redeliver))
+}
+
+/// The public operations in the document: health checks and the token keys (`/metrics` is
+/// routed where `metrics_listen` says, and documented by `docs`).
+pub fn public_api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health::get_live))
+        .routes(routes!(health::get_ready))
+        .routes(routes!(health::get_jwks))
+}
+
 /// The whole service: merchant API (rate-limited by address, authenticated, rate-limited by
 /// key, idempotent, in that order) and public endpoints, wrapped
 /// in the request-context middleware (correlation id, error bodies, panics, metrics).
 pub fn router(state: AppState) -> Router {
-    let merchant = sessions::router()
-        .merge(subscriptions::router())
-        .merge(subscription_operations::router())
-        .merge(deliveries::router())
+    let (merchant, _) = merchant_api().split_for_parts();
+    let merchant = merchant
         .layer(from_fn_with_state(state.clone(), idempotency::middleware))
         .layer(from_fn_with_state(state.clone(), ratelimit::by_key))
         .layer(from_fn_with_state(state.clone(), auth::middleware))
         .layer(from_fn_with_state(state.clone(), ratelimit::by_address));
-    let mut public = Router::new().merge(health::router()).merge(docs::router()).merge(crate::hosted::router());
+    let (public, _) = public_api().split_for_parts();
+    let mut public = public.merge(docs::router()).merge(crate::hosted::router());
     if state.config.metrics_listen.is_none() {
         public = public.route("/metrics", get(health::get_metrics));
     }

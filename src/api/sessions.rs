@@ -5,8 +5,7 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -30,17 +29,6 @@ use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::store::{
     CancelOutcome, CancelRequest, CreateOutcome, Merchant, SessionFilter, SessionRecord, StoredResponse,
 };
-
-/// The routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(&format!("{BASE}/redirect-sessions"), get(list_redirect_sessions))
-        .route(
-            &format!("{BASE}/redirect-sessions/{{redirectSessionId}}"),
-            get(get_redirect_session).put(create_redirect_session),
-        )
-        .route(&format!("{BASE}/redirect-sessions/{{redirectSessionId}}/cancel"), post(cancel_redirect_session))
-}
 
 /// A redirect session, as create, read, cancel and list answer it.
 #[derive(Serialize, ToSchema)]

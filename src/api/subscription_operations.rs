@@ -8,8 +8,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::post;
-use axum::{Extension, Router};
+use axum::Extension;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -18,8 +17,7 @@ use uuid::Uuid;
 use super::context::RequestContext;
 use super::extract::{body_bytes, if_match, is_json, path_id, store_error, RawPathParam};
 use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
-use super::subscriptions::{changed, not_found, other_merchant, PATH};
-use super::BASE;
+use super::subscriptions::{changed, not_found, other_merchant};
 use crate::app::AppState;
 use crate::domain::event::EventKind;
 use crate::domain::time::Timestamp;
@@ -37,16 +35,6 @@ use crate::webhooks::signature::generate_secret;
 const DEFAULT_GRACE_SECONDS: u64 = 24 * 3600;
 /// The longest grace period: a week.
 const MAX_GRACE_SECONDS: u64 = 7 * 24 * 3600;
-
-/// The routes of this resource.
-pub fn router() -> Router<AppState> {
-    let at = |operation: &str| format!("{BASE}{PATH}/{{eventSubscriptionId}}/{operation}");
-    Router::new()
-        .route(&at("rotate-secret"), post(rotate_secret))
-        .route(&at("test"), post(send_test))
-        .route(&at("recover"), post(recover))
-        .route(&at("resume"), post(resume))
-}
 
 /// The body of a rotation (documentation only).
 #[derive(ToSchema)]

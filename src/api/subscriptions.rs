@@ -4,8 +4,7 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -27,15 +26,7 @@ use crate::store::webhooks::{
 use crate::store::{Merchant, StoredResponse};
 use crate::webhooks::signature::generate_secret;
 
-pub(super) const PATH: &str = "/redirect-session-events/subscriptions";
-
-/// The routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new().route(&format!("{BASE}{PATH}"), get(list_subscriptions)).route(
-        &format!("{BASE}{PATH}/{{eventSubscriptionId}}"),
-        get(get_subscription).put(create_subscription).patch(update_subscription).delete(delete_subscription),
-    )
-}
+const PATH: &str = "/redirect-session-events/subscriptions";
 
 /// A subscription as every answer shows it; `signingSecret` only in the `201` of a create.
 #[derive(Serialize, ToSchema)]
