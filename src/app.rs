@@ -194,43 +194,59 @@ async fn sweep_expired(state: AppState, mut stopped: watch::Receiver<bool>) {
     }
 }
 
-/// Deletes finished deliveries, their attempts and events past the retention, and
-/// idempotency records older than a day, in small batches so writers barely notice.
+/// Every minute, the retention janitor (`purge_old_records_at`).
 async fn purge_old_records(state: AppState, mut stopped: watch::Receiver<bool>) {
-    let retention = Retention { deliveries: state.config.delivery_retention, idempotency: IDEMPOTENCY_RETENTION };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PURGE_EVERY) => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
-        loop {
-            match state.store.purge(Timestamp::now(), retention, PURGE_BATCH).await {
-                Ok(removed) if removed > 0 => tracing::debug!(removed, "purged old records"),
-                Ok(_) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "purging old records failed; it will try again");
-                    break;
-                }
-            }
-            if *stopped.borrow() {
-                return;
-            }
+        if let Err(error) = purge_old_records_at(&state, Timestamp::now(), &stopped).await {
+            tracing::warn!(%error, "purging old records failed; it will try again");
         }
     }
 }
 
-/// Picks up signing keys rotated by another instance or by `signing-key rotate`.
+/// Deletes finished deliveries, their attempts and events past the retention as of `now`,
+/// and idempotency records older than a day, in small batches so writers barely notice, until
+/// none is left or `stopped`; answers how many rows went.
+pub async fn purge_old_records_at(
+    state: &AppState,
+    now: Timestamp,
+    stopped: &watch::Receiver<bool>,
+) -> Result<usize, StoreError> {
+    let retention = Retention { deliveries: state.config.delivery_retention, idempotency: IDEMPOTENCY_RETENTION };
+    let mut total = 0;
+    while !*stopped.borrow() {
+        let removed = state.store.purge(now, retention, PURGE_BATCH).await?;
+        if removed == 0 {
+            break;
+        }
+        tracing::debug!(removed, "purged old records");
+        total += removed;
+    }
+    Ok(total)
+}
+
+/// Every 30 seconds, picks up signing keys rotated by another instance or by `signing-key
+/// rotate` (`reload_keys_now`).
 async fn reload_keys(state: AppState, mut stopped: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(KEYS_EVERY) => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
-        match load_keyring(&state.store).await {
-            Ok(keyring) => *state.keyring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keyring),
-            Err(error) => tracing::warn!(%error, "could not reload the signing keys"),
+        if let Err(error) = reload_keys_now(&state).await {
+            tracing::warn!(%error, "could not reload the signing keys");
         }
     }
+}
+
+/// Reads the signing keys and makes them the ones tokens are signed and checked with.
+pub async fn reload_keys_now(state: &AppState) -> Result<(), StoreError> {
+    let keyring = load_keyring(&state.store).await?;
+    *state.keyring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keyring);
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (not when

@@ -321,3 +321,26 @@ async fn delivered_events_conform_to_the_event_catalogue_of_the_document() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn with_a_metrics_listener_the_metrics_are_served_there_alone_and_not_on_the_api_listener() {
+    // A free port for the metrics listener (bound and released; nothing else takes it this fast).
+    let metrics_address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let server = TestServer::start_with(|config| config.metrics_listen = Some(metrics_address)).await;
+    let metrics_url = format!("http://{metrics_address}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let scrape = loop {
+        match server.client.get(format!("{metrics_url}/metrics")).send().await {
+            Ok(response) => break response,
+            Err(error) => assert!(std::time::Instant::now() < deadline, "the metrics listener: {error}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(scrape.status(), 200);
+    assert!(scrape.text().await.unwrap().contains("redirect_sessions_created_total "));
+    assert_error(get(&server, "/metrics").await, 404, "NotFound").await;
+    let other = server.client.get(format!("{metrics_url}/health/live")).send().await.unwrap();
+    assert_eq!(other.status(), 404, "the metrics listener serves /metrics alone");
+    assert_eq!(get(&server, "/health/live").await.status(), 200);
+    server.stop().await;
+}

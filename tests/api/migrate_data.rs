@@ -843,3 +843,49 @@ async fn bad_arguments_exit_2(from: &str, to: &str, dir: &Path) {
     }
     assert!(!dir.join("other.db").exists(), "no bad argument created a file");
 }
+
+#[tokio::test]
+async fn a_move_that_fails_in_the_middle_of_the_copy_leaves_the_target_empty_and_can_be_made_again() {
+    let Ok(admin_url) = std::env::var(ENV) else {
+        let _ = writeln!(std::io::stderr(), "skipped: {ENV} not set");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite_path = dir.path().join("deployment.db");
+    let server = Server::start(DatabaseUrl::Sqlite { path: sqlite_path.clone() }, |_| {}).await;
+    let merchant = admin::create_merchant(&server.state.store, "Half Moved Shop").await.unwrap();
+    let key = merchant["apiKey"].as_str().unwrap().to_owned();
+    let body = subscription("http://127.0.0.1:9/hook", &["RedirectSessionCancelled"]);
+    let (status, _) = server.json(Method::PUT, &format!("{SUBSCRIPTIONS}/{}", Uuid::new_v4()), &key, Some(&body)).await;
+    assert_eq!(status, 201);
+    let session = Uuid::new_v4();
+    let (status, _) =
+        server.json(Method::PUT, &session_path(session), &key, Some(&new_transaction_intent(json!(10)))).await;
+    assert_eq!(status, 201);
+    let (status, _) = server.json(Method::POST, &format!("{}/cancel", session_path(session)), &key, None).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+
+    // A delivery in a state PostgreSQL refuses: the copy fails at `deliveries`, after the
+    // merchants, sessions, events and subscriptions went in.
+    let source = rusqlite::Connection::open(&sqlite_path).unwrap();
+    assert_eq!(source.execute("UPDATE deliveries SET state = 'Bogus'", []).unwrap(), 1);
+    let target = TestDb::create(&admin_url).await;
+    let from = format!("sqlite://{}", sqlite_path.display());
+    let failed = run(&["migrate-data", "--from", &from, "--to", &target.url]).await;
+    assert_eq!(failed.code, Some(1), "{failed:?}");
+    assert_eq!(failed.error_lines().len(), 1, "one error line: {failed:?}");
+    let counts = |fingerprint: Vec<(String, i64, String)>| -> Vec<(String, i64)> {
+        fingerprint.into_iter().map(|(table, rows, _)| (table, rows)).filter(|(_, rows)| *rows > 0).collect()
+    };
+    assert_eq!(counts(target.fingerprint().await), [], "nothing of the failed move is left in the target");
+
+    // Repaired, the same move goes through: the target was left empty, not half filled.
+    source.execute("UPDATE deliveries SET state = 'Pending'", []).unwrap();
+    let moved = run(&["migrate-data", "--from", &from, "--to", &target.url]).await;
+    assert_eq!(moved.code, Some(0), "{moved:?}");
+    let moved = counts(target.fingerprint().await);
+    for table in ["merchants", "sessions", "events", "subscriptions", "deliveries"] {
+        assert!(moved.iter().any(|(name, rows)| name == table && *rows >= 1), "{table}: {moved:?}");
+    }
+}

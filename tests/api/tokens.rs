@@ -184,3 +184,38 @@ async fn after_a_key_rotation_and_a_restart_the_jwks_lists_both_keys_and_old_tok
     assert_eq!((status, &read["token"]), (200, &json!(old_token)));
     restarted.stop().await;
 }
+
+#[tokio::test]
+async fn a_running_instance_signs_with_a_rotated_key_once_it_reloads_and_publishes_at_most_ten_previous_keys() {
+    let server = TestServer::start().await;
+    let response = server.client.get(format!("{}/.well-known/jwks.json", server.url)).send().await.unwrap();
+    assert_eq!(response.headers()["cache-control"], "public, max-age=300");
+    let first = kids(&jwks(&server).await);
+    let rotate = || async { redirect_sessions::admin::rotate_signing_key(server.store()).await.expect("rotated") };
+    let new_kid = rotate().await["kid"].as_str().unwrap().to_owned();
+    assert_eq!(kids(&jwks(&server).await), first, "a running instance reads the keys when it reloads them");
+
+    // What the reload job (every 30 s) does.
+    redirect_sessions::app::reload_keys_now(&server.state).await.expect("the keys load");
+    let keys = jwks(&server).await;
+    assert_eq!(kids(&keys), [new_kid.clone(), first[0].clone()], "the new key first, the old one still accepted");
+    let fresh = create(&server, &new_transaction_intent()).await;
+    assert_eq!(verify(&keys, fresh["token"].as_str().unwrap()).expect("verifies").header["kid"], new_kid);
+
+    // Eleven rotations later the first two keys have dropped out: the current one and the ten
+    // retired last are published (rotations a few milliseconds apart, so that "last" is clear;
+    // real ones are hours apart).
+    let mut newest = Vec::new();
+    for _ in 0..11 {
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        newest.push(rotate().await["kid"].as_str().unwrap().to_owned());
+    }
+    redirect_sessions::app::reload_keys_now(&server.state).await.expect("the keys load");
+    let listed = kids(&jwks(&server).await);
+    assert_eq!(listed.len(), 11, "{listed:?}");
+    assert_eq!(listed[0], newest[10], "the current key first");
+    let mut expected = newest.clone();
+    expected.reverse();
+    assert_eq!(listed, expected, "the newest first; {} and {new_kid} are no longer published", first[0]);
+    server.stop().await;
+}

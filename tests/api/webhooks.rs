@@ -12,7 +12,7 @@ use crate::common::binary::{command, Served};
 use crate::common::*;
 use crate::webhook_support::*;
 use redirect_sessions::domain::time::Timestamp;
-use redirect_sessions::store::webhooks::{AttemptOutcome, AttemptRecord, NextStep, Retention, SuspendPolicy};
+use redirect_sessions::store::webhooks::{AttemptOutcome, AttemptRecord, NextStep, SuspendPolicy};
 use redirect_sessions::webhooks::signature;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -334,31 +334,46 @@ async fn with_the_private_allowance_a_loopback_host_name_is_delivered() {
 }
 
 #[tokio::test]
-async fn purge_removes_finished_deliveries_past_their_retention_and_keeps_pending_ones() {
+async fn the_janitor_removes_finished_deliveries_and_old_request_ids_and_keeps_pending_and_held_deliveries() {
     let server = TestServer::start_with(|c| c.webhook_retry_schedule = vec![Duration::from_secs(3600)]).await;
     let accepting = Receiver::answering(204).await;
     let failing = Receiver::answering(500).await;
+    let gone = Receiver::answering(410).await;
     let (delivered, _) = subscribe(&server, &accepting.url(), &[CANCELLED]).await;
     let (pending, _) = subscribe(&server, &failing.url(), &[CANCELLED]).await;
+    let (held, _) = subscribe(&server, &gone.url(), &[CANCELLED]).await;
     let session = server.created_session().await;
-    assert_eq!(server.cancel_session(session).await.status(), 200);
+    let request_id = Uuid::new_v4().to_string();
+    let cancel = || server.request(Method::POST, &cancel_path(session)).header("x-request-id", &request_id).send();
+    assert_eq!(cancel().await.unwrap().status(), 200);
     wait_for_delivery(&server, delivered, "the delivery", in_state("Delivered")).await;
     let still_pending =
         wait_for_delivery(&server, pending, "the first failed attempt", |d| attempts(d).len() == 1).await;
     assert_eq!(still_pending["state"], "Pending");
+    let still_held = wait_for_delivery(&server, held, "the suspension", in_state("Held")).await;
+    assert_eq!(cancel().await.unwrap().headers()["idempotent-replayed"], "true");
 
-    let retention =
-        Retention { deliveries: Duration::from_secs(30 * 24 * 3600), idempotency: Duration::from_secs(24 * 3600) };
-    let removed = server.store().purge(Timestamp::now(), retention, 1000).await.expect("purge works");
-    assert_eq!(removed, 0, "nothing is old enough yet");
-    assert_eq!(deliveries(&server, "").await.len(), 2);
+    // What the janitor does every minute, as of three moments.
+    let (_running, stopped) = tokio::sync::watch::channel(false);
+    let janitor = |at: Timestamp| {
+        let (state, stopped) = (server.state.clone(), stopped.clone());
+        async move { redirect_sessions::app::purge_old_records_at(&state, at, &stopped).await.expect("purges") }
+    };
+    assert_eq!(janitor(Timestamp::now()).await, 0, "nothing is old enough yet");
+    assert_eq!(deliveries(&server, "").await.len(), 3);
 
-    let in_31_days = Timestamp::now().plus(Duration::from_secs(31 * 24 * 3600));
-    let removed = server.store().purge(in_31_days, retention, 1000).await.expect("purge works");
+    // A day later the request ids are forgotten: the same cancel runs again (and changes nothing).
+    assert!(janitor(Timestamp::now().plus(Duration::from_secs(25 * 3600))).await >= 1);
+    let again = cancel().await.unwrap();
+    assert_eq!((again.status(), again.headers().get("idempotent-replayed")), (reqwest::StatusCode::OK, None));
+    assert_eq!(deliveries(&server, "").await.len(), 3, "deliveries are kept for 30 days");
+
+    let removed = janitor(Timestamp::now().plus(Duration::from_secs(31 * 24 * 3600))).await;
     assert!(removed >= 2, "at least the delivery and its attempt: {removed}");
     assert_eq!(deliveries(&server, &format!("subscriptionId={delivered}")).await, Vec::<Value>::new());
-    let left = deliveries(&server, "").await;
-    assert_eq!(left, [still_pending], "the pending delivery is kept with its attempt");
+    let mut left = deliveries(&server, "").await;
+    left.sort_by_key(|d| d["subscriptionId"] != json!(pending));
+    assert_eq!(left, [still_pending, still_held], "the pending and the held delivery are kept with their attempts");
     server.stop().await;
 }
 
