@@ -1,8 +1,12 @@
-//! The domain: session states and transitions, money, locales, time, tokens and request
-//! parsing. Plain Rust with no I/O, so that every rule can be unit- and property-tested.
+//! The domain: session states and transitions, the records both backends store and the
+//! decisions on them, money, locales, time, tokens and request parsing. Plain Rust with no I/O
+//! and nothing from `api`, `store` or `webhooks`, so that every rule can be unit- and
+//! property-tested.
 
 pub mod address;
+pub mod customer;
 pub mod event;
+pub mod idempotency;
 pub mod intent;
 pub mod key;
 pub mod locale;
@@ -15,3 +19,4 @@ pub mod subscription;
 pub mod time;
 pub mod token;
 pub mod validate;
+pub mod webhooks;

@@ -7,7 +7,9 @@ pub mod idempotency;
 pub mod postgres;
 pub mod sealing;
 pub mod sqlite;
-pub mod webhooks;
+
+/// The webhook records the store speaks in (`crate::domain::webhooks`).
+pub use crate::domain::webhooks;
 
 use std::fmt;
 use std::sync::Arc;

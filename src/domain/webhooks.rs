@@ -1,4 +1,6 @@
-//! The records of webhooks that the `Store` speaks in: subscriptions, deliveries, attempts.
+//! The records of webhooks — subscriptions, deliveries, attempts — and the rules on them (which
+//! deliveries a claim takes, what a redelivery or a failing receiver comes to), which both
+//! backends and the handlers share.
 
 use std::collections::HashMap;
 use std::time::Duration;
