@@ -645,7 +645,10 @@ pub fn record_attempts(
             continue;
         };
         if outcome.next == NextStep::Delivered {
-            receiver_answered(c, &subscription)?;
+            // A success ends a run of failures (the usual case: there is none to end).
+            if failing_since.is_some() {
+                receiver_answered(c, &subscription)?;
+            }
         } else {
             let since = failing_since.map_or(a.started_on, Timestamp::from_millis);
             if failing_since.is_none() {
@@ -685,9 +688,9 @@ pub fn record_attempts(
     Ok(suspensions)
 }
 
-/// The receiver of `subscription` answered 2xx: its run of failures, if any, is over.
+/// The receiver of `subscription` answered 2xx: its run of failures is over.
 fn receiver_answered(c: &Connection, subscription: &[u8; 16]) -> Result<()> {
-    c.prepare_cached("UPDATE subscriptions SET failing_since = NULL WHERE id = ?1 AND failing_since IS NOT NULL")
+    c.prepare_cached("UPDATE subscriptions SET failing_since = NULL WHERE id = ?1")
         .and_then(|mut s| s.execute(params![subscription]))
         .map(drop)
         .map_err(|e| internal(&e))
