@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use super::sealing::idempotency_row;
-use super::StoreError;
+use uuid::Uuid;
+
+use super::{Merchant, StoreError};
 pub use crate::domain::idempotency::{Found, IdempotencyKey, Kept, Replay, StoredResponse};
 use crate::domain::time::Timestamp;
 use crate::secrets::{Column, KeyRing};
@@ -70,4 +72,31 @@ impl<O> Guard<O> {
         }
         Ok(Rendered { key: self.key, fingerprint: self.fingerprint, now: self.now, answer, kept })
     }
+}
+
+/// Idempotency records: read one, keep an answer that changed nothing, and the read every
+/// write with an `x-request-id` starts with.
+#[async_trait::async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// `merchant_by_key` and the idempotency record of `request_id` (of that merchant) read
+    /// together, at one point in time and in one step: every write with an `x-request-id`.
+    async fn merchant_and_kept(
+        &self,
+        key_hash: [u8; 32],
+        request_id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<Kept>), StoreError>;
+
+    /// The record kept under `key`, as it decides for a request with `fingerprint` (a read).
+    async fn idempotency_lookup(&self, key: IdempotencyKey, fingerprint: [u8; 32])
+        -> Result<Option<Found>, StoreError>;
+
+    /// Keeps the answer to a request that changed nothing (one write of its own), unless a
+    /// record was kept first under `key`: then answers that one.
+    async fn idempotency_keep(
+        &self,
+        key: IdempotencyKey,
+        fingerprint: [u8; 32],
+        now: Timestamp,
+        answer: StoredResponse,
+    ) -> Result<Option<Found>, StoreError>;
 }

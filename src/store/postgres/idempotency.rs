@@ -130,3 +130,31 @@ pub async fn finish<O>(
     tx.commit().await?;
     Ok((Guarded::Ran(outcome, Some(rendered.answer)), queued))
 }
+
+// The `IdempotencyStore` of this backend, written with the backend's own names.
+use super::*;
+
+#[async_trait]
+impl IdempotencyStore for PostgresStore {
+    async fn merchant_and_kept(
+        &self,
+        key_hash: [u8; 32],
+        request_id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<Kept>)> {
+        self.run(move |c| Box::pin(sessions::merchant_and_kept(c, key_hash, request_id))).await
+    }
+
+    async fn idempotency_lookup(&self, key: IdempotencyKey, fingerprint: [u8; 32]) -> Result<Option<Found>> {
+        self.run(move |c| Box::pin(async move { idempotency::lookup(&*c, key, &fingerprint).await })).await
+    }
+
+    async fn idempotency_keep(
+        &self,
+        key: IdempotencyKey,
+        fingerprint: [u8; 32],
+        now: Timestamp,
+        answer: StoredResponse,
+    ) -> Result<Option<Found>> {
+        self.run(move |c| Box::pin(idempotency::keep_alone(c, key, fingerprint, now, answer))).await
+    }
+}

@@ -7,11 +7,15 @@
 //! socket, or behind a TLS-terminating proxy. Keeping TLS out keeps the dependency tree small.
 
 mod customer;
+mod deliveries;
 mod idempotency;
+mod keys;
 mod listen;
+mod merchants;
 mod schema;
 mod secrets;
 mod sessions;
+mod subscriptions;
 #[cfg(test)]
 mod tests;
 mod webhooks;
@@ -36,16 +40,14 @@ use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
 use crate::secrets::{KeyRing, Resealed};
+use crate::store::prelude::*;
 use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
     AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
     PutSubscriptionOutcome, RecoverOutcome, RecoverWindow, RedeliverOutcome, Retention, SecretRotation,
     SubscriptionChange, SubscriptionRecord, SuspendPolicy, Suspension, TestDelivery,
 };
-use crate::store::{
-    CancelOutcome, CancelRequest, CreateOutcome, Found, Guard, Guarded, IdempotencyKey, Kept, Merchant, SessionFilter,
-    SessionRecord, SigningKeys, Store, StoreError, StoredResponse,
-};
+use crate::store::{Guard, Guarded, Merchant, SigningKeys, Store, StoreError};
 
 /// How long one statement may run before the server cancels it (set on every connection).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -410,296 +412,5 @@ fn parse_event_kind(text: &str) -> Result<EventKind> {
 impl Store for PostgresStore {
     async fn ready(&self) -> Result<()> {
         self.run(|c| Box::pin(schema::check_current(c))).await
-    }
-
-    async fn create_merchant(&self, merchant: Merchant, key_hash: [u8; 32]) -> Result<()> {
-        self.run(move |c| Box::pin(sessions::create_merchant(c, merchant, key_hash))).await
-    }
-
-    async fn merchant_by_key(&self, key_hash: [u8; 32]) -> Result<Option<Merchant>> {
-        self.run(move |c| Box::pin(sessions::merchant_by_key(c, key_hash))).await
-    }
-
-    async fn list_merchants(&self) -> Result<Vec<Merchant>> {
-        self.run(|c| Box::pin(sessions::list_merchants(c))).await
-    }
-
-    async fn rotate_merchant_key(&self, id: Uuid, key_hash: [u8; 32]) -> Result<bool> {
-        self.run(move |c| Box::pin(sessions::rotate_merchant_key(c, id, key_hash))).await
-    }
-
-    async fn disable_merchant(&self, id: Uuid) -> Result<bool> {
-        self.run(move |c| Box::pin(sessions::disable_merchant(c, id))).await
-    }
-
-    async fn create_customer(&self, id: Uuid, phone: String, now: Timestamp) -> Result<()> {
-        self.run(move |c| Box::pin(sessions::create_customer(c, id, phone, now))).await
-    }
-
-    async fn create_session_guarded(
-        &self,
-        session: SessionRecord,
-        guard: Option<Guard<CreateOutcome>>,
-    ) -> Result<Guarded<CreateOutcome>> {
-        self.run(move |c| Box::pin(sessions::create_session(c, session, guard))).await
-    }
-
-    async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>> {
-        self.run(move |c| Box::pin(sessions::get_session(c, id))).await
-    }
-
-    async fn merchant_and_session(
-        &self,
-        key_hash: [u8; 32],
-        id: Uuid,
-    ) -> Result<(Option<Merchant>, Option<SessionRecord>)> {
-        self.run(move |c| Box::pin(sessions::merchant_and_session(c, key_hash, id))).await
-    }
-
-    async fn merchant_and_kept(
-        &self,
-        key_hash: [u8; 32],
-        request_id: Uuid,
-    ) -> Result<(Option<Merchant>, Option<Kept>)> {
-        self.run(move |c| Box::pin(sessions::merchant_and_kept(c, key_hash, request_id))).await
-    }
-
-    async fn list_sessions(
-        &self,
-        merchant_id: Uuid,
-        filter: SessionFilter,
-        now: Timestamp,
-    ) -> Result<Vec<SessionRecord>> {
-        self.run(move |c| Box::pin(sessions::list_sessions(c, merchant_id, filter, now))).await
-    }
-
-    async fn cancel_session_guarded(
-        &self,
-        request: CancelRequest,
-        guard: Option<Guard<CancelOutcome>>,
-    ) -> Result<Guarded<CancelOutcome>> {
-        let (outcome, queued) = self.run(move |c| Box::pin(sessions::cancel_session(c, request, guard))).await?;
-        self.queued_deliveries(queued);
-        Ok(outcome)
-    }
-
-    async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize> {
-        let (expired, queued) = self.run(move |c| Box::pin(sessions::expire_due(c, now, batch))).await?;
-        self.queued_deliveries(queued);
-        Ok(expired)
-    }
-
-    async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>> {
-        self.run(move |c| Box::pin(sessions::session_events(c, session_id))).await
-    }
-
-    async fn idempotency_lookup(&self, key: IdempotencyKey, fingerprint: [u8; 32]) -> Result<Option<Found>> {
-        self.run(move |c| Box::pin(async move { idempotency::lookup(&*c, key, &fingerprint).await })).await
-    }
-
-    async fn idempotency_keep(
-        &self,
-        key: IdempotencyKey,
-        fingerprint: [u8; 32],
-        now: Timestamp,
-        answer: StoredResponse,
-    ) -> Result<Option<Found>> {
-        self.run(move |c| Box::pin(idempotency::keep_alone(c, key, fingerprint, now, answer))).await
-    }
-
-    async fn signing_keys(&self, candidate: KeyPair, now: Timestamp) -> Result<SigningKeys> {
-        let sealed = seal_signing_key(&self.secrets, &candidate)?;
-        let ring = self.secrets.clone();
-        self.run(move |c| Box::pin(schema::signing_keys(c, ring, candidate, sealed, now))).await
-    }
-
-    async fn rotate_signing_key(&self, next: KeyPair, now: Timestamp) -> Result<()> {
-        let sealed = seal_signing_key(&self.secrets, &next)?;
-        self.run(move |c| Box::pin(schema::rotate_signing_key(c, next, sealed, now))).await
-    }
-
-    async fn put_subscription_guarded(
-        &self,
-        record: SubscriptionRecord,
-        guard: Option<Guard<PutSubscriptionOutcome>>,
-    ) -> Result<Guarded<PutSubscriptionOutcome>> {
-        let (ring, sealed) = (self.secrets.clone(), seal_subscription(&self.secrets, record.clone())?);
-        self.run(move |c| Box::pin(webhooks::put_subscription(c, ring, record, sealed, guard))).await
-    }
-
-    async fn get_subscription(&self, id: Uuid) -> Result<Option<SubscriptionRecord>> {
-        let stored = self.run(move |c| Box::pin(webhooks::get_subscription(c, id))).await?;
-        stored.map(|record| open_subscription(&self.secrets, record)).transpose()
-    }
-
-    async fn list_subscriptions(
-        &self,
-        merchant_id: Uuid,
-        after: Option<(Timestamp, Uuid)>,
-        limit: usize,
-    ) -> Result<Vec<SubscriptionRecord>> {
-        let stored = self.run(move |c| Box::pin(webhooks::list_subscriptions(c, merchant_id, after, limit))).await?;
-        stored.into_iter().map(|record| open_subscription(&self.secrets, record)).collect()
-    }
-
-    async fn patch_subscription_guarded(
-        &self,
-        change: SubscriptionChange,
-        spec: SubscriptionSpec,
-        guard: Option<Guard<ChangeSubscriptionOutcome>>,
-    ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
-        let ring = self.secrets.clone();
-        let (outcome, queued) =
-            self.run(move |c| Box::pin(webhooks::patch_subscription(c, ring, change, spec, guard))).await?;
-        self.queued_deliveries(queued);
-        Ok(outcome)
-    }
-
-    async fn delete_subscription_guarded(
-        &self,
-        change: SubscriptionChange,
-        guard: Option<Guard<ChangeSubscriptionOutcome>>,
-    ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
-        let ring = self.secrets.clone();
-        self.run(move |c| Box::pin(webhooks::delete_subscription(c, ring, change, guard))).await
-    }
-
-    async fn rotate_subscription_secret_guarded(
-        &self,
-        change: SubscriptionChange,
-        rotation: SecretRotation,
-        guard: Option<Guard<ChangeSubscriptionOutcome>>,
-    ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
-        let ring = self.secrets.clone();
-        self.run(move |c| Box::pin(webhooks::rotate_secret(c, ring, change, rotation, guard))).await
-    }
-
-    async fn resume_subscription_guarded(
-        &self,
-        change: SubscriptionChange,
-        guard: Option<Guard<ChangeSubscriptionOutcome>>,
-    ) -> Result<Guarded<ChangeSubscriptionOutcome>> {
-        let ring = self.secrets.clone();
-        let (outcome, queued) =
-            self.run(move |c| Box::pin(webhooks::resume_subscription(c, ring, change, guard))).await?;
-        self.queued_deliveries(queued);
-        Ok(outcome)
-    }
-
-    async fn recover_deliveries_guarded(
-        &self,
-        change: SubscriptionChange,
-        window: RecoverWindow,
-        guard: Option<Guard<RecoverOutcome>>,
-    ) -> Result<Guarded<RecoverOutcome>> {
-        let (outcome, queued) = self.run(move |c| Box::pin(webhooks::recover(c, change, window, guard))).await?;
-        self.queued_deliveries(queued);
-        Ok(outcome)
-    }
-
-    async fn record_test_delivery_guarded(
-        &self,
-        test: TestDelivery,
-        guard: Option<Guard<AttemptRecord>>,
-    ) -> Result<Guarded<AttemptRecord>> {
-        self.run(move |c| Box::pin(webhooks::record_test_delivery(c, test, guard))).await
-    }
-
-    async fn dispatcher_started(&self, owner: Uuid) -> Result<usize> {
-        let liveness = self.listener.liveness();
-        liveness.register(owner);
-        if !liveness.held_within(owner, OPERATION_TIMEOUT).await {
-            tracing::warn!(dispatcher.id = %owner, "no liveness lock yet; the dispatcher claims once it holds one");
-        }
-        // The claims of a dispatcher that is gone (an earlier process of this instance, say) are
-        // free from the first claim on.
-        let now = Timestamp::now();
-        let freed = self.run(move |c| Box::pin(webhooks::free_orphaned_leases(c, now))).await?;
-        Ok(usize::try_from(freed).unwrap_or(usize::MAX))
-    }
-
-    async fn dispatcher_stopped(&self, owner: Uuid) {
-        self.listener.liveness().unregister(owner);
-    }
-
-    async fn claim_deliveries(
-        &self,
-        owner: Uuid,
-        now: Timestamp,
-        lease_until: Timestamp,
-        limit: usize,
-        per_subscription: usize,
-    ) -> Result<Vec<ClaimedDelivery>> {
-        let liveness = self.listener.liveness();
-        if !liveness.may_claim(owner) {
-            // Without its liveness lock others may be taking this dispatcher's deliveries over.
-            tracing::debug!(dispatcher.id = %owner, "no liveness lock; not claiming");
-            return Ok(Vec::new());
-        }
-        let free_orphans = liveness.orphans_due(now);
-        let ring = self.secrets.clone();
-        let (freed, claimed) = self
-            .run(move |c| {
-                Box::pin(async move {
-                    let freed = if free_orphans { webhooks::free_orphaned_leases(c, now).await? } else { 0 };
-                    let claimed =
-                        webhooks::claim_deliveries(c, ring, owner, now, lease_until, limit, per_subscription).await?;
-                    Ok((freed, claimed))
-                })
-            })
-            .await?;
-        if freed > 0 {
-            tracing::info!(deliveries = freed, "took over deliveries claimed by a dispatcher that is gone");
-        }
-        Ok(claimed)
-    }
-
-    async fn record_attempts(
-        &self,
-        outcomes: Vec<AttemptOutcome>,
-        now: Timestamp,
-        policy: SuspendPolicy,
-    ) -> Result<Vec<Suspension>> {
-        let (suspensions, queued) =
-            self.run(move |c| Box::pin(webhooks::record_attempts(c, outcomes, now, policy))).await?;
-        self.queued_deliveries(queued);
-        Ok(suspensions)
-    }
-
-    async fn release_claims(&self, owner: Uuid, ids: Vec<Uuid>) -> Result<()> {
-        self.run(move |c| Box::pin(webhooks::release_claims(c, owner, ids))).await
-    }
-
-    async fn list_deliveries(&self, merchant_id: Uuid, filter: DeliveryFilter) -> Result<Vec<DeliveryRecord>> {
-        self.run(move |c| Box::pin(webhooks::list_deliveries(c, merchant_id, filter))).await
-    }
-
-    async fn redeliver_guarded(
-        &self,
-        merchant_id: Uuid,
-        id: Uuid,
-        now: Timestamp,
-        guard: Option<Guard<RedeliverOutcome>>,
-    ) -> Result<Guarded<RedeliverOutcome>> {
-        let (outcome, queued) =
-            self.run(move |c| Box::pin(webhooks::redeliver(c, merchant_id, id, now, guard))).await?;
-        self.queued_deliveries(queued);
-        Ok(outcome)
-    }
-
-    async fn delivery_backlog(&self, now: Timestamp) -> Result<Backlog> {
-        self.run(move |c| Box::pin(webhooks::backlog(c, now))).await
-    }
-
-    async fn purge(&self, now: Timestamp, retention: Retention, batch: usize) -> Result<usize> {
-        self.run(move |c| Box::pin(webhooks::purge(c, now, retention, batch))).await
-    }
-
-    fn deliveries_queued(&self) -> Arc<Notify> {
-        self.queued.clone()
-    }
-
-    fn secrets(&self) -> Arc<KeyRing> {
-        self.secrets.clone()
     }
 }

@@ -469,3 +469,58 @@ pub async fn session_events(c: &mut Client, session_id: Uuid) -> Result<Vec<(Uui
         query(&*c, "SELECT id, type FROM events WHERE session_id = $1 ORDER BY created_on, id", &[&session_id]).await?;
     rows.iter().map(|row| Ok((row.try_get(0)?, parse_event_type(row.try_get(1)?)?))).collect()
 }
+
+// The `SessionStore` of this backend, written with the backend's own names.
+use super::*;
+
+#[async_trait]
+impl SessionStore for PostgresStore {
+    async fn create_session_guarded(
+        &self,
+        session: SessionRecord,
+        guard: Option<Guard<CreateOutcome>>,
+    ) -> Result<Guarded<CreateOutcome>> {
+        self.run(move |c| Box::pin(sessions::create_session(c, session, guard))).await
+    }
+
+    async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>> {
+        self.run(move |c| Box::pin(sessions::get_session(c, id))).await
+    }
+
+    async fn merchant_and_session(
+        &self,
+        key_hash: [u8; 32],
+        id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<SessionRecord>)> {
+        self.run(move |c| Box::pin(sessions::merchant_and_session(c, key_hash, id))).await
+    }
+
+    async fn list_sessions(
+        &self,
+        merchant_id: Uuid,
+        filter: SessionFilter,
+        now: Timestamp,
+    ) -> Result<Vec<SessionRecord>> {
+        self.run(move |c| Box::pin(sessions::list_sessions(c, merchant_id, filter, now))).await
+    }
+
+    async fn cancel_session_guarded(
+        &self,
+        request: CancelRequest,
+        guard: Option<Guard<CancelOutcome>>,
+    ) -> Result<Guarded<CancelOutcome>> {
+        let (outcome, queued) = self.run(move |c| Box::pin(sessions::cancel_session(c, request, guard))).await?;
+        self.queued_deliveries(queued);
+        Ok(outcome)
+    }
+
+    async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize> {
+        let (expired, queued) = self.run(move |c| Box::pin(sessions::expire_due(c, now, batch))).await?;
+        self.queued_deliveries(queued);
+        Ok(expired)
+    }
+
+    async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>> {
+        self.run(move |c| Box::pin(sessions::session_events(c, session_id))).await
+    }
+}

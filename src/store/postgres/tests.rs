@@ -4,6 +4,7 @@
 //! that it was skipped and passes. Two `PostgresStore`s (two pools, two LISTEN connections)
 //! stand for two instances of the service.
 
+use crate::store::prelude::*;
 use std::collections::HashSet;
 use std::io::Write;
 use std::sync::Arc;

@@ -126,3 +126,61 @@ pub(super) fn guarded<O>(
         Some(found) => Ok(((Guarded::Earlier(found), 0), false)),
     }
 }
+
+// The `IdempotencyStore` of this backend, written with the backend's own names.
+use super::*;
+
+#[async_trait]
+impl IdempotencyStore for SqliteStore {
+    async fn merchant_and_kept(
+        &self,
+        key_hash: [u8; 32],
+        request_id: Uuid,
+    ) -> Result<(Option<Merchant>, Option<Kept>), StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT m.id, m.name, m.disabled, m.created_on, {}
+                   FROM merchants m LEFT JOIN idempotency i ON i.merchant_id = m.id AND i.request_id = ?2
+                        {}
+                  WHERE m.api_key_hash = ?1",
+                *idempotency::KEPT_SELECT,
+                idempotency::KEPT_JOIN
+            )
+        });
+        self.point_reads
+            .run(move |c| {
+                let mut statement = c.prepare_cached(&SQL).map_err(|e| internal(&e))?;
+                let found = statement
+                    .query_row(params![key_hash, request_id.as_bytes()], |row| {
+                        let merchant = merchant_from_row(row)?;
+                        let kept = match row.get_ref(4)? {
+                            rusqlite::types::ValueRef::Null => None,
+                            _ => Some(idempotency::kept_at(row, 4)?),
+                        };
+                        Ok((merchant, kept))
+                    })
+                    .optional()
+                    .map_err(|e| internal(&e))?;
+                Ok(found.map_or((None, None), |(merchant, kept)| (Some(merchant), kept)))
+            })
+            .await
+    }
+
+    async fn idempotency_lookup(
+        &self,
+        key: IdempotencyKey,
+        fingerprint: [u8; 32],
+    ) -> Result<Option<Found>, StoreError> {
+        self.point_reads.run(move |c| idempotency::lookup(c, key, &fingerprint)).await
+    }
+
+    async fn idempotency_keep(
+        &self,
+        key: IdempotencyKey,
+        fingerprint: [u8; 32],
+        now: Timestamp,
+        answer: StoredResponse,
+    ) -> Result<Option<Found>, StoreError> {
+        self.writer.run(move |c| idempotency::keep(c, key, &fingerprint, now, &answer)).await
+    }
+}
