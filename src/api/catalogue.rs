@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::domain::event::{EventKind, EventType};
-use crate::domain::request::SessionType;
+use crate::domain::record::EventData;
 use crate::domain::session::State;
 use crate::domain::subscription::ALL_EVENT_TYPES;
 
@@ -32,32 +32,7 @@ pub struct SessionEvent {
     datacontenttype: String,
     #[schema(value_type = EventType)]
     r#type: String,
-    data: SessionEventData,
-}
-
-/// What changed: the session as it is after the change.
-#[derive(ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-pub struct SessionEventData {
-    /// The redirect session.
-    id: Uuid,
-    state: State,
-    #[schema(value_type = SessionType)]
-    r#type: String,
-    #[schema(value_type = String, format = DateTime)]
-    created_on: String,
-    /// When it changed: the event's time.
-    #[schema(value_type = String, format = DateTime)]
-    last_modified_on: String,
-    /// The customer named at create, or the one who authenticated on the hosted page; absent
-    /// when there is none.
-    #[schema(nullable = false)]
-    customer_id: Option<Uuid>,
-    /// The intent named at create, or the one the customer's confirmation created; absent
-    /// when there is none.
-    #[schema(nullable = false)]
-    transaction_intent_id: Option<Uuid>,
+    data: EventData,
 }
 
 /// A test event (`POST …/subscriptions/{id}/test`) as a CloudEvents 1.0 structured event.

@@ -156,21 +156,44 @@ impl SessionRecord {
     }
 }
 
-/// The `data` of a session's event: what changed, the customer and the intent when known.
-/// Both backends store exactly this text, and webhooks send it.
+/// The `data` of a session's event: the session as it is after the change, with the customer
+/// and the intent when known. Both backends store exactly its JSON, webhooks send it, and the
+/// OpenAPI event catalogue describes it (`api::catalogue`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventData {
+    /// The redirect session.
+    pub id: Uuid,
+    pub state: State,
+    #[serde(rename = "type")]
+    pub kind: crate::domain::request::SessionType,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_on: Timestamp,
+    /// When it changed: the event's time.
+    #[schema(value_type = String, format = DateTime)]
+    pub last_modified_on: Timestamp,
+    /// The customer named at create, or the one who authenticated on the hosted page; absent
+    /// when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub customer_id: Option<Uuid>,
+    /// The intent named at create, or the one the customer's confirmation created; absent
+    /// when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub transaction_intent_id: Option<Uuid>,
+}
+
+/// The `data` of the event of `session` moving to `to` at `changed_on`, as JSON.
 pub fn event_data(session: &SessionRecord, to: State, changed_on: Timestamp) -> serde_json::Value {
-    let mut data = serde_json::json!({
-        "id": session.id,
-        "state": to.as_str(),
-        "type": session.spec.kind.as_str(),
-        "createdOn": session.created_on,
-        "lastModifiedOn": changed_on,
-    });
-    if let Some(customer) = session.customer_id {
-        data["customerId"] = serde_json::json!(customer);
-    }
-    if let Some(intent) = session.transaction_intent_id {
-        data["transactionIntentId"] = serde_json::json!(intent);
-    }
-    data
+    let data = EventData {
+        id: session.id,
+        state: to,
+        kind: session.spec.kind,
+        created_on: session.created_on,
+        last_modified_on: changed_on,
+        customer_id: session.customer_id,
+        transaction_intent_id: session.transaction_intent_id,
+    };
+    serde_json::to_value(data).expect("event data serialises")
 }
