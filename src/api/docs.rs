@@ -64,10 +64,11 @@ const DATE_OF_BIRTH: &str = r"^(?:19[0-9]{2}|20[01][0-9]|202[0-5])-[0-9]{2}-[0-9
 /// `en`, `en-GB`: a language, and maybe a region (`en` and `de` are spoken; others mean `en`).
 const LOCALE: &str = r"^[A-Za-z]{2}(?:-[A-Za-z]{2})?$";
 /// An absolute `https` URL with a host name (whose last label starts with a letter), no
-/// user-info, and an optional port, path, query and fragment of URL characters.
+/// user-info, and an optional port, path, query and fragment of URL characters: what
+/// `domain::validate::is_plain_https_url` accepts.
 const HTTPS_URL: &str = concat!(
-    r"^https://(?:[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\.)*[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*",
-    r"(?::[0-9]{1,4})?",
+    r"^https://(?:[A-Za-z0-9]+(?:-+[A-Za-z0-9]+)*\.)*[A-Za-z][A-Za-z0-9]*(?:-+[A-Za-z0-9]+)*",
+    r"(?::(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
     r"(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*)*",
     r"(?:\?(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?",
     r"(?:#(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$"

@@ -340,8 +340,15 @@ pub fn redirect_url(text: &str, rules: RequestRules) -> Result<String, String> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err("must not contain user information".to_owned());
     }
+    if !rules.allow_http_redirect_urls && !super::validate::is_plain_https_url(text) {
+        return Err(PLAIN_URL.to_owned());
+    }
     Ok(text.to_owned())
 }
+
+/// Why an `https` URL that parses is refused all the same (docs/API.md "Conventions").
+pub const PLAIN_URL: &str =
+    "must name its host (letters, digits, hyphens; not an IP address) and hold only URL characters or %XX escapes";
 
 /// A plausible e-mail address: `local@domain.tld`, no spaces, at most 254 characters.
 fn email(text: &str) -> Result<String, String> {

@@ -142,6 +142,9 @@ pub fn callback_url(text: &str, rules: SubscriptionRules) -> Result<String, Stri
         if ip.is_some_and(|ip| !super::address::is_public(ip)) {
             return Err("must not point to a private, loopback or otherwise non-public address".to_owned());
         }
+        if !super::validate::is_plain_https_url(text) {
+            return Err(super::request::PLAIN_URL.to_owned());
+        }
     }
     Ok(text.to_owned())
 }

@@ -205,3 +205,108 @@ mod tests {
         assert!(parse_uuid("not-a-uuid").is_err());
     }
 }
+
+/// Whether `text` is an absolute `https` URL as the API documents it (openapi.json's URL
+/// pattern): a host name of letters, digits and inner hyphens whose last label starts with a
+/// letter (no IP literal, no user-info), an optional port up to 65535, and a path, query and
+/// fragment of URL characters or `%XX` escapes.
+pub fn is_plain_https_url(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix("https://") else {
+        return false;
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, mut rest) = rest.split_at(end);
+    let (host, port) = match authority.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    let label = |label: &str| {
+        !label.is_empty()
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    let labels: Vec<&str> = host.split('.').collect();
+    let last_starts_with_letter = labels.last().is_some_and(|l| l.starts_with(|c: char| c.is_ascii_alphabetic()));
+    if !labels.iter().all(|l| label(l)) || !last_starts_with_letter {
+        return false;
+    }
+    if let Some(port) = port {
+        let digits = !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+        if !digits || port.parse::<u32>().map_or(true, |n| n > 65_535) {
+            return false;
+        }
+    }
+    // Characters of a path segment; a query and a fragment may also hold `/` and `?`.
+    const SEGMENT: &[u8] = b"._~!$&'()*+,;=:@-";
+    let escaped_or = |part: &str, extra: &[u8]| {
+        let bytes = part.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'%' => {
+                    let hex = |at: usize| bytes.get(at).is_some_and(u8::is_ascii_hexdigit);
+                    if !(hex(i + 1) && hex(i + 2)) {
+                        return false;
+                    }
+                    i += 3;
+                }
+                b if b.is_ascii_alphanumeric() || SEGMENT.contains(&b) || extra.contains(&b) => i += 1,
+                _ => return false,
+            }
+        }
+        true
+    };
+    if let Some(fragment_at) = rest.find('#') {
+        if !escaped_or(&rest[fragment_at + 1..], b"/?") {
+            return false;
+        }
+        rest = &rest[..fragment_at];
+    }
+    if let Some(query_at) = rest.find('?') {
+        if !escaped_or(&rest[query_at + 1..], b"/?") {
+            return false;
+        }
+        rest = &rest[..query_at];
+    }
+    // The path: `/segment` repeated (an empty path is allowed).
+    escaped_or(rest, b"/")
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::is_plain_https_url;
+
+    #[test]
+    fn plain_https_urls_name_a_host_and_hold_only_url_characters() {
+        for good in [
+            "https://shop.example",
+            "https://shop.example/",
+            "https://xn--mnchen-3ya.example/ok?order=12&x=%20#top",
+            "https://a-b.c0.shop:65535/p/a:t@h;x=1?q=/a?b#f/g?",
+            "https://localhost",
+        ] {
+            assert!(is_plain_https_url(good), "{good}");
+        }
+        for bad in [
+            "http://shop.example",
+            "https://0.0.com*",
+            "https://1.2.3.4/",
+            "https://[::1]/",
+            "https://user@shop.example/",
+            "https://shop.example:65536/",
+            "https://shop.example:/",
+            "https://-shop.example/",
+            "https://shop..example/",
+            "https://shop.example/a b",
+            "https://shop.example/%zz",
+            "https://shop.example/%2",
+            "https://shop.example/ä",
+            "https://shop.example/#a#b",
+            "HTTPS://shop.example/",
+            "https://",
+        ] {
+            assert!(!is_plain_https_url(bad), "{bad}");
+        }
+    }
+}

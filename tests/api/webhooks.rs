@@ -258,7 +258,7 @@ async fn an_expired_session_is_delivered_as_redirect_session_expired() {
 }
 
 #[tokio::test]
-async fn without_the_private_allowance_http_and_non_public_ip_callbacks_are_rejected() {
+async fn without_the_private_allowance_http_and_ip_address_callbacks_are_rejected() {
     let server = TestServer::start_with(|c| c.allow_private_callbacks = false).await;
     let receiver = Receiver::answering(204).await;
     let plain_http = format!("http://127.0.0.1:{}/", receiver.port);
@@ -285,8 +285,14 @@ async fn without_the_private_allowance_http_and_non_public_ip_callbacks_are_reje
         let error = assert_error(put_subscription(&server, Uuid::new_v4(), &body).await, 400, "Validation").await;
         assert_eq!(field_names(&error), ["callbackUrl"], "{url}: {error}");
     }
+    // An https callback names its host (its certificate is for a name): even a public address
+    // is refused, and a host name is fine.
     let public = subscription_body("https://93.184.216.34/hook", CALLBACK_KEY, &[CANCELLED]);
-    assert_eq!(put_subscription(&server, Uuid::new_v4(), &public).await.status(), 201, "a public address is fine");
+    let error = assert_error(put_subscription(&server, Uuid::new_v4(), &public).await, 400, "Validation").await;
+    let message = error["details"]["validationErrorReasons"][0]["errorMessage"].as_str().unwrap();
+    assert!(message.contains("name its host"), "{message}");
+    let named = subscription_body("https://hooks.shop.example/hook", CALLBACK_KEY, &[CANCELLED]);
+    assert_eq!(put_subscription(&server, Uuid::new_v4(), &named).await.status(), 201, "a host name is fine");
     assert_eq!(receiver.connections(), 0);
     server.stop().await;
 }
