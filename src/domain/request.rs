@@ -357,15 +357,18 @@ fn email(text: &str) -> Result<String, String> {
         return Err(invalid());
     }
     let (local, domain) = text.rsplit_once('@').ok_or_else(invalid)?;
+    // As openapi.json's pattern says: visible ASCII before the `@`, and labels of ASCII letters,
+    // digits and inner hyphens after it.
     let labels_ok = domain.split('.').count() >= 2
         && domain.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
-    if local.is_empty() || local.len() > 64 || local.contains('@') || !labels_ok {
+    let local_ok = local.bytes().all(|b| b.is_ascii_graphic() && b != b'@');
+    if local.is_empty() || local.len() > 64 || !local_ok || !labels_ok {
         return Err(invalid());
     }
     Ok(text.to_owned())
