@@ -122,7 +122,12 @@ fn parse_grace(body: Option<&Value>) -> Result<Duration, ApiError> {
     };
     let mut errors = Errors::default();
     let seconds = Object::read(body, "", &["gracePeriodSeconds"], &mut errors).and_then(|object| {
-        object.optional_with("gracePeriodSeconds", &mut errors, |value| match value.as_u64() {
+        // A whole number, also when written with a zero fraction (`60.0`), as JSON Schema's
+        // `integer` allows.
+        let whole = |value: &Value| {
+            value.as_u64().or_else(|| value.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))
+        };
+        object.optional_with("gracePeriodSeconds", &mut errors, |value| match whole(value) {
             Some(n) if n <= MAX_GRACE_SECONDS => Ok(n),
             _ => Err(format!("must be a whole number of seconds from 0 to {MAX_GRACE_SECONDS}")),
         })
@@ -401,6 +406,8 @@ mod tests {
         assert_eq!(grace(serde_json::json!({})).unwrap(), Duration::from_secs(86_400));
         assert_eq!(grace(serde_json::json!({"gracePeriodSeconds": 0})).unwrap(), Duration::ZERO);
         assert_eq!(grace(serde_json::json!({"gracePeriodSeconds": 604_800})).unwrap(), Duration::from_secs(604_800));
+        let zero_fraction: Value = serde_json::from_str(r#"{"gracePeriodSeconds": 285.0}"#).unwrap();
+        assert_eq!(grace(zero_fraction).unwrap(), Duration::from_secs(285), "an integer in JSON Schema's sense");
         for bad in [serde_json::json!(604_801), serde_json::json!(-1), serde_json::json!(1.5), serde_json::json!("60")]
         {
             let error = grace(serde_json::json!({ "gracePeriodSeconds": bad })).unwrap_err();
