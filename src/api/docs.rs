@@ -59,8 +59,13 @@ const PRINTABLE: &str = r"^[^\u0000-\u001F\u007F-\u009F]*$";
 const EMAIL: &str = r"^[!-?A-~]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$";
 /// E.164: `+`, a non-zero digit, at most 15 digits in all.
 const E164: &str = r"^\+[1-9][0-9]{1,14}$";
-/// `YYYY-MM-DD` from 1900 to 2025; the server also takes the days after that up to yesterday.
-const DATE_OF_BIRTH: &str = r"^(?:19[0-9]{2}|20[01][0-9]|202[0-5])-[0-9]{2}-[0-9]{2}$";
+/// A real `YYYY-MM-DD` date from 1900 to 2025 (no 29 February, so that every date the pattern
+/// takes exists); the server also takes 29 February of leap years and the days after 2025 up
+/// to yesterday.
+const DATE_OF_BIRTH: &str = concat!(
+    r"^(?:19[0-9]{2}|20[01][0-9]|202[0-5])-",
+    r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))$"
+);
 /// `en`, `en-GB`: a language, and maybe a region (`en` and `de` are spoken; others mean `en`).
 const LOCALE: &str = r"^[A-Za-z]{2}(?:-[A-Za-z]{2})?$";
 /// An absolute `https` URL with a host name (whose last label starts with a letter), no
