@@ -1114,8 +1114,18 @@ pub async fn list_deliveries(c: &mut Client, merchant_id: Uuid, filter: Delivery
     }
     let limit = sql.bind(int8(filter.limit + 1));
     sql.push(&format!(" ORDER BY d.created_on DESC, d.id DESC LIMIT {limit}"));
-    let deliveries = sql.query(&*c).await?.iter().map(delivery_from_row).collect::<Result<Vec<_>>>()?;
-    with_attempts(&*c, deliveries).await
+    // The deliveries and their attempts from one snapshot: read apart, an attempt recorded
+    // between the two reads would show beside the delivery as it was before it.
+    let tx = c
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let deliveries = sql.query(&tx).await?.iter().map(delivery_from_row).collect::<Result<Vec<_>>>()?;
+    let deliveries = with_attempts(&tx, deliveries).await?;
+    tx.commit().await?;
+    Ok(deliveries)
 }
 
 /// Queues a `Failed` (or `Delivered`) delivery again with a fresh retry schedule (held while

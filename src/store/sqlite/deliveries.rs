@@ -69,7 +69,17 @@ impl DeliveryStore for SqliteStore {
         merchant_id: Uuid,
         filter: DeliveryFilter,
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        self.readers.run(move |c| webhooks::list_deliveries(c, merchant_id, &filter)).await
+        // The deliveries and their attempts from one snapshot (one read transaction): read
+        // apart, an attempt recorded between the reads would show beside the delivery as it
+        // was before it.
+        self.readers
+            .run(move |c| {
+                let snapshot = c.unchecked_transaction().map_err(|e| internal(&e))?;
+                let deliveries = webhooks::list_deliveries(&snapshot, merchant_id, &filter)?;
+                snapshot.finish().map_err(|e| internal(&e))?;
+                Ok(deliveries)
+            })
+            .await
     }
 
     async fn redeliver_guarded(
