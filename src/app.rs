@@ -1,22 +1,19 @@
-//! Building and running the service: state shared by handlers, background jobs, the router,
-//! and a graceful shutdown.
+//! Running the service: the listeners, the background jobs, and a graceful shutdown (the state
+//! they share is `crate::state`).
 
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api;
-use crate::config::Config;
 use crate::domain::time::Timestamp;
-use crate::domain::token::{KeyPair, Keyring};
-use crate::metrics::Metrics;
 use crate::server;
+pub use crate::state::{reload_keys_now, AppState};
 use crate::store::webhooks::{Retention, SuspendPolicy};
-use crate::store::{self, DynStore, StoreError};
-use crate::webhooks::client::WebhookClient;
+use crate::store::StoreError;
 use crate::webhooks::dispatcher::{self, DispatcherSettings};
 
 /// How many expired sessions one sweep transaction records at most.
@@ -30,75 +27,6 @@ const PURGE_BATCH: usize = 1000;
 const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// How often each instance re-reads the signing keys (another instance may have rotated).
 const KEYS_EVERY: Duration = Duration::from_secs(30);
-
-/// Everything a handler may need. One `Arc`, so cloning it per request and per middleware
-/// costs one atomic increment.
-#[derive(Clone)]
-pub struct AppState(Arc<Shared>);
-
-/// What `AppState` shares.
-pub struct Shared {
-    pub store: DynStore,
-    pub config: Config,
-    /// `config.public_url` without a trailing slash.
-    pub public_url: String,
-    /// The hosted page: `<public_url>/pay`, every session's `redirectUrl` and tokens' audience.
-    pub pay_url: String,
-    /// Delivers one-time codes to customers.
-    pub code_sender: crate::hosted::sender::CodeSender,
-    pub keyring: RwLock<Arc<Keyring>>,
-    pub metrics: Arc<Metrics>,
-    pub limits: api::ratelimit::Limits,
-    /// The requests with an `x-request-id` running in this process.
-    pub in_flight: api::idempotency::InFlight,
-    /// Sends webhooks: the dispatcher's attempts and merchants' test events.
-    pub webhook_client: WebhookClient,
-}
-
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
-impl AppState {
-    /// Opens (and migrates) the store and loads or creates the signing key.
-    pub async fn open(config: Config) -> Result<AppState, StoreError> {
-        let store = store::open(&config, true).await?;
-        let keyring = load_keyring(&store).await?;
-        let code_sender = crate::hosted::sender::CodeSender::new(config.otp_sender.clone())
-            .map_err(|e| StoreError::Internal(format!("cannot build the one-time code sender: {e}")))?;
-        let public_url = config.public_base();
-        let webhook_client =
-            WebhookClient::new(config.webhook_timeout, config.allow_private_callbacks, config.webhook_concurrency)
-                .map_err(|e| StoreError::Internal(format!("cannot build the webhook client: {e}")))?;
-        Ok(AppState(Arc::new(Shared {
-            webhook_client,
-            pay_url: format!("{public_url}{}", crate::hosted::PAY_PATH),
-            public_url,
-            code_sender,
-            limits: api::ratelimit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip),
-            in_flight: api::idempotency::InFlight::default(),
-            config,
-            store,
-            keyring: RwLock::new(Arc::new(keyring)),
-            metrics: Arc::new(Metrics::new()),
-        })))
-    }
-
-    /// The keyring in use now.
-    pub fn keyring(&self) -> Arc<Keyring> {
-        self.keyring.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-async fn load_keyring(store: &DynStore) -> Result<Keyring, StoreError> {
-    let candidate = KeyPair::generate().map_err(|e| StoreError::Internal(e.to_string()))?;
-    let keys = store.signing_keys(candidate, Timestamp::now()).await?;
-    Ok(Keyring::new(&keys.current, &keys.previous))
-}
 
 /// Serves on `listener` (and on `metrics_listen`, when set) until `shutdown` resolves, then stops
 /// accepting, finishes in-flight requests and stops the background jobs. Both listeners apply
@@ -240,13 +168,6 @@ async fn reload_keys(state: AppState, mut stopped: watch::Receiver<bool>) {
             tracing::warn!(%error, "could not reload the signing keys");
         }
     }
-}
-
-/// Reads the signing keys and makes them the ones tokens are signed and checked with.
-pub async fn reload_keys_now(state: &AppState) -> Result<(), StoreError> {
-    let keyring = load_keyring(&state.store).await?;
-    *state.keyring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keyring);
-    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (not when

@@ -114,7 +114,7 @@ impl ErrorCode {
             GeneralErrorOccurred => ("GeneralErrorOccurred", StatusCode::INTERNAL_SERVER_ERROR,
                 "Something unexpected failed inside the service. It was logged with the `correlationId`; quote it when you contact support. Retrying with the same `x-request-id` is safe."),
             ServiceUnavailable => ("ServiceUnavailable", StatusCode::SERVICE_UNAVAILABLE,
-                "The service cannot answer right now (its database is unreachable, or it is shutting down). Retry after the seconds in `Retry-After` with the same `x-request-id`."),
+                "The service cannot answer right now: its database is unreachable or not migrated. Retry after the seconds in `Retry-After` with the same `x-request-id`."),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod migrate_data;
 pub mod secrets;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod webhooks;

@@ -1,5 +1,7 @@
 //! Merchant authentication by `x-api-key`, with the one read the request needs beside the
-//! merchant (the rate limits are their own layers: `super::ratelimit`).
+//! merchant: a write's idempotency record here, or what a route asks for through
+//! `authenticate_reading` (the one-session read: `super::sessions::authenticate_with_session`).
+//! The rate limits are their own layers (`super::ratelimit`).
 
 use axum::extract::{Request, State};
 use axum::http::Method;
@@ -8,21 +10,26 @@ use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
 use super::context::RequestContext;
-use super::BASE;
-use crate::app::AppState;
 use crate::domain::key::key_hash;
-use crate::domain::validate::parse_uuid;
 use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
 use crate::store::{Kept, Merchant, SessionRecord};
 
 /// The header that carries the merchant's API key.
 pub const API_KEY: &str = "x-api-key";
 
-/// Authenticates the merchant and puts the `Merchant` in the
-/// request's extensions.
-pub async fn middleware(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+/// Authenticates the merchant and puts the `Merchant` (and, for a write with an
+/// `x-request-id`, its idempotency record) in the request's extensions.
+pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let read = kept_read(&request);
+    authenticate_reading(&state, request, next, read).await
+}
+
+/// Authenticates the merchant, reading `read` in the same database read, puts both in the
+/// request's extensions and runs the rest of the request; `401` without running it.
+pub async fn authenticate_reading(state: &AppState, mut request: Request, next: Next, read: Read) -> Response {
     let key = request.headers().get(API_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let (merchant, beside) = match authenticate(&state, key, read_beside(&request)).await {
+    let (merchant, beside) = match authenticate(state, key, read).await {
         Ok(found) => found,
         Err(error) => return error.into_response(),
     };
@@ -40,7 +47,7 @@ pub async fn middleware(State(state): State<AppState>, mut request: Request, nex
 }
 
 /// What the request's one read fetches beside the merchant.
-enum Read {
+pub enum Read {
     Merchant,
     /// A `GET` of one session: the session.
     Session(Uuid),
@@ -64,32 +71,22 @@ pub struct KeptReadWithKey {
     pub kept: Option<Kept>,
 }
 
-fn read_beside(request: &Request) -> Read {
-    let method = request.method();
-    if method == Method::GET {
-        return session_read(request.uri().path()).map_or(Read::Merchant, Read::Session);
-    }
-    let mutating = !matches!(*method, Method::HEAD | Method::OPTIONS);
+/// The idempotency record of a write that carries an `x-request-id`; nothing more otherwise.
+fn kept_read(request: &Request) -> Read {
+    let mutating = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     match request.extensions().get::<RequestContext>().and_then(|context| context.request_id) {
         Some(request_id) if mutating => Read::Kept(request_id),
         _ => Read::Merchant,
     }
 }
 
-/// The session that `GET …/redirect-sessions/{id}` names, read together with the merchant's
-/// key: the most frequent request then costs one database read (one transaction, or one round
+/// The session a route names, read together with the merchant's key: the most frequent request
+/// (`GET …/redirect-sessions/{id}`) then costs one database read (one transaction, or one round
 /// trip) instead of two. The handler answers from it.
 #[derive(Clone)]
 pub struct SessionReadWithKey {
     pub id: Uuid,
     pub session: Option<SessionRecord>,
-}
-
-/// The session id of a `GET` that reads one session; `None` for every other path (and for
-/// ids that are not plain UUIDs, which the handler rejects on its own).
-fn session_read(path: &str) -> Option<Uuid> {
-    let id = path.strip_prefix(BASE)?.strip_prefix("/redirect-sessions/")?;
-    parse_uuid(id).ok()
 }
 
 async fn authenticate(state: &AppState, key: Option<String>, read: Read) -> Result<(Merchant, Beside), ApiError> {
@@ -116,25 +113,5 @@ async fn authenticate(state: &AppState, key: Option<String>, read: Read) -> Resu
         Ok((Some(merchant), beside)) if !merchant.disabled => Ok((merchant, beside)),
         Ok(_) => Err(unauthorized()),
         Err(error) => Err(super::extract::store_error(error)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_path_of_one_session_is_read_with_the_key() {
-        let id = "0b4e7a63-4e4f-4a59-9d6b-3f1c2a9e8d10";
-        let session = format!("{BASE}/redirect-sessions/{id}");
-        assert_eq!(session_read(&session), Some(parse_uuid(id).unwrap()));
-        for other in [
-            format!("{BASE}/redirect-sessions"),
-            format!("{BASE}/redirect-sessions/{id}/cancel"),
-            format!("{BASE}/redirect-sessions/not-a-uuid"),
-            format!("{BASE}/subscriptions/{id}"),
-        ] {
-            assert_eq!(session_read(&other), None, "{other}");
-        }
     }
 }

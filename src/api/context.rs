@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::error::{ApiError, PendingError};
+use crate::state::AppState;
 
 /// `x-request-id`: the merchant's id for this request.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

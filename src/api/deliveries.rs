@@ -12,11 +12,11 @@ use uuid::Uuid;
 use super::context::RequestContext;
 use super::extract::{empty_body, paginate, parse_query, path_id, store_error, RawPathParam};
 use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
-use crate::app::AppState;
 use crate::domain::event::EventKind;
 use crate::domain::time::Timestamp;
 use crate::domain::validate::{parse_uuid, Errors};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::state::AppState;
 use crate::store::webhooks::{AttemptRecord, DeliveryFilter, DeliveryRecord, DeliveryState, RedeliverOutcome};
 use crate::store::Merchant;
 

@@ -15,8 +15,8 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Responses};
 use utoipa::{Modify, Number, OpenApi};
 
 use super::{catalogue, health};
-use crate::app::AppState;
 use crate::error::ErrorCode;
+use crate::state::AppState;
 
 #[derive(OpenApi)]
 #[openapi(

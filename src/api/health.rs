@@ -9,10 +9,10 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::app::AppState;
 use crate::domain::time::Timestamp;
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::DeliveryBacklog;
+use crate::state::AppState;
 
 /// A health answer.
 #[derive(Serialize, ToSchema)]

@@ -8,8 +8,6 @@
 //! waits for it and replays its answer (`409 RequestInProgress` after `IN_PROGRESS_WAIT`); one
 //! running in another instance is settled by the database (`crate::store::idempotency`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -18,16 +16,15 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::auth::KeptReadWithKey;
 use super::context::RequestContext;
 use super::extract::{body_bytes, store_error};
-use crate::app::AppState;
 use crate::domain::time::Timestamp;
 use crate::error::{ApiError, ErrorCode, PendingError};
 use crate::secrets::{is_sealed_bytes, Column};
+use crate::state::{AppState, Claim};
 use crate::store::idempotency::Replay;
 use crate::store::sealing::idempotency_row;
 use crate::store::{Found, Guard, Guarded, IdempotencyKey, Kept, Merchant, StoredResponse};
@@ -68,42 +65,6 @@ impl Scope {
     /// The guard for a store write whose answer shows a secret: kept encrypted.
     pub fn guard_sealed<O>(self, state: &AppState, answer: impl Fn(&O) -> StoredResponse + Send + 'static) -> Guard<O> {
         Guard { seal: Some(state.store.secrets()), ..self.guard(answer) }
-    }
-}
-
-/// The requests with a key running in this process, each with a channel that closes when it
-/// is over.
-#[derive(Default)]
-pub struct InFlight(Arc<Mutex<HashMap<IdempotencyKey, watch::Sender<()>>>>);
-
-/// A request's hold on its key; dropping it (however the request ends) lets duplicates on.
-struct Claim {
-    table: Arc<Mutex<HashMap<IdempotencyKey, watch::Sender<()>>>>,
-    key: IdempotencyKey,
-}
-
-impl InFlight {
-    /// Holds `key` for this request, or answers a channel that closes when its holder is done.
-    fn claim(&self, key: IdempotencyKey) -> Result<Claim, watch::Receiver<()>> {
-        let mut table = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(running) = table.get(&key) {
-            return Err(running.subscribe());
-        }
-        table.insert(key, watch::channel(()).0);
-        Ok(Claim { table: self.0.clone(), key })
-    }
-
-    /// How many duplicates wait for the request that holds `key` (for operators and tests).
-    pub fn waiting(&self, key: IdempotencyKey) -> usize {
-        let table = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        table.get(&key).map_or(0, watch::Sender::receiver_count)
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        // Dropping the sender closes every waiter's channel.
-        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&self.key);
     }
 }
 

@@ -19,8 +19,8 @@ use axum::Router;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::AppState;
 use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
 
 /// The base path of the merchant API.
 pub const BASE: &str = "/customer-authentication-service/v1";
@@ -28,9 +28,17 @@ pub const BASE: &str = "/customer-authentication-service/v1";
 /// The merchant API: every route with its OpenAPI operation, declared once (by the handler's
 /// `#[utoipa::path]`), so the router and the document cannot drift apart.
 pub fn merchant_api() -> OpenApiRouter<AppState> {
+    one_session_api().merge(other_merchant_api())
+}
+
+/// The one-session path, authenticated by its own layer (`sessions::authenticate_with_session`).
+fn one_session_api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(sessions::get_redirect_session, sessions::create_redirect_session))
+}
+
+fn other_merchant_api() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(sessions::list_redirect_sessions))
-        .routes(routes!(sessions::get_redirect_session, sessions::create_redirect_session))
         .routes(routes!(sessions::cancel_redirect_session))
         .routes(routes!(subscriptions::list_subscriptions))
         .routes(routes!(
@@ -60,11 +68,11 @@ pub fn public_api() -> OpenApiRouter<AppState> {
 /// key, idempotent, in that order) and public endpoints, wrapped
 /// in the request-context middleware (correlation id, error bodies, panics, metrics).
 pub fn router(state: AppState) -> Router {
-    let (merchant, _) = merchant_api().split_for_parts();
-    let merchant = merchant
-        .layer(from_fn_with_state(state.clone(), idempotency::middleware))
-        .layer(from_fn_with_state(state.clone(), ratelimit::by_key))
-        .layer(from_fn_with_state(state.clone(), auth::middleware))
+    let (one_session, _) = one_session_api().split_for_parts();
+    let (others, _) = other_merchant_api().split_for_parts();
+    let merchant = after_authentication(one_session, &state)
+        .layer(from_fn_with_state(state.clone(), sessions::authenticate_with_session))
+        .merge(after_authentication(others, &state).layer(from_fn_with_state(state.clone(), auth::middleware)))
         .layer(from_fn_with_state(state.clone(), ratelimit::by_address));
     let (public, _) = public_api().split_for_parts();
     let mut public = public.merge(docs::router()).merge(crate::hosted::router());
@@ -72,6 +80,13 @@ pub fn router(state: AppState) -> Router {
         public = public.route("/metrics", get(health::get_metrics));
     }
     with_common_layers(merchant.merge(public), state)
+}
+
+/// What runs once the merchant is known: its rate limit, then idempotency.
+fn after_authentication(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
+    routes
+        .layer(from_fn_with_state(state.clone(), idempotency::middleware))
+        .layer(from_fn_with_state(state.clone(), ratelimit::by_key))
 }
 
 /// `routes` with what every route shares: `404`/`405` answers, panic handling, the

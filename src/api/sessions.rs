@@ -2,30 +2,31 @@
 //! response types, and their routes.
 
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{RawQuery, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::auth::SessionReadWithKey;
+use super::auth::{self, Read, SessionReadWithKey};
 use super::context::RequestContext;
 use super::extract::{
     empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam,
 };
 use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
 use super::BASE;
-use crate::app::AppState;
 use crate::domain::request::{
     parse_create_session, CustomerData, RedirectData, RequestRules, SessionType, TransactionData,
 };
 use crate::domain::session::State as SessionState;
 use crate::domain::time::Timestamp;
 use crate::domain::token::Claims;
-use crate::domain::validate::Errors;
+use crate::domain::validate::{parse_uuid, Errors};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::state::AppState;
 use crate::store::{
     CancelOutcome, CancelRequest, CreateOutcome, Merchant, SessionFilter, SessionRecord, StoredResponse,
 };
@@ -295,6 +296,23 @@ pub async fn get_redirect_session(
         None => Err(not_found()),
         Some(session) if session.merchant_id != merchant.id => Err(other_merchant()),
         Some(session) => Ok(session_answer(StatusCode::OK, session, now, &state.public_url).into_response()),
+    }
+}
+
+/// The authentication of the one-session route (`auth`'s, as a layer of this route only): a
+/// `GET` reads the session together with the merchant's key, so the read costs one database
+/// read; a `PUT` reads what every write reads.
+pub async fn authenticate_with_session(
+    State(state): State<AppState>,
+    raw_id: RawPathParam,
+    request: Request,
+    next: Next,
+) -> Response {
+    match raw_id.0.as_deref().and_then(|raw| parse_uuid(raw).ok()) {
+        Some(id) if request.method() == Method::GET => {
+            auth::authenticate_reading(&state, request, next, Read::Session(id)).await
+        }
+        _ => auth::middleware(State(state), request, next).await,
     }
 }
 

@@ -18,11 +18,11 @@ use super::context::RequestContext;
 use super::extract::{body_bytes, if_match, is_json, path_id, store_error, RawPathParam};
 use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
 use super::subscriptions::{changed, not_found, other_merchant};
-use crate::app::AppState;
 use crate::domain::event::EventKind;
 use crate::domain::time::Timestamp;
 use crate::domain::validate::{Errors, Object};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::state::AppState;
 use crate::store::webhooks::{
     AttemptRecord, ChangeSubscriptionOutcome, ClaimedDelivery, RecoverOutcome, RecoverWindow, SecretRotation,
     SubscriptionChange, TestDelivery, RECOVER_AT_MOST, RECOVER_WINDOW_AT_MOST,
@@ -271,6 +271,7 @@ pub async fn send_test(
         retry_index: 0,
     };
     let (started, result) = dispatcher::send(&state.webhook_client, &delivery).await;
+    let delivered = result.is_success();
     let attempt = AttemptRecord {
         attempt: 1,
         started_on: started,
@@ -285,11 +286,11 @@ pub async fn send_test(
         time,
         data,
         attempt,
-        delivered: result.is_success(),
+        delivered,
     };
-    let render = |attempt: &AttemptRecord| {
+    let render = move |attempt: &AttemptRecord| {
         let answer = TestResult {
-            success: attempt.error.is_none() && attempt.status.is_some_and(|s| (200..300).contains(&s)),
+            success: delivered,
             status_code: attempt.status,
             duration_ms: attempt.duration_ms,
             error: attempt.error.clone(),

@@ -13,12 +13,12 @@ use super::context::RequestContext;
 use super::extract::{id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam};
 use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
 use super::BASE;
-use crate::app::AppState;
 use crate::domain::event::EventType;
 use crate::domain::subscription::{parse_subscription, SubscriptionRules, SubscriptionSpec};
 use crate::domain::time::Timestamp;
 use crate::domain::validate::Errors;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::state::AppState;
 use crate::store::webhooks::{
     ChangeSubscriptionOutcome, PutSubscriptionOutcome, SubscriptionChange, SubscriptionRecord, SubscriptionStatus,
     SuspendReason,

@@ -10,8 +10,8 @@ use super::page::secure_headers;
 use super::render::{error_page, render, unavailable};
 use super::texts::Lang;
 use crate::api::context::RequestContext;
-use crate::app::AppState;
 use crate::domain::token::{Claims, Expect, TokenError};
+use crate::state::AppState;
 use crate::store::customer::HostedView;
 use crate::store::StoreError;
 

@@ -22,7 +22,6 @@ use super::sender::Outgoing;
 use super::texts::{fill, Lang};
 use super::PAY_PATH;
 use crate::api::context::RequestContext;
-use crate::app::AppState;
 use crate::domain::intent::{Flow, Intent};
 use crate::domain::otp::{self, CodeCheck, OtpState, SendRefusal};
 use crate::domain::request::SessionType;
@@ -30,6 +29,7 @@ use crate::domain::session::State as SessionState;
 use crate::domain::time::Timestamp;
 use crate::domain::token::TokenError;
 use crate::metrics::Hosted;
+use crate::state::AppState;
 use crate::store::customer::{CodeEntered, CodeRecorded, Finish, Step as StoreStep, StepOutcome};
 use crate::store::StoreError;
 

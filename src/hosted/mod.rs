@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// The hosted page's address below the public URL; a session's `redirectUrl`.
 pub const PAY_PATH: &str = "/pay";

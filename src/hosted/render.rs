@@ -9,12 +9,12 @@ use super::browser::{browser_language, language, view, Browser, NONCE_LEN};
 use super::page::{other, respond, Header, Link, Page, Step};
 use super::qr;
 use super::texts::{fill, money};
-use crate::app::AppState;
 use crate::domain::intent::{qr_text, Flow, Purpose};
 use crate::domain::otp::{self, MAX_CODES};
 use crate::domain::request::SessionType;
 use crate::domain::session::State as SessionState;
 use crate::domain::time::Timestamp;
+use crate::state::AppState;
 use crate::store::customer::HostedView;
 use crate::store::StoreError;
 

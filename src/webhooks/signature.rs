@@ -56,19 +56,19 @@ mod tests {
 
     // The test vector published with the Standard Webhooks reference libraries, recomputed with
     // python3's hmac/hashlib/base64, so this proves interoperability and not only self-consistency.
-    const SPEC_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-    const SPEC_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
-    const SPEC_TS: i64 = 1614265330;
-    const SPEC_BODY: &[u8] = br#"{"test": 2432232314}"#;
-    const SPEC_SIG: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+    const VECTOR_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const VECTOR_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+    const VECTOR_TS: i64 = 1614265330;
+    const VECTOR_BODY: &[u8] = br#"{"test": 2432232314}"#;
+    const VECTOR_SIG: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
 
-    fn spec_key() -> Vec<u8> {
-        secret_key(SPEC_SECRET).expect("spec secret is base64")
+    fn vector_key() -> Vec<u8> {
+        secret_key(VECTOR_SECRET).expect("the vector's secret is base64")
     }
 
     #[test]
-    fn known_answer_from_the_spec() {
-        assert_eq!(sign(&spec_key(), SPEC_ID, SPEC_TS, SPEC_BODY), SPEC_SIG);
+    fn known_answer_of_the_standard_webhooks_test_vector() {
+        assert_eq!(sign(&vector_key(), VECTOR_ID, VECTOR_TS, VECTOR_BODY), VECTOR_SIG);
     }
 
     #[test]
@@ -83,7 +83,7 @@ mod tests {
 
     #[test]
     fn verify_accepts_the_right_signature() {
-        assert!(verify(&spec_key(), SPEC_ID, SPEC_TS, SPEC_BODY, SPEC_SIG));
+        assert!(verify(&vector_key(), VECTOR_ID, VECTOR_TS, VECTOR_BODY, VECTOR_SIG));
         let key = b"another key";
         let sig = sign(key, "id", -5, b"");
         assert!(verify(key, "id", -5, b"", &sig));
@@ -91,35 +91,35 @@ mod tests {
 
     #[test]
     fn verify_rejects_any_change() {
-        let key = spec_key();
-        assert!(!verify(&key, SPEC_ID, SPEC_TS, br#"{"test": 2432232315}"#, SPEC_SIG));
-        assert!(!verify(&key, "msg_p5jXN8AQM9LWM0D4loKWxJeK", SPEC_TS, SPEC_BODY, SPEC_SIG));
-        assert!(!verify(&key, SPEC_ID, SPEC_TS + 1, SPEC_BODY, SPEC_SIG));
+        let key = vector_key();
+        assert!(!verify(&key, VECTOR_ID, VECTOR_TS, br#"{"test": 2432232315}"#, VECTOR_SIG));
+        assert!(!verify(&key, "msg_p5jXN8AQM9LWM0D4loKWxJeK", VECTOR_TS, VECTOR_BODY, VECTOR_SIG));
+        assert!(!verify(&key, VECTOR_ID, VECTOR_TS + 1, VECTOR_BODY, VECTOR_SIG));
         let mut other_key = key.clone();
         other_key[0] ^= 1;
-        assert!(!verify(&other_key, SPEC_ID, SPEC_TS, SPEC_BODY, SPEC_SIG));
+        assert!(!verify(&other_key, VECTOR_ID, VECTOR_TS, VECTOR_BODY, VECTOR_SIG));
     }
 
     #[test]
     fn verify_rejects_malformed_headers() {
-        let key = spec_key();
-        let bare = SPEC_SIG.trim_start_matches("v1,");
+        let key = vector_key();
+        let bare = VECTOR_SIG.trim_start_matches("v1,");
         for header in ["", " ", "v1,", "v1", bare, &format!("v2,{bare}"), "v1,!!!notbase64", "v1,AAAA"] {
-            assert!(!verify(&key, SPEC_ID, SPEC_TS, SPEC_BODY, header), "{header:?}");
+            assert!(!verify(&key, VECTOR_ID, VECTOR_TS, VECTOR_BODY, header), "{header:?}");
         }
         // A truncated signature must not match on its prefix.
-        assert!(!verify(&key, SPEC_ID, SPEC_TS, SPEC_BODY, &SPEC_SIG[..SPEC_SIG.len() - 4]));
+        assert!(!verify(&key, VECTOR_ID, VECTOR_TS, VECTOR_BODY, &VECTOR_SIG[..VECTOR_SIG.len() - 4]));
     }
 
     #[test]
     fn verify_accepts_any_of_several_signatures() {
-        let key = spec_key();
-        let old = sign(b"old key", SPEC_ID, SPEC_TS, SPEC_BODY);
-        let header = format!("{old} v1a,foo {SPEC_SIG}");
-        assert!(verify(&key, SPEC_ID, SPEC_TS, SPEC_BODY, &header));
-        assert!(verify(b"old key", SPEC_ID, SPEC_TS, SPEC_BODY, &header));
-        assert!(verify(&key, SPEC_ID, SPEC_TS, SPEC_BODY, &format!("{SPEC_SIG} {old}")));
-        assert!(!verify(b"third key", SPEC_ID, SPEC_TS, SPEC_BODY, &header));
+        let key = vector_key();
+        let old = sign(b"old key", VECTOR_ID, VECTOR_TS, VECTOR_BODY);
+        let header = format!("{old} v1a,foo {VECTOR_SIG}");
+        assert!(verify(&key, VECTOR_ID, VECTOR_TS, VECTOR_BODY, &header));
+        assert!(verify(b"old key", VECTOR_ID, VECTOR_TS, VECTOR_BODY, &header));
+        assert!(verify(&key, VECTOR_ID, VECTOR_TS, VECTOR_BODY, &format!("{VECTOR_SIG} {old}")));
+        assert!(!verify(b"third key", VECTOR_ID, VECTOR_TS, VECTOR_BODY, &header));
     }
 
     #[test]
@@ -138,9 +138,9 @@ mod tests {
 
     #[test]
     fn secret_key_prefix_is_optional_and_garbage_is_none() {
-        let with = secret_key(SPEC_SECRET);
+        let with = secret_key(VECTOR_SECRET);
         assert!(with.is_some());
-        assert_eq!(secret_key(SPEC_SECRET.trim_start_matches("whsec_")), with);
+        assert_eq!(secret_key(VECTOR_SECRET.trim_start_matches("whsec_")), with);
         assert_eq!(secret_key("whsec_not base64!"), None);
         assert_eq!(secret_key("whsec_"), None);
         assert_eq!(secret_key(""), None);

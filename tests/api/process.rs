@@ -7,6 +7,7 @@ use std::process::Command;
 
 use crate::common::binary::{command, run, Served};
 use crate::common::{assert_error, new_transaction_intent, status_and_json, TestDatabase, BASE};
+use crate::webhook_support::{subscription_body, subscription_path, Receiver};
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -574,6 +575,43 @@ async fn sigterm_stops_the_server_gracefully_with_exit_status_0() {
     assert_eq!(status.code(), Some(0), "{status}: {:?}", served.lines());
     let lines = served.lines();
     assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:?}");
+}
+
+#[tokio::test]
+async fn a_request_in_flight_at_sigterm_gets_its_answer_and_new_connections_are_refused() {
+    let workspace = Workspace::new();
+    let (_, key) = workspace.merchant("Draining Shop");
+    let receiver = Receiver::silent().await;
+    let mut served = workspace.serve(&[], &[("REDIRECT_SESSIONS_ALLOW_PRIVATE_CALLBACKS", "true")]);
+    let id = Uuid::new_v4();
+    let body = subscription_body(&receiver.url(), "receiver-key", &["RedirectSessionCancelled"]);
+    let created = served.request(Method::PUT, &subscription_path(id), &key).json(&body).send().await.unwrap();
+    let (status, created) = status_and_json(created).await;
+    assert_eq!(status, 201, "{created}");
+
+    // The test event waits at the receiver, so the request is in flight when the signal comes.
+    let in_flight = served.request(Method::POST, &format!("{}/test", subscription_path(id)), &key).send();
+    let in_flight = tokio::spawn(in_flight);
+    receiver.wait_for_requests(1).await;
+    served.terminate();
+
+    let address = served.url.trim_start_matches("http://").to_owned();
+    let mut refused = false;
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(&address).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the listener still accepts connections after SIGTERM: {:?}", served.lines());
+
+    receiver.release_silenced();
+    let (status, answer) = status_and_json(in_flight.await.unwrap().unwrap()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!((answer["success"].clone(), answer["statusCode"].clone()), (json!(false), json!(503)), "{answer}");
+    let status = served.wait_for_exit();
+    assert_eq!(status.code(), Some(0), "{status}: {:?}", served.lines());
 }
 
 #[test]
