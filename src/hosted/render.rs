@@ -8,10 +8,10 @@ use uuid::Uuid;
 use super::browser::{browser_language, language, view, Browser, NONCE_LEN};
 use super::page::{other, respond, Header, Link, Page, Step};
 use super::qr;
-use super::texts::{fill, money};
+use super::texts::{fill, money, Texts};
 use crate::domain::intent::{qr_text, Flow, Purpose};
 use crate::domain::otp::{self, MAX_CODES};
-use crate::domain::request::SessionType;
+use crate::domain::request::{RedirectData, SessionType};
 use crate::domain::session::State as SessionState;
 use crate::domain::time::Timestamp;
 use crate::state::AppState;
@@ -53,76 +53,18 @@ pub(super) fn render_step(
     step: Option<Step>,
     status: StatusCode,
 ) -> Response {
-    let forced = step;
     let now = Timestamp::now();
     let lang = language(headers, view);
     let t = lang.texts();
     let session = &view.session;
     let spec = &session.spec;
-    let urls = &spec.redirect_data;
     let merchant = view.merchant_name.as_str();
-    let current = session.effective_state(now);
-    let live = !current.is_terminal();
-    let back =
-        |url: &str, label: &str| Some(Link { url: url.to_owned(), label: fill(label, &[("merchant", merchant)]) });
-    let outcome = |text: String, link| Step::Outcome { text, back: link };
-    let payment_code = |intent: Uuid, flow: Flow, done_form: bool, link| {
-        let text = qr_text(intent, flow);
-        Step::PaymentCode { svg: qr::svg(&text).unwrap_or_default(), text, done_form, back: link }
-    };
+    let live = !session.effective_state(now).is_terminal() && csrf.len() == NONCE_LEN;
     let mut message = message;
-    let step = if let Some(step) = forced {
-        step
-    } else {
-        match current {
-            SessionState::Created | SessionState::Opened => match &view.otp {
-                Some(otp) if otp.has_live_code(now) => Step::Code {
-                    note: fill(t.code_sent, &[("phone", &otp::mask_phone(&otp.phone))]),
-                    can_resend: otp.codes_sent < MAX_CODES,
-                },
-                Some(otp) if otp.codes_sent >= MAX_CODES => {
-                    message.get_or_insert_with(|| t.no_codes_left.to_owned());
-                    Step::Blocked
-                }
-                previous => {
-                    // A code that is still there but no longer good: say why a new one is needed.
-                    if let Some(otp) = previous.as_ref().filter(|otp| otp.code_hash.is_some()) {
-                        let why = if now >= otp.code_expires_on { t.code_expired } else { t.code_used_up };
-                        message.get_or_insert_with(|| why.to_owned());
-                    }
-                    match &view.customer_phone {
-                        Some(phone) => {
-                            Step::KnownPhone { note: t.code_to_known.to_owned(), masked: otp::mask_phone(phone) }
-                        }
-                        None => Step::Phone,
-                    }
-                }
-            },
-            SessionState::Authenticated => match (spec.kind, session.transaction_intent_id) {
-                (SessionType::NewTransactionIntent, _) => Step::Confirm,
-                (SessionType::ExistingTransactionIntent, Some(intent)) => {
-                    payment_code(intent, view.intent_flow.unwrap_or(Flow::PayIn), true, None)
-                }
-                _ => outcome(t.completed.to_owned(), back(&urls.success_url, t.back_to)),
-            },
-            SessionState::Completed => match (spec.kind, session.transaction_intent_id) {
-                (SessionType::NewTransactionIntent, Some(intent)) => {
-                    let flow = spec.transaction_data.as_ref().map_or(Flow::PayIn, Flow::of);
-                    payment_code(intent, flow, false, back(qr_success_url(urls), t.continue_to))
-                }
-                (SessionType::ExistingTransactionIntent, _) => {
-                    outcome(t.completed.to_owned(), back(qr_success_url(urls), t.back_to))
-                }
-                _ => outcome(t.completed.to_owned(), back(&urls.success_url, t.back_to)),
-            },
-            SessionState::Aborted => outcome(t.aborted.to_owned(), back(&urls.abort_url, t.back_to)),
-            SessionState::Cancelled => {
-                outcome(fill(t.cancelled, &[("merchant", merchant)]), back(&urls.abort_url, t.back_to))
-            }
-            SessionState::Expired => outcome(t.expired.to_owned(), back(&urls.failure_url, t.back_to)),
-        }
+    let step = match step {
+        Some(step) => step,
+        None => step_of(view, t, now, &mut message),
     };
-    let live = live && csrf.len() == NONCE_LEN;
     let minutes_left = (session.expires_on.millis() - now.millis() + 59_999) / 60_000;
     let header = Header {
         with_merchant: fill(t.with_merchant, &[("merchant", merchant)]),
@@ -141,14 +83,81 @@ pub(super) fn render_step(
         step,
         switch_language: csrf.len() == NONCE_LEN,
     };
-    let mut targets: Vec<String> = [&urls.success_url, &urls.failure_url, &urls.abort_url, &urls.qr_code_success_url]
+    respond(status, &page, &redirect_origins(&spec.redirect_data))
+}
+
+/// The merchant's origins, where a form on the page may end up (`respond`'s `form_targets`).
+fn redirect_origins(urls: &RedirectData) -> Vec<String> {
+    let mut origins: Vec<String> = [&urls.success_url, &urls.failure_url, &urls.abort_url, &urls.qr_code_success_url]
         .into_iter()
         .filter_map(|url| url::Url::parse(url).ok())
         .map(|url| url.origin().ascii_serialization())
         .collect();
-    targets.sort();
-    targets.dedup();
-    respond(status, &page, &targets)
+    origins.sort();
+    origins.dedup();
+    origins
+}
+
+/// The step a session shows when no action forced one; says in `message` why a code is gone.
+fn step_of(view: &HostedView, t: &'static Texts, now: Timestamp, message: &mut Option<String>) -> Step {
+    let session = &view.session;
+    let spec = &session.spec;
+    let urls = &spec.redirect_data;
+    let merchant = view.merchant_name.as_str();
+    let back =
+        |url: &str, label: &str| Some(Link { url: url.to_owned(), label: fill(label, &[("merchant", merchant)]) });
+    let outcome = |text: String, link| Step::Outcome { text, back: link };
+    let payment_code = |intent: Uuid, flow: Flow, done_form: bool, link| {
+        let text = qr_text(intent, flow);
+        Step::PaymentCode { svg: qr::svg(&text).unwrap_or_default(), text, done_form, back: link }
+    };
+    match session.effective_state(now) {
+        SessionState::Created | SessionState::Opened => match &view.otp {
+            Some(otp) if otp.has_live_code(now) => Step::Code {
+                note: fill(t.code_sent, &[("phone", &otp::mask_phone(&otp.phone))]),
+                can_resend: otp.codes_sent < MAX_CODES,
+            },
+            Some(otp) if otp.codes_sent >= MAX_CODES => {
+                message.get_or_insert_with(|| t.no_codes_left.to_owned());
+                Step::Blocked
+            }
+            previous => {
+                // A code that is still there but no longer good: say why a new one is needed.
+                if let Some(otp) = previous.as_ref().filter(|otp| otp.code_hash.is_some()) {
+                    let why = if now >= otp.code_expires_on { t.code_expired } else { t.code_used_up };
+                    message.get_or_insert_with(|| why.to_owned());
+                }
+                match &view.customer_phone {
+                    Some(phone) => {
+                        Step::KnownPhone { note: t.code_to_known.to_owned(), masked: otp::mask_phone(phone) }
+                    }
+                    None => Step::Phone,
+                }
+            }
+        },
+        SessionState::Authenticated => match (spec.kind, session.transaction_intent_id) {
+            (SessionType::NewTransactionIntent, _) => Step::Confirm,
+            (SessionType::ExistingTransactionIntent, Some(intent)) => {
+                payment_code(intent, view.intent_flow.unwrap_or(Flow::PayIn), true, None)
+            }
+            _ => outcome(t.completed.to_owned(), back(&urls.success_url, t.back_to)),
+        },
+        SessionState::Completed => match (spec.kind, session.transaction_intent_id) {
+            (SessionType::NewTransactionIntent, Some(intent)) => {
+                let flow = spec.transaction_data.as_ref().map_or(Flow::PayIn, Flow::of);
+                payment_code(intent, flow, false, back(qr_success_url(urls), t.continue_to))
+            }
+            (SessionType::ExistingTransactionIntent, _) => {
+                outcome(t.completed.to_owned(), back(qr_success_url(urls), t.back_to))
+            }
+            _ => outcome(t.completed.to_owned(), back(&urls.success_url, t.back_to)),
+        },
+        SessionState::Aborted => outcome(t.aborted.to_owned(), back(&urls.abort_url, t.back_to)),
+        SessionState::Cancelled => {
+            outcome(fill(t.cancelled, &[("merchant", merchant)]), back(&urls.abort_url, t.back_to))
+        }
+        SessionState::Expired => outcome(t.expired.to_owned(), back(&urls.failure_url, t.back_to)),
+    }
 }
 
 /// An error page without a session (an invalid link, no cookie): German unless the browser
@@ -182,6 +191,6 @@ pub(super) fn unavailable(headers: &HeaderMap, error: StoreError) -> Response {
 
 /// Where the browser goes after a payment code: `qrCodeSuccessUrl` (required at create; older
 /// sessions got `successUrl` filled in).
-pub(super) fn qr_success_url(urls: &crate::domain::request::RedirectData) -> &str {
+pub(super) fn qr_success_url(urls: &RedirectData) -> &str {
     &urls.qr_code_success_url
 }

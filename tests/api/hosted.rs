@@ -20,7 +20,7 @@ use futures_util::future::join_all;
 use redirect_sessions::config::{Config, OtpSender};
 use redirect_sessions::domain::otp;
 use redirect_sessions::domain::token::{Claims, KeyPair, Keyring};
-use reqwest::Client;
+use reqwest::{Client, Method};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -515,9 +515,7 @@ async fn bad_tokens_get_an_error_page_and_change_nothing() {
     let (other_key, other_merchant) = server.another_merchant().await;
     let theirs = Uuid::new_v4();
     let response = server
-        .client
-        .put(format!("{}{BASE}/redirect-sessions/{theirs}", server.url))
-        .header("x-api-key", &other_key)
+        .request_as(Method::PUT, &format!("{BASE}/redirect-sessions/{theirs}"), &other_key)
         .json(&new_transaction_intent())
         .send()
         .await
@@ -574,13 +572,8 @@ async fn bad_tokens_get_an_error_page_and_change_nothing() {
     assert_eq!(read(&server, created.id).await, before, "the session is as it was");
     assert_eq!(before["state"], "Created");
     assert_eq!(events(&server, created.id).await, Vec::<&str>::new());
-    let response = server
-        .client
-        .get(format!("{}{BASE}/redirect-sessions/{theirs}", server.url))
-        .header("x-api-key", &other_key)
-        .send()
-        .await
-        .unwrap();
+    let response =
+        server.request_as(Method::GET, &format!("{BASE}/redirect-sessions/{theirs}"), &other_key).send().await.unwrap();
     let (_, theirs_now) = status_and_json(response).await;
     assert_eq!(theirs_now["state"], "Created", "{theirs_now}");
     assert_eq!(server.metric("redirect_sessions_hosted_arrivals_total").await, Some(0.0));

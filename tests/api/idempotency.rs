@@ -37,9 +37,7 @@ fn fingerprint(method: &str, path_and_query: &str, body: &[u8]) -> [u8; 32] {
 /// A PUT of exactly `body` with `x-request-id`, as the merchant whose key is `api_key`.
 async fn put_raw(server: &TestServer, api_key: &str, id: Uuid, request_id: Uuid, body: &[u8]) -> Response {
     server
-        .client
-        .put(format!("{}{}", server.url, session_path(id)))
-        .header("x-api-key", api_key)
+        .request_as(Method::PUT, &session_path(id), api_key)
         .header("x-request-id", request_id.to_string())
         .header("content-type", "application/json")
         .body(body.to_vec())
@@ -572,7 +570,7 @@ async fn every_stored_business_error_is_replayed_byte_for_byte() {
     let server = TestServer::start_with(|config| config.session_ttl = Duration::from_millis(1)).await;
     let expired = server.created_session().await;
     let cancel = |id: Uuid, key: &str, if_match: Option<&str>| {
-        let request = server.client.post(format!("{}{}", server.url, cancel_path(id))).header("x-api-key", key);
+        let request = server.request_as(Method::POST, &cancel_path(id), key);
         match if_match {
             Some(tag) => request.header("if-match", tag),
             None => request,

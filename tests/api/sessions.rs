@@ -464,9 +464,7 @@ async fn a_put_of_another_merchants_session_id_is_a_version_mismatch_that_reveal
     let (other_key, other_id) = server.another_merchant().await;
     let id = Uuid::new_v4();
     let theirs = server
-        .client
-        .put(format!("{}{}", server.url, session_path(id)))
-        .header("x-api-key", &other_key)
+        .request_as(Method::PUT, &session_path(id), &other_key)
         .header("content-type", "application/json")
         .body(FULL_NEW_TRANSACTION_INTENT)
         .send()
@@ -491,13 +489,7 @@ async fn a_put_of_another_merchants_session_id_is_a_version_mismatch_that_reveal
             assert!(!text.contains(&secret), "the answer reveals {secret}: {text}");
         }
     }
-    let read = server
-        .client
-        .get(format!("{}{}", server.url, session_path(id)))
-        .header("x-api-key", &other_key)
-        .send()
-        .await
-        .unwrap();
+    let read = server.request_as(Method::GET, &session_path(id), &other_key).send().await.unwrap();
     let read = answer(read).await;
     assert_eq!((read.status, &read.body), (200, &theirs.body), "the other merchant's session is unchanged");
     server.stop().await;
@@ -602,13 +594,7 @@ async fn reading_another_merchants_session_is_invalid_triggered_by_403() {
     let server = TestServer::start().await;
     let (other_key, _) = server.another_merchant().await;
     let id = server.created_session().await;
-    let response = server
-        .client
-        .get(format!("{}{}", server.url, session_path(id)))
-        .header("x-api-key", &other_key)
-        .send()
-        .await
-        .unwrap();
+    let response = server.request_as(Method::GET, &session_path(id), &other_key).send().await.unwrap();
     let error = assert_error(response, 403, "InvalidTriggeredBy").await;
     assert_eq!(keys(&error), sorted(vec!["code", "message", "moreInfo", "correlationId", "details"]), "{error}");
     assert_eq!(error["details"], json!({}), "{error}");
@@ -724,9 +710,7 @@ async fn listing_never_shows_another_merchants_sessions() {
     let mine = server.created_session().await;
     let theirs = Uuid::new_v4();
     let response = server
-        .client
-        .put(format!("{}{}", server.url, session_path(theirs)))
-        .header("x-api-key", &other_key)
+        .request_as(Method::PUT, &session_path(theirs), &other_key)
         .json(&new_transaction_intent())
         .send()
         .await
@@ -735,13 +719,8 @@ async fn listing_never_shows_another_merchants_sessions() {
 
     assert_eq!(item_ids(&list(&server, &[]).await), [mine.to_string()]);
     assert_eq!(item_ids(&list(&server, &[("state", "Created")]).await), [mine.to_string()]);
-    let response = server
-        .client
-        .get(format!("{}{BASE}/redirect-sessions", server.url))
-        .header("x-api-key", &other_key)
-        .send()
-        .await
-        .unwrap();
+    let response =
+        server.request_as(Method::GET, &format!("{BASE}/redirect-sessions"), &other_key).send().await.unwrap();
     assert_eq!(item_ids(&answer(response).await), [theirs.to_string()]);
     server.stop().await;
 }
@@ -803,13 +782,8 @@ async fn cancelling_another_merchants_session_is_invalid_triggered_by_400_and_ch
     let server = TestServer::start().await;
     let (other_key, _) = server.another_merchant().await;
     let id = server.created_session().await;
-    let response = server
-        .client
-        .post(format!("{}{}/cancel", server.url, session_path(id)))
-        .header("x-api-key", &other_key)
-        .send()
-        .await
-        .unwrap();
+    let response =
+        server.request_as(Method::POST, &format!("{}/cancel", session_path(id)), &other_key).send().await.unwrap();
     let error = assert_error(response, 400, "InvalidTriggeredBy").await;
     assert!(!error.to_string().contains(&server.merchant_id.to_string()), "{error}");
     let read = answer(server.get_session(id).await).await;
@@ -1171,7 +1145,7 @@ async fn the_migration_fills_in_a_missing_qr_code_success_url_from_the_success_u
     assert_eq!(read.header("etag"), Some("\"2\""), "the representation changed, so does the ETag");
 
     // The stored spec itself now has the member: a cancel (a write of the row) keeps it.
-    let cancel = server.client.post(format!("{}{}/cancel", server.url, session_path(id))).header("x-api-key", &api_key);
+    let cancel = server.request_as(Method::POST, &format!("{}/cancel", session_path(id)), &api_key);
     let cancelled = answer(cancel.send().await.unwrap()).await;
     assert_eq!(cancelled.status, 200, "{}", cancelled.text);
     assert_eq!(cancelled.body["redirectData"], read.body["redirectData"]);

@@ -247,13 +247,7 @@ async fn another_merchants_subscription_cannot_be_read_changed_or_deleted() {
 
     let (status, read) = status_and_json(get(&server, id).await).await;
     assert_eq!((status, &read["callbackUrl"]), (200, &json!("https://shop.example/a")), "unchanged: {read}");
-    let others = server
-        .client
-        .get(format!("{}{}", server.url, subscriptions_path()))
-        .header("x-api-key", &other_key)
-        .send()
-        .await
-        .unwrap();
+    let others = server.request_as(Method::GET, &subscriptions_path(), &other_key).send().await.unwrap();
     let (status, page) = status_and_json(others).await;
     assert_eq!((status, page["items"].clone()), (200, json!([])), "not listed for the other merchant");
     server.stop().await;
@@ -564,16 +558,9 @@ async fn another_merchants_delivery_cannot_be_redelivered_or_listed() {
     let id = delivered[0]["id"].as_str().unwrap().to_owned();
     let (other_key, _) = server.another_merchant().await;
 
-    let redeliver = server
-        .client
-        .post(format!("{}{}", server.url, redeliver_path(&id)))
-        .header("x-api-key", &other_key)
-        .send()
-        .await
-        .unwrap();
+    let redeliver = server.request_as(Method::POST, &redeliver_path(&id), &other_key).send().await.unwrap();
     assert_error(redeliver, 403, "InvalidTriggeredBy").await;
-    let listed =
-        server.client.get(format!("{}{}", server.url, deliveries_path())).header("x-api-key", &other_key).send().await;
+    let listed = server.request_as(Method::GET, &deliveries_path(), &other_key).send().await;
     let (status, page) = status_and_json(listed.unwrap()).await;
     assert_eq!((status, page["items"].clone()), (200, json!([])), "{page}");
 

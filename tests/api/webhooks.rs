@@ -487,7 +487,7 @@ async fn another_merchants_subscription_never_gets_this_merchants_events() {
 
     wait_for_delivery(&server, subscription, "our delivery", in_state("Delivered")).await;
     assert_eq!(deliveries(&server, "").await.len(), 1);
-    let listed = server.client.get(format!("{}{}", server.url, deliveries_path())).header("x-api-key", &other_key);
+    let listed = server.request_as(Method::GET, &deliveries_path(), &other_key);
     let (status, page) = status_and_json(listed.send().await.unwrap()).await;
     assert_eq!((status, page["items"].clone()), (200, json!([])), "{page}");
     assert_eq!((ours.received().len(), theirs.connections()), (1, 0));

@@ -415,6 +415,11 @@ impl TestServer {
         self.client.request(method, format!("{}{path}", self.url)).header("x-api-key", &self.api_key)
     }
 
+    /// A request to `path` (relative to the server) with the API key `key`.
+    pub fn request_as(&self, method: Method, path: &str, key: &str) -> RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.url)).header("x-api-key", key)
+    }
+
     /// `PUT` a session with `body` as the test merchant.
     pub async fn put_session(&self, id: Uuid, body: &Value) -> Response {
         self.request(Method::PUT, &format!("{BASE}/redirect-sessions/{id}")).json(body).send().await.unwrap()
