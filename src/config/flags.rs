@@ -26,19 +26,25 @@ impl RawSettings {
     }
 }
 
-/// `--help`'s line: the help as a sentence in plain text (without Markdown's backquotes) and the
-/// default. A help that starts with a literal (`` `sqlite://PATH` ``) keeps its case.
+/// `--help`'s line: the help as a sentence in plain text (without Markdown's backquotes), the
+/// default and the variables. A help that starts with a literal (`` `sqlite://PATH` ``) keeps its case.
 fn flag_help(setting: &Setting) -> String {
     let help = setting.help_with_range();
     let mut chars = help.chars();
     let capitalized: String = chars.next().map(|c| c.to_ascii_uppercase()).into_iter().chain(chars).collect();
     let (help, capitalized) = (help.replace('`', ""), capitalized.replace('`', ""));
-    match (setting.form, setting.default) {
+    let sentence = match (setting.form, setting.default) {
         (Form::Switch, Some("true")) => format!("Do not {help}"),
         (Form::Switch, _) => capitalized,
         (_, Some(default)) => format!("{capitalized} (default {default})"),
         (_, None) => capitalized,
-    }
+    };
+    format!("{sentence} [env: {}]", env_names(setting).join(", "))
+}
+
+/// The setting's variables, the prefixed one first.
+fn env_names(setting: &Setting) -> Vec<String> {
+    std::iter::once(setting.env_name()).chain(setting.plain_env.map(str::to_owned)).collect()
 }
 
 fn add_flags(mut command: Command, scope: Scope) -> Command {
@@ -102,10 +108,7 @@ pub fn markdown_table() -> String {
         "| setting (TOML key) | environment variable | flag | default | meaning |\n| --- | --- | --- | --- | --- |\n",
     );
     for setting in SETTINGS {
-        let mut env = format!("`{}`", setting.env_name());
-        if let Some(plain) = setting.plain_env {
-            env.push_str(&format!(", `{plain}`"));
-        }
+        let env = env_names(setting).iter().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", ");
         let scope = match setting.scope {
             Scope::Global => " (every command)",
             Scope::Serve => "",

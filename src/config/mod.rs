@@ -20,7 +20,7 @@ use parse::redact;
 
 pub use flags::{markdown_table, GlobalFlags, ServeFlags};
 pub use parse::{parse_database_url, parse_duration, parse_duration_list};
-pub use settings::{Check, Form, RawSettings, Scope, Setting, ENV_PREFIX, SETTINGS};
+pub use settings::{Check, Form, RawSettings, Scope, Setting, SETTINGS};
 
 /// Where the data lives.
 #[derive(Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 /// The prefix of every setting's environment variable: `REDIRECT_SESSIONS_<NAME in capitals>`.
-pub const ENV_PREFIX: &str = "REDIRECT_SESSIONS_";
+const ENV_PREFIX: &str = "REDIRECT_SESSIONS_";
 
 /// How the TOML file may write a setting, which also decides its raw type in `RawSettings`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
