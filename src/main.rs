@@ -1,14 +1,15 @@
 //! The `redirect-sessions` command line: serve, migrate, merchant, customer, signing-key,
-//! openapi, migrate-data. Bad settings stop it with one line on stderr and exit code 2.
+//! secrets, openapi, settings, migrate-data. Bad settings stop it with one line on stderr and
+//! exit code 2.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use redirect_sessions::admin::{self, AdminError};
 use redirect_sessions::app::{self, AppState};
-use redirect_sessions::config::{Config, RawSettings};
+use redirect_sessions::config::{self, Config, GlobalFlags, ServeFlags};
 use redirect_sessions::domain::validate::parse_uuid;
 
 /// mimalloc rather than the system allocator: every request allocates and frees many small
@@ -26,26 +27,9 @@ struct Cli {
     /// A TOML file of settings (defaults < file < REDIRECT_SESSIONS_* variables < flags).
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// sqlite://PATH (default sqlite://./data/redirect-sessions.db) or postgres://…; also DATABASE_URL.
-    #[arg(long, global = true, value_name = "URL")]
-    database_url: Option<String>,
-    /// PostgreSQL connections per instance (default 16).
-    #[arg(long, global = true, value_name = "N")]
-    database_max_connections: Option<String>,
-    /// How long a request waits for a free PostgreSQL connection (default 5s).
-    #[arg(long, global = true, value_name = "DURATION")]
-    database_acquire_timeout: Option<String>,
-    /// How long opening a PostgreSQL connection may take (default 5s).
-    #[arg(long, global = true, value_name = "DURATION")]
-    database_connect_timeout: Option<String>,
-    /// The key that encrypts secrets at rest: base64 of 32 bytes (required with PostgreSQL; on
-    /// SQLite a key file beside the database otherwise). Prefer REDIRECT_SESSIONS_SECRETS_KEY:
-    /// flags are visible to other local users.
-    #[arg(long, global = true, value_name = "KEY")]
-    secrets_key: Option<String>,
-    /// Earlier keys that still decrypt, comma separated (for rotation).
-    #[arg(long, global = true, value_name = "KEYS")]
-    secrets_old_keys: Option<String>,
+    // Every command's settings flags (`Scope::Global` in src/config/settings.rs).
+    #[command(flatten)]
+    settings: GlobalFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,7 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the API, the expiry sweep and the webhook dispatcher.
-    Serve(Box<ServeArgs>),
+    Serve(Box<ServeFlags>),
     /// Apply database migrations and exit.
     Migrate,
     /// Manage merchants.
@@ -70,6 +54,9 @@ enum Command {
     Secrets(SecretsCommand),
     /// Print the OpenAPI document.
     Openapi,
+    /// Print the table of settings (TOML key, environment variable, flag, default, meaning) as
+    /// Markdown: README.md's configuration table is this output.
+    Settings,
     /// Copy every row of a SQLite deployment into an empty PostgreSQL database (stop the service
     /// first). Prints the rows copied per table as JSON. The global --database-url is ignored.
     MigrateData {
@@ -80,83 +67,6 @@ enum Command {
         #[arg(long, value_name = "URL")]
         to: Option<String>,
     },
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Address to listen on (default 127.0.0.1:8080).
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    /// The public base URL of this service, used in tokens, redirect URLs and error links.
-    #[arg(long, value_name = "URL")]
-    public_url: Option<String>,
-    /// Session time to live, e.g. 15m or 2s (default 15m).
-    #[arg(long, value_name = "DURATION")]
-    session_ttl: Option<String>,
-    /// Webhook retry delays, e.g. 1s,2s,5s (default 5s,5m,30m,2h,5h,10h,10h).
-    #[arg(long, value_name = "LIST")]
-    webhook_retry_schedule: Option<String>,
-    /// Webhook request timeout (default 10s).
-    #[arg(long, value_name = "DURATION")]
-    webhook_timeout: Option<String>,
-    /// Webhook attempts in flight per instance (default 256).
-    #[arg(long, value_name = "N")]
-    webhook_concurrency: Option<String>,
-    /// Webhook attempts in flight per subscription, so one slow receiver cannot take every
-    /// slot (default 16).
-    #[arg(long, value_name = "N")]
-    webhook_concurrency_per_subscription: Option<String>,
-    /// How long finished deliveries, their attempts and events are kept (default 30d).
-    #[arg(long, value_name = "DURATION")]
-    delivery_retention: Option<String>,
-    /// How long a receiver may answer nothing but failures before its subscription is
-    /// suspended (default 5d).
-    #[arg(long, value_name = "DURATION")]
-    webhook_suspend_after: Option<String>,
-    /// Allow http and loopback/private webhook callback targets (for tests).
-    #[arg(long)]
-    allow_private_callbacks: bool,
-    /// Allow http redirect URLs in sessions (for tests).
-    #[arg(long)]
-    allow_http_redirect_urls: bool,
-    /// Requests per second per API key, burst twice that; 0 turns it off (default 1000).
-    #[arg(long, value_name = "RATE")]
-    rate_limit_per_key: Option<String>,
-    /// Requests per second per client address, burst twice that; 0 turns it off (default 0).
-    #[arg(long, value_name = "RATE")]
-    rate_limit_per_ip: Option<String>,
-    /// Serve /metrics on this separate address instead of the main listener.
-    #[arg(long, value_name = "ADDR")]
-    metrics_listen: Option<String>,
-    /// How long a client may take to send a request's headers, also the idle time allowed
-    /// between requests on a connection (default 10s).
-    #[arg(long, value_name = "DURATION")]
-    http_header_timeout: Option<String>,
-    /// How long a client may take to send a request's whole body; then 408 (default 30s).
-    #[arg(long, value_name = "DURATION")]
-    http_body_timeout: Option<String>,
-    /// Connections open at once per listener; more wait until one closes (default 10000).
-    #[arg(long, value_name = "N")]
-    http_max_connections: Option<String>,
-    /// Do not run the expiry sweep in this instance.
-    #[arg(long)]
-    no_expiry_sweep: bool,
-    /// Do not run the webhook dispatcher in this instance.
-    #[arg(long)]
-    no_webhook_dispatcher: bool,
-    /// Log filter, e.g. info or info,redirect_sessions=debug.
-    #[arg(long, value_name = "FILTER")]
-    log: Option<String>,
-    /// How one-time codes reach customers: log (a log line, development) or http (default log).
-    #[arg(long, value_name = "log|http")]
-    otp_sender: Option<String>,
-    /// Where the http one-time-code sender POSTs codes (required with --otp-sender http).
-    #[arg(long, value_name = "URL")]
-    otp_http_url: Option<String>,
-    /// Bearer token for the http one-time-code sender; flags are visible to other local users,
-    /// so prefer REDIRECT_SESSIONS_OTP_HTTP_TOKEN or the config file.
-    #[arg(long, value_name = "TOKEN")]
-    otp_http_token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -207,39 +117,13 @@ enum SigningKeyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut flags = RawSettings {
-        database_url: cli.database_url.clone(),
-        database_max_connections: cli.database_max_connections.clone(),
-        database_acquire_timeout: cli.database_acquire_timeout.clone(),
-        database_connect_timeout: cli.database_connect_timeout.clone(),
-        secrets_key: cli.secrets_key.clone(),
-        secrets_old_keys: cli.secrets_old_keys.clone(),
-        ..RawSettings::default()
-    };
+    if let Command::Settings = cli.command {
+        print!("{}", config::markdown_table());
+        return ExitCode::SUCCESS;
+    }
+    let mut flags = cli.settings.0.clone();
     if let Command::Serve(serve) = &cli.command {
-        flags.listen = serve.listen.clone();
-        flags.public_url = serve.public_url.clone();
-        flags.session_ttl = serve.session_ttl.clone();
-        flags.webhook_retry_schedule = serve.webhook_retry_schedule.clone();
-        flags.webhook_timeout = serve.webhook_timeout.clone();
-        flags.webhook_concurrency = serve.webhook_concurrency.clone();
-        flags.webhook_concurrency_per_subscription = serve.webhook_concurrency_per_subscription.clone();
-        flags.delivery_retention = serve.delivery_retention.clone();
-        flags.webhook_suspend_after = serve.webhook_suspend_after.clone();
-        flags.allow_private_callbacks = serve.allow_private_callbacks.then_some(true);
-        flags.allow_http_redirect_urls = serve.allow_http_redirect_urls.then_some(true);
-        flags.rate_limit_per_key = serve.rate_limit_per_key.clone();
-        flags.rate_limit_per_ip = serve.rate_limit_per_ip.clone();
-        flags.metrics_listen = serve.metrics_listen.clone();
-        flags.http_header_timeout = serve.http_header_timeout.clone();
-        flags.http_body_timeout = serve.http_body_timeout.clone();
-        flags.http_max_connections = serve.http_max_connections.clone();
-        flags.expiry_sweep = serve.no_expiry_sweep.then_some(false);
-        flags.webhook_dispatcher = serve.no_webhook_dispatcher.then_some(false);
-        flags.log = serve.log.clone();
-        flags.otp_sender = serve.otp_sender.clone();
-        flags.otp_http_url = serve.otp_http_url.clone();
-        flags.otp_http_token = serve.otp_http_token.clone();
+        flags.overlay(serve.0.clone());
     }
     let mut env: HashMap<String, String> = std::env::vars().collect();
     if let Command::MigrateData { .. } = &cli.command {
@@ -293,7 +177,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             }
             Err(error) => failure(&error.to_string()),
         },
-        Command::Openapi => unreachable!("handled before the runtime starts"),
+        Command::Openapi | Command::Settings => unreachable!("handled before the runtime starts"),
         Command::MigrateData { from, to } => {
             let settings = store::postgres::PoolSettings {
                 max_connections: 1,

@@ -264,6 +264,24 @@ fn openapi_prints_the_committed_document() {
     assert!(std::fs::read_dir(workspace.path()).unwrap().next().is_none(), "openapi touches no database");
 }
 
+#[test]
+fn settings_prints_readme_table_and_serve_help_lists_every_setting_flag() {
+    let workspace = Workspace::new();
+    let finished = run(workspace.command(&["settings"]));
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    assert!(finished.stdout == redirect_sessions::config::markdown_table(), "{finished:?}");
+    let finished = run(workspace.command(&["serve", "--help"]));
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    let words: Vec<&str> = finished.stdout.split_whitespace().collect();
+    for setting in redirect_sessions::config::SETTINGS {
+        assert!(words.contains(&setting.flag().as_str()), "{}: {finished:?}", setting.name);
+        if let (Some(default), false) = (setting.default, setting.form == redirect_sessions::config::Form::Switch) {
+            assert!(finished.stdout.contains(&format!("(default {default})")), "{}: {finished:?}", setting.name);
+        }
+    }
+    assert!(std::fs::read_dir(workspace.path()).unwrap().next().is_none(), "neither touches a database");
+}
+
 /// An environment variable: name and value.
 type Var<'a> = (&'a str, &'a str);
 
