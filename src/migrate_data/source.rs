@@ -98,18 +98,11 @@ fn open_source(path: &Path) -> Result<Connection, String> {
         .execute_batch("PRAGMA query_only = 1; PRAGMA busy_timeout = 5000;")
         .map_err(|e| format!("cannot open the source database {shown}: {e}"))?;
     let run_migrate = format!("run `redirect-sessions migrate --database-url sqlite://{shown}` first");
-    let has_migrations: bool = connection
-        .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'", [], |r| {
-            r.get(0)
-        })
-        .map_err(|e| format!("cannot read the source database {shown}: {e}"))?;
-    if !has_migrations {
-        return Err(format!("the source database {shown} is not a migrated redirect-sessions database; {run_migrate}"));
-    }
-    let version: Option<i64> = connection
-        .query_row("SELECT max(version) FROM schema_migrations", [], |r| r.get(0))
-        .map_err(|e| format!("cannot read the source database {shown}: {e}"))?;
-    let version = version.unwrap_or(0);
+    let version = crate::store::sqlite::schema_version(&connection)
+        .map_err(|e| format!("cannot read the source database {shown}: {e}"))?
+        .ok_or_else(|| {
+            format!("the source database {shown} is not a migrated redirect-sessions database; {run_migrate}")
+        })?;
     if version < SQLITE_SCHEMA_VERSION {
         return Err(format!(
             "the source database {shown} is at migration {version}, migrate-data needs {SQLITE_SCHEMA_VERSION}; \
