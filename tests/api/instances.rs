@@ -207,7 +207,7 @@ impl Pair {
 
     /// Instance `i % 2`: spreads work over both.
     fn either(&self, i: usize) -> &Instance {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             &self.a
         } else {
             &self.b

@@ -1109,7 +1109,7 @@ async fn behind_the_servers_back(database: &TestDatabase, sqlite: &str, postgres
 }
 
 /// Stops `server`, rewrites every stored session into the format of before `qrCodeSuccessUrl`
-/// was required (the member absent), optionally forgets that the migration filling it in ran,
+/// was required (the member absent), optionally runs the migration filling it in again,
 /// and starts the server again. Answers the restarted server and the first merchant's key.
 async fn restart_with_old_format_sessions(server: TestServer, rerun_migration: bool) -> (TestServer, String) {
     let api_key = server.api_key.clone();
@@ -1117,8 +1117,9 @@ async fn restart_with_old_format_sessions(server: TestServer, rerun_migration: b
     let mut sqlite = "UPDATE sessions SET spec = json_remove(spec, '$.redirectData.qrCodeSuccessUrl');".to_owned();
     let mut postgres = "UPDATE sessions SET spec = spec #- '{redirectData,qrCodeSuccessUrl}';".to_owned();
     if rerun_migration {
-        sqlite.push_str("DELETE FROM schema_migrations WHERE version = 6;");
-        postgres.push_str("DELETE FROM schema_migrations WHERE version = 4;");
+        // The migration run again on the old sessions (refinery applies a migration once).
+        sqlite.push_str(include_str!("../../migrations/sqlite/0006_qr_code_success_url.sql"));
+        postgres.push_str(include_str!("../../migrations/postgres/0004_qr_code_success_url.sql"));
     }
     behind_the_servers_back(&database, &sqlite, &postgres).await;
     (TestServer::start_on(test_config(&database), database).await, api_key)

@@ -13,6 +13,7 @@ mod subscriptions;
 mod webhooks;
 mod worker;
 
+pub use self::schema::applied_version as schema_version;
 pub use self::secrets::rotate as rotate_secrets;
 
 use std::path::Path;
@@ -76,9 +77,9 @@ impl SqliteStore {
         }
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || {
-            let writer = connect(&path, true)?;
+            let mut writer = connect(&path, true)?;
             if migrate {
-                schema::migrate(&writer)?;
+                schema::migrate(&mut writer)?;
                 let sealed = self::secrets::reseal(&writer, &secrets, false)?;
                 if sealed.total() > 0 {
                     tracing::info!(
@@ -352,8 +353,8 @@ mod tests {
 
     fn migrated() -> (Connection, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let connection = connect(&dir.path().join("d.db"), true).unwrap();
-        schema::migrate(&connection).unwrap();
+        let mut connection = connect(&dir.path().join("d.db"), true).unwrap();
+        schema::migrate(&mut connection).unwrap();
         (connection, dir)
     }
 

@@ -913,8 +913,8 @@ mod claim_tests {
     /// A migrated database whose deliveries need no events or subscriptions.
     fn database() -> (Connection, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let connection = super::super::connect(&dir.path().join("d.db"), true).unwrap();
-        super::super::schema::migrate(&connection).unwrap();
+        let mut connection = super::super::connect(&dir.path().join("d.db"), true).unwrap();
+        super::super::schema::migrate(&mut connection).unwrap();
         connection.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
         (connection, dir)
     }
