@@ -9,14 +9,14 @@
 //! prints `skipped: …` and passes. Each test has a database of its own, dropped at the end.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::binary::{command, Served};
 use crate::common::*;
+use crate::webhook_support::Receiver;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
 use futures_util::future::join_all;
@@ -263,104 +263,21 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
-// A webhook receiver that answers slowly and counts requests in flight
+// What the shared webhook receiver got, as these tests count it
 // ---------------------------------------------------------------------------------------------
 
-struct Hook {
-    /// The `webhook-id` of every request, in arrival order.
-    received: Mutex<Vec<Uuid>>,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
-    delay_ms: AtomicU64,
-    /// While false, requests are held unanswered (a receiver that is down but accepts).
-    answering: tokio::sync::watch::Sender<bool>,
+/// The event ids a receiver got, in arrival order.
+fn event_ids(receiver: &Receiver) -> Vec<Uuid> {
+    receiver.ids().iter().map(|id| id.parse().expect("a webhook-id with a UUID")).collect()
 }
 
-/// Counts a request out of flight however its handler ends (also when the caller hangs up).
-struct InFlight(Arc<Hook>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+/// How often each event id arrived.
+fn receipts(receiver: &Receiver) -> BTreeMap<Uuid, usize> {
+    let mut receipts = BTreeMap::new();
+    for id in event_ids(receiver) {
+        *receipts.entry(id).or_default() += 1;
     }
-}
-
-async fn hook(State(hook): State<Arc<Hook>>, headers: HeaderMap) -> StatusCode {
-    let now = hook.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    let _in_flight = InFlight(hook.clone());
-    hook.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-    hook.received.lock().unwrap().push(id.expect("a webhook-id header with a UUID"));
-    let mut answering = hook.answering.subscribe();
-    let _ = answering.wait_for(|answering| *answering).await;
-    tokio::time::sleep(Duration::from_millis(hook.delay_ms.load(Ordering::SeqCst))).await;
-    StatusCode::NO_CONTENT
-}
-
-/// An HTTP receiver on 127.0.0.1:0 that answers 204 after `delay`.
-struct Receiver {
-    port: u16,
-    hook: Arc<Hook>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Receiver {
-    async fn start(delay: Duration) -> Receiver {
-        let receiver = Receiver::holding().await;
-        receiver.hook.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
-        receiver.answer();
-        receiver
-    }
-
-    /// A receiver that holds every request unanswered until `answer`.
-    async fn holding() -> Receiver {
-        let shared = Arc::new(Hook {
-            received: Mutex::default(),
-            in_flight: AtomicUsize::new(0),
-            max_in_flight: AtomicUsize::new(0),
-            delay_ms: AtomicU64::new(0),
-            answering: tokio::sync::watch::Sender::new(false),
-        });
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port for the receiver");
-        let port = listener.local_addr().unwrap().port();
-        let app = Router::new().route("/hook", post(hook)).with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Receiver { port, hook: shared, task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
-    }
-
-    fn received(&self) -> Vec<Uuid> {
-        self.hook.received.lock().unwrap().clone()
-    }
-
-    /// How often each event id arrived.
-    fn receipts(&self) -> BTreeMap<Uuid, usize> {
-        let mut receipts = BTreeMap::new();
-        for id in self.received() {
-            *receipts.entry(id).or_default() += 1;
-        }
-        receipts
-    }
-
-    fn max_in_flight(&self) -> usize {
-        self.hook.max_in_flight.load(Ordering::SeqCst)
-    }
-
-    /// Answers the requests held and every one from now on.
-    fn answer(&self) {
-        self.hook.answering.send_replace(true);
-    }
+    receipts
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -553,7 +470,7 @@ const CONCURRENCY: &str = "4";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_dispatchers_share_the_deliveries_and_each_is_made_once() {
     let Some(pair) = Pair::start(&["--webhook-concurrency", CONCURRENCY]).await else { return };
-    let receiver = Receiver::start(Duration::from_millis(100)).await;
+    let receiver = Receiver::answering_after(204, Duration::from_millis(100)).await;
     pair.subscribe(&receiver.url(), &[CANCELLED]).await;
     const SESSIONS: usize = 200;
     let sessions = pair.create_sessions(SESSIONS).await;
@@ -571,7 +488,7 @@ async fn both_dispatchers_share_the_deliveries_and_each_is_made_once() {
     let events: BTreeSet<Uuid> =
         sql.query("SELECT id FROM events", &[]).await.unwrap().iter().map(|row| row.get(0)).collect();
     assert_eq!(events.len(), SESSIONS);
-    let receipts = receiver.receipts();
+    let receipts = receipts(&receiver);
     assert_eq!(receipts.keys().copied().collect::<BTreeSet<_>>(), events, "every event arrived");
     assert!(receipts.values().all(|n| *n == 1), "no event was sent twice: {receipts:?}");
     assert_eq!(count(&sql, "SELECT count(*) FROM deliveries").await, SESSIONS as i64);
@@ -594,7 +511,7 @@ async fn both_dispatchers_share_the_deliveries_and_each_is_made_once() {
 async fn deliveries_claimed_by_a_killed_instance_are_made_by_the_other_within_seconds_not_when_the_lease_runs_out() {
     let Some(mut pair) = Pair::start(&["--webhook-concurrency", CONCURRENCY]).await else { return };
     // The receiver is down (it accepts and never answers) while A dies holding its claims.
-    let receiver = Receiver::holding().await;
+    let receiver = Receiver::holding(204).await;
     pair.subscribe(&receiver.url(), &[CANCELLED]).await;
     let dead = pair.a.dispatcher_id().await;
     const SESSIONS: usize = 100;
@@ -624,7 +541,7 @@ async fn deliveries_claimed_by_a_killed_instance_are_made_by_the_other_within_se
     pair.a.kill_9();
     let killed = Instant::now();
     // The receiver is back.
-    receiver.answer();
+    receiver.release_silenced();
 
     // B delivers everything, A's claims included. That it did not wait for A's leases is
     // checked below on each orphan: its successful attempt started before its lease ran out.
@@ -651,7 +568,7 @@ async fn deliveries_claimed_by_a_killed_instance_are_made_by_the_other_within_se
         .await
         .unwrap();
     assert_eq!(rows.len(), SESSIONS);
-    let receipts = receiver.receipts();
+    let receipts = receipts(&receiver);
     for row in rows {
         let (delivery, event, attempts, succeeded): (Uuid, Uuid, i32, Option<i64>) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
@@ -679,8 +596,8 @@ async fn a_receiver_that_never_answers_holds_at_most_its_cap_on_each_instance_an
     const PER_SUBSCRIPTION: usize = 3;
     let args = ["--webhook-concurrency", "8", "--webhook-concurrency-per-subscription", "3"];
     let Some(pair) = Pair::start(&args).await else { return };
-    let silent = Receiver::holding().await;
-    let healthy = Receiver::start(Duration::ZERO).await;
+    let silent = Receiver::holding(204).await;
+    let healthy = Receiver::answering(204).await;
     let silent_subscription = pair.subscribe(&silent.url(), &[CANCELLED]).await;
     // Another merchant's receiver.
     let other = {
@@ -741,7 +658,7 @@ async fn a_receiver_that_never_answers_holds_at_most_its_cap_on_each_instance_an
     );
     assert!(count(&sql, &leased).await <= limit as i64);
     // Let the held requests finish, so that the instances stop without waiting for the timeout.
-    silent.answer();
+    silent.release_silenced();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -954,9 +871,9 @@ async fn a_customer_finishing_on_one_instance_races_the_merchant_cancelling_on_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_and_a_suspension_made_through_one_instance_hold_for_the_dispatchers_of_both() {
-    use crate::webhook_support::{verifying_entries, Receiver as Recording, Reply};
+    use crate::webhook_support::{verifying_entries, Reply};
     let Some(pair) = Pair::start(&["--webhook-retry-schedule", "100ms,100ms,100ms"]).await else { return };
-    let receiver = Recording::answering(204).await;
+    let receiver = Receiver::answering(204).await;
     let id = Uuid::new_v4();
     let path = format!("{BASE}/redirect-session-events/subscriptions/{id}");
     let body = json!({"callbackUrl": receiver.url(), "apiKey": "callback-key", "eventTypes": [CANCELLED]});

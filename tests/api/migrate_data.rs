@@ -17,28 +17,21 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::binary::{command, Finished};
-use crate::common::{session_path, BASE};
-use axum::http::{HeaderMap, StatusCode};
+use crate::common::{session_path, TestDatabase, TestServer, BASE};
+use crate::webhook_support::{Receiver, Reply};
 use redirect_sessions::admin;
-use redirect_sessions::app::{self, AppState};
-use redirect_sessions::config::{Config, DatabaseUrl};
+use redirect_sessions::config::Config;
 use redirect_sessions::domain::intent::{Flow, Intent};
 use redirect_sessions::domain::otp::{hash_code, CodeCheck, OtpState};
 use redirect_sessions::domain::session::State;
 use redirect_sessions::domain::time::Timestamp;
 use redirect_sessions::secrets::SecretKey;
 use redirect_sessions::store::customer::{CodeEntered, CodeRecorded, Finish, Step, StepOutcome};
-use reqwest::{Client, Method, RequestBuilder};
+use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 const ENV: &str = "REDIRECT_SESSIONS_TEST_POSTGRES";
@@ -64,53 +57,41 @@ const TABLES: [&str; 11] = [
 ];
 
 // ---------------------------------------------------------------------------------------------
-// Harness: an in-process server, a webhook receiver, a PostgreSQL database of the test's own
+// Harness: the shared in-process server, receiver and database, and what this test reads
 
-/// A server on port 0 over `database`, with the test settings changed by `adjust`.
-struct Server {
-    url: String,
-    client: Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-    state: AppState,
+/// A server over `database`, with the settings every server of the moved deployment shares
+/// changed by `adjust`; the caller keeps the database.
+async fn start(database: &TestDatabase, adjust: impl FnOnce(&mut Config)) -> TestServer {
+    let mut config = Config::defaults();
+    config.database_url = database.database_url();
+    config.public_url = PUBLIC_URL.parse().unwrap();
+    config.rate_limit_per_key = 0;
+    config.rate_limit_per_ip = 0;
+    config.allow_private_callbacks = true;
+    // The same key on both sides: migrate-data copies the encrypted secrets as they are.
+    config.secrets_key = Some(SecretKey::parse(crate::common::binary::SECRETS_KEY).unwrap());
+    adjust(&mut config);
+    TestServer::start_exactly(config).await
 }
 
-impl Server {
-    async fn start(database: DatabaseUrl, adjust: impl FnOnce(&mut Config)) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
-        let address = listener.local_addr().unwrap();
-        let mut config = Config::defaults();
-        config.database_url = database;
-        config.listen = address;
-        config.public_url = PUBLIC_URL.parse().unwrap();
-        config.rate_limit_per_key = 0;
-        config.rate_limit_per_ip = 0;
-        config.allow_private_callbacks = true;
-        // The same key on both sides: migrate-data copies the encrypted secrets as they are.
-        config.secrets_key = Some(SecretKey::parse(crate::common::binary::SECRETS_KEY).unwrap());
-        adjust(&mut config);
-        let state = AppState::open(config).await.expect("the service starts");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app::serve(state.clone(), listener, async move {
-            let _ = stopped.await;
-        }));
-        Server { url: format!("http://{address}"), client: Client::new(), stop: Some(stop), task: Some(task), state }
-    }
-
-    fn request(&self, method: Method, path: &str, key: &str) -> RequestBuilder {
-        self.client.request(method, format!("{}{path}", self.url)).header("x-api-key", key)
-    }
-
+/// What this test asks a server, as the merchant with the key `key`.
+trait Deployment {
     /// `GET path`: status, ETag and the exact body.
+    async fn read(&self, path: &str, key: &str) -> Read;
+    async fn json(&self, method: Method, path: &str, key: &str, body: Option<&Value>) -> (u16, Value);
+    async fn deliveries(&self, key: &str) -> Vec<Value>;
+}
+
+impl Deployment for TestServer {
     async fn read(&self, path: &str, key: &str) -> Read {
-        let response = self.request(Method::GET, path, key).send().await.unwrap();
+        let response = self.request_as(Method::GET, path, key).send().await.unwrap();
         let status = response.status().as_u16();
         let etag = response.headers().get("etag").map(|v| v.to_str().unwrap().to_owned());
         Read { status, etag, body: String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap() }
     }
 
     async fn json(&self, method: Method, path: &str, key: &str, body: Option<&Value>) -> (u16, Value) {
-        let mut request = self.request(method, path, key);
+        let mut request = self.request_as(method, path, key);
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -125,15 +106,6 @@ impl Server {
         assert_eq!(status, 200, "{body}");
         body["items"].as_array().unwrap().clone()
     }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.expect("the server task ends").expect("the server stops cleanly");
-        }
-    }
 }
 
 /// What a GET answered.
@@ -144,121 +116,25 @@ struct Read {
     body: String,
 }
 
-/// A webhook receiver answering `status` (changeable) and recording each request's
-/// `webhook-id` and body.
-struct Receiver {
-    url: String,
-    status: Arc<AtomicU16>,
-    received: Arc<Mutex<Vec<Callback>>>,
-    task: JoinHandle<()>,
+/// Rows per table and a digest of every row of `database`, to show that nothing changed.
+async fn fingerprint(database: &TestDatabase) -> Vec<(String, i64, String)> {
+    let client = database.sql().await;
+    let mut out = Vec::new();
+    for table in TABLES {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        out.push((table.to_owned(), row.get(0), row.get(1)));
+    }
+    out
 }
 
-/// One callback a receiver got: its `webhook-id` and its body.
-type Callback = (String, Vec<u8>);
-
-impl Receiver {
-    async fn answering(status: u16) -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (answer, received) = (Arc::new(AtomicU16::new(status)), Arc::new(Mutex::new(Vec::new())));
-        let (a, i) = (answer.clone(), received.clone());
-        let app = axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                let (a, i) = (a.clone(), i.clone());
-                async move {
-                    let id = headers.get("webhook-id").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
-                    i.lock().unwrap().push((id, body.to_vec()));
-                    StatusCode::from_u16(a.load(Ordering::SeqCst)).unwrap()
-                }
-            }),
-        );
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Receiver { url: format!("http://{address}/hook"), status: answer, received, task }
-    }
-
-    fn ids(&self) -> Vec<String> {
-        self.received.lock().unwrap().iter().map(|(id, _)| id.clone()).collect()
-    }
-
-    fn bodies(&self) -> Vec<Vec<u8>> {
-        self.received.lock().unwrap().iter().map(|(_, body)| body.clone()).collect()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A PostgreSQL database of its own (`rs_test_<uuid>`), dropped with its connections at the end.
-struct TestDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create(admin: &str) -> TestDb {
-        let name = format!("rs_test_{}", Uuid::new_v4().simple());
-        connect(admin).await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("CREATE DATABASE");
-        let mut url = url::Url::parse(admin).expect("the admin URL parses");
-        url.set_path(&format!("/{name}"));
-        TestDb { admin: admin.to_owned(), name, url: url.to_string() }
-    }
-
-    /// Rows per table and a digest of every row, to show that nothing changed.
-    async fn fingerprint(&self) -> Vec<(String, i64, String)> {
-        let client = connect(&self.url).await;
-        let mut out = Vec::new();
-        for table in TABLES {
-            let row = client
-                .query_one(
-                    &format!(
-                        "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
-                    ),
-                    &[],
-                )
-                .await
-                .unwrap();
-            out.push((table.to_owned(), row.get(0), row.get(1)));
-        }
-        out
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        // Drop cannot await and the test's runtime may be gone: a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin, NoTls).await {
-                    let connection = tokio::spawn(connection);
-                    if let Err(e) = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await
-                    {
-                        let _ = writeln!(std::io::stderr(), "could not drop {name}: {e}");
-                    }
-                    drop(client);
-                    let _ = connection.await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connects to PostgreSQL");
-    tokio::spawn(connection);
-    client
-}
-
-/// Runs the binary with `args` and no settings from the environment, to its end.
 async fn run(args: &[&str]) -> Finished {
     let mut command = command(args);
     let output = tokio::task::spawn_blocking(move || command.output().expect("the binary runs")).await.unwrap();
@@ -325,7 +201,13 @@ struct Snapshot {
     hosted: Vec<String>,
 }
 
-async fn snapshot(server: &Server, key: &str, sessions: &[Uuid], subscriptions: &[Uuid], replay: &Replay) -> Snapshot {
+async fn snapshot(
+    server: &TestServer,
+    key: &str,
+    sessions: &[Uuid],
+    subscriptions: &[Uuid],
+    replay: &Replay,
+) -> Snapshot {
     let mut reads = Vec::new();
     for id in sessions {
         reads.push(server.read(&session_path(*id), key).await);
@@ -352,7 +234,7 @@ async fn snapshot(server: &Server, key: &str, sessions: &[Uuid], subscriptions: 
     }
 }
 
-async fn hosted_views(server: &Server, sessions: &[Uuid]) -> Vec<String> {
+async fn hosted_views(server: &TestServer, sessions: &[Uuid]) -> Vec<String> {
     let mut views = Vec::new();
     for id in sessions {
         let view = server.state.store.hosted_view(*id).await.expect("the hosted view reads");
@@ -370,7 +252,7 @@ fn customer_step(session_id: Uuid) -> Step {
 }
 
 /// Opens the session and records a code sent to `phone`, as the hosted page does.
-async fn send_code(server: &Server, id: Uuid, phone: &str) {
+async fn send_code(server: &TestServer, id: Uuid, phone: &str) {
     let store = &server.state.store;
     let opened = store.open_session(customer_step(id)).await.unwrap();
     assert!(matches!(&opened, StepOutcome::Done(s) if s.state == State::Opened), "{opened:?}");
@@ -444,9 +326,9 @@ struct Replay {
 
 impl Replay {
     /// The idempotent create, sent (again) to `server`.
-    async fn send(&self, server: &Server, key: &str) -> reqwest::Response {
+    async fn send(&self, server: &TestServer, key: &str) -> reqwest::Response {
         server
-            .request(Method::PUT, &session_path(self.session), key)
+            .request_as(Method::PUT, &session_path(self.session), key)
             .header("x-request-id", self.request_id.to_string())
             .header("content-type", "application/json")
             .body(self.body.clone())
@@ -460,20 +342,20 @@ impl Replay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
-    let Ok(admin_url) = std::env::var(ENV) else {
+    let Ok(_) = std::env::var(ENV) else {
         // Straight to the stream: libtest hides `println!` output of passing tests.
         let _ = writeln!(std::io::stderr(), "skipped: {ENV} not set");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let sqlite_path = dir.path().join("deployment.db");
-    let sqlite = || DatabaseUrl::Sqlite { path: sqlite_path.clone() };
+    let sqlite = TestDatabase::sqlite_at(&sqlite_path);
     let delivered_to = Receiver::answering(200).await;
     let failing = Receiver::answering(500).await;
 
     // --- 1. On SQLite, with sessions living one second: one session expires and its event is
     // delivered.
-    let first = Server::start(sqlite(), |c| c.session_ttl = Duration::from_secs(1)).await;
+    let first = start(&sqlite, |c| c.session_ttl = Duration::from_secs(1)).await;
     let merchant = admin::create_merchant(&first.state.store, "Moving Shop").await.unwrap();
     let key = merchant["apiKey"].as_str().unwrap().to_owned();
     let customer = admin::create_customer(&first.state.store, "+4915112345678").await.unwrap();
@@ -481,10 +363,10 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     let all_events =
         ["RedirectSessionCancelled", "RedirectSessionExpired", "RedirectSessionCompleted", "RedirectSessionAborted"];
     let (sub_ok, sub_failing) = (Uuid::new_v4(), Uuid::new_v4());
-    let body = subscription(&delivered_to.url, &all_events);
+    let body = subscription(&delivered_to.url(), &all_events);
     let (status, created) = first.json(Method::PUT, &format!("{SUBSCRIPTIONS}/{sub_ok}"), &key, Some(&body)).await;
     assert_eq!(status, 201, "{created}");
-    let body = subscription(&failing.url, &["RedirectSessionCancelled"]);
+    let body = subscription(&failing.url(), &["RedirectSessionCancelled"]);
     let (status, created) = first.json(Method::PUT, &format!("{SUBSCRIPTIONS}/{sub_failing}"), &key, Some(&body)).await;
     assert_eq!(status, 201, "{created}");
 
@@ -509,7 +391,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
 
     // --- 2. On SQLite again, sessions living 15 minutes, retries after 6 s: the other session
     // types, an idempotent create, a cancel delivered to one receiver and failing at the other.
-    let second = Server::start(sqlite(), |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
+    let second = start(&sqlite, |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
     let (cancelled, existing, new_customer, by_direction) =
         (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let mut with_customer = new_transaction_intent(json!(100.50));
@@ -628,11 +510,12 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     assert_eq!(failing.ids(), vec![pending_event.clone()], "the failing receiver saw the event once");
 
     // --- 3. Move it.
-    let target = TestDb::create(&admin_url).await;
+    let target = TestDatabase::fresh_postgres().expect("a PostgreSQL server");
     let from = format!("sqlite://{}", sqlite_path.display());
     let started = Instant::now();
     // The global --database-url is not for migrate-data: even an unusable one is ignored.
-    let moved = run(&["migrate-data", "--from", &from, "--to", &target.url, "--database-url", "mysql://ignored"]).await;
+    let moved =
+        run(&["migrate-data", "--from", &from, "--to", target.url(), "--database-url", "mysql://ignored"]).await;
     assert_eq!(moved.code, Some(0), "{moved:?}");
     let _ = writeln!(std::io::stderr(), "migrate-data took {:?}", started.elapsed());
     let lines: Vec<&str> = moved.stdout.lines().collect();
@@ -651,7 +534,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         assert_eq!(summary[table], json!(rows), "{table}: every row of the source");
     }
     // The customer flow's columns and tables, value for value.
-    let sql = connect(&target.url).await;
+    let sql = target.sql().await;
     let mut moved_rows = Vec::new();
     for (table, from_sqlite, from_postgres) in CUSTOMER_FLOW_ROWS {
         let mut was: Vec<String> = source
@@ -735,8 +618,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     drop(sql);
 
     // --- 4. On PostgreSQL (dispatcher off, so nothing moves while comparing): the same answers.
-    let postgres = || DatabaseUrl::Postgres(target.url.clone());
-    let third = Server::start(postgres(), |c| {
+    let third = start(&target, |c| {
         c.webhook_dispatcher = false;
         c.expiry_sweep = false;
     })
@@ -757,9 +639,9 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
 
     // --- 5. With the dispatcher on and the receiver fixed, the pending delivery is delivered
     // (the same event), and nothing already delivered is sent again.
-    failing.status.store(200, Ordering::SeqCst);
+    failing.answer_from_now_on(Reply::Status(200));
     let delivered_before = delivered_to.ids();
-    let fourth = Server::start(postgres(), |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
+    let fourth = start(&target, |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
     let delivery = eventually("the pending delivery delivered on PostgreSQL", || async {
         let deliveries = fourth.deliveries(&key).await;
         deliveries.into_iter().find(|d| d["id"] == json!(pending_id) && d["state"] == "Delivered")
@@ -770,7 +652,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     assert_eq!(statuses, [json!(500), json!(200)], "{delivery}");
     assert_eq!(delivery["eventId"], json!(pending_event), "{delivery}");
     assert_eq!(failing.ids(), [pending_event.clone(), pending_event.clone()], "the same event, attempted again");
-    let bodies = failing.bodies();
+    let bodies: Vec<_> = failing.received().into_iter().map(|request| request.body).collect();
     assert_eq!(bodies[0], bodies[1], "the same webhook body from SQLite and from PostgreSQL");
     assert_eq!(delivered_to.ids(), delivered_before, "nothing delivered is sent again");
     // The moved deployment goes on working: the code sent on SQLite signs in on PostgreSQL (its
@@ -794,29 +676,29 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     fourth.stop().await;
 
     // --- 6. Moving again into the now non-empty database is refused and changes nothing.
-    let unchanged = target.fingerprint().await;
-    let again = run(&["migrate-data", "--from", &from, "--to", &target.url]).await;
+    let unchanged = fingerprint(&target).await;
+    let again = run(&["migrate-data", "--from", &from, "--to", target.url()]).await;
     assert_eq!(again.code, Some(1), "{again:?}");
     assert_eq!(again.stdout, "", "{again:?}");
     let errors = again.error_lines();
     assert_eq!(errors.len(), 1, "one error line: {again:?}");
     assert!(errors[0].contains("not empty"), "{again:?}");
-    assert_eq!(target.fingerprint().await, unchanged, "the refused move changed nothing");
+    assert_eq!(fingerprint(&target).await, unchanged, "the refused move changed nothing");
 
     // A source that was never migrated is refused before the target is touched.
     let unmigrated = dir.path().join("unmigrated.db");
     rusqlite::Connection::open(&unmigrated).unwrap().execute_batch("CREATE TABLE other (x INTEGER)").unwrap();
     let unmigrated_url = format!("sqlite://{}", unmigrated.display());
-    let refused = run(&["migrate-data", "--from", &unmigrated_url, "--to", &target.url]).await;
+    let refused = run(&["migrate-data", "--from", &unmigrated_url, "--to", target.url()]).await;
     assert_eq!(refused.code, Some(1), "{refused:?}");
     let errors = refused.error_lines();
     assert_eq!(errors.len(), 1, "{refused:?}");
     assert!(errors[0].contains(&format!("redirect-sessions migrate --database-url {unmigrated_url}")), "{refused:?}");
-    assert_eq!(target.fingerprint().await, unchanged, "the refused move changed nothing");
+    assert_eq!(fingerprint(&target).await, unchanged, "the refused move changed nothing");
 
     // --- 7. Bad arguments: one line on stderr, exit code 2, nothing touched.
-    bad_arguments_exit_2(&from, &target.url, dir.path()).await;
-    assert_eq!(target.fingerprint().await, unchanged, "bad arguments changed nothing");
+    bad_arguments_exit_2(&from, target.url(), dir.path()).await;
+    assert_eq!(fingerprint(&target).await, unchanged, "bad arguments changed nothing");
 }
 
 async fn bad_arguments_exit_2(from: &str, to: &str, dir: &Path) {
@@ -846,13 +728,13 @@ async fn bad_arguments_exit_2(from: &str, to: &str, dir: &Path) {
 
 #[tokio::test]
 async fn a_move_that_fails_in_the_middle_of_the_copy_leaves_the_target_empty_and_can_be_made_again() {
-    let Ok(admin_url) = std::env::var(ENV) else {
+    let Ok(_) = std::env::var(ENV) else {
         let _ = writeln!(std::io::stderr(), "skipped: {ENV} not set");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let sqlite_path = dir.path().join("deployment.db");
-    let server = Server::start(DatabaseUrl::Sqlite { path: sqlite_path.clone() }, |_| {}).await;
+    let server = start(&TestDatabase::sqlite_at(&sqlite_path), |_| {}).await;
     let merchant = admin::create_merchant(&server.state.store, "Half Moved Shop").await.unwrap();
     let key = merchant["apiKey"].as_str().unwrap().to_owned();
     let body = subscription("http://127.0.0.1:9/hook", &["RedirectSessionCancelled"]);
@@ -870,21 +752,21 @@ async fn a_move_that_fails_in_the_middle_of_the_copy_leaves_the_target_empty_and
     // merchants, sessions, events and subscriptions went in.
     let source = rusqlite::Connection::open(&sqlite_path).unwrap();
     assert_eq!(source.execute("UPDATE deliveries SET state = 'Bogus'", []).unwrap(), 1);
-    let target = TestDb::create(&admin_url).await;
+    let target = TestDatabase::fresh_postgres().expect("a PostgreSQL server");
     let from = format!("sqlite://{}", sqlite_path.display());
-    let failed = run(&["migrate-data", "--from", &from, "--to", &target.url]).await;
+    let failed = run(&["migrate-data", "--from", &from, "--to", target.url()]).await;
     assert_eq!(failed.code, Some(1), "{failed:?}");
     assert_eq!(failed.error_lines().len(), 1, "one error line: {failed:?}");
     let counts = |fingerprint: Vec<(String, i64, String)>| -> Vec<(String, i64)> {
         fingerprint.into_iter().map(|(table, rows, _)| (table, rows)).filter(|(_, rows)| *rows > 0).collect()
     };
-    assert_eq!(counts(target.fingerprint().await), [], "nothing of the failed move is left in the target");
+    assert_eq!(counts(fingerprint(&target).await), [], "nothing of the failed move is left in the target");
 
     // Repaired, the same move goes through: the target was left empty, not half filled.
     source.execute("UPDATE deliveries SET state = 'Pending'", []).unwrap();
-    let moved = run(&["migrate-data", "--from", &from, "--to", &target.url]).await;
+    let moved = run(&["migrate-data", "--from", &from, "--to", target.url()]).await;
     assert_eq!(moved.code, Some(0), "{moved:?}");
-    let moved = counts(target.fingerprint().await);
+    let moved = counts(fingerprint(&target).await);
     for table in ["merchants", "sessions", "events", "subscriptions", "deliveries"] {
         assert!(moved.iter().any(|(name, rows)| name == table && *rows >= 1), "{table}: {moved:?}");
     }

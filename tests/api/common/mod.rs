@@ -159,6 +159,12 @@ impl TestDatabase {
         }
     }
 
+    /// The SQLite file `path`, whatever the backend under test (its directory belongs to the
+    /// caller).
+    pub fn sqlite_at(path: &Path) -> TestDatabase {
+        Self::sqlite(path.to_owned(), None)
+    }
+
     /// On SQLite the file `path` (its directory belongs to the caller); on PostgreSQL a fresh
     /// database as from `fresh`.
     pub fn fresh_at(path: &Path) -> TestDatabase {
@@ -347,14 +353,29 @@ impl TestServer {
     }
 
     /// A server over `database` (fresh, or kept from a stopped server for restart tests), with
-    /// `config` (whose database URL should be `database`'s).
+    /// `config` (whose database URL should be `database`'s), and a merchant of its own.
     pub async fn start_on(mut config: Config, database: TestDatabase) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+        config.public_url = format!("http://{}", listener.local_addr().unwrap()).parse().unwrap();
+        let mut server = Self::launch(listener, config, Some(database)).await;
+        let created = admin::create_merchant(&server.state.store, "Test Shop").await.expect("a merchant");
+        server.api_key = created["apiKey"].as_str().unwrap().to_owned();
+        server.merchant_id = created["merchantId"].as_str().unwrap().parse().unwrap();
+        server
+    }
+
+    /// A server with exactly `config` (on a free port; `public_url` as given) over a database
+    /// the caller keeps, with no merchant of its own (`api_key` is empty): for tests that run
+    /// one deployment through several servers.
+    pub async fn start_exactly(config: Config) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+        Self::launch(listener, config, None).await
+    }
+
+    async fn launch(listener: TcpListener, mut config: Config, database: Option<TestDatabase>) -> TestServer {
         let address = listener.local_addr().unwrap();
         config.listen = address;
-        config.public_url = format!("http://{address}").parse().unwrap();
         let state = AppState::open(config).await.expect("the service starts");
-        let created = admin::create_merchant(&state.store, "Test Shop").await.expect("a merchant");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app::serve(state.clone(), listener, async move {
             let _ = stopped.await;
@@ -363,30 +384,38 @@ impl TestServer {
             url: format!("http://{address}"),
             client: Client::new(),
             state,
-            api_key: created["apiKey"].as_str().unwrap().to_owned(),
-            merchant_id: created["merchantId"].as_str().unwrap().parse().unwrap(),
-            database: Some(database),
+            api_key: String::new(),
+            merchant_id: Uuid::nil(),
+            database,
             stop: Some(stop),
             task: Some(task),
         }
     }
 
-    /// Stops the server gracefully, waits for it, and removes its database.
-    pub async fn stop(self) {
-        let database = self.stop_keeping_database().await;
-        database.remove().await;
+    /// Stops the server gracefully, waits for it, and removes its database (if it has one).
+    pub async fn stop(mut self) {
+        self.shut_down().await;
+        let database = self.database.take();
+        drop(self); // the store and its connections first
+        if let Some(database) = database {
+            database.remove().await;
+        }
     }
 
     /// Stops the server gracefully and waits for it; answers its database for a restart.
     pub async fn stop_keeping_database(mut self) -> TestDatabase {
+        self.shut_down().await;
+        self.database.take().expect("the server has its database until it stops")
+        // `self` (and with it the store and its connections) goes away here.
+    }
+
+    async fn shut_down(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             task.await.expect("the server task ends").expect("the server stops cleanly");
         }
-        self.database.take().expect("the server has its database until it stops")
-        // `self` (and with it the store and its connections) goes away here.
     }
 
     /// The database behind the server.

@@ -40,6 +40,11 @@ pub enum Reply {
     Redirect(u16),
     /// Never answers, until `Receiver::release_silenced` (then `503`).
     Silence,
+    /// Holds the request until `Receiver::release_silenced`, then answers this status (a
+    /// receiver that is down but accepts connections, and comes back).
+    Held(u16),
+    /// This status after this many milliseconds (a slow receiver).
+    Delayed(u16, u64),
 }
 
 /// One request the receiver got.
@@ -145,12 +150,20 @@ async fn receive(
         Reply::Status(code) => status(code).into_response(),
         Reply::RetryAfter(code, seconds) => (status(code), [("retry-after", seconds.to_string())]).into_response(),
         Reply::Redirect(code) => (status(code), [("location", "/elsewhere")]).into_response(),
-        Reply::Silence => {
-            let mut released = shared.released.subscribe();
-            let _ = released.wait_for(|released| *released).await;
-            status(503).into_response()
+        Reply::Silence => held(&shared, 503).await,
+        Reply::Held(code) => held(&shared, code).await,
+        Reply::Delayed(code, millis) => {
+            tokio::time::sleep(Duration::from_millis(millis)).await;
+            status(code).into_response()
         }
     }
+}
+
+/// Answers `code` once the receiver's held requests are released.
+async fn held(shared: &Shared, code: u16) -> Response {
+    let mut released = shared.released.subscribe();
+    let _ = released.wait_for(|released| *released).await;
+    status(code).into_response()
 }
 
 fn status(code: u16) -> StatusCode {
@@ -184,6 +197,16 @@ impl Receiver {
         Self::scripted(&[], Reply::Status(status)).await
     }
 
+    /// A receiver that holds every request until `release_silenced`, then answers `status`.
+    pub async fn holding(status: u16) -> Receiver {
+        Self::scripted(&[], Reply::Held(status)).await
+    }
+
+    /// A receiver that answers `status` after `delay`.
+    pub async fn answering_after(status: u16, delay: Duration) -> Receiver {
+        Self::scripted(&[], Reply::Delayed(status, delay.as_millis() as u64)).await
+    }
+
     /// A receiver that never answers.
     pub async fn silent() -> Receiver {
         Self::scripted(&[], Reply::Silence).await
@@ -197,6 +220,11 @@ impl Receiver {
     /// Every request so far.
     pub fn received(&self) -> Vec<Received> {
         self.shared.log.lock().unwrap().received.clone()
+    }
+
+    /// The `webhook-id` of every request so far, in arrival order.
+    pub fn ids(&self) -> Vec<String> {
+        self.received().iter().map(|request| request.header("webhook-id").to_owned()).collect()
     }
 
     /// TCP connections accepted so far.
@@ -214,7 +242,8 @@ impl Receiver {
         self.shared.max_in_flight.load(Ordering::SeqCst)
     }
 
-    /// Silenced requests, those waiting and those to come, answer `503` from now on.
+    /// Silenced and held requests, those waiting and those to come, answer from now on
+    /// (silenced ones `503`, held ones their status).
     pub fn release_silenced(&self) {
         self.shared.released.send_replace(true);
     }
