@@ -48,7 +48,7 @@ pub struct Shared {
     pub code_sender: crate::hosted::sender::CodeSender,
     pub keyring: RwLock<Arc<Keyring>>,
     pub metrics: Arc<Metrics>,
-    pub limits: api::ratelimit::Limits,
+    pub limits: crate::rate_limit::Limits,
     /// The requests with an `x-request-id` running in this process.
     pub in_flight: api::idempotency::InFlight,
     /// Sends webhooks: the dispatcher's attempts and merchants' test events.
@@ -79,7 +79,7 @@ impl AppState {
             pay_url: format!("{public_url}{}", crate::hosted::PAY_PATH),
             public_url,
             code_sender,
-            limits: api::ratelimit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip),
+            limits: crate::rate_limit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip),
             in_flight: api::idempotency::InFlight::default(),
             config,
             store,
