@@ -10,6 +10,7 @@ pub mod error;
 pub mod hosted;
 pub mod metrics;
 pub mod migrate_data;
+pub mod rate_limit;
 pub mod secrets;
 pub mod server;
 pub mod state;

@@ -13,9 +13,10 @@ pub mod sessions;
 pub mod subscription_operations;
 pub mod subscriptions;
 
-use axum::middleware::{from_fn, from_fn_with_state};
+use axum::middleware::from_fn_with_state;
 use axum::routing::get;
 use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -89,13 +90,14 @@ fn after_authentication(routes: Router<AppState>, state: &AppState) -> Router<Ap
         .layer(from_fn_with_state(state.clone(), ratelimit::by_key))
 }
 
-/// `routes` with what every route shares: `404`/`405` answers, panic handling, the
-/// correlation id, error rendering and metrics.
+/// `routes` with what every route shares: `404`/`405` answers, panic handling (tower-http's
+/// `CatchPanicLayer`, inside the context middleware that renders its `500`), the correlation id,
+/// error rendering and metrics.
 pub fn with_common_layers(routes: Router<AppState>, state: AppState) -> Router {
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(from_fn(context::catch_panic))
+        .layer(CatchPanicLayer::custom(context::panic_response))
         .layer(from_fn_with_state(state.clone(), context::middleware))
         .with_state(state)
 }

@@ -32,7 +32,7 @@ pub struct Shared {
     pub code_sender: crate::hosted::sender::CodeSender,
     pub keyring: RwLock<Arc<Keyring>>,
     pub metrics: Arc<Metrics>,
-    pub limits: crate::api::ratelimit::Limits,
+    pub limits: crate::rate_limit::Limits,
     /// The requests with an `x-request-id` running in this process.
     pub in_flight: InFlight,
     /// Sends webhooks: the dispatcher's attempts and merchants' test events.
@@ -63,7 +63,7 @@ impl AppState {
             pay_url: format!("{public_url}{}", crate::hosted::PAY_PATH),
             public_url,
             code_sender,
-            limits: crate::api::ratelimit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip),
+            limits: crate::rate_limit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip),
             in_flight: InFlight::default(),
             config,
             store,
