@@ -35,8 +35,9 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use crate::config::{parse_database_url, DatabaseUrl};
-use crate::domain::request::{Currency, SessionSpec};
-use crate::store::postgres::{self, PoolSettings};
+use crate::domain::request::SessionSpec;
+use crate::domain::time::Timestamp;
+use crate::store::postgres::{self, PoolSettings, Ts};
 
 /// The SQLite schema this build copies from: the last migration in `migrations/sqlite/`. A new
 /// SQLite migration must teach this module its columns before this number moves. (3 and 4
@@ -414,8 +415,10 @@ fn tables() -> Vec<Table> {
             name: "events",
             select: "SELECT id, merchant_id, session_id, type, data, created_on FROM events",
             columns: "id, merchant_id, session_id, type, data, created_on",
-            types: vec![Type::UUID, Type::UUID, Type::UUID, Type::TEXT, Type::JSONB, Type::TIMESTAMPTZ],
-            convert: |r| Ok(vec![uuid(r, 0)?, uuid(r, 1)?, uuid(r, 2)?, get::<String>(r, 3)?, jsonb(r, 4)?, ts(r, 5)?]),
+            types: vec![Type::UUID, Type::UUID, Type::UUID, Type::TEXT, Type::TEXT, Type::TIMESTAMPTZ],
+            convert: |r| {
+                Ok(vec![uuid(r, 0)?, uuid(r, 1)?, uuid(r, 2)?, get::<String>(r, 3)?, get::<String>(r, 4)?, ts(r, 5)?])
+            },
         },
         Table {
             name: "idempotency",
@@ -569,9 +572,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> Result<Row, String> {
     })?;
     let transaction = spec.transaction_data.as_ref();
     let amount: Option<Numeric> = transaction.map(|t| Numeric(t.amount.cents()));
-    let currency: Option<&'static str> = transaction.map(|t| match t.currency {
-        Currency::Eur => "EUR",
-    });
+    let currency: Option<&'static str> = transaction.map(|t| t.currency.code());
     Ok(vec![
         uuid(r, 0)?,
         uuid(r, 1)?,
@@ -608,15 +609,11 @@ fn uuid_opt(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
 }
 
 fn ts(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
-    Ok(Box::new(Ts(r.get(index).map_err(|e| e.to_string())?)))
+    Ok(Box::new(Ts(Timestamp::from_millis(r.get(index).map_err(|e| e.to_string())?))))
 }
 
 fn ts_opt(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
-    Ok(Box::new(r.get::<_, Option<i64>>(index).map_err(|e| e.to_string())?.map(Ts)))
-}
-
-fn jsonb(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
-    Ok(Box::new(Jsonb(r.get(index).map_err(|e| e.to_string())?)))
+    Ok(Box::new(r.get::<_, Option<i64>>(index).map_err(|e| e.to_string())?.map(|ms| Ts(Timestamp::from_millis(ms)))))
 }
 
 fn jsonb_opt(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
@@ -732,25 +729,6 @@ fn open_source(path: &Path) -> Result<Connection, String> {
 // ---------------------------------------------------------------------------------------------
 // Values in PostgreSQL's binary format
 
-/// Unix milliseconds as `timestamptz` (microseconds since 2000-01-01 UTC): exact.
-#[derive(Debug)]
-struct Ts(i64);
-
-/// 2000-01-01T00:00:00Z in Unix milliseconds.
-const PG_EPOCH_MILLIS: i64 = 946_684_800_000;
-
-impl ToSql for Ts {
-    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        let micros =
-            self.0.checked_sub(PG_EPOCH_MILLIS).and_then(|m| m.checked_mul(1000)).ok_or("timestamp out of range")?;
-        out.put_i64(micros);
-        Ok(IsNull::No)
-    }
-
-    tokio_postgres::types::accepts!(TIMESTAMPTZ);
-    tokio_postgres::types::to_sql_checked!();
-}
-
 /// JSON text as `jsonb` (the server parses it; a malformed document fails the copy).
 #[derive(Debug)]
 struct Jsonb(String);
@@ -821,13 +799,6 @@ mod tests {
         assert_eq!(numeric(1), [1, -1, 0, 2, 100], "0.01");
         assert_eq!(numeric(1_000_000), [3, 1, 0, 2, 1, 0, 0], "10000.00");
         assert_eq!(numeric(123_456_789), [3, 1, 0, 2, 123, 4567, 8900], "1234567.89");
-    }
-
-    #[test]
-    fn times_encode_as_microseconds_since_2000() {
-        let mut out = BytesMut::new();
-        Ts(PG_EPOCH_MILLIS + 1_234).to_sql(&Type::TIMESTAMPTZ, &mut out).unwrap();
-        assert_eq!(i64::from_be_bytes(out[..].try_into().unwrap()), 1_234_000);
     }
 
     #[test]

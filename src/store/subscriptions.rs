@@ -96,3 +96,22 @@ pub trait SubscriptionStore: Send + Sync + 'static {
         guard: Option<Guard<ChangeSubscriptionOutcome>>,
     ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError>;
 }
+
+/// Whether `merchant_id` may change the subscription as read (`found`, under whatever lock the
+/// backend holds) with the `If-Match` it sent; else what the change answers. Both backends use
+/// it, so they cannot disagree.
+#[allow(clippy::result_large_err)] // Moved once, into the answer; boxing would gain nothing.
+pub(crate) fn owned(
+    found: Option<SubscriptionRecord>,
+    merchant_id: Uuid,
+    if_match: Option<&str>,
+) -> Result<SubscriptionRecord, ChangeSubscriptionOutcome> {
+    match found {
+        None => Err(ChangeSubscriptionOutcome::NotFound),
+        Some(s) if s.merchant_id != merchant_id => Err(ChangeSubscriptionOutcome::OtherMerchant),
+        Some(s) if if_match.is_some_and(|tag| !etag_matches(tag, &s.etag())) => {
+            Err(ChangeSubscriptionOutcome::VersionMismatch)
+        }
+        Some(s) => Ok(s),
+    }
+}
