@@ -3,14 +3,17 @@
 
 use super::*;
 
-/// A subscription's receiver while a batch of attempts is recorded.
-pub(super) struct Receiver {
-    suspended: bool,
-    /// As stored, and as the batch leaves it.
-    failing_since: (Option<Timestamp>, Option<Timestamp>),
-    /// Set when the batch suspends it.
+/// A subscription's receiver while a batch of attempts is recorded: when its run of failures
+/// began as stored, the receiver as the batch leaves it, and the reason the batch suspends it.
+pub(super) struct Batched {
+    stored_since: Option<Timestamp>,
+    receiver: Receiver,
     suspend: Option<SuspendReason>,
 }
+
+/// The receivers of a batch's deliveries by subscription, and the subscription of each delivery
+/// whose lease its owner still holds.
+type Locked = (HashMap<Uuid, Batched>, HashMap<Uuid, Uuid>);
 
 /// Records attempts and moves their deliveries on, each only while `owner` still holds its
 /// lease (a dispatcher whose lease ran out cannot overwrite the new owner's work). Keeps each
@@ -28,38 +31,90 @@ pub async fn record_attempts(
     if outcomes.is_empty() {
         return Ok((Vec::new(), 0));
     }
-    let int = |n: i64| i32::try_from(n).map_err(|_| internal(format!("{n} does not fit an integer column")));
-    let mut attempt_rows = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for outcome in &outcomes {
-        let a = &outcome.attempt;
-        attempt_rows.0.push(outcome.delivery_id);
-        attempt_rows.1.push(int(a.attempt)?);
-        attempt_rows.2.push(Ts(a.started_on));
-        attempt_rows.3.push(a.duration_ms);
-        attempt_rows.4.push(a.status.map(i32::from));
-        attempt_rows.5.push(a.error.clone());
-    }
     // SQLite applies outcomes one by one, and the first for a delivery clears its lease, so a
     // later one for the same delivery changes nothing: keep only the first per delivery.
     let mut seen = HashSet::new();
     let firsts: Vec<&AttemptOutcome> = outcomes.iter().filter(|o| seen.insert(o.delivery_id)).collect();
-    let ids: Vec<Uuid> = firsts.iter().map(|o| o.delivery_id).collect();
-    let owners: Vec<Uuid> = firsts.iter().map(|o| o.owner).collect();
-
     let tx = c.transaction().await?;
+    insert_attempts(&tx, &outcomes).await?;
+    let (mut receivers, leased) = lock_receivers_and_leases(&tx, &firsts).await?;
+    // In the order recorded, as SQLite applies them.
+    let mut suspensions = Vec::new();
+    for outcome in &firsts {
+        let Some((subscription, batched)) =
+            leased.get(&outcome.delivery_id).and_then(|s| receivers.get_mut(s).map(|r| (*s, r)))
+        else {
+            // The lease is gone (another dispatcher sends it again): only the attempt is kept.
+            continue;
+        };
+        if let Some(reason) = batched.receiver.attempted(outcome, policy, now) {
+            batched.suspend = Some(reason);
+            suspensions.push(Suspension { subscription_id: subscription, reason });
+        }
+    }
+    let mut suspended: Vec<Uuid> = suspensions.iter().map(|s| s.subscription_id).collect();
+    suspended.sort_unstable();
+    if !suspended.is_empty() {
+        // Changing the state takes `FOR UPDATE` (see the module's comment): events being
+        // queued for these subscriptions commit first, and their deliveries are held below.
+        execute(&tx, "SELECT 1 FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE", &[&suspended]).await?;
+    }
+    let queued = move_on(&tx, &firsts, &(receivers, leased), now).await?;
+    if !suspended.is_empty() {
+        execute(
+            &tx,
+            "WITH held AS MATERIALIZED (
+                 SELECT id FROM deliveries WHERE subscription_id = ANY($1) AND state = 'Pending'
+                  ORDER BY id FOR NO KEY UPDATE)
+             UPDATE deliveries d SET state = 'Held', lease_owner = NULL, lease_until = NULL, last_modified_on = $2
+               FROM held WHERE d.id = held.id",
+            &[&suspended, &Ts(now)],
+        )
+        .await?;
+    }
+    if queued > 0 {
+        notify_dispatchers(&tx).await?;
+    }
+    tx.commit().await?;
+    Ok((suspensions, queued))
+}
+
+fn int(n: i64) -> Result<i32> {
+    i32::try_from(n).map_err(|_| internal(format!("{n} does not fit an integer column")))
+}
+
+/// Keeps every attempt of the batch (one already kept is left as it is).
+async fn insert_attempts(tx: &Transaction<'_>, outcomes: &[AttemptOutcome]) -> Result<()> {
+    let mut rows = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for outcome in outcomes {
+        let a = &outcome.attempt;
+        rows.0.push(outcome.delivery_id);
+        rows.1.push(int(a.attempt)?);
+        rows.2.push(Ts(a.started_on));
+        rows.3.push(a.duration_ms);
+        rows.4.push(a.status.map(i32::from));
+        rows.5.push(a.error.clone());
+    }
     execute(
-        &tx,
+        tx,
         "INSERT INTO delivery_attempts (delivery_id, attempt, started_on, duration_ms, status, error)
          SELECT * FROM unnest($1::uuid[], $2::int4[], $3::timestamptz[], $4::int8[], $5::int4[], $6::text[])
          ON CONFLICT DO NOTHING",
-        &[&attempt_rows.0, &attempt_rows.1, &attempt_rows.2, &attempt_rows.3, &attempt_rows.4, &attempt_rows.5],
+        &[&rows.0, &rows.1, &rows.2, &rows.3, &rows.4, &rows.5],
     )
-    .await?;
-    // In lock order: the subscriptions (their state and run of failures, in id order), then the
-    // deliveries whose lease `owner` still holds (in id order). `UNION ALL` runs its branches in
-    // turn. A delivery's subscription never changes, so it is read before its row is locked.
+    .await
+    .map(drop)
+}
+
+/// Locks, in lock order, the receivers of the batch's deliveries (their state and run of
+/// failures, in id order), then the deliveries whose lease their owner still holds (in id
+/// order). `UNION ALL` runs its branches in turn. A delivery's subscription never changes, so
+/// it is read before its row is locked.
+async fn lock_receivers_and_leases(tx: &Transaction<'_>, firsts: &[&AttemptOutcome]) -> Result<Locked> {
+    let ids: Vec<Uuid> = firsts.iter().map(|o| o.delivery_id).collect();
+    let owners: Vec<Uuid> = firsts.iter().map(|o| o.owner).collect();
     let rows = query(
-        &tx,
+        tx,
         "WITH receivers AS MATERIALIZED (
              SELECT id, state = 'Suspended' AS suspended, failing_since FROM subscriptions
               WHERE id IN (SELECT subscription_id FROM deliveries WHERE id = ANY($1))
@@ -76,8 +131,7 @@ pub async fn record_attempts(
         &[&ids, &owners],
     )
     .await?;
-    let mut receivers: HashMap<Uuid, Receiver> = HashMap::new();
-    let mut leased: HashMap<Uuid, Uuid> = HashMap::new();
+    let (mut receivers, mut leased) = (HashMap::new(), HashMap::new());
     for row in &rows {
         let subscription: Uuid = row.try_get(1)?;
         match row.try_get::<_, Option<Uuid>>(0)? {
@@ -86,49 +140,24 @@ pub async fn record_attempts(
             }
             None => {
                 let failing_since = ts_opt(row, 3)?;
-                let suspended = row.try_get(2)?;
-                receivers.insert(
-                    subscription,
-                    Receiver { suspended, failing_since: (failing_since, failing_since), suspend: None },
-                );
+                let receiver = Receiver { suspended: row.try_get(2)?, failing_since };
+                receivers.insert(subscription, Batched { stored_since: failing_since, receiver, suspend: None });
             }
         }
     }
+    Ok((receivers, leased))
+}
 
-    // In the order recorded, as SQLite does: a success ends a run of failures; a failure
-    // starts one or goes on with it, and may suspend the subscription.
-    let mut suspensions = Vec::new();
-    for outcome in &firsts {
-        let Some(receiver) = leased.get(&outcome.delivery_id).and_then(|s| receivers.get_mut(s).map(|r| (s, r))) else {
-            // The lease is gone (another dispatcher sends it again): only the attempt is kept.
-            continue;
-        };
-        let (subscription, receiver) = receiver;
-        if outcome.next == NextStep::Delivered {
-            receiver.failing_since.1 = None;
-            continue;
-        }
-        let since = *receiver.failing_since.1.get_or_insert(outcome.attempt.started_on);
-        if !receiver.suspended {
-            if let Some(reason) = policy.decide(outcome.attempt.status, since, now) {
-                receiver.suspended = true;
-                receiver.suspend = Some(reason);
-                suspensions.push(Suspension { subscription_id: *subscription, reason });
-            }
-        }
-    }
-
+/// Moves each delivery whose lease is still held on (`delivery_moves`) and writes down what
+/// the batch did to each receiver; answers how many deliveries became pending.
+async fn move_on(tx: &Transaction<'_>, firsts: &[&AttemptOutcome], locked: &Locked, now: Timestamp) -> Result<usize> {
+    let (receivers, leased) = locked;
     let mut moves = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut queued = 0;
-    for outcome in firsts.iter().filter(|o| leased.contains_key(&o.delivery_id)) {
-        let suspended =
-            leased.get(&outcome.delivery_id).and_then(|s| receivers.get(s)).is_some_and(|receiver| receiver.suspended);
-        let (state, retry_step, next) = match outcome.next {
-            NextStep::Delivered => (DeliveryState::Delivered, 0, now),
-            NextStep::Failed => (DeliveryState::Failed, 1, now),
-            NextStep::RetryAt(_) if suspended => (DeliveryState::Held, 1, now),
-            NextStep::RetryAt(at) => (DeliveryState::Pending, 1, at),
-        };
+    for outcome in firsts {
+        let Some(subscription) = leased.get(&outcome.delivery_id) else { continue };
+        let suspended = receivers.get(subscription).is_some_and(|batched| batched.receiver.suspended);
+        let (state, retry_step, next) = delivery_moves(outcome.next, suspended, now);
         queued += usize::from(state == DeliveryState::Pending);
         moves.0.push(outcome.delivery_id);
         moves.1.push(outcome.owner);
@@ -138,22 +167,15 @@ pub async fn record_attempts(
         moves.5.push(Ts(next));
     }
     let mut changed = (Vec::new(), Vec::new(), Vec::new());
-    for (id, receiver) in &receivers {
-        if receiver.suspend.is_some() || receiver.failing_since.0 != receiver.failing_since.1 {
+    for (id, batched) in receivers {
+        if batched.suspend.is_some() || batched.stored_since != batched.receiver.failing_since {
             changed.0.push(*id);
-            changed.1.push(receiver.failing_since.1.map(Ts));
-            changed.2.push(receiver.suspend.map(SuspendReason::as_str));
+            changed.1.push(batched.receiver.failing_since.map(Ts));
+            changed.2.push(batched.suspend.map(SuspendReason::as_str));
         }
     }
-    let mut suspended: Vec<Uuid> = suspensions.iter().map(|s| s.subscription_id).collect();
-    suspended.sort_unstable();
-    if !suspended.is_empty() {
-        // Changing the state takes `FOR UPDATE` (see the module's comment): events being
-        // queued for these subscriptions commit first, and their deliveries are held below.
-        execute(&tx, "SELECT 1 FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE", &[&suspended]).await?;
-    }
     execute(
-        &tx,
+        tx,
         "WITH outcome AS (
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::int4[], $6::timestamptz[])
                AS o(id, owner, state, attempt, retry_step, next_attempt_on)
@@ -181,21 +203,5 @@ pub async fn record_attempts(
         &[&moves.0, &moves.1, &moves.2, &moves.3, &moves.4, &moves.5, &Ts(now), &changed.0, &changed.1, &changed.2],
     )
     .await?;
-    if !suspended.is_empty() {
-        execute(
-            &tx,
-            "WITH held AS MATERIALIZED (
-                 SELECT id FROM deliveries WHERE subscription_id = ANY($1) AND state = 'Pending'
-                  ORDER BY id FOR NO KEY UPDATE)
-             UPDATE deliveries d SET state = 'Held', lease_owner = NULL, lease_until = NULL, last_modified_on = $2
-               FROM held WHERE d.id = held.id",
-            &[&suspended, &Ts(now)],
-        )
-        .await?;
-    }
-    if queued > 0 {
-        notify_dispatchers(&tx).await?;
-    }
-    tx.commit().await?;
-    Ok((suspensions, queued))
+    Ok(queued)
 }

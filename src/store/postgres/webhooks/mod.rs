@@ -29,6 +29,7 @@ use crate::domain::event::{EventKind, EventType};
 use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
 use crate::secrets::KeyRing;
+use crate::store::deliveries::{delivery_moves, Receiver};
 use crate::store::postgres::idempotency::finish;
 use crate::store::postgres::{
     execute, int8, internal, listen, parse_event_kind, query, query_one, query_opt, ts, ts_opt, Client, Result, Sql, Ts,
@@ -36,7 +37,7 @@ use crate::store::postgres::{
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key, seal_signing_secret};
 use crate::store::webhooks::{
     decide_redelivery, AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimPicker, ClaimedDelivery,
-    DeliveryFilter, DeliveryRecord, DeliveryState, NextStep, PreviousSecret, PutSubscriptionOutcome, RecoverOutcome,
+    DeliveryFilter, DeliveryRecord, DeliveryState, PreviousSecret, PutSubscriptionOutcome, RecoverOutcome,
     RecoverWindow, RedeliverDecision, RedeliverOutcome, Retention, SecretRotation, SubscriptionChange,
     SubscriptionRecord, SubscriptionStatus, SuspendPolicy, SuspendReason, Suspension, TestDelivery, NO_SESSION,
 };

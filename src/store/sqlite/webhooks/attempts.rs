@@ -12,84 +12,11 @@ pub fn record_attempts(
     now: Timestamp,
     policy: SuspendPolicy,
 ) -> Result<Vec<Suspension>> {
-    let mut attempt = c
-        .prepare_cached(
-            "INSERT OR IGNORE INTO delivery_attempts (delivery_id, attempt, started_on, duration_ms, status, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .map_err(|e| internal(&e))?;
-    let mut leased = c
-        .prepare_cached(
-            "SELECT d.subscription_id, s.state, s.failing_since
-               FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
-              WHERE d.id = ?1 AND d.lease_owner = ?2 AND d.state = 'Pending'",
-        )
-        .map_err(|e| internal(&e))?;
-    let mut update = c
-        .prepare_cached(
-            "UPDATE deliveries SET state = ?3, attempts = max(attempts, ?4), retry_index = retry_index + ?5,
-                    next_attempt_on = ?6, lease_owner = NULL, lease_until = NULL, last_modified_on = ?7
-              WHERE id = ?1 AND lease_owner = ?2 AND state = 'Pending'",
-        )
-        .map_err(|e| internal(&e))?;
     let mut suspensions = Vec::new();
     for outcome in outcomes {
-        let a = &outcome.attempt;
-        attempt
-            .execute(params![
-                outcome.delivery_id.as_bytes(),
-                a.attempt,
-                a.started_on.millis(),
-                a.duration_ms,
-                a.status,
-                a.error
-            ])
-            .map_err(|e| internal(&e))?;
-        let lease = leased
-            .query_row(params![outcome.delivery_id.as_bytes(), outcome.owner.as_bytes()], |row| {
-                Ok((row.get::<_, [u8; 16]>(0)?, row.get::<_, String>(1)? == "Suspended", row.get::<_, Option<i64>>(2)?))
-            })
-            .optional()
-            .map_err(|e| internal(&e))?;
-        // The lease is gone (another dispatcher sends it again): only the attempt is kept.
-        let Some((subscription, mut suspended, failing_since)) = lease else {
-            continue;
-        };
-        if outcome.next == NextStep::Delivered {
-            // A success ends a run of failures (the usual case: there is none to end).
-            if failing_since.is_some() {
-                receiver_answered(c, &subscription)?;
-            }
-        } else {
-            let since = failing_since.map_or(a.started_on, Timestamp::from_millis);
-            if failing_since.is_none() {
-                receiver_failing_since(c, &subscription, since)?;
-            }
-            if !suspended {
-                if let Some(reason) = policy.decide(a.status, since, now) {
-                    suspend(c, &subscription, reason, now)?;
-                    suspensions.push(Suspension { subscription_id: Uuid::from_bytes(subscription), reason });
-                    suspended = true;
-                }
-            }
+        if let Some(suspension) = record_attempt(c, outcome, now, policy)? {
+            suspensions.push(suspension);
         }
-        let (state, retry_step, next) = match outcome.next {
-            NextStep::Delivered => (DeliveryState::Delivered, 0, now),
-            NextStep::Failed => (DeliveryState::Failed, 1, now),
-            NextStep::RetryAt(_) if suspended => (DeliveryState::Held, 1, now),
-            NextStep::RetryAt(at) => (DeliveryState::Pending, 1, at),
-        };
-        update
-            .execute(params![
-                outcome.delivery_id.as_bytes(),
-                outcome.owner.as_bytes(),
-                state.as_str(),
-                a.attempt,
-                retry_step,
-                next.millis(),
-                now.millis()
-            ])
-            .map_err(|e| internal(&e))?;
     }
     // Every outcome of the batch is applied first (a later one may have been delivered), then
     // what is still pending for a suspended subscription is held.
@@ -99,30 +26,95 @@ pub fn record_attempts(
     Ok(suspensions)
 }
 
-/// The receiver of `subscription` answered 2xx: its run of failures is over.
-pub(super) fn receiver_answered(c: &Connection, subscription: &[u8; 16]) -> Result<()> {
-    c.prepare_cached("UPDATE subscriptions SET failing_since = NULL WHERE id = ?1")
-        .and_then(|mut s| s.execute(params![subscription]))
-        .map(drop)
-        .map_err(|e| internal(&e))
+/// Records one attempt and, while its lease is still held, moves its delivery on and its
+/// receiver's run of failures (`Receiver::attempted`); answers the suspension it caused.
+fn record_attempt(
+    c: &Connection,
+    outcome: &AttemptOutcome,
+    now: Timestamp,
+    policy: SuspendPolicy,
+) -> Result<Option<Suspension>> {
+    let a = &outcome.attempt;
+    c.prepare_cached(
+        "INSERT OR IGNORE INTO delivery_attempts (delivery_id, attempt, started_on, duration_ms, status, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            outcome.delivery_id.as_bytes(),
+            a.attempt,
+            a.started_on.millis(),
+            a.duration_ms,
+            a.status,
+            a.error
+        ])
+    })
+    .map_err(|e| internal(&e))?;
+    let lease = c
+        .prepare_cached(
+            "SELECT d.subscription_id, s.state, s.failing_since
+               FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
+              WHERE d.id = ?1 AND d.lease_owner = ?2 AND d.state = 'Pending'",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![outcome.delivery_id.as_bytes(), outcome.owner.as_bytes()], |row| {
+                let failing_since = row.get::<_, Option<i64>>(2)?.map(Timestamp::from_millis);
+                let suspended = row.get::<_, String>(1)? == "Suspended";
+                Ok((uuid_at(row, 0)?, Receiver { suspended, failing_since }))
+            })
+            .optional()
+        })
+        .map_err(|e| internal(&e))?;
+    // The lease is gone (another dispatcher sends it again): only the attempt is kept.
+    let Some((subscription, mut receiver)) = lease else {
+        return Ok(None);
+    };
+    let before = receiver.failing_since;
+    let suspend = receiver.attempted(outcome, policy, now);
+    if receiver.failing_since != before {
+        set_failing_since(c, subscription, receiver.failing_since)?;
+    }
+    if let Some(reason) = suspend {
+        suspend_subscription(c, subscription, reason, now)?;
+    }
+    let (state, retry_step, next) = delivery_moves(outcome.next, receiver.suspended, now);
+    c.prepare_cached(
+        "UPDATE deliveries SET state = ?3, attempts = max(attempts, ?4), retry_index = retry_index + ?5,
+                next_attempt_on = ?6, lease_owner = NULL, lease_until = NULL, last_modified_on = ?7
+          WHERE id = ?1 AND lease_owner = ?2 AND state = 'Pending'",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            outcome.delivery_id.as_bytes(),
+            outcome.owner.as_bytes(),
+            state.as_str(),
+            a.attempt,
+            retry_step,
+            next.millis(),
+            now.millis()
+        ])
+    })
+    .map_err(|e| internal(&e))?;
+    Ok(suspend.map(|reason| Suspension { subscription_id: subscription, reason }))
 }
 
-/// The receiver of `subscription` began a run of failures at `since`.
-pub(super) fn receiver_failing_since(c: &Connection, subscription: &[u8; 16], since: Timestamp) -> Result<()> {
-    c.prepare_cached("UPDATE subscriptions SET failing_since = ?2 WHERE id = ?1 AND failing_since IS NULL")
-        .and_then(|mut s| s.execute(params![subscription, since.millis()]))
+/// Keeps when the receiver of `subscription` began its current run of failures (`None`: it
+/// answered, the run is over).
+fn set_failing_since(c: &Connection, subscription: Uuid, since: Option<Timestamp>) -> Result<()> {
+    c.prepare_cached("UPDATE subscriptions SET failing_since = ?2 WHERE id = ?1")
+        .and_then(|mut s| s.execute(params![subscription.as_bytes(), since.map(Timestamp::millis)]))
         .map(drop)
         .map_err(|e| internal(&e))
 }
 
 /// Suspends `subscription` for `reason`.
-pub(super) fn suspend(c: &Connection, subscription: &[u8; 16], reason: SuspendReason, now: Timestamp) -> Result<()> {
+fn suspend_subscription(c: &Connection, subscription: Uuid, reason: SuspendReason, now: Timestamp) -> Result<()> {
     c.prepare_cached(
         "UPDATE subscriptions SET state = 'Suspended', suspended_on = ?2, suspended_reason = ?3,
                 version = version + 1, last_modified_on = ?2
           WHERE id = ?1",
     )
-    .and_then(|mut s| s.execute(params![subscription, now.millis(), reason.as_str()]))
+    .and_then(|mut s| s.execute(params![subscription.as_bytes(), now.millis(), reason.as_str()]))
     .map(drop)
     .map_err(|e| internal(&e))
 }
