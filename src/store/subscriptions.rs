@@ -115,3 +115,20 @@ pub(crate) fn owned(
         Some(s) => Ok(s),
     }
 }
+
+/// Where recovering moves the failed deliveries of the subscription `owned` answered (`owned`):
+/// back to `Pending`, or `Held` while it is suspended; or what recovering answers instead
+/// (`RecoverOutcome` has no answer of its own for a tag that does not match).
+#[allow(clippy::result_large_err)] // As `owned`.
+pub(crate) fn recovered_state(
+    owned: Result<SubscriptionRecord, ChangeSubscriptionOutcome>,
+) -> Result<DeliveryState, RecoverOutcome> {
+    match owned {
+        Ok(record) => Ok(match record.status {
+            SubscriptionStatus::Active => DeliveryState::Pending,
+            SubscriptionStatus::Suspended { .. } => DeliveryState::Held,
+        }),
+        Err(ChangeSubscriptionOutcome::OtherMerchant) => Err(RecoverOutcome::OtherMerchant),
+        Err(_) => Err(RecoverOutcome::NotFound),
+    }
+}

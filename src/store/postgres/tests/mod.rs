@@ -434,3 +434,36 @@ async fn woken(notify: &Notify, within: Duration) -> bool {
 fn wake_pending(notify: &Notify) -> bool {
     futures_util::FutureExt::now_or_never(notify.notified()).is_some()
 }
+
+/// Two subscriptions to every event of a merchant, one to a receiver that will be gone, one to
+/// a healthy receiver, each with a delivery of `sessions` cancelled sessions claimed by
+/// `owner` at `at` until `until`.
+struct TwoReceivers {
+    m: Uuid,
+    gone: Uuid,
+    healthy: Uuid,
+    to_gone: Vec<ClaimedDelivery>,
+    to_healthy: Vec<ClaimedDelivery>,
+}
+
+async fn two_receivers(
+    db: &TestDb,
+    store: &PostgresStore,
+    sessions: usize,
+    owner: Uuid,
+    at: Timestamp,
+    until: Timestamp,
+) -> TwoReceivers {
+    let sql = db.sql().await;
+    let m = merchant(store, NOW).await;
+    let (gone, healthy) = (Uuid::now_v7(), Uuid::now_v7());
+    for id in [gone, healthy] {
+        store.put_subscription(subscription(id, m, &ALL_EVENTS, NOW)).await.expect("subscribes");
+    }
+    cancelled_sessions(store, m, sessions, NOW).await;
+    let claimed = store.claim_deliveries(owner, at, until, 100, 100).await.expect("claims");
+    assert_eq!(claimed.len(), 2 * sessions);
+    let (to_gone, to_healthy) = (claimed_of(&sql, &claimed, gone).await, claimed_of(&sql, &claimed, healthy).await);
+    assert_eq!((to_gone.len(), to_healthy.len()), (sessions, sessions));
+    TwoReceivers { m, gone, healthy, to_gone, to_healthy }
+}

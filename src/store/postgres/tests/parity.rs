@@ -51,11 +51,73 @@ impl Ids {
 /// Runs every use case and writes down what came back, leaving out ids the store makes.
 async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
     let mut log = Vec::new();
-    let at = |ms: u64| NOW.plus(Duration::from_millis(ms));
+    merchants_and_subscriptions(store, ids, &mut log).await;
+    sessions(store, ids, &mut log).await;
+    claims_and_attempts(store, &mut log).await;
+    listing_and_redelivery(store, ids, &mut log).await;
+    idempotency_keys_and_retention(store, ids, &mut log).await;
+    operating_a_subscription(store, ids, &mut log).await;
+    test_delivery_and_purge(store, ids, &mut log).await;
+    log
+}
+
+/// The scenario's time: `ms` after `NOW`.
+fn at(ms: u64) -> Timestamp {
+    NOW.plus(Duration::from_millis(ms))
+}
+
+/// When the scenario's sessions are cancelled and expired.
+fn later() -> Timestamp {
+    at(2_000)
+}
+
+/// When the scenario operates a subscription: `ms` after its other steps.
+fn op(ms: u64) -> Timestamp {
+    at(200_000 + ms)
+}
+
+/// The scenario's dispatcher.
+const OWNER: Uuid = Uuid::nil();
+
+fn cancel_request(ids: &Ids, merchant: Uuid, session: Uuid, if_match: Option<&str>, now: Timestamp) -> CancelRequest {
+    CancelRequest {
+        merchant_id: merchant,
+        session_id: session,
+        if_match: if_match.map(str::to_owned),
+        correlation_id: ids.request,
+        now,
+    }
+}
+
+fn shown(outcome: Result<ChangeSubscriptionOutcome, StoreError>) -> String {
+    format!("{outcome:?}")
+}
+
+/// The deliveries of `list` as lines, sorted.
+fn describe(list: Vec<crate::store::webhooks::DeliveryRecord>) -> Vec<String> {
+    let mut lines: Vec<String> = list
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {:?} {} {:?} {:?} {} {} {:?}",
+                d.event_type.as_str(),
+                d.session_id,
+                d.subscription_id,
+                d.state,
+                d.next_attempt_on,
+                d.created_on,
+                d.last_modified_on,
+                d.attempts
+            )
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+async fn merchants_and_subscriptions(store: &impl Inspect, ids: &Ids, log: &mut Vec<String>) {
     let [m1, m2] = ids.merchants;
     let [s1, s2, s3] = ids.subscriptions;
-    let [a, b, c, d, e] = ids.sessions;
-
     for (i, id) in [m1, m2].into_iter().enumerate() {
         let merchant = Merchant { id, name: format!("m{i}"), disabled: false, created_on: at(i as u64) };
         store.create_merchant(merchant, [i as u8; 32]).await.expect("merchant");
@@ -82,14 +144,16 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
     log.push(format!("{:?}", store.list_subscriptions(m1, None, 1).await));
     log.push(format!("{:?}", store.list_subscriptions(m1, Some((at(2), s2)), 1).await));
     let patched = SubscriptionSpec { api_key: "new-key".to_owned(), ..sub2.spec.clone() };
-    let change = |o: Result<ChangeSubscriptionOutcome, StoreError>| format!("{o:?}");
-    log.push(change(store.patch_subscription(m1, s2, patched.clone(), Some("\"5\"".to_owned()), at(4)).await));
-    log.push(change(store.patch_subscription(m2, s2, patched.clone(), None, at(4)).await));
-    log.push(change(store.patch_subscription(m1, Uuid::nil(), patched.clone(), None, at(4)).await));
-    log.push(change(store.patch_subscription(m1, s2, patched.clone(), Some("W/\"1\"".to_owned()), at(4)).await));
-    log.push(change(store.patch_subscription(m1, s2, patched.clone(), None, at(5)).await));
+    log.push(shown(store.patch_subscription(m1, s2, patched.clone(), Some("\"5\"".to_owned()), at(4)).await));
+    log.push(shown(store.patch_subscription(m2, s2, patched.clone(), None, at(4)).await));
+    log.push(shown(store.patch_subscription(m1, Uuid::nil(), patched.clone(), None, at(4)).await));
+    log.push(shown(store.patch_subscription(m1, s2, patched.clone(), Some("W/\"1\"".to_owned()), at(4)).await));
+    log.push(shown(store.patch_subscription(m1, s2, patched.clone(), None, at(5)).await));
+}
 
-    // Sessions.
+async fn sessions(store: &impl Inspect, ids: &Ids, log: &mut Vec<String>) {
+    let [m1, m2] = ids.merchants;
+    let [a, b, c, d, e] = ids.sessions;
     let ttl = Duration::from_secs(900);
     let sessions = [
         session(a, m1, spec_with(Some(ids.customer), "100.5"), at(10), ttl),
@@ -107,7 +171,7 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
             CreateOutcome::CustomerNotFound => "customer not found".to_owned(),
         });
     }
-    let later = at(2_000);
+    let later = later();
     for filter in [
         SessionFilter { limit: 10, ..SessionFilter::default() },
         SessionFilter { limit: 1, ..SessionFilter::default() },
@@ -126,13 +190,7 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
     }
 
     // Cancel and expire.
-    let request = |merchant: Uuid, session: Uuid, if_match: Option<&str>, now: Timestamp| CancelRequest {
-        merchant_id: merchant,
-        session_id: session,
-        if_match: if_match.map(str::to_owned),
-        correlation_id: ids.request,
-        now,
-    };
+    let request = |merchant, session, if_match, now| cancel_request(ids, merchant, session, if_match, now);
     for r in [
         request(m2, a, None, later),
         request(m1, Uuid::nil(), None, later),
@@ -153,10 +211,12 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
         let events = store.session_events(session).await.expect("events");
         log.push(format!("{:?}", events.iter().map(|e| e.1).collect::<Vec<_>>()));
     }
+}
 
+async fn claims_and_attempts(store: &impl Inspect, log: &mut Vec<String>) {
+    let later = later();
     // Deliveries: claim, record, list, redeliver.
-    let owner = Uuid::nil();
-    let mut claimed = store.claim_deliveries(owner, later, at(60_000), 10, 100).await.expect("claims");
+    let mut claimed = store.claim_deliveries(OWNER, later, at(60_000), 10, 100).await.expect("claims");
     claimed.sort_by(|x, y| (x.event_type.as_str(), &x.callback_url).cmp(&(y.event_type.as_str(), &y.callback_url)));
     for delivery in &claimed {
         log.push(format!(
@@ -171,14 +231,14 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
             delivery.retry_index
         ));
     }
-    log.push(format!("{}", store.claim_deliveries(owner, later, at(60_000), 10, 100).await.expect("claims").len()));
+    log.push(format!("{}", store.claim_deliveries(OWNER, later, at(60_000), 10, 100).await.expect("claims").len()));
     let steps = [NextStep::Delivered, NextStep::RetryAt(at(9_000)), NextStep::Failed];
     let outcomes: Vec<AttemptOutcome> = claimed
         .iter()
         .zip(steps.iter().cycle())
         .map(|(delivery, next)| AttemptOutcome {
             delivery_id: delivery.id,
-            owner,
+            owner: OWNER,
             attempt: AttemptRecord {
                 attempt: 1,
                 started_on: at(2_100),
@@ -194,26 +254,11 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
     stale.iter_mut().for_each(|o| o.owner = Uuid::max());
     store.record_attempts(stale, at(2_150), ONLY_GONE).await.expect("records");
     store.record_attempts(outcomes, at(2_200), ONLY_GONE).await.expect("records");
-    let describe = |list: Vec<crate::store::webhooks::DeliveryRecord>| {
-        let mut lines: Vec<String> = list
-            .iter()
-            .map(|d| {
-                format!(
-                    "{} {:?} {} {:?} {:?} {} {} {:?}",
-                    d.event_type.as_str(),
-                    d.session_id,
-                    d.subscription_id,
-                    d.state,
-                    d.next_attempt_on,
-                    d.created_on,
-                    d.last_modified_on,
-                    d.attempts
-                )
-            })
-            .collect();
-        lines.sort();
-        lines
-    };
+}
+
+async fn listing_and_redelivery(store: &impl Inspect, ids: &Ids, log: &mut Vec<String>) {
+    let [m1, m2] = ids.merchants;
+    let [s1, s2, _] = ids.subscriptions;
     let all = DeliveryFilter { limit: 100, ..DeliveryFilter::default() };
     let listed = store.list_deliveries(m1, all.clone()).await.expect("lists");
     log.extend(describe(listed.clone()));
@@ -233,8 +278,8 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
     log.push(format!("{:?}", store.redeliver(m2, listed[0].id, at(3_000)).await));
     log.push(format!("{:?}", store.redeliver(m1, Uuid::nil(), at(3_000)).await));
     // Deleting a subscription cancels what is queued for it.
-    log.push(change(store.delete_subscription(m1, s1, Some("\"9\"".to_owned()), at(4_000)).await));
-    log.push(change(store.delete_subscription(m1, s1, None, at(4_000)).await));
+    log.push(shown(store.delete_subscription(m1, s1, Some("\"9\"".to_owned()), at(4_000)).await));
+    log.push(shown(store.delete_subscription(m1, s1, None, at(4_000)).await));
     log.push(format!("{:?}", store.get_subscription(s1).await));
     log.extend(describe(store.list_deliveries(m1, all.clone()).await.expect("lists")));
     for delivery in store.list_deliveries(m1, all.clone()).await.expect("lists") {
@@ -244,8 +289,12 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
     }
     let claimed = store.claim_deliveries(Uuid::max(), at(9_000), at(70_000), 10, 100).await.expect("claims");
     store.release_claims(Uuid::max(), claimed.iter().map(|d| d.id).collect()).await.expect("releases");
-    log.push(format!("{}", store.claim_deliveries(owner, at(9_000), at(70_000), 10, 100).await.expect("claims").len()));
+    log.push(format!("{}", store.claim_deliveries(OWNER, at(9_000), at(70_000), 10, 100).await.expect("claims").len()));
+}
 
+async fn idempotency_keys_and_retention(store: &impl Inspect, ids: &Ids, log: &mut Vec<String>) {
+    let [m1, m2] = ids.merchants;
+    let all = DeliveryFilter { limit: 100, ..DeliveryFilter::default() };
     // Idempotency: kept answers, and a guarded write that keeps its answer with its change.
     let key = IdempotencyKey { merchant_id: m1, request_id: ids.request };
     let kept = |status: u16| StoredResponse {
@@ -309,21 +358,20 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
     log.push(format!("{:?}", store.purge(at(100_000), gone, 100).await));
     log.push(format!("{:?}", store.purge(at(100_000), gone, 100).await));
     log.extend(describe(store.list_deliveries(m1, all.clone()).await.expect("lists")));
+}
 
+async fn operating_a_subscription(store: &impl Inspect, ids: &Ids, log: &mut Vec<String>) {
+    let [m1, m2] = ids.merchants;
+    let [_, _, s3] = ids.subscriptions;
+    let ttl = Duration::from_secs(900);
     // Operating a subscription: rotation, suspension, held deliveries, recovery, resumption,
     // test deliveries.
-    let op = |ms: u64| at(200_000 + ms);
-    let sub_change = |merchant_id: Uuid, id: Uuid, if_match: Option<&str>, now: Timestamp| SubscriptionChange {
-        merchant_id,
-        id,
-        if_match: if_match.map(str::to_owned),
-        now,
-    };
+    let request = |merchant, session, if_match, now| cancel_request(ids, merchant, session, if_match, now);
     let by_m2 = DeliveryFilter { limit: 100, ..DeliveryFilter::default() };
     let hour = Duration::from_secs(3600);
     for (tag, grace) in [(Some("\"7\""), hour), (Some("\"1\""), hour), (None, hour)] {
         let rotation = SecretRotation { secret: format!("whsec_{grace:?}"), grace };
-        let outcome = store.rotate_subscription_secret_guarded(sub_change(m2, s3, tag, op(0)), rotation, None).await;
+        let outcome = store.rotate_subscription_secret_guarded(change(m2, s3, tag, op(0)), rotation, None).await;
         log.push(format!("{:?}", outcome.map(ran)));
     }
     let [f, g] = ids.later_sessions;
@@ -331,7 +379,7 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
         store.create_session(session(id, m2, spec_with(None, "5"), op(ms), ttl)).await.expect("creates");
     }
     log.push(format!("{:?}", store.cancel_session(request(m2, f, None, op(2))).await));
-    let mut claimed = store.claim_deliveries(owner, op(3), op(60_000), 10, 100).await.expect("claims");
+    let mut claimed = store.claim_deliveries(OWNER, op(3), op(60_000), 10, 100).await.expect("claims");
     claimed.retain(|d| d.callback_url.ends_with(&s3.to_string()));
     for d in &claimed {
         log.push(format!(
@@ -346,7 +394,7 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
         .iter()
         .map(|d| AttemptOutcome {
             delivery_id: d.id,
-            owner,
+            owner: OWNER,
             attempt: AttemptRecord { attempt: 1, started_on: op(4), duration_ms: 7, status: Some(410), error: None },
             next: NextStep::Failed,
         })
@@ -358,12 +406,19 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
     log.push(format!("{:?}", store.delivery_backlog(op(7)).await));
     let window = RecoverWindow { since: NOW, until: op(10), limit: 1 };
     for (merchant, tag) in [(m1, None), (m2, Some("\"1\"")), (m2, None), (m2, None)] {
-        let outcome = store.recover_deliveries_guarded(sub_change(merchant, s3, tag, op(8)), window, None).await;
+        let outcome = store.recover_deliveries_guarded(change(merchant, s3, tag, op(8)), window, None).await;
         log.push(format!("{:?}", outcome.map(ran)));
     }
-    log.push(format!("{:?}", store.resume_subscription_guarded(sub_change(m2, s3, None, op(9)), None).await.map(ran)));
-    log.push(format!("{:?}", store.resume_subscription_guarded(sub_change(m2, s3, None, op(10)), None).await.map(ran)));
+    log.push(format!("{:?}", store.resume_subscription_guarded(change(m2, s3, None, op(9)), None).await.map(ran)));
+    log.push(format!("{:?}", store.resume_subscription_guarded(change(m2, s3, None, op(10)), None).await.map(ran)));
     log.extend(describe(store.list_deliveries(m2, by_m2.clone()).await.expect("lists")));
+}
+
+async fn test_delivery_and_purge(store: &impl Inspect, ids: &Ids, log: &mut Vec<String>) {
+    let [m1, m2] = ids.merchants;
+    let [_, s2, _] = ids.subscriptions;
+    let all = DeliveryFilter { limit: 100, ..DeliveryFilter::default() };
+    let by_m2 = DeliveryFilter { limit: 100, ..DeliveryFilter::default() };
     let test = TestDelivery {
         merchant_id: m1,
         subscription_id: s2,
@@ -384,5 +439,4 @@ async fn scenario(store: &impl Inspect, ids: &Ids) -> Vec<String> {
     log.extend(describe(store.list_deliveries(m1, only_s2).await.expect("lists")));
     log.push(format!("{:?}", store.purge(op(500_000), gone_retention(), 100).await));
     log.extend(describe(store.list_deliveries(m2, by_m2).await.expect("lists")));
-    log
 }

@@ -284,16 +284,10 @@ async fn purging_keeps_held_deliveries_and_their_events() {
     let db = test_db!();
     let store = db.open().await;
     let sql = db.sql().await;
-    let m = merchant(&store, NOW).await;
-    let (gone, healthy) = (Uuid::now_v7(), Uuid::now_v7());
-    for id in [gone, healthy] {
-        store.put_subscription(subscription(id, m, &ALL_EVENTS, NOW)).await.expect("subscribes");
-    }
-    cancelled_sessions(&store, m, 2, NOW).await;
     let owner = Uuid::now_v7();
     let hour = Duration::from_secs(3600);
-    let claimed = store.claim_deliveries(owner, NOW, NOW.plus(hour), 100, 100).await.expect("claims");
-    let (to_gone, to_healthy) = (claimed_of(&sql, &claimed, gone).await, claimed_of(&sql, &claimed, healthy).await);
+    let TwoReceivers { m, gone, healthy, to_gone, to_healthy } =
+        two_receivers(&db, &store, 2, owner, NOW, NOW.plus(hour)).await;
     let mut outcomes = vec![attempted(&to_gone[0], owner, NOW, Some(410), NextStep::RetryAt(NOW.plus(hour)))];
     outcomes.extend(to_healthy.iter().map(|d| attempted(d, owner, NOW, Some(204), NextStep::Delivered)));
     assert_eq!(store.record_attempts(outcomes, NOW, ONLY_GONE).await.expect("records").len(), 1);

@@ -7,19 +7,11 @@ async fn a_gone_receiver_is_suspended_and_its_deliveries_are_held() {
     let db = test_db!();
     let store = db.open().await;
     let sql = db.sql().await;
-    let m = merchant(&store, NOW).await;
-    let (gone, healthy) = (Uuid::now_v7(), Uuid::now_v7());
-    for id in [gone, healthy] {
-        store.put_subscription(subscription(id, m, &ALL_EVENTS, NOW)).await.expect("subscribes");
-    }
-    cancelled_sessions(&store, m, 3, NOW).await;
     let at = NOW.plus(Duration::from_secs(1));
     let lease = Duration::from_secs(60);
     let owner = Uuid::now_v7();
-    let claimed = store.claim_deliveries(owner, at, at.plus(lease), 100, 100).await.expect("claims");
-    assert_eq!(claimed.len(), 6);
-    let (to_gone, to_healthy) = (claimed_of(&sql, &claimed, gone).await, claimed_of(&sql, &claimed, healthy).await);
-    assert_eq!((to_gone.len(), to_healthy.len()), (3, 3));
+    let TwoReceivers { m, gone, healthy, to_gone, to_healthy } =
+        two_receivers(&db, &store, 3, owner, at, at.plus(lease)).await;
 
     // One 410 suspends the subscription: its delivery to retry is held, one failed for good stays
     // failed, and its other pending deliveries, leased ones too, are held. Other subscriptions

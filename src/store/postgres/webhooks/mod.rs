@@ -35,6 +35,7 @@ use crate::store::postgres::{
     execute, int8, internal, listen, parse_event_kind, query, query_one, query_opt, ts, ts_opt, Client, Result, Sql, Ts,
 };
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key, seal_signing_secret};
+use crate::store::subscriptions::recovered_state;
 use crate::store::webhooks::{
     decide_redelivery, AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimPicker, ClaimedDelivery,
     DeliveryFilter, DeliveryRecord, DeliveryState, PreviousSecret, PutSubscriptionOutcome, RecoverOutcome,

@@ -309,15 +309,9 @@ pub(super) async fn recover_in(
 ) -> Result<(RecoverOutcome, usize)> {
     // The lock makes a concurrent suspension (`FOR UPDATE`) wait, so the state read here holds
     // until the commit.
-    let subscription = match owned_subscription(tx, change, "FOR NO KEY UPDATE").await? {
-        Ok(record) => record,
-        Err(ChangeSubscriptionOutcome::OtherMerchant) => return Ok((RecoverOutcome::OtherMerchant, 0)),
-        // `RecoverOutcome` has no answer of its own for a tag that does not match.
-        Err(_) => return Ok((RecoverOutcome::NotFound, 0)),
-    };
-    let state = match subscription.status {
-        SubscriptionStatus::Active => DeliveryState::Pending,
-        SubscriptionStatus::Suspended { .. } => DeliveryState::Held,
+    let state = match recovered_state(owned_subscription(tx, change, "FOR NO KEY UPDATE").await?) {
+        Ok(state) => state,
+        Err(answer) => return Ok((answer, 0)),
     };
     // A delivery is created in the transaction of its event, with its time: the window is read
     // over `deliveries_by_subscription`. One more than the limit is read to tell whether more

@@ -19,6 +19,7 @@ use crate::store::deliveries::{delivery_moves, Receiver};
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key, seal_signing_secret};
 use crate::store::sqlite::uuid_at;
 use crate::store::sqlite::worker::internal;
+use crate::store::subscriptions::recovered_state;
 use crate::store::webhooks::{
     decide_redelivery, AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery,
     DeliveryFilter, DeliveryRecord, DeliveryState, PreviousSecret, PutSubscriptionOutcome, RecoverOutcome,

@@ -240,14 +240,10 @@ pub fn rotate_secret(
 /// Queues again the failed deliveries of a merchant's subscription whose event lies in the
 /// window (held while it is suspended); answers what it came to and how many became pending.
 pub fn recover(c: &Connection, change: &SubscriptionChange, window: RecoverWindow) -> Result<(RecoverOutcome, usize)> {
-    let subscription = match owned_subscription(c, change.merchant_id, change.id, change.if_match.as_deref())? {
-        Ok(record) => record,
-        Err(ChangeSubscriptionOutcome::OtherMerchant) => return Ok((RecoverOutcome::OtherMerchant, 0)),
-        Err(_) => return Ok((RecoverOutcome::NotFound, 0)),
-    };
-    let state = match subscription.status {
-        SubscriptionStatus::Active => DeliveryState::Pending,
-        SubscriptionStatus::Suspended { .. } => DeliveryState::Held,
+    let owned = owned_subscription(c, change.merchant_id, change.id, change.if_match.as_deref())?;
+    let state = match recovered_state(owned) {
+        Ok(state) => state,
+        Err(answer) => return Ok((answer, 0)),
     };
     // A delivery is created in the transaction of its event, with its time.
     let ids: Vec<[u8; 16]> = c
