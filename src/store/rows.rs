@@ -13,6 +13,7 @@ use crate::domain::idempotency::{Kept, StoredResponse};
 use crate::domain::record::{Merchant, SessionRecord};
 use crate::domain::session::{State, LIVE_STATES};
 use crate::domain::time::Timestamp;
+use crate::domain::webhooks::DeliveryState;
 
 /// The columns of a session row, in the order `session_at` reads them.
 pub(crate) const SESSION_COLUMNS: &str = "id, merchant_id, state, spec, token, expires_on, created_on, \
@@ -29,6 +30,17 @@ pub(crate) static LIVE: LazyLock<String> = LazyLock::new(|| {
     let states: Vec<String> = LIVE_STATES.iter().map(|state| format!("state = '{}'", state.as_str())).collect();
     format!("({})", states.join(" OR "))
 });
+
+/// A delivery still to be sent, or held until its subscription resumes: `Pending` or `Held`.
+pub(crate) static OPEN_DELIVERY: LazyLock<String> = LazyLock::new(|| format!("state IN ({})", open_states()));
+
+/// A delivery done with (delivered, failed or cancelled): every other. Written exactly as the
+/// condition of the `deliveries_finished` indexes, so that retention reads through them.
+pub(crate) static FINISHED_DELIVERY: LazyLock<String> = LazyLock::new(|| format!("state NOT IN ({})", open_states()));
+
+fn open_states() -> String {
+    format!("'{}', '{}'", DeliveryState::Pending.as_str(), DeliveryState::Held.as_str())
+}
 
 /// `SESSION_COLUMNS` of the table named `alias` (`s.id, s.merchant_id, …`), for joins.
 pub(crate) fn session_columns_of(alias: &str) -> String {
@@ -178,6 +190,12 @@ mod tests {
         live.sort_unstable();
         assert_eq!(named, live);
         assert_eq!(*LIVE, "(state = 'Created' OR state = 'Opened' OR state = 'Authenticated')", "sessions_due");
+    }
+
+    #[test]
+    fn the_delivery_conditions_are_those_of_the_indexes() {
+        assert_eq!(*FINISHED_DELIVERY, "state NOT IN ('Pending', 'Held')", "deliveries_finished");
+        assert_eq!(*OPEN_DELIVERY, "state IN ('Pending', 'Held')");
     }
 
     #[test]

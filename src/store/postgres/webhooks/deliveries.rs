@@ -187,21 +187,21 @@ pub async fn purge(c: &mut Client, now: Timestamp, retention: Retention, batch: 
     let cutoff = Ts(now.minus(retention.deliveries));
     let batch = int8(batch);
     let tx = c.transaction().await?;
-    let deliveries = query_one(
-        &tx,
-        "WITH doomed AS MATERIALIZED (
-             SELECT id FROM deliveries WHERE state NOT IN ('Pending', 'Held') AND last_modified_on < $1
-              ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
-         ), attempts AS (
-             DELETE FROM delivery_attempts a USING doomed WHERE a.delivery_id = doomed.id RETURNING 1
-         ), gone AS (
-             DELETE FROM deliveries d USING doomed WHERE d.id = doomed.id RETURNING 1
-         )
-         SELECT (SELECT count(*) FROM attempts) + (SELECT count(*) FROM gone)",
-        &[&cutoff, &batch],
-    )
-    .await?
-    .try_get::<_, i64>(0)?;
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH doomed AS MATERIALIZED (
+                 SELECT id FROM deliveries WHERE {} AND last_modified_on < $1
+                  ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), attempts AS (
+                 DELETE FROM delivery_attempts a USING doomed WHERE a.delivery_id = doomed.id RETURNING 1
+             ), gone AS (
+                 DELETE FROM deliveries d USING doomed WHERE d.id = doomed.id RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM attempts) + (SELECT count(*) FROM gone)",
+            *FINISHED_DELIVERY
+        )
+    });
+    let deliveries = query_one(&tx, &SQL, &[&cutoff, &batch]).await?.try_get::<_, i64>(0)?;
     // A statement of its own, so that it sees the deliveries just deleted (as SQLite does).
     let events = execute(
         &tx,

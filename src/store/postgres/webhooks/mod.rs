@@ -19,7 +19,7 @@ mod outbox;
 mod subscriptions;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::Row;
@@ -34,6 +34,7 @@ use crate::store::postgres::idempotency::finish;
 use crate::store::postgres::{
     execute, int8, internal, listen, parse_event_kind, query, query_one, query_opt, ts, ts_opt, Client, Result, Sql, Ts,
 };
+use crate::store::rows::{FINISHED_DELIVERY, OPEN_DELIVERY};
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key, seal_signing_secret};
 use crate::store::subscriptions::recovered_state;
 use crate::store::webhooks::{

@@ -378,16 +378,18 @@ pub(super) async fn delete_in(
         Ok(record) => open_subscription(ring, record)?,
         Err(outcome) => return Ok(outcome),
     };
-    execute(
-        tx,
-        "WITH doomed AS MATERIALIZED (
-             SELECT id FROM deliveries WHERE subscription_id = $1 AND state IN ('Pending', 'Held')
-              ORDER BY id FOR NO KEY UPDATE)
-         UPDATE deliveries d SET state = 'Cancelled', lease_owner = NULL, lease_until = NULL, last_modified_on = $2
-           FROM doomed WHERE d.id = doomed.id",
-        &[&id, &Ts(now)],
-    )
-    .await?;
+    static CANCEL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH doomed AS MATERIALIZED (
+                 SELECT id FROM deliveries WHERE subscription_id = $1 AND {}
+                  ORDER BY id FOR NO KEY UPDATE)
+             UPDATE deliveries d
+                SET state = 'Cancelled', lease_owner = NULL, lease_until = NULL, last_modified_on = $2
+               FROM doomed WHERE d.id = doomed.id",
+            *OPEN_DELIVERY
+        )
+    });
+    execute(tx, &CANCEL, &[&id, &Ts(now)]).await?;
     execute(tx, "DELETE FROM subscriptions WHERE id = $1", &[&id]).await?;
     Ok(ChangeSubscriptionOutcome::Done(record))
 }

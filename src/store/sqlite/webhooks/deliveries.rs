@@ -137,10 +137,12 @@ pub fn purge(c: &Connection, now: Timestamp, retention: Retention, batch: usize)
     let cutoff = now.minus(retention.deliveries).millis();
     let batch = batch as i64;
     let run = |sql: &str| c.execute(sql, params![cutoff, batch]).map_err(|e| internal(&e));
-    let mut removed = run("DELETE FROM delivery_attempts WHERE delivery_id IN (
-             SELECT id FROM deliveries WHERE state NOT IN ('Pending', 'Held') AND last_modified_on < ?1 ORDER BY id LIMIT ?2)")?;
-    removed += run("DELETE FROM deliveries WHERE id IN (
-             SELECT id FROM deliveries WHERE state NOT IN ('Pending', 'Held') AND last_modified_on < ?1 ORDER BY id LIMIT ?2)")?;
+    let finished = format!(
+        "SELECT id FROM deliveries WHERE {} AND last_modified_on < ?1 ORDER BY id LIMIT ?2",
+        *FINISHED_DELIVERY
+    );
+    let mut removed = run(&format!("DELETE FROM delivery_attempts WHERE delivery_id IN ({finished})"))?;
+    removed += run(&format!("DELETE FROM deliveries WHERE id IN ({finished})"))?;
     removed += run("DELETE FROM events WHERE id IN (
              SELECT e.id FROM events e WHERE e.created_on < ?1
                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id) LIMIT ?2)")?;

@@ -16,6 +16,7 @@ use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
 use crate::secrets::KeyRing;
 use crate::store::deliveries::{delivery_moves, Receiver};
+use crate::store::rows::{FINISHED_DELIVERY, OPEN_DELIVERY};
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key, seal_signing_secret};
 use crate::store::sqlite::uuid_at;
 use crate::store::sqlite::worker::internal;

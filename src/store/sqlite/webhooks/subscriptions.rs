@@ -153,8 +153,11 @@ pub fn delete_subscription(
         Err(outcome) => return Ok(outcome),
     };
     c.execute(
-        "UPDATE deliveries SET state = 'Cancelled', lease_owner = NULL, lease_until = NULL, last_modified_on = ?2
-          WHERE subscription_id = ?1 AND state IN ('Pending', 'Held')",
+        &format!(
+            "UPDATE deliveries SET state = 'Cancelled', lease_owner = NULL, lease_until = NULL, last_modified_on = ?2
+              WHERE subscription_id = ?1 AND {}",
+            *OPEN_DELIVERY
+        ),
         params![id.as_bytes(), now.millis()],
     )
     .and_then(|_| c.execute("DELETE FROM subscriptions WHERE id = ?1", params![id.as_bytes()]))
