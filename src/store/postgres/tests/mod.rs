@@ -467,3 +467,13 @@ async fn two_receivers(
     assert_eq!((to_gone.len(), to_healthy.len()), (sessions, sessions));
     TwoReceivers { m, gone, healthy, to_gone, to_healthy }
 }
+
+/// A merchant with one subscription to every event (answered as put) and `sessions` cancelled
+/// sessions at `NOW`, one delivery each.
+async fn subscribed(store: &PostgresStore, sessions: usize) -> (Uuid, SubscriptionRecord) {
+    let m = merchant(store, NOW).await;
+    let original = subscription(Uuid::now_v7(), m, &ALL_EVENTS, NOW);
+    store.put_subscription(original.clone()).await.expect("subscribes");
+    cancelled_sessions(store, m, sessions, NOW).await;
+    (m, original)
+}

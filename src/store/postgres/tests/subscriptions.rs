@@ -7,11 +7,8 @@ async fn a_replaced_signing_secret_keeps_signing_beside_the_new_one_until_it_exp
     let db = test_db!();
     let store = db.open().await;
     let sql = db.sql().await;
-    let m = merchant(&store, NOW).await;
-    let id = Uuid::now_v7();
-    let original = subscription(id, m, &ALL_EVENTS, NOW);
-    store.put_subscription(original.clone()).await.expect("subscribes");
-    cancelled_sessions(&store, m, 1, NOW).await;
+    let (m, original) = subscribed(&store, 1).await;
+    let id = original.id;
     let sealed_before: String =
         sql.query_one("SELECT signing_secret FROM subscriptions WHERE id = $1", &[&id]).await.expect("reads").get(0);
 
@@ -98,10 +95,8 @@ async fn rotating_the_secrets_key_seals_the_replaced_signing_secret_again_too() 
     let (old, new) = (SecretKey::generate().expect("a key"), SecretKey::generate().expect("a key"));
     let open = |ring: KeyRing| PostgresStore::open(&db.url, SETTINGS, true, Arc::new(ring));
     let store = open(KeyRing::new(old.clone(), Vec::new())).await.expect("opens");
-    let m = merchant(&store, NOW).await;
-    let id = Uuid::now_v7();
-    let original = subscription(id, m, &ALL_EVENTS, NOW);
-    store.put_subscription(original.clone()).await.expect("subscribes");
+    let (m, original) = subscribed(&store, 0).await;
+    let id = original.id;
     let grace = Duration::from_secs(3600);
     done(store.rotate_subscription_secret_guarded(change(m, id, None, NOW), rotation("whsec_new", grace), None).await);
     cancelled_sessions(&store, m, 1, NOW).await;

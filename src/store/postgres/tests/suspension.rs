@@ -129,11 +129,8 @@ async fn resuming_queues_the_held_deliveries_and_a_patch_resumes_too() {
     let db = test_db!();
     let store = db.open().await;
     let sql = db.sql().await;
-    let m = merchant(&store, NOW).await;
-    let id = Uuid::now_v7();
-    let original = subscription(id, m, &ALL_EVENTS, NOW);
-    store.put_subscription(original.clone()).await.expect("subscribes");
-    cancelled_sessions(&store, m, 2, NOW).await;
+    let (m, original) = subscribed(&store, 2).await;
+    let id = original.id;
     let owner = Uuid::now_v7();
     let hour = Duration::from_secs(3600);
     let claimed = store.claim_deliveries(owner, NOW, NOW.plus(hour), 100, 100).await.expect("claims");
