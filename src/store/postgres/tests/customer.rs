@@ -124,12 +124,25 @@ async fn codes_are_counted_and_the_right_one_links_one_customer_per_phone() {
         Ok(CodeEntered::NotAllowed(_, State::Authenticated))
     ));
     assert!(store.session_events(id).await.expect("events").is_empty(), "signing in records no event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_signs_in_as_one_customer_and_five_wrong_entries_use_a_code_up() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    let phone = "+4915199990001";
+    let at = NOW.plus(Duration::from_secs(5));
+    let first = session(Uuid::now_v7(), m, spec_with(None, "10"), NOW, Duration::from_secs(900));
+    let first = authenticated(&store, first, phone, at).await;
+    assert!(first.customer_id.is_some());
 
     // Another session with the same phone finds that customer; a session naming its customer
     // keeps it whatever phone the code went to.
     let again = session(Uuid::now_v7(), m, spec_with(None, "20"), NOW, Duration::from_secs(900));
     let again = authenticated(&store, again, phone, at).await;
-    assert_eq!(again.customer_id, Some(new_customer));
+    assert_eq!(again.customer_id, first.customer_id);
     let named = Uuid::now_v7();
     store.create_customer(named, "+4915100000000".to_owned(), NOW).await.expect("customer");
     let naming = session(Uuid::now_v7(), m, spec_with(Some(named), "30"), NOW, Duration::from_secs(900));

@@ -66,6 +66,32 @@ async fn a_finish_and_a_cancel_racing_on_two_instances_have_one_winner() {
     assert_eq!(deliveries, SESSIONS as i64);
 }
 
+/// The hash of the code the session's customer was sent, while it is unused.
+async fn code_hash(sql: &tokio_postgres::Client, id: Uuid) -> Option<Vec<u8>> {
+    let row = sql.query_one("SELECT code_hash FROM one_time_codes WHERE session_id = $1", &[&id]).await;
+    row.expect("a code row").get(0)
+}
+
+/// Entered at the instant it expires: refused as Expired, nothing consumed or linked, even
+/// before the sweep wrote the expiry down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_entered_at_the_instant_the_session_expires_is_refused_and_not_used() {
+    let db = test_db!();
+    let store = db.open().await;
+    let sql = db.sql().await;
+    let m = merchant(&store, NOW).await;
+    let ttl = Duration::from_secs(10);
+    let record = session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, ttl);
+    let id = with_code(&store, record, "+4915199990004", NOW).await;
+    let before = store.get_session(id).await.expect("reads").expect("exists");
+    assert!(matches!(
+        store.enter_code(step(id, NOW.plus(ttl)), right_code(id), Uuid::now_v7()).await,
+        Ok(CodeEntered::NotAllowed(_, State::Expired))
+    ));
+    assert_eq!(store.get_session(id).await.expect("reads"), Some(before));
+    assert!(code_hash(&sql, id).await.is_some(), "the code was not used");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_code_entered_as_the_session_expires_never_both_authenticates_and_expires_it() {
     let db = test_db!();
@@ -74,25 +100,6 @@ async fn a_code_entered_as_the_session_expires_never_both_authenticates_and_expi
     let m = merchant(&*a, NOW).await;
     let ttl = Duration::from_secs(10);
     let expires_on = NOW.plus(ttl);
-    let code_hash = |id: Uuid| {
-        let sql = &sql;
-        async move {
-            let row = sql.query_one("SELECT code_hash FROM one_time_codes WHERE session_id = $1", &[&id]).await;
-            row.expect("a code row").get::<_, Option<Vec<u8>>>(0)
-        }
-    };
-
-    // Entered at the instant it expires: refused as Expired, nothing consumed or linked, even
-    // before the sweep wrote the expiry down.
-    let record = session(Uuid::now_v7(), m, spec_with(None, "1"), NOW, ttl);
-    let id = with_code(&*a, record, "+4915199990004", NOW).await;
-    let before = a.get_session(id).await.expect("reads").expect("exists");
-    assert!(matches!(
-        a.enter_code(step(id, expires_on), right_code(id), Uuid::now_v7()).await,
-        Ok(CodeEntered::NotAllowed(_, State::Expired))
-    ));
-    assert_eq!(a.get_session(id).await.expect("reads"), Some(before));
-    assert!(code_hash(id).await.is_some(), "the code was not used");
 
     // A millisecond before, on one instance, while the sweep runs on the other: whichever
     // commits first wins each session, and the other sees it.
@@ -143,7 +150,7 @@ async fn a_code_entered_as_the_session_expires_never_both_authenticates_and_expi
                 assert_eq!((s.state, s.version), (State::Authenticated, 3));
                 assert_eq!((stored.version, stored.customer_id), (4, s.customer_id));
                 assert!(s.customer_id.is_some());
-                assert_eq!(code_hash(id).await, None);
+                assert_eq!(code_hash(&sql, id).await, None);
                 // The sweep's event names the customer the sign-in linked.
                 let data = &event_rows(&sql, id).await[0].1;
                 assert_eq!(data, &crate::store::event_data(&stored, State::Expired, expires_on));
@@ -153,7 +160,7 @@ async fn a_code_entered_as_the_session_expires_never_both_authenticates_and_expi
             // Expired first: nothing of the sign-in happened.
             CodeEntered::NotAllowed(_, State::Expired) => {
                 assert_eq!((stored.version, stored.customer_id), (3, None));
-                assert!(code_hash(id).await.is_some(), "the code was not used");
+                assert!(code_hash(&sql, id).await.is_some(), "the code was not used");
                 assert_eq!(json(&event_rows(&sql, id).await[0].1).get("customerId"), None);
                 too_late += 1;
             }
