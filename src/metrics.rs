@@ -8,6 +8,7 @@ use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use crate::store::webhooks::SuspendReason;
+use crate::store::StoreStats;
 
 /// Upper bounds of the latency buckets, as rendered in the `le` label.
 const BUCKET_LABELS: [&str; 14] =
@@ -187,18 +188,12 @@ impl Metrics {
     }
 
     /// group-commit counters when it has them and the delivery backlog when it could be read.
-    pub fn render(&self, write_batches: Option<(u64, u64)>, backlog: Option<DeliveryBacklog>) -> String {
+    pub fn render(&self, store: Option<StoreStats>, backlog: Option<DeliveryBacklog>) -> String {
         let mut out = String::with_capacity(4096);
         self.render_into(&mut out).expect("formatting into a String cannot fail");
         self.render_webhooks(&mut out, backlog).expect("formatting into a String cannot fail");
-        if let Some((batches, jobs)) = write_batches {
-            let counters = [
-                ("store_write_batches_total", "Write transactions committed (each one fsync).", batches),
-                ("store_write_jobs_total", "Writes committed in those transactions.", jobs),
-            ];
-            for (name, help, value) in counters {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-            }
+        for (name, help, kind, value) in store.iter().flat_map(StoreStats::series) {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
         out
     }
@@ -418,10 +413,14 @@ redirect_sessions_hosted_aborts_total 0
 
     #[test]
     fn the_stores_group_commit_counters_follow_when_it_has_them() {
-        let out = Metrics::new().render(Some((3, 40)), None);
+        let out = Metrics::new().render(Some(StoreStats::WriteBatches { batches: 3, jobs: 40 }), None);
         assert!(out.contains("\n# TYPE store_write_batches_total counter\nstore_write_batches_total 3\n"), "{out}");
         assert!(out.contains("\n# TYPE store_write_jobs_total counter\nstore_write_jobs_total 40\n"), "{out}");
         assert!(!Metrics::new().render(None, None).contains("store_write"));
+        let pool = StoreStats::Pool { max: 10, open: 4, idle: 3, waiting: 0 };
+        let out = Metrics::new().render(Some(pool), None);
+        assert!(out.contains("\n# TYPE store_pool_connections gauge\nstore_pool_connections 4\n"), "{out}");
+        assert!(out.contains("\nstore_pool_idle_connections 3\n"), "{out}");
     }
 
     #[test]
