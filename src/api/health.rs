@@ -72,7 +72,7 @@ pub async fn get_metrics(State(state): State<AppState>) -> Response {
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.metrics.render(state.store.write_batches(), backlog),
+        state.metrics.render(Some(state.store.stats()), backlog),
     )
         .into_response()
 }

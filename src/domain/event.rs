@@ -35,6 +35,11 @@ impl EventType {
             EventType::RedirectSessionAborted => "RedirectSessionAborted",
         }
     }
+
+    /// The type named `text` (`as_str`).
+    pub fn parse(text: &str) -> Option<Self> {
+        crate::domain::subscription::ALL_EVENT_TYPES.into_iter().find(|t| t.as_str() == text)
+    }
 }
 
 /// What a delivery carries: an event of one of the types above, or a test event a merchant

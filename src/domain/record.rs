@@ -184,8 +184,9 @@ pub struct EventData {
     pub transaction_intent_id: Option<Uuid>,
 }
 
-/// The `data` of the event of `session` moving to `to` at `changed_on`, as JSON.
-pub fn event_data(session: &SessionRecord, to: State, changed_on: Timestamp) -> serde_json::Value {
+/// The `data` of the event of `session` moving to `to` at `changed_on`: the JSON text both
+/// backends store and webhooks send as it is.
+pub fn event_data(session: &SessionRecord, to: State, changed_on: Timestamp) -> String {
     let data = EventData {
         id: session.id,
         state: to,
@@ -195,5 +196,5 @@ pub fn event_data(session: &SessionRecord, to: State, changed_on: Timestamp) -> 
         customer_id: session.customer_id,
         transaction_intent_id: session.transaction_intent_id,
     };
-    serde_json::to_value(data).expect("event data serialises")
+    serde_json::to_string(&data).expect("event data serialises")
 }

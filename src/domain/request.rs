@@ -74,6 +74,15 @@ pub enum Currency {
     Eur,
 }
 
+impl Currency {
+    /// The ISO 4217 code, as JSON and the databases write it.
+    pub fn code(self) -> &'static str {
+        match self {
+            Currency::Eur => "EUR",
+        }
+    }
+}
+
 /// Data the customer agreed to share for a faster registration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -26,6 +26,13 @@ pub struct SubscriptionRecord {
     pub status: SubscriptionStatus,
 }
 
+impl SubscriptionRecord {
+    /// The entity tag of the subscription's representation: it changes with every write.
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.version)
+    }
+}
+
 /// A replaced signing secret during its overlap with the new one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PreviousSecret {

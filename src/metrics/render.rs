@@ -7,6 +7,7 @@ use std::sync::PoisonError;
 
 use super::{DeliveryBacklog, Metrics, ATTEMPT_ENDS, BUCKET_LABELS, HOSTED_EVENTS};
 use crate::store::webhooks::SuspendReason;
+use crate::store::StoreStats;
 
 /// One series' values, gathered so series can be sorted for deterministic output. Rendering
 /// holds the read lock throughout, which only delays requests that introduce a new key.
@@ -17,20 +18,15 @@ struct Snapshot<'a> {
 }
 
 impl Metrics {
-    /// Renders everything in the Prometheus text exposition format 0.0.4, with the store's
-    /// group-commit counters when it has them and the delivery backlog when it could be read.
-    pub fn render(&self, write_batches: Option<(u64, u64)>, backlog: Option<DeliveryBacklog>) -> String {
+    /// Renders everything in the Prometheus text exposition format 0.0.4, with the store's own
+    /// figures (SQLite's group-commit counters, PostgreSQL's pool) and the delivery backlog when
+    /// they could be read.
+    pub fn render(&self, store: Option<StoreStats>, backlog: Option<DeliveryBacklog>) -> String {
         let mut out = String::with_capacity(4096);
         self.render_into(&mut out).expect("formatting into a String cannot fail");
         self.render_webhooks(&mut out, backlog).expect("formatting into a String cannot fail");
-        if let Some((batches, jobs)) = write_batches {
-            let counters = [
-                ("store_write_batches_total", "Write transactions committed (each one fsync).", batches),
-                ("store_write_jobs_total", "Writes committed in those transactions.", jobs),
-            ];
-            for (name, help, value) in counters {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-            }
+        for (name, help, kind, value) in store.iter().flat_map(StoreStats::series) {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
         out
     }

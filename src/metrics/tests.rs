@@ -1,4 +1,5 @@
 use super::*;
+use crate::store::StoreStats;
 use std::sync::Arc;
 
 const COUNTERS_AT_ZERO: &str = "\
@@ -68,10 +69,14 @@ fn a_duration_exactly_on_a_bound_falls_in_that_bucket() {
 
 #[test]
 fn the_stores_group_commit_counters_follow_when_it_has_them() {
-    let out = Metrics::new().render(Some((3, 40)), None);
+    let out = Metrics::new().render(Some(StoreStats::WriteBatches { batches: 3, jobs: 40 }), None);
     assert!(out.contains("\n# TYPE store_write_batches_total counter\nstore_write_batches_total 3\n"), "{out}");
     assert!(out.contains("\n# TYPE store_write_jobs_total counter\nstore_write_jobs_total 40\n"), "{out}");
     assert!(!Metrics::new().render(None, None).contains("store_write"));
+    let pool = StoreStats::Pool { max: 10, open: 4, idle: 3, waiting: 0 };
+    let out = Metrics::new().render(Some(pool), None);
+    assert!(out.contains("\n# TYPE store_pool_connections gauge\nstore_pool_connections 4\n"), "{out}");
+    assert!(out.contains("\nstore_pool_idle_connections 3\n"), "{out}");
 }
 
 #[test]

@@ -4,8 +4,10 @@
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
-use super::values::{Jsonb, Numeric, Ts};
-use crate::domain::request::{Currency, SessionSpec};
+use super::values::{Jsonb, Numeric};
+use crate::domain::request::SessionSpec;
+use crate::domain::time::Timestamp;
+use crate::store::postgres::Ts;
 
 /// One value of a row on its way to `COPY`.
 pub(super) type Value = Box<dyn ToSql + Send + Sync>;
@@ -159,8 +161,10 @@ fn events() -> Table {
         name: "events",
         select: "SELECT id, merchant_id, session_id, type, data, created_on FROM events",
         columns: "id, merchant_id, session_id, type, data, created_on",
-        types: vec![Type::UUID, Type::UUID, Type::UUID, Type::TEXT, Type::JSONB, Type::TIMESTAMPTZ],
-        convert: |r| Ok(vec![uuid(r, 0)?, uuid(r, 1)?, uuid(r, 2)?, get::<String>(r, 3)?, jsonb(r, 4)?, ts(r, 5)?]),
+        types: vec![Type::UUID, Type::UUID, Type::UUID, Type::TEXT, Type::TEXT, Type::TIMESTAMPTZ],
+        convert: |r| {
+            Ok(vec![uuid(r, 0)?, uuid(r, 1)?, uuid(r, 2)?, get::<String>(r, 3)?, get::<String>(r, 4)?, ts(r, 5)?])
+        },
     }
 }
 
@@ -327,9 +331,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> Result<Row, String> {
     })?;
     let transaction = spec.transaction_data.as_ref();
     let amount: Option<Numeric> = transaction.map(|t| Numeric(t.amount.cents()));
-    let currency: Option<&'static str> = transaction.map(|t| match t.currency {
-        Currency::Eur => "EUR",
-    });
+    let currency: Option<&'static str> = transaction.map(|t| t.currency.code());
     Ok(vec![
         uuid(r, 0)?,
         uuid(r, 1)?,
@@ -366,15 +368,11 @@ fn uuid_opt(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
 }
 
 fn ts(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
-    Ok(Box::new(Ts(r.get(index).map_err(|e| e.to_string())?)))
+    Ok(Box::new(Ts(Timestamp::from_millis(r.get(index).map_err(|e| e.to_string())?))))
 }
 
 fn ts_opt(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
-    Ok(Box::new(r.get::<_, Option<i64>>(index).map_err(|e| e.to_string())?.map(Ts)))
-}
-
-fn jsonb(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {
-    Ok(Box::new(Jsonb(r.get(index).map_err(|e| e.to_string())?)))
+    Ok(Box::new(r.get::<_, Option<i64>>(index).map_err(|e| e.to_string())?.map(|ms| Ts(Timestamp::from_millis(ms)))))
 }
 
 fn jsonb_opt(r: &rusqlite::Row<'_>, index: usize) -> Result<Value, String> {

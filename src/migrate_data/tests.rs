@@ -1,8 +1,7 @@
 use bytes::BytesMut;
-use tokio_postgres::types::{ToSql, Type};
 
 use super::tables::tables;
-use super::values::{Numeric, Ts, PG_EPOCH_MILLIS};
+use super::values::Numeric;
 use super::*;
 
 fn numeric(cents: u64) -> Vec<i16> {
@@ -18,13 +17,6 @@ fn amounts_encode_as_binary_numeric_with_two_fraction_digits() {
     assert_eq!(numeric(1), [1, -1, 0, 2, 100], "0.01");
     assert_eq!(numeric(1_000_000), [3, 1, 0, 2, 1, 0, 0], "10000.00");
     assert_eq!(numeric(123_456_789), [3, 1, 0, 2, 123, 4567, 8900], "1234567.89");
-}
-
-#[test]
-fn times_encode_as_microseconds_since_2000() {
-    let mut out = BytesMut::new();
-    Ts(PG_EPOCH_MILLIS + 1_234).to_sql(&Type::TIMESTAMPTZ, &mut out).unwrap();
-    assert_eq!(i64::from_be_bytes(out[..].try_into().unwrap()), 1_234_000);
 }
 
 #[test]

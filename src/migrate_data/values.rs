@@ -3,25 +3,6 @@
 use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{IsNull, ToSql, Type};
 
-/// Unix milliseconds as `timestamptz` (microseconds since 2000-01-01 UTC): exact.
-#[derive(Debug)]
-pub(super) struct Ts(pub(super) i64);
-
-/// 2000-01-01T00:00:00Z in Unix milliseconds.
-pub(super) const PG_EPOCH_MILLIS: i64 = 946_684_800_000;
-
-impl ToSql for Ts {
-    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        let micros =
-            self.0.checked_sub(PG_EPOCH_MILLIS).and_then(|m| m.checked_mul(1000)).ok_or("timestamp out of range")?;
-        out.put_i64(micros);
-        Ok(IsNull::No)
-    }
-
-    tokio_postgres::types::accepts!(TIMESTAMPTZ);
-    tokio_postgres::types::to_sql_checked!();
-}
-
 /// JSON text as `jsonb` (the server parses it; a malformed document fails the copy).
 #[derive(Debug)]
 pub(super) struct Jsonb(pub(super) String);

@@ -97,3 +97,47 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Notified after a commit that queued deliveries (wakes the dispatcher).
     fn deliveries_queued(&self) -> Arc<Notify>;
 }
+
+/// A subscription's receiver as a batch of attempts finds it: whether it is suspended, and
+/// when its current run of failed attempts began. Both backends apply each attempt with
+/// `attempted` and `delivery_moves`, so they cannot disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Receiver {
+    pub suspended: bool,
+    pub failing_since: Option<Timestamp>,
+}
+
+impl Receiver {
+    /// Applies one attempt (in the order recorded): a success ends the run of failures; a
+    /// failure starts one or goes on with it, and suspends the subscription when `policy` says
+    /// so (answered with the reason, once).
+    pub(crate) fn attempted(
+        &mut self,
+        outcome: &AttemptOutcome,
+        policy: SuspendPolicy,
+        now: Timestamp,
+    ) -> Option<SuspendReason> {
+        if outcome.next == NextStep::Delivered {
+            self.failing_since = None;
+            return None;
+        }
+        let since = *self.failing_since.get_or_insert(outcome.attempt.started_on);
+        if self.suspended {
+            return None;
+        }
+        let reason = policy.decide(outcome.attempt.status, since, now)?;
+        self.suspended = true;
+        Some(reason)
+    }
+}
+
+/// Where an attempted delivery goes next (its receiver `suspended` or not): its state, how far
+/// its retry schedule moves, and when it is due.
+pub(crate) fn delivery_moves(next: NextStep, suspended: bool, now: Timestamp) -> (DeliveryState, i32, Timestamp) {
+    match next {
+        NextStep::Delivered => (DeliveryState::Delivered, 0, now),
+        NextStep::Failed => (DeliveryState::Failed, 1, now),
+        NextStep::RetryAt(_) if suspended => (DeliveryState::Held, 1, now),
+        NextStep::RetryAt(at) => (DeliveryState::Pending, 1, at),
+    }
+}

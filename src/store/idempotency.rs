@@ -100,3 +100,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         answer: StoredResponse,
     ) -> Result<Option<Found>, StoreError>;
 }
+
+/// What `KEEP` (`crate::store::rows`) came to when it wrote nothing: the record kept first
+/// under the key, read back (`found`).
+pub(crate) fn kept_first(found: Option<Found>) -> Result<Option<Found>, StoreError> {
+    match found {
+        Some(found) => Ok(Some(found)),
+        None => Err(StoreError::Internal("an idempotency record conflicted but cannot be read".to_owned())),
+    }
+}

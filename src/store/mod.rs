@@ -8,6 +8,7 @@ pub mod idempotency;
 pub mod keys;
 pub mod merchants;
 pub mod postgres;
+pub(crate) mod rows;
 pub mod sealing;
 pub mod sessions;
 pub mod sqlite;
@@ -91,10 +92,48 @@ pub trait Store:
     /// `Ok` when the database answers and is migrated.
     async fn ready(&self) -> Result<(), StoreError>;
 
-    /// For a backend that commits concurrent writes together: `(batches, jobs)` committed so
-    /// far, for `/metrics`.
-    fn write_batches(&self) -> Option<(u64, u64)> {
-        None
+    /// What the backend reports about itself on `/metrics`.
+    fn stats(&self) -> StoreStats;
+}
+
+/// What the tests of the store read besides the use cases (a session's events); not part of
+/// `Store`, so nothing in the service can call it. The API tests read the events table directly.
+#[cfg(test)]
+#[async_trait]
+pub(crate) trait Inspect: Store {
+    /// The events of one session, oldest first.
+    async fn session_events(
+        &self,
+        session_id: Uuid,
+    ) -> Result<Vec<(Uuid, crate::domain::event::EventType)>, StoreError>;
+}
+
+/// A backend's own figures for `/metrics`: SQLite's group commit, PostgreSQL's connection pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreStats {
+    /// The SQLite writer: write transactions committed (each one fsync) and the writes they
+    /// carried (their ratio is the mean batch size).
+    WriteBatches { batches: u64, jobs: u64 },
+    /// The PostgreSQL connection pool: its bound, the connections open, those idle, and the
+    /// calls waiting for one.
+    Pool { max: usize, open: usize, idle: usize, waiting: usize },
+}
+
+impl StoreStats {
+    /// The series to expose: (name, help, Prometheus type, value).
+    pub fn series(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+        match *self {
+            StoreStats::WriteBatches { batches, jobs } => vec![
+                ("store_write_batches_total", "Write transactions committed (each one fsync).", "counter", batches),
+                ("store_write_jobs_total", "Writes committed in those transactions.", "counter", jobs),
+            ],
+            StoreStats::Pool { max, open, idle, waiting } => vec![
+                ("store_pool_max_connections", "Connections the pool may open.", "gauge", max as u64),
+                ("store_pool_connections", "Connections open.", "gauge", open as u64),
+                ("store_pool_idle_connections", "Open connections not in use.", "gauge", idle as u64),
+                ("store_pool_waiting", "Calls waiting for a connection.", "gauge", waiting as u64),
+            ],
+        }
     }
 }
 

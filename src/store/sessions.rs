@@ -5,7 +5,6 @@ use uuid::Uuid;
 
 use super::idempotency::{Guard, Guarded};
 use super::*;
-use crate::domain::event::EventType;
 use crate::domain::time::Timestamp;
 
 #[async_trait]
@@ -57,8 +56,4 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Records `Expired` and its event for up to `batch` sessions whose time has passed;
     /// answers how many it expired.
     async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize, StoreError>;
-
-    /// The events of one session, oldest first (for operators and tests; SQLite has no index
-    /// for it and reads the events table).
-    async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>, StoreError>;
 }

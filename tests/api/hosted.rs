@@ -380,7 +380,7 @@ async fn read(server: &TestServer, id: Uuid) -> Value {
 
 /// The types of the session's events, oldest first.
 async fn events(server: &TestServer, id: Uuid) -> Vec<&'static str> {
-    server.store().session_events(id).await.unwrap().into_iter().map(|(_, kind)| kind.as_str()).collect()
+    server.event_types(id).await.into_iter().map(|kind| kind.as_str()).collect()
 }
 
 fn uuid_of(value: &Value) -> Uuid {

@@ -84,7 +84,7 @@ fn json_of(bytes: &[u8]) -> Value {
 }
 
 async fn events_of(server: &TestServer, id: Uuid) -> Vec<EventType> {
-    server.store().session_events(id).await.unwrap().into_iter().map(|(_, kind)| kind).collect()
+    server.event_types(id).await
 }
 
 #[tokio::test]

@@ -14,16 +14,17 @@ use async_trait::async_trait;
 use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
-use super::sessions::{change_state, load_session, session_at, SESSION_COLUMNS};
+use super::sessions::{change_state, load_session};
 use super::{execute, internal, query_opt, ts, Client, PostgresStore, Result, Ts};
 use crate::domain::intent::Flow;
 use crate::domain::otp::{self, CodeCheck, OtpState};
-use crate::domain::request::{Currency, SessionType};
+use crate::domain::request::SessionType;
 use crate::domain::session::{Action, State};
 use crate::store::customer::{
     decide_step, finish_action, CodeEntered, CodeRecorded, CustomerStore, Finish, HostedView, Step, StepDecision,
     StepOutcome,
 };
+use crate::store::rows::{session_at, session_columns_of, SESSION_COLUMNS};
 use crate::store::SessionRecord;
 
 /// A count as the `integer` column holds it.
@@ -155,7 +156,6 @@ macro_rules! in_transaction {
 async fn hosted_view(c: &mut Client, session_id: Uuid) -> Result<Option<HostedView>> {
     // One statement: one round trip and one snapshot.
     static SQL: LazyLock<String> = LazyLock::new(|| {
-        let session = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
         let otp = OTP_COLUMNS.split(", ").map(|column| format!("o.{column}")).collect::<Vec<_>>();
         format!(
             "SELECT {}, m.name, c.phone, t.flow, {}
@@ -165,7 +165,7 @@ async fn hosted_view(c: &mut Client, session_id: Uuid) -> Result<Option<HostedVi
                LEFT JOIN transaction_intents t ON t.id = s.transaction_intent_id
                LEFT JOIN one_time_codes o ON o.session_id = s.id
               WHERE s.id = $1",
-            session.join(", "),
+            session_columns_of("s"),
             otp.join(", ")
         )
     });
@@ -277,9 +277,7 @@ async fn finish_session(c: &mut Client, step: Step, finish: Finish) -> Result<(S
                     else {
                         return Err(internal("an intent needs a customer and a transaction"));
                     };
-                    let currency = match data.currency {
-                        Currency::Eur => "EUR",
-                    };
+                    let currency = data.currency.code();
                     execute(
                         &tx,
                         "INSERT INTO transaction_intents

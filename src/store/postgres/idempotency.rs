@@ -3,54 +3,34 @@
 //! request at once, the second's insert waits for the first's commit, finds its record, and
 //! rolls its own change back: it answers what the first kept.
 
-use std::sync::LazyLock;
-
+use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::types::Json;
-use tokio_postgres::Row;
+use uuid::Uuid;
 
-use super::sessions::{session_at, SESSION_COLUMNS};
-use super::{execute, internal, query_opt, Client, Result, Ts};
+use super::{execute, query_opt, Client, PostgresStore, Result, Ts};
 use crate::domain::time::Timestamp;
-use crate::store::idempotency::{Found, Guard, Guarded, IdempotencyKey, Kept, StoredResponse};
+use crate::store::idempotency::{kept_first, Found, Guard, Guarded, IdempotencyKey, Kept, StoredResponse};
+use crate::store::prelude::IdempotencyStore;
+use crate::store::{rows, Merchant};
 
 /// The record kept under `key`, as it decides for a request with `fingerprint`.
 pub async fn lookup<C: GenericClient>(c: &C, key: IdempotencyKey, fingerprint: &[u8; 32]) -> Result<Option<Found>> {
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        format!("SELECT {} FROM idempotency i {KEPT_JOIN} WHERE i.merchant_id = $1 AND i.request_id = $2", *KEPT_SELECT)
-    });
-    let row = query_opt(c, &SQL, &[&key.merchant_id, &key.request_id]).await?;
-    Ok(row.map(|row| kept_at(&row, 0)).transpose()?.and_then(|kept| kept.decide(fingerprint)))
+    let row = query_opt(c, &rows::KEPT_BY_KEY, &[&key.merchant_id, &key.request_id]).await?;
+    Ok(row.map(|row| rows::kept_at(&row, 0)).transpose()?.and_then(|kept| kept.decide(fingerprint)))
 }
 
-/// The columns `kept_at` reads: the record `i` and the session `s` its answer refers to.
-pub static KEPT_SELECT: LazyLock<String> = LazyLock::new(|| {
-    let session = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
-    format!("i.fingerprint, i.status, i.headers, i.body, i.session_id, {}", session.join(", "))
-});
-
-/// Joins the session a record `i` refers to, as `s`.
-pub const KEPT_JOIN: &str = "LEFT JOIN sessions s ON s.id = i.session_id";
-
-/// The kept record whose `KEPT_SELECT` columns start at column `at`.
-pub fn kept_at(row: &Row, at: usize) -> Result<Kept> {
-    let answer = match row.try_get::<_, Option<i32>>(at + 1)? {
-        None => None,
-        Some(status) => {
-            let headers: Option<Json<serde_json::Value>> = row.try_get(at + 2)?;
-            Some(StoredResponse {
-                status: u16::try_from(status).map_err(|_| internal(format!("stored status {status}")))?,
-                headers: headers.and_then(|Json(h)| serde_json::from_value(h).ok()).unwrap_or_default(),
-                body: row.try_get::<_, Option<Vec<u8>>>(at + 3)?.unwrap_or_default(),
-                session: row.try_get(at + 4)?,
-            })
-        }
+/// The merchant with this key and its idempotency record of `request_id`, in one round trip.
+async fn merchant_and_kept(
+    c: &mut Client,
+    key_hash: [u8; 32],
+    request_id: Uuid,
+) -> Result<(Option<Merchant>, Option<Kept>)> {
+    let Some(row) = query_opt(&*c, &rows::MERCHANT_AND_KEPT, &[&&key_hash[..], &request_id]).await? else {
+        return Ok((None, None));
     };
-    let session = match row.try_get::<_, Option<uuid::Uuid>>(at + 5)? {
-        None => None,
-        Some(_) => Some(session_at(row, at + 5)?),
-    };
-    Ok(Kept { fingerprint: row.try_get(at)?, answer, session })
+    let (merchant, kept) = rows::merchant_and_kept(&row)?;
+    Ok((Some(merchant), kept))
 }
 
 /// Keeps the complete record (over one an earlier version left without an answer), unless a
@@ -69,14 +49,7 @@ async fn keep<C: GenericClient>(
     };
     let kept = execute(
         c,
-        "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on, status, headers, body,
-                                  completed_on, session_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $4, $8)
-         ON CONFLICT (merchant_id, request_id) DO UPDATE SET
-             fingerprint = excluded.fingerprint, started_on = excluded.started_on, status = excluded.status,
-             headers = excluded.headers, body = excluded.body, completed_on = excluded.completed_on,
-             session_id = excluded.session_id
-          WHERE idempotency.status IS NULL",
+        rows::KEEP,
         &[
             &key.merchant_id,
             &key.request_id,
@@ -92,10 +65,7 @@ async fn keep<C: GenericClient>(
     if kept == 1 {
         return Ok(None);
     }
-    match lookup(c, key, fingerprint).await? {
-        Some(found) => Ok(Some(found)),
-        None => Err(internal("an idempotency record conflicted but cannot be read")),
-    }
+    kept_first(lookup(c, key, fingerprint).await?)
 }
 
 /// `Store::idempotency_keep`: one statement of its own.
@@ -131,9 +101,6 @@ pub async fn finish<O>(
     Ok((Guarded::Ran(outcome, Some(rendered.answer)), queued))
 }
 
-// The `IdempotencyStore` of this backend, written with the backend's own names.
-use super::*;
-
 #[async_trait]
 impl IdempotencyStore for PostgresStore {
     async fn merchant_and_kept(
@@ -141,11 +108,11 @@ impl IdempotencyStore for PostgresStore {
         key_hash: [u8; 32],
         request_id: Uuid,
     ) -> Result<(Option<Merchant>, Option<Kept>)> {
-        self.run(move |c| Box::pin(sessions::merchant_and_kept(c, key_hash, request_id))).await
+        self.run(move |c| Box::pin(merchant_and_kept(c, key_hash, request_id))).await
     }
 
     async fn idempotency_lookup(&self, key: IdempotencyKey, fingerprint: [u8; 32]) -> Result<Option<Found>> {
-        self.run(move |c| Box::pin(async move { idempotency::lookup(&*c, key, &fingerprint).await })).await
+        self.run(move |c| Box::pin(async move { lookup(&*c, key, &fingerprint).await })).await
     }
 
     async fn idempotency_keep(
@@ -155,6 +122,6 @@ impl IdempotencyStore for PostgresStore {
         now: Timestamp,
         answer: StoredResponse,
     ) -> Result<Option<Found>> {
-        self.run(move |c| Box::pin(idempotency::keep_alone(c, key, fingerprint, now, answer))).await
+        self.run(move |c| Box::pin(keep_alone(c, key, fingerprint, now, answer))).await
     }
 }

@@ -31,23 +31,24 @@ use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
 };
 use tokio::sync::Notify;
-use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
+use tokio_postgres::types::{FromSql, IsNull, Json, ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use crate::domain::event::{EventKind, EventType};
+use crate::domain::event::EventKind;
 use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
 use crate::domain::token::KeyPair;
 use crate::secrets::{KeyRing, Resealed};
 use crate::store::prelude::*;
+use crate::store::rows::Columns;
 use crate::store::sealing::{open_subscription, seal_signing_key, seal_subscription};
 use crate::store::webhooks::{
     AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery, DeliveryFilter, DeliveryRecord,
     PutSubscriptionOutcome, RecoverOutcome, RecoverWindow, RedeliverOutcome, Retention, SecretRotation,
     SubscriptionChange, SubscriptionRecord, SuspendPolicy, Suspension, TestDelivery,
 };
-use crate::store::{Guard, Guarded, Merchant, SigningKeys, Store, StoreError};
+use crate::store::{Guard, Guarded, Merchant, SigningKeys, Store, StoreError, StoreStats};
 
 /// How long one statement may run before the server cancels it (set on every connection).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -288,9 +289,10 @@ fn internal(message: impl Into<String>) -> StoreError {
 }
 
 /// A `Timestamp` as `timestamptz`. PostgreSQL keeps microseconds since 2000-01-01 UTC; we write
-/// whole milliseconds, so every stored instant reads back exactly.
+/// whole milliseconds, so every stored instant reads back exactly. (`migrate-data` writes its
+/// times with it too.)
 #[derive(Clone, Copy, Debug)]
-struct Ts(Timestamp);
+pub struct Ts(pub Timestamp);
 
 /// 2000-01-01T00:00:00Z in Unix milliseconds.
 const PG_EPOCH_MILLIS: i64 = 946_684_800_000;
@@ -328,6 +330,68 @@ impl<'a> FromSql<'a> for Ts {
 /// Reads the `timestamptz` at `index`.
 fn ts(row: &Row, index: usize) -> Result<Timestamp> {
     Ok(row.try_get::<_, Ts>(index)?.0)
+}
+
+/// PostgreSQL's values: `uuid`, `timestamptz` (`Ts`), `jsonb`.
+impl Columns for Row {
+    type Error = StoreError;
+
+    fn uuid(&self, index: usize) -> Result<Uuid> {
+        Ok(self.try_get(index)?)
+    }
+
+    fn uuid_opt(&self, index: usize) -> Result<Option<Uuid>> {
+        Ok(self.try_get(index)?)
+    }
+
+    fn text(&self, index: usize) -> Result<String> {
+        Ok(self.try_get(index)?)
+    }
+
+    fn int(&self, index: usize) -> Result<i64> {
+        match *self.columns()[index].type_() {
+            Type::INT4 => Ok(i64::from(self.try_get::<_, i32>(index)?)),
+            _ => Ok(self.try_get(index)?),
+        }
+    }
+
+    fn flag(&self, index: usize) -> Result<bool> {
+        Ok(self.try_get(index)?)
+    }
+
+    fn time(&self, index: usize) -> Result<Timestamp> {
+        ts(self, index)
+    }
+
+    fn bytes(&self, index: usize) -> Result<Vec<u8>> {
+        Ok(self.try_get(index)?)
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, index: usize) -> Result<T> {
+        let Json(value) = self.try_get::<_, Json<T>>(index)?;
+        Ok(value)
+    }
+
+    fn is_null(&self, index: usize) -> Result<bool> {
+        Ok(self.try_get::<_, Option<AnyValue>>(index)?.is_none())
+    }
+
+    fn invalid(&self, index: usize, what: String) -> StoreError {
+        internal(format!("column {index}: {what}"))
+    }
+}
+
+/// A value of any type, read only to learn whether it is `NULL`.
+struct AnyValue;
+
+impl<'a> FromSql<'a> for AnyValue {
+    fn from_sql(_: &Type, _: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(AnyValue)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
 }
 
 /// Reads the nullable `timestamptz` at `index`.
@@ -395,14 +459,6 @@ impl Sql {
     }
 }
 
-/// The event type named `text`.
-fn parse_event_type(text: &str) -> Result<EventType> {
-    crate::domain::subscription::ALL_EVENT_TYPES
-        .into_iter()
-        .find(|t| t.as_str() == text)
-        .ok_or_else(|| internal(format!("unknown event type {text}")))
-}
-
 /// The kind of event a delivery carries, named `text`.
 fn parse_event_kind(text: &str) -> Result<EventKind> {
     EventKind::parse(text).ok_or_else(|| internal(format!("unknown event type {text}")))
@@ -412,5 +468,10 @@ fn parse_event_kind(text: &str) -> Result<EventKind> {
 impl Store for PostgresStore {
     async fn ready(&self) -> Result<()> {
         self.run(|c| Box::pin(schema::check_current(c))).await
+    }
+
+    fn stats(&self) -> StoreStats {
+        let status = self.pool.status();
+        StoreStats::Pool { max: status.max_size, open: status.size, idle: status.available, waiting: status.waiting }
     }
 }

@@ -27,6 +27,7 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../../migrations/postgres/0006_idempotency_session_answers.sql"),
     ),
     (7, "subscription operations", include_str!("../../../migrations/postgres/0007_subscription_operations.sql")),
+    (8, "event data text", include_str!("../../../migrations/postgres/0008_event_data_text.sql")),
 ];
 
 /// Where refinery records the migrations applied (its default table, as it creates it).

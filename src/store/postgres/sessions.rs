@@ -1,58 +1,32 @@
-//! Merchants, customers, sessions with their state changes and events, and idempotency
-//! records on PostgreSQL. Each function is one use case on one pooled connection; the ones
-//! that decide on a row lock it first, so concurrent instances take turns on it.
+//! Sessions on PostgreSQL: create, read, list, cancel, expire, each state change with its event.
+//! Each function is one use case on one pooled connection; the ones that decide on a row lock
+//! it first, so concurrent instances take turns on it.
 
 use std::sync::LazyLock;
 
+use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::types::Json;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::idempotency::{finish, kept_at, lookup, KEPT_JOIN, KEPT_SELECT};
+use super::idempotency::{finish, lookup};
 use super::webhooks::{record_events, NewEvent};
-use super::{execute, int8, internal, parse_event_type, query, query_opt, ts, Client, Result, Sql, Ts};
+use super::{execute, int8, internal, query, query_opt, Client, PostgresStore, Result, Sql, Ts};
 use crate::domain::event::EventType;
-use crate::domain::request::{Currency, SessionSpec};
 use crate::domain::session::{State, LIVE_STATES};
 use crate::domain::time::Timestamp;
 use crate::store::idempotency::Rendered;
+use crate::store::prelude::SessionStore;
+use crate::store::rows::{self, session_columns_of, LIVE, SESSION_COLUMNS};
 use crate::store::{
-    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Guard, Guarded, Kept, Merchant,
+    decide_cancel, CancelDecision, CancelOutcome, CancelRequest, CreateOutcome, Guard, Guarded, Merchant,
     SessionFilter, SessionRecord, StoreError,
 };
 
-pub(super) const SESSION_COLUMNS: &str =
-    "id, merchant_id, state, spec, token, expires_on, created_on, last_modified_on, \
-     last_correlation_id, version, customer_id, transaction_intent_id";
-
 fn session_from_row(row: &Row) -> Result<SessionRecord> {
-    session_at(row, 0)
-}
-
-/// The session whose `SESSION_COLUMNS` start at column `at`.
-pub(super) fn session_at(row: &Row, at: usize) -> Result<SessionRecord> {
-    let state: &str = row.try_get(at + 2)?;
-    let Json(spec): Json<SessionSpec> = row.try_get(at + 3)?;
-    Ok(SessionRecord {
-        id: row.try_get(at)?,
-        merchant_id: row.try_get(at + 1)?,
-        state: State::parse(state).ok_or_else(|| internal(format!("unknown session state {state}")))?,
-        spec,
-        token: row.try_get(at + 4)?,
-        expires_on: ts(row, at + 5)?,
-        created_on: ts(row, at + 6)?,
-        last_modified_on: ts(row, at + 7)?,
-        last_correlation_id: row.try_get(at + 8)?,
-        version: row.try_get(at + 9)?,
-        customer_id: row.try_get(at + 10)?,
-        transaction_intent_id: row.try_get(at + 11)?,
-    })
-}
-
-fn merchant_from_row(row: &Row) -> Result<Merchant> {
-    Ok(Merchant { id: row.try_get(0)?, name: row.try_get(1)?, disabled: row.try_get(2)?, created_on: ts(row, 3)? })
+    rows::session(row)
 }
 
 /// The session with this id; with `lock`, locked until the transaction ends, as the latest
@@ -64,46 +38,6 @@ pub(super) async fn load_session<C: GenericClient>(c: &C, id: Uuid, lock: bool) 
         query_opt(c, &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"), &[&id]).await?
     };
     row.as_ref().map(session_from_row).transpose()
-}
-
-pub async fn create_merchant(c: &mut Client, merchant: Merchant, key_hash: [u8; 32]) -> Result<()> {
-    execute(
-        &*c,
-        "INSERT INTO merchants (id, name, api_key_hash, disabled, created_on) VALUES ($1, $2, $3, $4, $5)",
-        &[&merchant.id, &merchant.name, &&key_hash[..], &merchant.disabled, &Ts(merchant.created_on)],
-    )
-    .await?;
-    Ok(())
-}
-
-pub async fn merchant_by_key(c: &mut Client, key_hash: [u8; 32]) -> Result<Option<Merchant>> {
-    let row = query_opt(
-        &*c,
-        "SELECT id, name, disabled, created_on FROM merchants WHERE api_key_hash = $1",
-        &[&&key_hash[..]],
-    )
-    .await?;
-    row.as_ref().map(merchant_from_row).transpose()
-}
-
-pub async fn list_merchants(c: &mut Client) -> Result<Vec<Merchant>> {
-    let rows = query(&*c, "SELECT id, name, disabled, created_on FROM merchants ORDER BY created_on, id", &[]).await?;
-    rows.iter().map(merchant_from_row).collect()
-}
-
-pub async fn rotate_merchant_key(c: &mut Client, id: Uuid, key_hash: [u8; 32]) -> Result<bool> {
-    let changed = execute(&*c, "UPDATE merchants SET api_key_hash = $2 WHERE id = $1", &[&id, &&key_hash[..]]).await?;
-    Ok(changed == 1)
-}
-
-pub async fn disable_merchant(c: &mut Client, id: Uuid) -> Result<bool> {
-    let changed = execute(&*c, "UPDATE merchants SET disabled = true WHERE id = $1", &[&id]).await?;
-    Ok(changed == 1)
-}
-
-pub async fn create_customer(c: &mut Client, id: Uuid, phone: String, now: Timestamp) -> Result<()> {
-    execute(&*c, "INSERT INTO customers (id, phone, created_on) VALUES ($1, $2, $3)", &[&id, &phone, &Ts(now)]).await?;
-    Ok(())
 }
 
 /// One statement inserts the session only when its id is free and its customer (if any) is
@@ -175,9 +109,7 @@ async fn create_in<C: GenericClient>(
     });
     let transaction = session.spec.transaction_data.as_ref();
     let amount = transaction.map(|t| t.amount.to_string());
-    let currency = transaction.map(|t| match t.currency {
-        Currency::Eur => "EUR",
-    });
+    let currency = transaction.map(|t| t.currency.code());
     let spec = Json(&session.spec);
     let expires_on = Ts(session.expires_on);
     let created_on = Ts(session.created_on);
@@ -263,48 +195,11 @@ pub async fn merchant_and_session(
     key_hash: [u8; 32],
     id: Uuid,
 ) -> Result<(Option<Merchant>, Option<SessionRecord>)> {
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        let columns = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
-        format!(
-            "SELECT m.id, m.name, m.disabled, m.created_on, {}
-               FROM merchants m LEFT JOIN sessions s ON s.id = $2
-              WHERE m.api_key_hash = $1",
-            columns.join(", ")
-        )
-    });
-    let Some(row) = query_opt(&*c, &SQL, &[&&key_hash[..], &id]).await? else {
+    let Some(row) = query_opt(&*c, &rows::MERCHANT_AND_SESSION, &[&&key_hash[..], &id]).await? else {
         return Ok((None, None));
     };
-    let session = match row.try_get::<_, Option<Uuid>>(4)? {
-        None => None,
-        Some(_) => Some(session_at(&row, 4)?),
-    };
-    Ok((Some(merchant_from_row(&row)?), session))
-}
-
-/// The merchant with this key and its idempotency record of `request_id`, in one round trip.
-pub async fn merchant_and_kept(
-    c: &mut Client,
-    key_hash: [u8; 32],
-    request_id: Uuid,
-) -> Result<(Option<Merchant>, Option<Kept>)> {
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "SELECT m.id, m.name, m.disabled, m.created_on, {}
-               FROM merchants m LEFT JOIN idempotency i ON i.merchant_id = m.id AND i.request_id = $2
-                    {KEPT_JOIN}
-              WHERE m.api_key_hash = $1",
-            *KEPT_SELECT
-        )
-    });
-    let Some(row) = query_opt(&*c, &SQL, &[&&key_hash[..], &request_id]).await? else {
-        return Ok((None, None));
-    };
-    let kept = match row.try_get::<_, Option<&[u8]>>(4)? {
-        None => None,
-        Some(_) => Some(kept_at(&row, 4)?),
-    };
-    Ok((Some(merchant_from_row(&row)?), kept))
+    let (merchant, session) = rows::merchant_and_session(&row)?;
+    Ok((Some(merchant), session))
 }
 
 pub async fn list_sessions(
@@ -316,14 +211,12 @@ pub async fn list_sessions(
     let mut sql = Sql::new(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE merchant_id = "));
     let merchant = sql.bind(merchant_id);
     sql.push(&merchant);
-    // The effective state, as SQLite filters it: a live session past its expiry is Expired.
+    // The effective state: a live session past its expiry is Expired.
     match filter.state {
         None => {}
         Some(State::Expired) => {
             let now = sql.bind(Ts(now));
-            sql.push(&format!(
-                " AND (state = 'Expired' OR (state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= {now}))"
-            ));
+            sql.push(&format!(" AND (state = 'Expired' OR ({} AND expires_on <= {now}))", *LIVE));
         }
         Some(state) if LIVE_STATES.contains(&state) => {
             let now = sql.bind(Ts(now));
@@ -387,12 +280,17 @@ pub(super) async fn change_state(
     now: Timestamp,
 ) -> Result<Option<usize>> {
     let (changed_on, require_unexpired) = if to == State::Expired { (session.expires_on, false) } else { (now, true) };
+    static UPDATE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE sessions SET state = $2, version = version + 1, last_modified_on = $3, last_correlation_id = $4,
+                    customer_id = $8, transaction_intent_id = $9
+              WHERE id = $1 AND version = $5 AND {} AND (NOT $6 OR expires_on > $7)",
+            *LIVE
+        )
+    });
     let changed = execute(
         tx,
-        "UPDATE sessions SET state = $2, version = version + 1, last_modified_on = $3, last_correlation_id = $4,
-                customer_id = $8, transaction_intent_id = $9
-          WHERE id = $1 AND version = $5 AND state IN ('Created', 'Opened', 'Authenticated')
-            AND (NOT $6 OR expires_on > $7)",
+        &UPDATE,
         &[
             &session.id,
             &to.as_str(),
@@ -430,17 +328,17 @@ pub async fn expire_due(c: &mut Client, now: Timestamp, batch: usize) -> Result<
     // The sessions as they were written (state and version as the sweep changed them; the
     // event needs only what an expiry does not change: id, type, customer, intent, times).
     static SQL: LazyLock<String> = LazyLock::new(|| {
-        let columns = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
         format!(
             "WITH due AS MATERIALIZED (
                  SELECT id FROM sessions
-                  WHERE state IN ('Created', 'Opened', 'Authenticated') AND expires_on <= $1
+                  WHERE {} AND expires_on <= $1
                   ORDER BY expires_on LIMIT $2
                     FOR UPDATE SKIP LOCKED)
              UPDATE sessions s SET state = 'Expired', version = s.version + 1, last_modified_on = s.expires_on
                FROM due WHERE s.id = due.id
              RETURNING {}",
-            columns.join(", ")
+            *LIVE,
+            session_columns_of("s")
         )
     });
     let tx = c.transaction().await?;
@@ -464,15 +362,19 @@ pub async fn expire_due(c: &mut Client, now: Timestamp, batch: usize) -> Result<
     Ok((expired.len(), queued))
 }
 
-pub async fn session_events(c: &mut Client, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>> {
+#[cfg(test)]
+fn parse_event_type(text: &str) -> Result<EventType> {
+    EventType::parse(text).ok_or_else(|| internal(format!("unknown event type {text}")))
+}
+
+#[cfg(test)]
+async fn session_events(c: &mut Client, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>> {
     let rows =
         query(&*c, "SELECT id, type FROM events WHERE session_id = $1 ORDER BY created_on, id", &[&session_id]).await?;
     rows.iter().map(|row| Ok((row.try_get(0)?, parse_event_type(row.try_get(1)?)?))).collect()
 }
 
-// The `SessionStore` of this backend, written with the backend's own names.
-use super::*;
-
+// The `SessionStore` of this backend.
 #[async_trait]
 impl SessionStore for PostgresStore {
     async fn create_session_guarded(
@@ -480,11 +382,11 @@ impl SessionStore for PostgresStore {
         session: SessionRecord,
         guard: Option<Guard<CreateOutcome>>,
     ) -> Result<Guarded<CreateOutcome>> {
-        self.run(move |c| Box::pin(sessions::create_session(c, session, guard))).await
+        self.run(move |c| Box::pin(create_session(c, session, guard))).await
     }
 
     async fn get_session(&self, id: Uuid) -> Result<Option<SessionRecord>> {
-        self.run(move |c| Box::pin(sessions::get_session(c, id))).await
+        self.run(move |c| Box::pin(get_session(c, id))).await
     }
 
     async fn merchant_and_session(
@@ -492,7 +394,7 @@ impl SessionStore for PostgresStore {
         key_hash: [u8; 32],
         id: Uuid,
     ) -> Result<(Option<Merchant>, Option<SessionRecord>)> {
-        self.run(move |c| Box::pin(sessions::merchant_and_session(c, key_hash, id))).await
+        self.run(move |c| Box::pin(merchant_and_session(c, key_hash, id))).await
     }
 
     async fn list_sessions(
@@ -501,7 +403,7 @@ impl SessionStore for PostgresStore {
         filter: SessionFilter,
         now: Timestamp,
     ) -> Result<Vec<SessionRecord>> {
-        self.run(move |c| Box::pin(sessions::list_sessions(c, merchant_id, filter, now))).await
+        self.run(move |c| Box::pin(list_sessions(c, merchant_id, filter, now))).await
     }
 
     async fn cancel_session_guarded(
@@ -509,18 +411,22 @@ impl SessionStore for PostgresStore {
         request: CancelRequest,
         guard: Option<Guard<CancelOutcome>>,
     ) -> Result<Guarded<CancelOutcome>> {
-        let (outcome, queued) = self.run(move |c| Box::pin(sessions::cancel_session(c, request, guard))).await?;
+        let (outcome, queued) = self.run(move |c| Box::pin(cancel_session(c, request, guard))).await?;
         self.queued_deliveries(queued);
         Ok(outcome)
     }
 
     async fn expire_due(&self, now: Timestamp, batch: usize) -> Result<usize> {
-        let (expired, queued) = self.run(move |c| Box::pin(sessions::expire_due(c, now, batch))).await?;
+        let (expired, queued) = self.run(move |c| Box::pin(expire_due(c, now, batch))).await?;
         self.queued_deliveries(queued);
         Ok(expired)
     }
+}
 
+#[cfg(test)]
+#[async_trait]
+impl crate::store::Inspect for PostgresStore {
     async fn session_events(&self, session_id: Uuid) -> Result<Vec<(Uuid, EventType)>> {
-        self.run(move |c| Box::pin(sessions::session_events(c, session_id))).await
+        self.run(move |c| Box::pin(session_events(c, session_id))).await
     }
 }

@@ -250,7 +250,7 @@ impl CustomerStore for SqliteStore {
                     c.prepare_cached(
                         "INSERT INTO transaction_intents
                                 (id, merchant_id, session_id, customer_id, flow, amount_cents, currency, created_on)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'EUR', ?7)",
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, ?7)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -260,7 +260,8 @@ impl CustomerStore for SqliteStore {
                             customer.as_bytes(),
                             intent.flow.as_str(),
                             data.amount.cents() as i64,
-                            step.now.millis()
+                            step.now.millis(),
+                            data.currency.code()
                         ])
                     })
                     .map_err(|e| internal(&e))?;

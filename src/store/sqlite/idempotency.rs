@@ -3,56 +3,29 @@
 
 use std::sync::LazyLock;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use uuid::Uuid;
 
 use super::worker::internal;
-use super::{optional_uuid_at, session_at, SESSION_COLUMNS};
+use super::SqliteStore;
 use crate::domain::time::Timestamp;
-use crate::store::idempotency::{Found, Guard, Guarded, IdempotencyKey, Kept, StoredResponse};
-use crate::store::StoreError;
+use crate::store::idempotency::{kept_first, Found, Guard, Guarded, IdempotencyKey, Kept, StoredResponse};
+use crate::store::prelude::IdempotencyStore;
+use crate::store::rows;
+use crate::store::{Merchant, StoreError};
 
 /// The record kept under `key`, as it decides for a request with `fingerprint`.
 pub(super) fn lookup(c: &Connection, key: IdempotencyKey, fingerprint: &[u8; 32]) -> Result<Option<Found>, StoreError> {
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        format!("SELECT {} FROM idempotency i {KEPT_JOIN} WHERE i.merchant_id = ?1 AND i.request_id = ?2", *KEPT_SELECT)
-    });
+    static SQL: LazyLock<String> = LazyLock::new(|| rows::numbered(&rows::KEPT_BY_KEY));
     let kept = c
         .prepare_cached(&SQL)
         .and_then(|mut s| {
-            s.query_row(params![key.merchant_id.as_bytes(), key.request_id.as_bytes()], |row| kept_at(row, 0))
+            s.query_row(params![key.merchant_id.as_bytes(), key.request_id.as_bytes()], |row| rows::kept_at(row, 0))
                 .optional()
         })
         .map_err(|e| internal(&e))?;
     Ok(kept.and_then(|kept| kept.decide(fingerprint)))
-}
-
-/// The columns `kept_at` reads: the record `i` and the session `s` its answer refers to.
-pub(super) static KEPT_SELECT: LazyLock<String> = LazyLock::new(|| {
-    let session = SESSION_COLUMNS.split(", ").map(|column| format!("s.{column}")).collect::<Vec<_>>();
-    format!("i.fingerprint, i.status, i.headers, i.body, i.session_id, {}", session.join(", "))
-});
-
-/// Joins the session a record `i` refers to, as `s`.
-pub(super) const KEPT_JOIN: &str = "LEFT JOIN sessions s ON s.id = i.session_id";
-
-/// The kept record whose `KEPT_SELECT` columns start at column `at`.
-pub(super) fn kept_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Kept> {
-    let answer = row.get::<_, Option<u16>>(at + 1)?.map(|status| -> rusqlite::Result<StoredResponse> {
-        Ok(StoredResponse {
-            status,
-            headers: row
-                .get::<_, Option<String>>(at + 2)?
-                .and_then(|h| serde_json::from_str(&h).ok())
-                .unwrap_or_default(),
-            body: row.get::<_, Option<Vec<u8>>>(at + 3)?.unwrap_or_default(),
-            session: optional_uuid_at(row, at + 4)?,
-        })
-    });
-    let session = match row.get_ref(at + 5)? {
-        rusqlite::types::ValueRef::Null => None,
-        _ => Some(session_at(row, at + 5)?),
-    };
-    Ok(Kept { fingerprint: row.get(at)?, answer: answer.transpose()?, session })
 }
 
 /// Writes the complete record (over one an earlier version left without an answer), unless
@@ -73,17 +46,9 @@ pub(super) fn keep(
             (Some(headers), Some(&answer.body))
         }
     };
+    static KEEP: LazyLock<String> = LazyLock::new(|| rows::numbered(rows::KEEP));
     let kept = c
-        .prepare_cached(
-            "INSERT INTO idempotency (merchant_id, request_id, fingerprint, started_on, status, headers, body,
-                                      completed_on, session_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?4, ?8)
-             ON CONFLICT (merchant_id, request_id) DO UPDATE SET
-                 fingerprint = excluded.fingerprint, started_on = excluded.started_on, status = excluded.status,
-                 headers = excluded.headers, body = excluded.body, completed_on = excluded.completed_on,
-                 session_id = excluded.session_id
-              WHERE idempotency.status IS NULL",
-        )
+        .prepare_cached(&KEEP)
         .and_then(|mut s| {
             s.execute(params![
                 key.merchant_id.as_bytes(),
@@ -100,10 +65,7 @@ pub(super) fn keep(
     if kept == 1 {
         return Ok(None);
     }
-    match lookup(c, key, fingerprint)? {
-        Some(found) => Ok(Some(found)),
-        None => Err(StoreError::Internal("an idempotency record conflicted but cannot be read".to_owned())),
-    }
+    kept_first(lookup(c, key, fingerprint)?)
 }
 
 /// Runs the write `job` (answering its outcome and how many deliveries it queued) under
@@ -127,9 +89,6 @@ pub(super) fn guarded<O>(
     }
 }
 
-// The `IdempotencyStore` of this backend, written with the backend's own names.
-use super::*;
-
 #[async_trait]
 impl IdempotencyStore for SqliteStore {
     async fn merchant_and_kept(
@@ -137,28 +96,12 @@ impl IdempotencyStore for SqliteStore {
         key_hash: [u8; 32],
         request_id: Uuid,
     ) -> Result<(Option<Merchant>, Option<Kept>), StoreError> {
-        static SQL: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "SELECT m.id, m.name, m.disabled, m.created_on, {}
-                   FROM merchants m LEFT JOIN idempotency i ON i.merchant_id = m.id AND i.request_id = ?2
-                        {}
-                  WHERE m.api_key_hash = ?1",
-                *idempotency::KEPT_SELECT,
-                idempotency::KEPT_JOIN
-            )
-        });
+        static SQL: LazyLock<String> = LazyLock::new(|| rows::numbered(&rows::MERCHANT_AND_KEPT));
         self.point_reads
             .run(move |c| {
                 let mut statement = c.prepare_cached(&SQL).map_err(|e| internal(&e))?;
                 let found = statement
-                    .query_row(params![key_hash, request_id.as_bytes()], |row| {
-                        let merchant = merchant_from_row(row)?;
-                        let kept = match row.get_ref(4)? {
-                            rusqlite::types::ValueRef::Null => None,
-                            _ => Some(idempotency::kept_at(row, 4)?),
-                        };
-                        Ok((merchant, kept))
-                    })
+                    .query_row(params![key_hash, request_id.as_bytes()], |row| rows::merchant_and_kept(row))
                     .optional()
                     .map_err(|e| internal(&e))?;
                 Ok(found.map_or((None, None), |(merchant, kept)| (Some(merchant), kept)))
@@ -171,7 +114,7 @@ impl IdempotencyStore for SqliteStore {
         key: IdempotencyKey,
         fingerprint: [u8; 32],
     ) -> Result<Option<Found>, StoreError> {
-        self.point_reads.run(move |c| idempotency::lookup(c, key, &fingerprint)).await
+        self.point_reads.run(move |c| lookup(c, key, &fingerprint)).await
     }
 
     async fn idempotency_keep(
@@ -181,6 +124,6 @@ impl IdempotencyStore for SqliteStore {
         now: Timestamp,
         answer: StoredResponse,
     ) -> Result<Option<Found>, StoreError> {
-        self.writer.run(move |c| idempotency::keep(c, key, &fingerprint, now, &answer)).await
+        self.writer.run(move |c| keep(c, key, &fingerprint, now, &answer)).await
     }
 }

@@ -1,6 +1,7 @@
 //! Merchants and customers: the `MerchantStore` of the SQLite store.
 
 use super::*;
+use crate::store::rows::MERCHANT_COLUMNS;
 
 #[async_trait]
 impl MerchantStore for SqliteStore {
@@ -26,7 +27,7 @@ impl MerchantStore for SqliteStore {
     async fn merchant_by_key(&self, key_hash: [u8; 32]) -> Result<Option<Merchant>, StoreError> {
         self.point_reads
             .run(move |c| {
-                c.prepare_cached("SELECT id, name, disabled, created_on FROM merchants WHERE api_key_hash = ?1")
+                c.prepare_cached(&format!("SELECT {MERCHANT_COLUMNS} FROM merchants WHERE api_key_hash = ?1"))
                     .and_then(|mut s| s.query_row(params![key_hash], merchant_from_row).optional())
                     .map_err(|e| internal(&e))
             })
@@ -36,7 +37,7 @@ impl MerchantStore for SqliteStore {
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StoreError> {
         self.readers
             .run(|c| {
-                c.prepare_cached("SELECT id, name, disabled, created_on FROM merchants ORDER BY created_on, id")
+                c.prepare_cached(&format!("SELECT {MERCHANT_COLUMNS} FROM merchants ORDER BY created_on, id"))
                     .and_then(|mut s| s.query_map([], merchant_from_row)?.collect())
                     .map_err(|e| internal(&e))
             })

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use redirect_sessions::admin;
 use redirect_sessions::app::{self, AppState};
 use redirect_sessions::config::{Config, DatabaseUrl};
+use redirect_sessions::domain::event::EventType;
 use redirect_sessions::secrets::SecretKey;
 use redirect_sessions::store::DynStore;
 use reqwest::{Client, Method, RequestBuilder, Response};
@@ -426,6 +427,27 @@ impl TestServer {
     /// The store behind the server.
     pub fn store(&self) -> &DynStore {
         &self.state.store
+    }
+
+    /// The types of a session's events, oldest first, read from the database itself: the
+    /// store has no use case that lists them (docs/DESIGN.md).
+    pub async fn event_types(&self, session: Uuid) -> Vec<EventType> {
+        const SQLITE: &str = "SELECT type FROM events WHERE session_id = ?1 ORDER BY created_on, id";
+        const POSTGRES: &str = "SELECT type FROM events WHERE session_id = $1 ORDER BY created_on, id";
+        let names: Vec<String> = match &self.state.config.database_url {
+            DatabaseUrl::Sqlite { path } => {
+                let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+                let connection = rusqlite::Connection::open_with_flags(path, flags).expect("the database opens");
+                let mut statement = connection.prepare(SQLITE).expect("the events table");
+                let rows = statement.query_map([session.as_bytes()], |row| row.get(0)).expect("the events");
+                rows.map(|row| row.expect("an event type")).collect()
+            }
+            DatabaseUrl::Postgres(url) => {
+                let rows = connect_postgres(url).await.query(POSTGRES, &[&session]).await.expect("the events");
+                rows.iter().map(|row| row.get(0)).collect()
+            }
+        };
+        names.iter().map(|name| EventType::parse(name).unwrap_or_else(|| panic!("unknown event type {name}"))).collect()
     }
     /// Another merchant; answers its key and id.
     pub async fn another_merchant(&self) -> (String, Uuid) {
