@@ -211,7 +211,7 @@ pub async fn rotate_secret(
                     signing_secret: record.signing_secret.clone(),
                     previous_secret_expires_on: record.previous_secret.as_ref().map_or(now, |p| p.expires_on),
                 };
-                json_answer(StatusCode::OK, &rotated, Some(format!("\"{}\"", record.version)), None)
+                json_answer(StatusCode::OK, &rotated, Some(record.etag()), None)
             }
             other => changed(other),
         }

@@ -111,7 +111,7 @@ impl Subscription {
 /// The answer showing `record` (with its signing secret only when `with_secret`): its
 /// representation, `ETag`, and for a new subscription its `Location`.
 pub(super) fn subscription_answer(status: StatusCode, record: SubscriptionRecord, with_secret: bool) -> StoredResponse {
-    let etag = format!("\"{}\"", record.version);
+    let etag = record.etag();
     let location = (status == StatusCode::CREATED).then(|| format!("{BASE}{PATH}/{}", record.id));
     json_answer(status, &Subscription::of(record, with_secret), Some(etag), location)
 }
@@ -211,7 +211,7 @@ pub async fn create_subscription(
         move |outcome: &PutSubscriptionOutcome| match outcome {
             PutSubscriptionOutcome::Created(record) => subscription_answer(StatusCode::CREATED, record.clone(), true),
             PutSubscriptionOutcome::Exists(existing) => {
-                let etag = format!("\"{}\"", existing.version);
+                let etag = existing.etag();
                 let same_version = if_match.as_deref().is_none_or(|tag| crate::store::etag_matches(tag, &etag));
                 if existing.merchant_id == merchant_id && existing.spec == spec && same_version {
                     subscription_answer(StatusCode::OK, existing.clone(), false)

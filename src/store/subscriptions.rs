@@ -96,39 +96,3 @@ pub trait SubscriptionStore: Send + Sync + 'static {
         guard: Option<Guard<ChangeSubscriptionOutcome>>,
     ) -> Result<Guarded<ChangeSubscriptionOutcome>, StoreError>;
 }
-
-/// Whether `merchant_id` may change the subscription as read (`found`, under whatever lock the
-/// backend holds) with the `If-Match` it sent; else what the change answers. Both backends use
-/// it, so they cannot disagree.
-#[allow(clippy::result_large_err)] // Moved once, into the answer; boxing would gain nothing.
-pub(crate) fn owned(
-    found: Option<SubscriptionRecord>,
-    merchant_id: Uuid,
-    if_match: Option<&str>,
-) -> Result<SubscriptionRecord, ChangeSubscriptionOutcome> {
-    match found {
-        None => Err(ChangeSubscriptionOutcome::NotFound),
-        Some(s) if s.merchant_id != merchant_id => Err(ChangeSubscriptionOutcome::OtherMerchant),
-        Some(s) if if_match.is_some_and(|tag| !etag_matches(tag, &s.etag())) => {
-            Err(ChangeSubscriptionOutcome::VersionMismatch)
-        }
-        Some(s) => Ok(s),
-    }
-}
-
-/// Where recovering moves the failed deliveries of the subscription `owned` answered (`owned`):
-/// back to `Pending`, or `Held` while it is suspended; or what recovering answers instead
-/// (`RecoverOutcome` has no answer of its own for a tag that does not match).
-#[allow(clippy::result_large_err)] // As `owned`.
-pub(crate) fn recovered_state(
-    owned: Result<SubscriptionRecord, ChangeSubscriptionOutcome>,
-) -> Result<DeliveryState, RecoverOutcome> {
-    match owned {
-        Ok(record) => Ok(match record.status {
-            SubscriptionStatus::Active => DeliveryState::Pending,
-            SubscriptionStatus::Suspended { .. } => DeliveryState::Held,
-        }),
-        Err(ChangeSubscriptionOutcome::OtherMerchant) => Err(RecoverOutcome::OtherMerchant),
-        Err(_) => Err(RecoverOutcome::NotFound),
-    }
-}

@@ -28,15 +28,15 @@ use uuid::Uuid;
 use crate::domain::event::{EventKind, EventType};
 use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
+use crate::domain::webhooks::recovered_state;
+use crate::domain::webhooks::{delivery_moves, Receiver};
 use crate::secrets::KeyRing;
-use crate::store::deliveries::{delivery_moves, Receiver};
 use crate::store::postgres::idempotency::finish;
 use crate::store::postgres::{
     execute, int8, internal, listen, parse_event_kind, query, query_one, query_opt, ts, ts_opt, Client, Result, Sql, Ts,
 };
 use crate::store::rows::{FINISHED_DELIVERY, OPEN_DELIVERY};
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key, seal_signing_secret};
-use crate::store::subscriptions::recovered_state;
 use crate::store::webhooks::{
     decide_redelivery, AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimPicker, ClaimedDelivery,
     DeliveryFilter, DeliveryRecord, DeliveryState, PreviousSecret, PutSubscriptionOutcome, RecoverOutcome,

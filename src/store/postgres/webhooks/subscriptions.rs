@@ -137,7 +137,7 @@ pub(super) async fn owned_subscription(
     lock: &str,
 ) -> Result<std::result::Result<SubscriptionRecord, ChangeSubscriptionOutcome>> {
     let found = load_subscription(tx, change.id, lock).await?;
-    Ok(crate::store::subscriptions::owned(found, change.merchant_id, change.if_match.as_deref()))
+    Ok(crate::domain::webhooks::owned(found, change.merchant_id, change.if_match.as_deref()))
 }
 
 /// Replaces all three fields of a merchant's subscription, resuming it when suspended (its

@@ -14,13 +14,13 @@ use uuid::Uuid;
 use crate::domain::event::{EventKind, EventType};
 use crate::domain::subscription::{EventMask, SubscriptionSpec};
 use crate::domain::time::Timestamp;
+use crate::domain::webhooks::recovered_state;
+use crate::domain::webhooks::{delivery_moves, Receiver};
 use crate::secrets::KeyRing;
-use crate::store::deliveries::{delivery_moves, Receiver};
 use crate::store::rows::{FINISHED_DELIVERY, OPEN_DELIVERY};
 use crate::store::sealing::{open_claimed, open_subscription, seal_api_key, seal_signing_secret};
 use crate::store::sqlite::uuid_at;
 use crate::store::sqlite::worker::internal;
-use crate::store::subscriptions::recovered_state;
 use crate::store::webhooks::{
     decide_redelivery, AttemptOutcome, AttemptRecord, Backlog, ChangeSubscriptionOutcome, ClaimedDelivery,
     DeliveryFilter, DeliveryRecord, DeliveryState, PreviousSecret, PutSubscriptionOutcome, RecoverOutcome,

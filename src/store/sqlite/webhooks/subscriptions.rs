@@ -104,7 +104,7 @@ pub(super) fn owned_subscription(
     id: Uuid,
     if_match: Option<&str>,
 ) -> Result<std::result::Result<SubscriptionRecord, ChangeSubscriptionOutcome>> {
-    Ok(crate::store::subscriptions::owned(get_subscription(c, id)?, merchant_id, if_match))
+    Ok(crate::domain::webhooks::owned(get_subscription(c, id)?, merchant_id, if_match))
 }
 
 /// Replaces all three fields of a merchant's subscription, resuming it when suspended;

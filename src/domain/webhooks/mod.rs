@@ -2,6 +2,8 @@
 //! deliveries a claim takes, what a redelivery or a failing receiver comes to), which both
 //! backends and the handlers share.
 
+mod decisions;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -10,6 +12,8 @@ use uuid::Uuid;
 use crate::domain::event::EventKind;
 use crate::domain::subscription::SubscriptionSpec;
 use crate::domain::time::Timestamp;
+
+pub use decisions::{delivery_moves, owned, recovered_state, Receiver};
 
 /// A subscription as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
