@@ -350,12 +350,58 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite_path = dir.path().join("deployment.db");
     let sqlite = TestDatabase::sqlite_at(&sqlite_path);
-    let delivered_to = Receiver::answering(200).await;
-    let failing = Receiver::answering(500).await;
+    let receivers = Receivers { delivered_to: Receiver::answering(200).await, failing: Receiver::answering(500).await };
+    let shop = expire_one_on_sqlite(&sqlite, &receivers).await;
+    let made = make_the_rest_on_sqlite(&sqlite, &receivers, shop).await;
+    let target = TestDatabase::fresh_postgres().expect("a PostgreSQL server");
+    let from = format!("sqlite://{}", sqlite_path.display());
+    move_it(&sqlite_path, &from, &target, &made).await;
+    answer_the_same_on_postgres(&target, &made).await;
+    go_on_working_on_postgres(&target, &receivers, &made).await;
+    refuse_moving_again(&target, &from, dir.path()).await;
+}
 
-    // --- 1. On SQLite, with sessions living one second: one session expires and its event is
-    // delivered.
-    let first = start(&sqlite, |c| c.session_ttl = Duration::from_secs(1)).await;
+/// The two receivers of the deployment's subscriptions.
+struct Receivers {
+    delivered_to: Receiver,
+    failing: Receiver,
+}
+
+/// The deployment after stage 1: its merchant (and key), customer, subscriptions, and the
+/// session that expired.
+struct Shop {
+    merchant: Value,
+    key: String,
+    customer: Uuid,
+    sub_ok: Uuid,
+    sub_failing: Uuid,
+    expired: Uuid,
+}
+
+/// The deployment after stage 2, with what it answered on SQLite (`before`).
+struct Made {
+    shop: Shop,
+    cancelled: Uuid,
+    existing: Uuid,
+    new_customer: Uuid,
+    by_direction: Uuid,
+    finished: Uuid,
+    registered: Uuid,
+    signing_in: Uuid,
+    registered_customer: Uuid,
+    intent: Intent,
+    replay: Replay,
+    sessions: [Uuid; 8],
+    before: Snapshot,
+    pending_id: String,
+    pending_event: String,
+}
+
+/// On SQLite, with sessions living one second: one session expires and its event is
+/// delivered.
+async fn expire_one_on_sqlite(sqlite: &TestDatabase, receivers: &Receivers) -> Shop {
+    let Receivers { delivered_to, failing } = receivers;
+    let first = start(sqlite, |c| c.session_ttl = Duration::from_secs(1)).await;
     let merchant = admin::create_merchant(&first.state.store, "Moving Shop").await.unwrap();
     let key = merchant["apiKey"].as_str().unwrap().to_owned();
     let customer = admin::create_customer(&first.state.store, "+4915112345678").await.unwrap();
@@ -388,10 +434,16 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     })
     .await;
     first.stop().await;
+    Shop { merchant, key, customer, sub_ok, sub_failing, expired }
+}
 
-    // --- 2. On SQLite again, sessions living 15 minutes, retries after 6 s: the other session
-    // types, an idempotent create, a cancel delivered to one receiver and failing at the other.
-    let second = start(&sqlite, |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
+/// On SQLite again, sessions living 15 minutes, retries after 6 s: the other session
+/// types, an idempotent create, a cancel delivered to one receiver and failing at the other.
+async fn make_the_rest_on_sqlite(sqlite: &TestDatabase, receivers: &Receivers, shop: Shop) -> Made {
+    let failing = &receivers.failing;
+    let (key, customer, expired) = (shop.key.clone(), shop.customer, shop.expired);
+    let (sub_ok, sub_failing) = (shop.sub_ok, shop.sub_failing);
+    let second = start(sqlite, |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
     let (cancelled, existing, new_customer, by_direction) =
         (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let mut with_customer = new_transaction_intent(json!(100.50));
@@ -424,9 +476,50 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         let (status, answer) = second.json(Method::PUT, &session_path(*id), &key, Some(body)).await;
         assert_eq!(status, 201, "{answer}");
     }
-    // The customer's side, through the store as the hosted page drives it: a sign-in with the
-    // known customer's phone that finishes with a new intent, a registration of a new customer
-    // (with names), and a code sent, entered wrongly once, and not yet entered rightly.
+    let (finished, registered, signing_in, registered_customer, intent) =
+        customers_step_in(&second, &key, customer).await;
+    cancel_delivered_once_and_failed_once(&second, &key, cancelled, (sub_ok, sub_failing)).await;
+    let sessions = [expired, cancelled, existing, new_customer, by_direction, finished, registered, signing_in];
+    let subscriptions = [sub_ok, sub_failing];
+    let before = snapshot(&second, &key, &sessions, &subscriptions, &replay).await;
+    second.stop().await;
+    assert_eq!(before.replay, (201, Some("true".to_owned()), first_answer), "replayed on SQLite");
+    assert!(before.sessions.iter().all(|r| r.status == 200 && r.etag.is_some()), "{before:?}");
+    let pending: Vec<Value> = serde_json::from_str::<Value>(&before.deliveries.body).unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["state"] == "Pending")
+        .cloned()
+        .collect();
+    assert_eq!(pending.len(), 1, "{}", before.deliveries.body);
+    let pending_id = pending[0]["id"].as_str().unwrap().to_owned();
+    let pending_event = pending[0]["eventId"].as_str().unwrap().to_owned();
+    assert_eq!(failing.ids(), vec![pending_event.clone()], "the failing receiver saw the event once");
+    Made {
+        shop,
+        cancelled,
+        existing,
+        new_customer,
+        by_direction,
+        finished,
+        registered,
+        signing_in,
+        registered_customer,
+        intent,
+        replay,
+        sessions,
+        before,
+        pending_id,
+        pending_event,
+    }
+}
+
+/// The customer's side, through the store as the hosted page drives it: a sign-in with the
+/// known customer's phone that finishes with a new intent, a registration of a new customer
+/// (with names), and a code sent, entered wrongly once, and not yet entered rightly.
+/// Answers the three sessions, the registered customer and the intent made.
+async fn customers_step_in(second: &TestServer, key: &str, customer: Uuid) -> (Uuid, Uuid, Uuid, Uuid, Intent) {
     let (finished, registered, signing_in) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let registration = json!({"type": "NewCustomer", "redirectData": redirect_data(), "locale": "de",
                                "customerData": {"firstName": "Max", "lastName": "Muster"}});
@@ -435,12 +528,12 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         (registered, registration),
         (signing_in, new_transaction_intent(json!(3))),
     ] {
-        let (status, answer) = second.json(Method::PUT, &session_path(id), &key, Some(&body)).await;
+        let (status, answer) = second.json(Method::PUT, &session_path(id), key, Some(&body)).await;
         assert_eq!(status, 201, "{answer}");
     }
     let (registered_customer, intent) = (Uuid::new_v4(), Intent { id: Uuid::new_v4(), flow: Flow::PayOut });
     let store = &second.state.store;
-    send_code(&second, finished, "+4915112345678").await;
+    send_code(second, finished, "+4915112345678").await;
     match store.enter_code(customer_step(finished), hash_code(&CODE_KEY, finished, CODE), Uuid::new_v4()).await {
         Ok(CodeEntered::Authenticated(s)) => assert_eq!(s.customer_id, Some(customer), "the phone's customer"),
         other => panic!("{other:?}"),
@@ -451,7 +544,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         }
         other => panic!("{other:?}"),
     }
-    send_code(&second, registered, "+4917612345678").await;
+    send_code(second, registered, "+4917612345678").await;
     match store.enter_code(customer_step(registered), hash_code(&CODE_KEY, registered, CODE), registered_customer).await
     {
         Ok(CodeEntered::Authenticated(s)) => {
@@ -459,17 +552,28 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         }
         other => panic!("{other:?}"),
     }
-    send_code(&second, signing_in, "+4915112345678").await;
+    send_code(second, signing_in, "+4915112345678").await;
     match store.enter_code(customer_step(signing_in), hash_code(&CODE_KEY, signing_in, "000000"), Uuid::new_v4()).await
     {
         Ok(CodeEntered::Refused(CodeCheck::Wrong { tries_left: 4 })) => {}
         other => panic!("{other:?}"),
     }
-    let (status, answer) = second.json(Method::POST, &format!("{}/cancel", session_path(cancelled)), &key, None).await;
+    (finished, registered, signing_in, registered_customer, intent)
+}
+
+/// Cancels `cancelled`: its event is delivered to the first subscription and fails once at the
+/// second (pending a retry in about 6 s).
+async fn cancel_delivered_once_and_failed_once(
+    second: &TestServer,
+    key: &str,
+    cancelled: Uuid,
+    subscriptions: (Uuid, Uuid),
+) {
+    let (sub_ok, sub_failing) = subscriptions;
+    let (status, answer) = second.json(Method::POST, &format!("{}/cancel", session_path(cancelled)), key, None).await;
     assert_eq!((status, &answer["state"]), (200, &json!("Cancelled")), "{answer}");
-    // One delivery delivered, one failed once and pending a retry in about 6 s.
     eventually("the cancel delivered and failed once", || async {
-        let deliveries = second.deliveries(&key).await;
+        let deliveries = second.deliveries(key).await;
         let of = |sub: Uuid| {
             deliveries
                 .iter()
@@ -491,31 +595,18 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         }
     })
     .await;
-    let sessions = [expired, cancelled, existing, new_customer, by_direction, finished, registered, signing_in];
-    let subscriptions = [sub_ok, sub_failing];
-    let before = snapshot(&second, &key, &sessions, &subscriptions, &replay).await;
-    second.stop().await;
-    assert_eq!(before.replay, (201, Some("true".to_owned()), first_answer), "replayed on SQLite");
-    assert!(before.sessions.iter().all(|r| r.status == 200 && r.etag.is_some()), "{before:?}");
-    let pending: Vec<Value> = serde_json::from_str::<Value>(&before.deliveries.body).unwrap()["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["state"] == "Pending")
-        .cloned()
-        .collect();
-    assert_eq!(pending.len(), 1, "{}", before.deliveries.body);
-    let pending_id = pending[0]["id"].as_str().unwrap().to_owned();
-    let pending_event = pending[0]["eventId"].as_str().unwrap().to_owned();
-    assert_eq!(failing.ids(), vec![pending_event.clone()], "the failing receiver saw the event once");
+}
 
-    // --- 3. Move it.
-    let target = TestDatabase::fresh_postgres().expect("a PostgreSQL server");
-    let from = format!("sqlite://{}", sqlite_path.display());
+/// `migrate-data` moves the deployment into `target`: every row of every table, the customer
+/// flow value for value, amounts and currencies beside the spec, no leases, the secrets as they
+/// were sealed.
+async fn move_it(sqlite_path: &Path, from: &str, target: &TestDatabase, made: &Made) {
+    let Made { cancelled, finished, registered, signing_in, .. } = *made;
+    let (customer, registered_customer) = (made.shop.customer, made.registered_customer);
+    let (merchant, intent) = (&made.shop.merchant, &made.intent);
     let started = Instant::now();
     // The global --database-url is not for migrate-data: even an unusable one is ignored.
-    let moved =
-        run(&["migrate-data", "--from", &from, "--to", target.url(), "--database-url", "mysql://ignored"]).await;
+    let moved = run(&["migrate-data", "--from", from, "--to", target.url(), "--database-url", "mysql://ignored"]).await;
     assert_eq!(moved.code, Some(0), "{moved:?}");
     let _ = writeln!(std::io::stderr(), "migrate-data took {:?}", started.elapsed());
     let lines: Vec<&str> = moved.stdout.lines().collect();
@@ -528,7 +619,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
                "delivery_attempts": 5}),
         "{moved:?}"
     );
-    let source = rusqlite::Connection::open(&sqlite_path).unwrap();
+    let source = rusqlite::Connection::open(sqlite_path).unwrap();
     for table in TABLES {
         let rows: i64 = source.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap();
         assert_eq!(summary[table], json!(rows), "{table}: every row of the source");
@@ -561,7 +652,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         format!(
             "{}|{}|{}|{}|PayOut|10050|EUR|",
             hex(intent.id),
-            hex(merchant_id(&merchant)),
+            hex(merchant_id(merchant)),
             hex(finished),
             hex(customer)
         ),
@@ -574,7 +665,15 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         assert!(moved.stderr.contains(&format!("{table}: ")), "a progress line for {table}: {}", moved.stderr);
     }
 
-    // What only PostgreSQL has: the numeric amount beside the spec, and no leases.
+    amounts_leases_and_secrets_as_moved(&sql, sqlite_path, made).await;
+    drop(sql);
+}
+
+/// What only PostgreSQL has: the numeric amount beside the spec, and no leases; and the
+/// secrets, moved encrypted exactly as they were (the same key opens them on both sides).
+async fn amounts_leases_and_secrets_as_moved(sql: &tokio_postgres::Client, sqlite_path: &Path, made: &Made) {
+    let Made { cancelled, existing, new_customer, by_direction, .. } = *made;
+    let expired = made.shop.expired;
     let amounts: Vec<(String, Option<String>, Option<String>)> = sql
         .query("SELECT id::text, amount::text, currency FROM sessions", &[])
         .await
@@ -597,9 +696,8 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
         .unwrap()
         .get(0);
     assert_eq!(leased, 0, "leases are cleared");
-    // The secrets move encrypted, exactly as they were (the same key opens them on both sides).
     let sealed_on_sqlite: Vec<(String, String, String)> = {
-        let source = rusqlite::Connection::open(&sqlite_path).unwrap();
+        let source = rusqlite::Connection::open(sqlite_path).unwrap();
         let mut statement =
             source.prepare("SELECT lower(hex(id)), api_key, signing_secret FROM subscriptions ORDER BY 1").unwrap();
         let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
@@ -615,15 +713,19 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     assert_eq!(sealed_on_sqlite.len(), 2);
     assert!(sealed_on_sqlite.iter().all(|(_, key, secret)| key.starts_with("v1:") && secret.starts_with("v1:")));
     assert_eq!(sealed_on_sqlite, sealed_on_postgres, "ciphertexts are copied as they are");
-    drop(sql);
+}
 
-    // --- 4. On PostgreSQL (dispatcher off, so nothing moves while comparing): the same answers.
-    let third = start(&target, |c| {
+/// On PostgreSQL (dispatcher off, so nothing moves while comparing): the same answers.
+async fn answer_the_same_on_postgres(target: &TestDatabase, made: &Made) {
+    let (sessions, replay, before) = (&made.sessions, &made.replay, &made.before);
+    let key = &made.shop.key;
+    let subscriptions = [made.shop.sub_ok, made.shop.sub_failing];
+    let third = start(target, |c| {
         c.webhook_dispatcher = false;
         c.expiry_sweep = false;
     })
     .await;
-    let after = snapshot(&third, &key, &sessions, &subscriptions, &replay).await;
+    let after = snapshot(&third, key, sessions, &subscriptions, replay).await;
     third.stop().await;
     for (index, (was, is)) in before.sessions.iter().zip(&after.sessions).enumerate() {
         assert_eq!(was, is, "session {} reads the same (body and ETag)", sessions[index]);
@@ -635,15 +737,20 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     assert_eq!(before.deliveries, after.deliveries, "the deliveries list the same");
     assert_eq!(before.session_list, after.session_list, "the sessions list the same");
     assert_eq!(before.hosted, after.hosted, "the hosted page reads the same");
-    assert_eq!(before, after);
+    assert_eq!(*before, after);
+}
 
-    // --- 5. With the dispatcher on and the receiver fixed, the pending delivery is delivered
-    // (the same event), and nothing already delivered is sent again.
+/// With the dispatcher on and the receiver fixed, the pending delivery is delivered
+/// (the same event), and nothing already delivered is sent again.
+async fn go_on_working_on_postgres(target: &TestDatabase, receivers: &Receivers, made: &Made) {
+    let Receivers { delivered_to, failing } = receivers;
+    let (key, customer, signing_in) = (&made.shop.key, made.shop.customer, made.signing_in);
+    let (pending_id, pending_event) = (&made.pending_id, &made.pending_event);
     failing.answer_from_now_on(Reply::Status(200));
     let delivered_before = delivered_to.ids();
-    let fourth = start(&target, |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
+    let fourth = start(target, |c| c.webhook_retry_schedule = vec![Duration::from_secs(6)]).await;
     let delivery = eventually("the pending delivery delivered on PostgreSQL", || async {
-        let deliveries = fourth.deliveries(&key).await;
+        let deliveries = fourth.deliveries(key).await;
         deliveries.into_iter().find(|d| d["id"] == json!(pending_id) && d["state"] == "Delivered")
     })
     .await;
@@ -671,22 +778,24 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     }
     // The moved deployment goes on working: a new session on PostgreSQL.
     let (status, answer) =
-        fourth.json(Method::PUT, &session_path(Uuid::new_v4()), &key, Some(&new_transaction_intent(json!(7)))).await;
+        fourth.json(Method::PUT, &session_path(Uuid::new_v4()), key, Some(&new_transaction_intent(json!(7)))).await;
     assert_eq!(status, 201, "{answer}");
     fourth.stop().await;
+}
 
-    // --- 6. Moving again into the now non-empty database is refused and changes nothing.
-    let unchanged = fingerprint(&target).await;
-    let again = run(&["migrate-data", "--from", &from, "--to", target.url()]).await;
+/// Moving again into the now non-empty database is refused and changes nothing.
+async fn refuse_moving_again(target: &TestDatabase, from: &str, dir: &Path) {
+    let unchanged = fingerprint(target).await;
+    let again = run(&["migrate-data", "--from", from, "--to", target.url()]).await;
     assert_eq!(again.code, Some(1), "{again:?}");
     assert_eq!(again.stdout, "", "{again:?}");
     let errors = again.error_lines();
     assert_eq!(errors.len(), 1, "one error line: {again:?}");
     assert!(errors[0].contains("not empty"), "{again:?}");
-    assert_eq!(fingerprint(&target).await, unchanged, "the refused move changed nothing");
+    assert_eq!(fingerprint(target).await, unchanged, "the refused move changed nothing");
 
     // A source that was never migrated is refused before the target is touched.
-    let unmigrated = dir.path().join("unmigrated.db");
+    let unmigrated = dir.join("unmigrated.db");
     rusqlite::Connection::open(&unmigrated).unwrap().execute_batch("CREATE TABLE other (x INTEGER)").unwrap();
     let unmigrated_url = format!("sqlite://{}", unmigrated.display());
     let refused = run(&["migrate-data", "--from", &unmigrated_url, "--to", target.url()]).await;
@@ -694,11 +803,11 @@ async fn a_sqlite_deployment_moves_to_postgres_and_answers_identically() {
     let errors = refused.error_lines();
     assert_eq!(errors.len(), 1, "{refused:?}");
     assert!(errors[0].contains(&format!("redirect-sessions migrate --database-url {unmigrated_url}")), "{refused:?}");
-    assert_eq!(fingerprint(&target).await, unchanged, "the refused move changed nothing");
+    assert_eq!(fingerprint(target).await, unchanged, "the refused move changed nothing");
 
-    // --- 7. Bad arguments: one line on stderr, exit code 2, nothing touched.
-    bad_arguments_exit_2(&from, target.url(), dir.path()).await;
-    assert_eq!(fingerprint(&target).await, unchanged, "bad arguments changed nothing");
+    // Bad arguments: one line on stderr, exit code 2, nothing touched.
+    bad_arguments_exit_2(from, target.url(), dir).await;
+    assert_eq!(fingerprint(target).await, unchanged, "bad arguments changed nothing");
 }
 
 async fn bad_arguments_exit_2(from: &str, to: &str, dir: &Path) {
