@@ -265,71 +265,18 @@ async fn no_secret_reaches_the_log_even_at_trace() {
     let (database_url, _database) = fresh_database_url();
     let received = Arc::new(Received::default());
     let receivers = start_receivers(received.clone()).await;
-
-    // A merchant, from the CLI (its key is the one thing it prints on stdout, on purpose).
-    let mut create = command(&["merchant", "create", "--name", "Leak Check Shop", "--database-url", &database_url]);
-    create.env("REDIRECT_SESSIONS_LOG", LOG);
-    let created = run(create);
-    assert_eq!(created.code, Some(0), "{created:?}");
-    let merchant_key = created.single_json_line()["apiKey"].as_str().unwrap().to_owned();
-    let mut output: Vec<String> = created.stderr.lines().map(str::to_owned).collect();
-
-    let otp_url = format!("{receivers}/otp");
-    let mut serve = command(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        &database_url,
-        "--log",
-        LOG,
-        "--otp-sender",
-        "http",
-        "--otp-http-url",
-        &otp_url,
-        "--otp-http-token",
-        OTP_TOKEN,
-        "--allow-private-callbacks",
-        "--allow-http-redirect-urls",
-        "--webhook-retry-schedule",
-        "1s,1s,1s",
-    ]);
-    serve.env("RUST_LOG", "trace");
-    let served = Captured::start(serve).await;
+    let (merchant_key, mut output) = create_merchant(&database_url);
+    let served = Captured::start(serve_talkatively(&database_url, &receivers)).await;
     let base = served.url.clone();
     let client = Client::new();
-
-    // A subscription; its signing secret is in the 201 only.
-    let subscription = client
-        .put(format!("{base}{BASE}/redirect-session-events/subscriptions/{}", Uuid::new_v4()))
-        .header("x-api-key", &merchant_key)
-        .json(&json!({
-            "callbackUrl": format!("{receivers}/hook"),
-            "apiKey": SUBSCRIPTION_KEY,
-            "eventTypes": ["RedirectSessionCancelled", "RedirectSessionCompleted"]
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(subscription.status(), 201);
-    let subscription: Value = subscription.json().await.unwrap();
-    let signing_secret = subscription["signingSecret"].as_str().expect("a signing secret").to_owned();
+    let signing_secret = subscribe(&client, &base, &merchant_key, &receivers).await;
 
     // A session the customer pays on the hosted page.
     let (paid, paid_token) = put_session(&client, &base, &merchant_key).await;
     let browser = Browser::arrive(&base, &paid_token).await;
     assert_eq!(browser.submit("/pay/code", &[("phone", PHONE_TYPED)]).await, 502, "the gateway fails once");
     assert_eq!(browser.submit("/pay/code", &[("phone", PHONE_TYPED)]).await, 303);
-    let codes: Vec<String> = {
-        let sent = received.codes.lock().unwrap();
-        assert_eq!(sent.len(), 2);
-        for (authorization, body) in sent.iter() {
-            assert_eq!(authorization.as_deref(), Some(format!("Bearer {OTP_TOKEN}").as_str()));
-            assert_eq!(body["phone"], PHONE);
-            assert_eq!(body["redirectSessionId"], paid.to_string());
-        }
-        sent.iter().map(|(_, body)| body["code"].as_str().unwrap().to_owned()).collect()
-    };
+    let codes = codes_sent(&received, paid);
     let code = codes.last().unwrap().clone();
     let wrong = if code == "000000" { "111111" } else { "000000" };
     assert_eq!(browser.submit("/pay/verify", &[("code", wrong)]).await, 400);
@@ -352,27 +299,7 @@ async fn no_secret_reaches_the_log_even_at_trace() {
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
-
-    // Both events are delivered (the first attempt fails and is retried).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let delivered: Vec<String> = received
-            .callbacks
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, _, status)| *status == 200)
-            .map(|(key, body, _)| {
-                assert_eq!(key.as_deref(), Some(SUBSCRIPTION_KEY));
-                body["data"]["id"].as_str().unwrap().to_owned()
-            })
-            .collect();
-        if delivered.contains(&paid.to_string()) && delivered.contains(&cancelled.to_string()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the webhooks were not delivered: {:?}", served.lines());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_deliveries(&received, &served, &[paid, cancelled]).await;
 
     output.extend(served.stop().await);
     // The filter was really that talkative: debug lines of the crate are there.
@@ -397,19 +324,111 @@ async fn no_secret_reaches_the_log_even_at_trace() {
         ("the customer's phone", PHONE.to_owned()),
     ];
     secrets.extend(codes.iter().map(|code| ("a one-time code", code.clone())));
-    // The key that encrypts secrets at rest, when the harness gives the binary one.
-    let harness_env: Vec<(String, String)> = command(&[])
-        .get_envs()
-        .filter_map(|(name, value)| Some((name.to_str()?.to_owned(), value?.to_str()?.to_owned())))
-        .collect();
-    for (name, value) in harness_env {
-        if name.starts_with("REDIRECT_SESSIONS_SECRETS") {
-            secrets.push(("the secrets key", value));
-        }
-    }
+    secrets.extend(harness_secrets_keys().into_iter().map(|key| ("the secrets key", key)));
     let found: Vec<String> = secrets
         .iter()
         .flat_map(|(what, secret)| leaks(&output, secret).into_iter().map(move |line| format!("{what}: {line}")))
         .collect();
     assert!(found.is_empty(), "secrets in the log:\n{}", found.join("\n"));
+}
+
+/// A merchant, from the CLI at the test's log level: its key (the one thing it prints on
+/// stdout, on purpose) and what it logged.
+fn create_merchant(database_url: &str) -> (String, Vec<String>) {
+    let mut create = command(&["merchant", "create", "--name", "Leak Check Shop", "--database-url", database_url]);
+    create.env("REDIRECT_SESSIONS_LOG", LOG);
+    let created = run(create);
+    assert_eq!(created.code, Some(0), "{created:?}");
+    let merchant_key = created.single_json_line()["apiKey"].as_str().unwrap().to_owned();
+    (merchant_key, created.stderr.lines().map(str::to_owned).collect())
+}
+
+/// `serve` logging everything, sending codes to the test's gateway and retrying webhooks fast.
+fn serve_talkatively(database_url: &str, receivers: &str) -> Command {
+    let otp_url = format!("{receivers}/otp");
+    let mut serve = command(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        database_url,
+        "--log",
+        LOG,
+        "--otp-sender",
+        "http",
+        "--otp-http-url",
+        &otp_url,
+        "--otp-http-token",
+        OTP_TOKEN,
+        "--allow-private-callbacks",
+        "--allow-http-redirect-urls",
+        "--webhook-retry-schedule",
+        "1s,1s,1s",
+    ]);
+    serve.env("RUST_LOG", "trace");
+    serve
+}
+
+/// A subscription to the test's receiver; answers its signing secret (shown in the 201 only).
+async fn subscribe(client: &Client, base: &str, merchant_key: &str, receivers: &str) -> String {
+    let subscription = client
+        .put(format!("{base}{BASE}/redirect-session-events/subscriptions/{}", Uuid::new_v4()))
+        .header("x-api-key", merchant_key)
+        .json(&json!({
+            "callbackUrl": format!("{receivers}/hook"),
+            "apiKey": SUBSCRIPTION_KEY,
+            "eventTypes": ["RedirectSessionCancelled", "RedirectSessionCompleted"]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(subscription.status(), 201);
+    let subscription: Value = subscription.json().await.unwrap();
+    subscription["signingSecret"].as_str().expect("a signing secret").to_owned()
+}
+
+/// The codes the gateway got for `session`, each sent with the gateway's token to the phone.
+fn codes_sent(received: &Received, session: Uuid) -> Vec<String> {
+    let sent = received.codes.lock().unwrap();
+    assert_eq!(sent.len(), 2);
+    for (authorization, body) in sent.iter() {
+        assert_eq!(authorization.as_deref(), Some(format!("Bearer {OTP_TOKEN}").as_str()));
+        assert_eq!(body["phone"], PHONE);
+        assert_eq!(body["redirectSessionId"], session.to_string());
+    }
+    sent.iter().map(|(_, body)| body["code"].as_str().unwrap().to_owned()).collect()
+}
+
+/// Waits until the events of every session in `sessions` were delivered (a first attempt
+/// fails and is retried), each with the subscription's key.
+async fn wait_for_deliveries(received: &Received, served: &Captured, sessions: &[Uuid]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered: Vec<String> = received
+            .callbacks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, status)| *status == 200)
+            .map(|(key, body, _)| {
+                assert_eq!(key.as_deref(), Some(SUBSCRIPTION_KEY));
+                body["data"]["id"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        if sessions.iter().all(|id| delivered.contains(&id.to_string())) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the webhooks were not delivered: {:?}", served.lines());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The keys that encrypt secrets at rest, when the harness gives the binary some.
+fn harness_secrets_keys() -> Vec<String> {
+    command(&[])
+        .get_envs()
+        .filter_map(|(name, value)| Some((name.to_str()?.to_owned(), value?.to_str()?.to_owned())))
+        .filter(|(name, _)| name.starts_with("REDIRECT_SESSIONS_SECRETS"))
+        .map(|(_, value)| value)
+        .collect()
 }
