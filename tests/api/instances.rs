@@ -207,7 +207,7 @@ impl Pair {
 
     /// Instance `i % 2`: spreads work over both.
     fn either(&self, i: usize) -> &Instance {
-        if i.is_multiple_of(2) {
+        if i % 2 == 0 {
             &self.a
         } else {
             &self.b

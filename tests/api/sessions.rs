@@ -1117,7 +1117,7 @@ async fn restart_with_old_format_sessions(server: TestServer, rerun_migration: b
     let mut sqlite = "UPDATE sessions SET spec = json_remove(spec, '$.redirectData.qrCodeSuccessUrl');".to_owned();
     let mut postgres = "UPDATE sessions SET spec = spec #- '{redirectData,qrCodeSuccessUrl}';".to_owned();
     if rerun_migration {
-        // The migration run again on the old sessions (refinery applies a migration once).
+        // The migration run again on the old sessions (the runner applies a migration once).
         sqlite.push_str(include_str!("../../migrations/sqlite/0006_qr_code_success_url.sql"));
         postgres.push_str(include_str!("../../migrations/postgres/0004_qr_code_success_url.sql"));
     }

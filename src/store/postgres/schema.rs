@@ -1,11 +1,7 @@
-//! PostgreSQL migrations (embedded from `migrations/postgres/`, applied by `refinery`:
-//! docs/DESIGN.md "Migrations"), the readiness check, and the signing keys shared by every
-//! instance.
+//! PostgreSQL migrations (embedded from `migrations/postgres/`), the readiness check, and the
+//! signing keys shared by every instance.
 
 use std::sync::Arc;
-
-use deadpool_postgres::GenericClient;
-use refinery::{Migration, Runner};
 
 use super::{bytes32, execute, internal, query, query_one, query_opt, Client, Result, Ts};
 use crate::domain::time::Timestamp;
@@ -30,119 +26,44 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "event data text", include_str!("../../../migrations/postgres/0008_event_data_text.sql")),
 ];
 
-/// Where refinery records the migrations applied (its default table, as it creates it).
-const HISTORY: &str = "refinery_schema_history";
-const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS refinery_schema_history(
-    version int4 PRIMARY KEY, name VARCHAR(255), applied_on VARCHAR(255), checksum VARCHAR(255))";
-/// Where the hand-made runner before refinery recorded them (version, name, applied_on).
-const OLD_HISTORY: &str = "schema_migrations";
-
 /// Advisory lock keys (arbitrary constants; each names one critical section).
 const MIGRATION_LOCK: i64 = 0x7273_6d69_6772_6174; // "rsmigrat"
 const SIGNING_KEY_LOCK: i64 = 0x7273_7369_676e_6b79; // "rssignky"
 
-/// `MIGRATIONS` as refinery runs them, named `V{version}__{name}` (spaces become `_`).
-fn migrations() -> Result<Vec<Migration>> {
-    MIGRATIONS
-        .iter()
-        .map(|(version, name, sql)| {
-            Migration::unapplied(&format!("V{version}__{}", name.replace(' ', "_")), sql)
-                .map_err(|e| internal(format!("migration {version} ({name}): {e}")))
-        })
-        .collect()
-}
-
-/// Applies every migration not applied yet, each in its own transaction (with its history
-/// row), under an advisory lock: instances starting together take turns, and the later ones
-/// find the work done.
+/// Applies every migration not applied yet, each in its own transaction under an advisory
+/// lock: instances starting together take turns, and the later ones find the work done.
 pub async fn migrate(client: &mut Client) -> Result<()> {
-    run(client, &migrations()?).await
-}
-
-/// Applies those of `migrations` not applied yet, holding `MIGRATION_LOCK`. The lock is the
-/// session's, since refinery runs each migration in a transaction of its own; it is given
-/// back whatever happens (and by the server if the connection breaks).
-pub(super) async fn run(client: &mut Client, migrations: &[Migration]) -> Result<()> {
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
-    // Building an index on a large table may take longer than a request may.
-    let result = match client.batch_execute("SET statement_timeout = 0").await {
-        Ok(()) => apply(client, migrations).await,
-        Err(e) => Err(e.into()),
-    };
-    let reset = client.batch_execute("RESET statement_timeout").await;
-    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
-    result?;
-    reset?;
-    unlocked?;
-    Ok(())
-}
-
-async fn apply(client: &mut Client, migrations: &[Migration]) -> Result<()> {
-    adopt_old_history(client, migrations).await?;
-    let connection: &mut tokio_postgres::Client = client;
-    let report = Runner::new(migrations).run_async(connection).await.map_err(|e| {
-        let cause = std::error::Error::source(&e).and_then(|c| c.downcast_ref::<tokio_postgres::Error>());
-        internal(format!(
-            "the migrations failed: {e}{}",
-            cause.map(|c| format!(" ({})", super::describe(c))).unwrap_or_default()
-        ))
-    })?;
-    for migration in report.applied_migrations() {
-        tracing::info!(version = migration.version(), name = migration.name(), "applied migration");
-    }
-    Ok(())
-}
-
-/// A database migrated before refinery (its migrations recorded in `schema_migrations`)
-/// gets them recorded in refinery's history too, with the checksums of this build's
-/// migrations, so that refinery applies only the rest. Done once: the old table stays as it
-/// was, for a build from before refinery.
-async fn adopt_old_history(client: &mut Client, migrations: &[Migration]) -> Result<()> {
-    let tx = client.transaction().await?;
-    let (old, new) = tables(&tx).await?;
-    if !old || new {
-        return Ok(());
-    }
-    tx.batch_execute(CREATE_HISTORY).await?;
-    // The old runner kept `timestamptz`; refinery keeps RFC 3339 text.
-    let insert = tx
-        .prepare(
-            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum)
-             SELECT version, $2, to_char(applied_on AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), $3
-               FROM schema_migrations WHERE version = $1",
+    for (version, name, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        // Building an index on a large table may take longer than a request may.
+        tx.batch_execute(
+            "SET LOCAL statement_timeout = 0;
+             CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    integer     PRIMARY KEY,
+                 name       text        NOT NULL,
+                 applied_on timestamptz NOT NULL DEFAULT now())",
         )
         .await?;
-    for migration in migrations {
-        let checksum = migration.checksum().to_string();
-        tx.execute(&insert, &[&migration.version(), &migration.name(), &checksum]).await?;
+        let applied = tx.query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version]).await?.is_some();
+        if !applied {
+            tx.batch_execute(sql)
+                .await
+                .map_err(|e| internal(format!("migration {version} ({name}) failed: {}", super::describe(&e))))?;
+            tx.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", &[version, name]).await?;
+            tracing::info!(version, name, "applied migration");
+        }
+        tx.commit().await?;
     }
-    tx.commit().await?;
-    tracing::info!("recorded the migrations of schema_migrations in refinery_schema_history");
     Ok(())
 }
 
-/// Whether the old runner's history table exists, and whether refinery's does.
-async fn tables(c: &impl GenericClient) -> Result<(bool, bool)> {
-    let sql = "SELECT to_regclass('schema_migrations') IS NOT NULL, to_regclass('refinery_schema_history') IS NOT NULL";
-    let row = query_one(c, sql, &[]).await?;
-    Ok((row.try_get(0)?, row.try_get(1)?))
-}
-
-/// `Ok` when every migration this build knows has been applied (recorded by refinery, or by
-/// the old runner on a database not migrated since).
+/// `Ok` when every migration this build knows has been applied.
 pub async fn check_current(c: &mut Client) -> Result<()> {
     let latest = MIGRATIONS.last().map_or(0, |m| m.0);
-    let not_migrated = |e: StoreError| StoreError::Unavailable(format!("the database is not migrated: {e}"));
-    let applied: Option<i32> = match tables(&*c).await.map_err(not_migrated)? {
-        (_, true) => query_one(&*c, &format!("SELECT max(version) FROM {HISTORY}"), &[])
-            .await
-            .map_err(not_migrated)?
-            .try_get(0)?,
-        (true, false) => query_one(&*c, &format!("SELECT max(version) FROM {OLD_HISTORY}"), &[])
-            .await
-            .map_err(not_migrated)?
-            .try_get(0)?,
-        (false, false) => None,
+    let applied: Option<i32> = match query_one(&*c, "SELECT max(version) FROM schema_migrations", &[]).await {
+        Ok(row) => row.try_get(0)?,
+        Err(e) => return Err(StoreError::Unavailable(format!("the database is not migrated: {e}"))),
     };
     match applied {
         Some(version) if version >= latest => Ok(()),

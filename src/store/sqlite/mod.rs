@@ -79,9 +79,9 @@ impl SqliteStore {
         }
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || {
-            let mut writer = connect(&path, true)?;
+            let writer = connect(&path, true)?;
             if migrate {
-                schema::migrate(&mut writer)?;
+                schema::migrate(&writer)?;
                 let sealed = self::secrets::reseal(&writer, &secrets, false)?;
                 if sealed.total() > 0 {
                     tracing::info!(

@@ -115,8 +115,8 @@ pub async fn rotate(path: &Path, ring: Arc<KeyRing>) -> Result<Resealed, StoreEr
         if !path.is_file() {
             return Err(StoreError::Unavailable(format!("there is no SQLite database at {}", path.display())));
         }
-        let mut connection = super::connect(&path, true)?;
-        super::schema::migrate(&mut connection)?;
+        let connection = super::connect(&path, true)?;
+        super::schema::migrate(&connection)?;
         reseal(&connection, &ring, true)
     })
     .await

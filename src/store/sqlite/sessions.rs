@@ -300,8 +300,8 @@ mod tests {
 
     fn migrated() -> (Connection, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let mut connection = connect(&dir.path().join("d.db"), true).unwrap();
-        schema::migrate(&mut connection).unwrap();
+        let connection = connect(&dir.path().join("d.db"), true).unwrap();
+        schema::migrate(&connection).unwrap();
         (connection, dir)
     }
 

@@ -18,7 +18,7 @@ async fn migrations_apply_twice_and_from_two_instances_at_once() {
     b.ready().await.expect("ready");
     let sql = db.sql().await;
     let versions: Vec<i32> = sql
-        .query("SELECT version FROM refinery_schema_history ORDER BY version", &[])
+        .query("SELECT version FROM schema_migrations ORDER BY version", &[])
         .await
         .expect("reads")
         .iter()
@@ -37,18 +37,14 @@ async fn migrations_apply_twice_and_from_two_instances_at_once() {
     assert_eq!(second.expect_err("a second current key").code().map(|c| c.code()), Some("23505"));
 }
 
-/// Advisory locks held in this test's database (`pg_locks` shows those of every database).
-const ADVISORY_LOCKS_HERE: &str = "SELECT count(*) FROM pg_locks
-     WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
-
 /// The version of every migration this build has.
 fn every_version() -> Vec<i32> {
     crate::store::postgres::schema::MIGRATIONS.iter().map(|(version, ..)| *version).collect()
 }
 
-/// The versions refinery recorded as applied.
+/// The versions recorded as applied.
 async fn history(sql: &tokio_postgres::Client) -> Vec<i32> {
-    let rows = sql.query("SELECT version FROM refinery_schema_history ORDER BY version", &[]).await.expect("reads");
+    let rows = sql.query("SELECT version FROM schema_migrations ORDER BY version", &[]).await.expect("reads");
     rows.iter().map(|r| r.get(0)).collect()
 }
 
@@ -60,65 +56,6 @@ async fn instances_migrating_an_empty_database_at_once_apply_each_migration_once
         store.ready().await.expect("ready");
     }
     assert_eq!(history(&db.sql().await).await, every_version());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_of_the_old_runner_keeps_its_migrations_and_gets_the_rest() {
-    let db = test_db!();
-    let sql = db.sql().await;
-    // What the hand-made runner before refinery left: migrations 1 to 5 recorded in
-    // `schema_migrations`.
-    sql.batch_execute(
-        "CREATE TABLE schema_migrations (
-             version    integer     PRIMARY KEY,
-             name       text        NOT NULL,
-             applied_on timestamptz NOT NULL DEFAULT now())",
-    )
-    .await
-    .expect("creates");
-    for (version, name, migration) in &crate::store::postgres::schema::MIGRATIONS[..5] {
-        sql.batch_execute(migration).await.expect("applies");
-        let at = "2027-01-15T08:00:00.123456Z";
-        sql.execute("INSERT INTO schema_migrations VALUES ($1, $2, $3::text::timestamptz)", &[version, name, &at])
-            .await
-            .expect("records");
-    }
-    let store = PostgresStore::open(&db.url, SETTINGS, false, ring()).await.expect("opens without migrating");
-    let behind = store.ready().await.expect_err("behind").to_string();
-    let latest = crate::store::postgres::schema::MIGRATIONS.len();
-    assert!(behind.contains(&format!("at migration 5, this build needs {latest}")), "{behind}");
-    drop(store);
-    db.open().await.ready().await.expect("migrated and ready");
-    assert_eq!(history(&sql).await, every_version());
-    let adopted = sql.query_one("SELECT name, applied_on FROM refinery_schema_history WHERE version = 3", &[]).await;
-    let adopted = adopted.expect("reads");
-    assert_eq!(adopted.get::<_, String>(0), "customer_flow");
-    assert_eq!(adopted.get::<_, String>(1), "2027-01-15T08:00:00.123456Z");
-    // Again: refinery reads the adopted rows back (their times, their checksums).
-    db.open().await.ready().await.expect("ready again");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_migration_leaves_nothing_of_itself_applied() {
-    let db = test_db!();
-    let store = PostgresStore::open(&db.url, SETTINGS, false, ring()).await.expect("opens without migrating");
-    let migrations = vec![
-        refinery::Migration::unapplied("V1__init", crate::store::postgres::schema::MIGRATIONS[0].2).expect("named"),
-        refinery::Migration::unapplied("V2__broken", "CREATE TABLE half (a int); INSERT INTO nowhere VALUES (1);")
-            .expect("named"),
-    ];
-    let failed =
-        store.run(move |c| Box::pin(async move { crate::store::postgres::schema::run(c, &migrations).await })).await;
-    let failed = failed.expect_err("the second fails").to_string();
-    assert!(failed.contains("nowhere"), "{failed}");
-    let sql = db.sql().await;
-    assert_eq!(history(&sql).await, [1], "the first stays applied, in a transaction of its own");
-    let half: Option<String> = sql.query_one("SELECT to_regclass('half')::text", &[]).await.expect("reads").get(0);
-    assert_eq!(half, None, "nothing of the failed migration stays");
-    let locks: i64 = sql.query_one(ADVISORY_LOCKS_HERE, &[]).await.expect("reads").get(0);
-    assert_eq!(locks, 0, "the migration lock was given back");
-    store.run(|c| Box::pin(crate::store::postgres::schema::migrate(c))).await.expect("the rest applies");
-    assert_eq!(history(&sql).await, every_version());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

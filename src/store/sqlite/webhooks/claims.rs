@@ -222,8 +222,8 @@ mod claim_tests {
     /// A migrated database whose deliveries need no events or subscriptions.
     fn database() -> (Connection, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let mut connection = crate::store::sqlite::connect(&dir.path().join("d.db"), true).unwrap();
-        crate::store::sqlite::schema::migrate(&mut connection).unwrap();
+        let connection = crate::store::sqlite::connect(&dir.path().join("d.db"), true).unwrap();
+        crate::store::sqlite::schema::migrate(&connection).unwrap();
         connection.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
         (connection, dir)
     }
