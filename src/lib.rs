@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod code_sender;
 pub mod config;
 pub mod domain;
 pub mod error;

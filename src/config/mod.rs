@@ -64,6 +64,10 @@ impl fmt::Debug for OtpSender {
     }
 }
 
+/// The hosted page's address below `public_url`: every session's `redirectUrl` and its tokens'
+/// audience.
+pub const PAY_PATH: &str = "/pay";
+
 /// Every setting, parsed. Each field is the setting of the same name in `settings::SETTINGS`,
 /// which holds its default, range and meaning (and README.md's table, generated from it).
 #[derive(Clone, Debug)]

@@ -18,10 +18,10 @@ use super::browser::{
 };
 use super::page::{Link, Step};
 use super::render::{error_page, qr_success_url, render, render_step, rerender, unavailable};
-use super::sender::Outgoing;
 use super::texts::{fill, Lang};
 use super::PAY_PATH;
 use crate::api::context::RequestContext;
+use crate::code_sender::Outgoing;
 use crate::domain::intent::{Flow, Intent};
 use crate::domain::otp::{self, CodeCheck, OtpState, SendRefusal};
 use crate::domain::request::SessionType;

@@ -7,7 +7,6 @@ mod flow;
 mod page;
 mod qr;
 mod render;
-pub mod sender;
 mod texts;
 
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -17,8 +16,7 @@ use axum::Router;
 
 use crate::state::AppState;
 
-/// The hosted page's address below the public URL; a session's `redirectUrl`.
-pub const PAY_PATH: &str = "/pay";
+pub use crate::config::PAY_PATH;
 
 /// The routes of the hosted page and its static files.
 pub fn router() -> Router<AppState> {

@@ -29,7 +29,7 @@ pub struct Shared {
     /// The hosted page: `<public_url>/pay`, every session's `redirectUrl` and tokens' audience.
     pub pay_url: String,
     /// Delivers one-time codes to customers.
-    pub code_sender: crate::hosted::sender::CodeSender,
+    pub code_sender: crate::code_sender::CodeSender,
     pub keyring: RwLock<Arc<Keyring>>,
     pub metrics: Arc<Metrics>,
     pub limits: crate::rate_limit::Limits,
@@ -52,7 +52,7 @@ impl AppState {
     pub async fn open(config: Config) -> Result<AppState, StoreError> {
         let store = store::open(&config, true).await?;
         let keyring = load_keyring(&store).await?;
-        let code_sender = crate::hosted::sender::CodeSender::new(config.otp_sender.clone())
+        let code_sender = crate::code_sender::CodeSender::new(config.otp_sender.clone())
             .map_err(|e| StoreError::Internal(format!("cannot build the one-time code sender: {e}")))?;
         let public_url = config.public_base();
         let webhook_client =
@@ -60,7 +60,7 @@ impl AppState {
                 .map_err(|e| StoreError::Internal(format!("cannot build the webhook client: {e}")))?;
         Ok(AppState(Arc::new(Shared {
             webhook_client,
-            pay_url: format!("{public_url}{}", crate::hosted::PAY_PATH),
+            pay_url: format!("{public_url}{}", crate::config::PAY_PATH),
             public_url,
             code_sender,
             limits: crate::rate_limit::Limits::new(config.rate_limit_per_key, config.rate_limit_per_ip),
