@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::api;
 use crate::domain::time::Timestamp;
 use crate::server;
-pub use crate::state::{reload_keys_now, AppState};
+use crate::state::{reload_keys_now, AppState};
 use crate::store::webhooks::{Retention, SuspendPolicy};
 use crate::store::StoreError;
 use crate::webhooks::dispatcher::{self, DispatcherSettings};

@@ -8,9 +8,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use redirect_sessions::admin::{self, AdminError};
-use redirect_sessions::app::{self, AppState};
+use redirect_sessions::app;
 use redirect_sessions::config::{self, Config, GlobalFlags, ServeFlags};
 use redirect_sessions::domain::validate::parse_uuid;
+use redirect_sessions::state::AppState;
 
 /// mimalloc rather than the system allocator: every request allocates and frees many small
 /// buffers on two or more threads, where glibc's allocator spent about a tenth of the server's

@@ -260,7 +260,7 @@ impl HeldRoute {
 /// Serves `route` at `/route` behind auth, idempotency and the common layers; answers its URL.
 async fn serve_merchant_route(
     server: &TestServer,
-    route: axum::routing::MethodRouter<redirect_sessions::app::AppState>,
+    route: axum::routing::MethodRouter<redirect_sessions::state::AppState>,
 ) -> String {
     let state = server.state.clone();
     let routes = axum::Router::new()

@@ -196,7 +196,7 @@ async fn a_running_instance_signs_with_a_rotated_key_once_it_reloads_and_publish
     assert_eq!(kids(&jwks(&server).await), first, "a running instance reads the keys when it reloads them");
 
     // What the reload job (every 30 s) does.
-    redirect_sessions::app::reload_keys_now(&server.state).await.expect("the keys load");
+    redirect_sessions::state::reload_keys_now(&server.state).await.expect("the keys load");
     let keys = jwks(&server).await;
     assert_eq!(kids(&keys), [new_kid.clone(), first[0].clone()], "the new key first, the old one still accepted");
     let fresh = create(&server, &new_transaction_intent()).await;
@@ -210,7 +210,7 @@ async fn a_running_instance_signs_with_a_rotated_key_once_it_reloads_and_publish
         tokio::time::sleep(std::time::Duration::from_millis(3)).await;
         newest.push(rotate().await["kid"].as_str().unwrap().to_owned());
     }
-    redirect_sessions::app::reload_keys_now(&server.state).await.expect("the keys load");
+    redirect_sessions::state::reload_keys_now(&server.state).await.expect("the keys load");
     let listed = kids(&jwks(&server).await);
     assert_eq!(listed.len(), 11, "{listed:?}");
     assert_eq!(listed[0], newest[10], "the current key first");

@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use redirect_sessions::admin;
-use redirect_sessions::app::{self, AppState};
+use redirect_sessions::app;
 use redirect_sessions::config::{Config, DatabaseUrl};
 use redirect_sessions::domain::event::EventType;
 use redirect_sessions::secrets::SecretKey;
+use redirect_sessions::state::AppState;
 use redirect_sessions::store::DynStore;
 use reqwest::{Client, Method, RequestBuilder, Response};
 use serde_json::{json, Value};
