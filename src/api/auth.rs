@@ -1,11 +1,10 @@
 //! Merchant authentication by `x-api-key`, with the one read the request needs beside the
-//! merchant: a write's idempotency record here, or what a route asks for through
-//! `authenticate_reading` (the one-session read: `super::sessions::authenticate_with_session`).
-//! The rate limits are their own layers (`super::ratelimit`).
+//! merchant: a write's idempotency record (`kept_read`), or what a route asks for (the
+//! one-session read: `super::sessions::authenticate_with_session`). It is one step of the
+//! merchant API's gate (`super::gate`).
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::Method;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
@@ -18,20 +17,13 @@ use crate::store::{Kept, Merchant, SessionRecord};
 /// The header that carries the merchant's API key.
 pub const API_KEY: &str = "x-api-key";
 
-/// Authenticates the merchant and puts the `Merchant` (and, for a write with an
-/// `x-request-id`, its idempotency record) in the request's extensions.
-pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let read = kept_read(&request);
-    authenticate_reading(&state, request, next, read).await
-}
-
-/// Authenticates the merchant, reading `read` in the same database read, puts both in the
-/// request's extensions and runs the rest of the request; `401` without running it.
-pub async fn authenticate_reading(state: &AppState, mut request: Request, next: Next, read: Read) -> Response {
-    let key = request.headers().get(API_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+/// Authenticates the merchant, reading `read` in the same database read, and puts both in the
+/// request's extensions; `401` (or the store's error) as the answer otherwise.
+pub async fn authenticate_reading(state: &AppState, mut request: Request, read: Read) -> Result<Request, Response> {
+    let key = request.headers().get(API_KEY).and_then(|v| v.to_str().ok());
     let (merchant, beside) = match authenticate(state, key, read).await {
         Ok(found) => found,
-        Err(error) => return error.into_response(),
+        Err(error) => return Err(error.into_response()),
     };
     request.extensions_mut().insert(merchant);
     match beside {
@@ -43,7 +35,7 @@ pub async fn authenticate_reading(state: &AppState, mut request: Request, next: 
             request.extensions_mut().insert(*kept);
         }
     }
-    next.run(request).await
+    Ok(request)
 }
 
 /// What the request's one read fetches beside the merchant.
@@ -72,7 +64,7 @@ pub struct KeptReadWithKey {
 }
 
 /// The idempotency record of a write that carries an `x-request-id`; nothing more otherwise.
-fn kept_read(request: &Request) -> Read {
+pub fn kept_read(request: &Request) -> Read {
     let mutating = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     match request.extensions().get::<RequestContext>().and_then(|context| context.request_id) {
         Some(request_id) if mutating => Read::Kept(request_id),
@@ -89,13 +81,13 @@ pub struct SessionReadWithKey {
     pub session: Option<SessionRecord>,
 }
 
-async fn authenticate(state: &AppState, key: Option<String>, read: Read) -> Result<(Merchant, Beside), ApiError> {
+async fn authenticate(state: &AppState, key: Option<&str>, read: Read) -> Result<(Merchant, Beside), ApiError> {
     let unauthorized = || ApiError::new(ErrorCode::Unauthorized, "A valid x-api-key header is required.");
     let key = key.ok_or_else(unauthorized)?;
     if key.is_empty() || key.len() > 256 {
         return Err(unauthorized());
     }
-    let hash = key_hash(&key);
+    let hash = key_hash(key);
     let found = match read {
         Read::Merchant => state.store.merchant_by_key(hash).await.map(|merchant| (merchant, Beside::Nothing)),
         Read::Session(id) => state

@@ -56,6 +56,19 @@ impl<S: Send + Sync> FromRequestParts<S> for RawPathParam {
     }
 }
 
+/// A request extension a middleware left for the handler, moved out of the request rather than
+/// cloned as axum's `Extension` does (a session read with the key carries its whole row).
+#[derive(Debug)]
+pub struct Taken<T>(pub Option<T>);
+
+impl<S: Send + Sync, T: Send + Sync + 'static> FromRequestParts<S> for Taken<T> {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Taken(parts.extensions.remove::<T>()))
+    }
+}
+
 /// A path id that must be a UUID; `fieldName` is the path parameter's name.
 pub fn path_id(raw: &RawPathParam, parameter: &str) -> Result<Uuid, ApiError> {
     let invalid = |message: String| ApiError::invalid_field(parameter, &message);

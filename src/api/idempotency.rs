@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -68,8 +68,9 @@ impl Scope {
     }
 }
 
-/// Runs the request at most once per (merchant, `x-request-id`).
-pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Runs the request at most once per (merchant, `x-request-id`): the gate's last step
+/// (`super::gate`), after authentication.
+pub async fn run(state: &AppState, request: Request, next: Next) -> Response {
     let context = *request.extensions().get::<RequestContext>().expect("context middleware runs first");
     if context.request_id_invalid {
         return ApiError::invalid_field("x-request-id", "must be a UUID").into_response();
@@ -88,7 +89,7 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
     };
     let fingerprint = fingerprint(&parts.method, parts.uri.path_and_query().map_or("", |p| p.as_str()), &bytes);
     let read_with_key = parts.extensions.remove::<KeptReadWithKey>().filter(|read| read.request_id == request_id);
-    let _claim = match claim(&state, key, fingerprint, read_with_key.map(|read| read.kept)).await {
+    let _claim = match claim(state, key, fingerprint, read_with_key.map(|read| read.kept)).await {
         Ok(claim) => claim,
         Err(answer) => return answer,
     };
@@ -121,7 +122,7 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
     };
     match state.store.idempotency_keep(key, fingerprint, Timestamp::now(), answer).await {
         Ok(None) => Response::from_parts(parts, Body::from(body)),
-        Ok(Some(found)) => answer_found(&state, key, found),
+        Ok(Some(found)) => answer_found(state, key, found),
         Err(error) => {
             // The answer stands; a retry runs again, which every such answer allows.
             tracing::warn!(%error, "could not keep an idempotent answer");

@@ -6,6 +6,7 @@ pub mod context;
 pub mod deliveries;
 pub mod docs;
 pub mod extract;
+pub mod gate;
 pub mod health;
 pub mod idempotency;
 pub mod ratelimit;
@@ -65,29 +66,21 @@ pub fn public_api() -> OpenApiRouter<AppState> {
         .routes(routes!(health::get_jwks))
 }
 
-/// The whole service: merchant API (rate-limited by address, authenticated, rate-limited by
-/// key, idempotent, in that order) and public endpoints, wrapped
+/// The whole service: merchant API (behind its gate: rate-limited by address, authenticated,
+/// rate-limited by key, idempotent, in that order) and public endpoints, wrapped
 /// in the request-context middleware (correlation id, error bodies, panics, metrics).
 pub fn router(state: AppState) -> Router {
     let (one_session, _) = one_session_api().split_for_parts();
     let (others, _) = other_merchant_api().split_for_parts();
-    let merchant = after_authentication(one_session, &state)
+    let merchant = one_session
         .layer(from_fn_with_state(state.clone(), sessions::authenticate_with_session))
-        .merge(after_authentication(others, &state).layer(from_fn_with_state(state.clone(), auth::middleware)))
-        .layer(from_fn_with_state(state.clone(), ratelimit::by_address));
+        .merge(others.layer(from_fn_with_state(state.clone(), gate::middleware)));
     let (public, _) = public_api().split_for_parts();
     let mut public = public.merge(docs::router()).merge(crate::hosted::router());
     if state.config.metrics_listen.is_none() {
         public = public.route("/metrics", get(health::get_metrics));
     }
     with_common_layers(merchant.merge(public), state)
-}
-
-/// What runs once the merchant is known: its rate limit, then idempotency.
-fn after_authentication(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
-    routes
-        .layer(from_fn_with_state(state.clone(), idempotency::middleware))
-        .layer(from_fn_with_state(state.clone(), ratelimit::by_key))
 }
 
 /// `routes` with what every route shares: `404`/`405` answers, panic handling (tower-http's

@@ -11,13 +11,13 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::auth::{self, Read, SessionReadWithKey};
+use super::auth::{Read, SessionReadWithKey};
 use super::context::RequestContext;
 use super::extract::{
-    empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam,
+    empty_body, id_and_body, if_match, json_body, paginate, parse_query, path_id, store_error, RawPathParam, Taken,
 };
 use super::idempotency::{error_answer, guarded_write, json_answer, Keep, Scope};
-use super::BASE;
+use super::{gate, BASE};
 use crate::domain::request::{
     parse_create_session, CustomerData, RedirectData, RequestRules, SessionType, TransactionData,
 };
@@ -283,13 +283,13 @@ pub async fn create_redirect_session(
 pub async fn get_redirect_session(
     State(state): State<AppState>,
     Extension(merchant): Extension<Merchant>,
-    read: Option<Extension<SessionReadWithKey>>,
+    read: Taken<SessionReadWithKey>,
     raw_id: RawPathParam,
 ) -> Result<Response, ApiError> {
     let id = path_id(&raw_id, "redirectSessionId")?;
     let now = Timestamp::now();
     let session = match read {
-        Some(Extension(read)) if read.id == id => read.session,
+        Taken(Some(read)) if read.id == id => read.session,
         _ => state.store.get_session(id).await.map_err(store_error)?,
     };
     match session {
@@ -299,9 +299,9 @@ pub async fn get_redirect_session(
     }
 }
 
-/// The authentication of the one-session route (`auth`'s, as a layer of this route only): a
-/// `GET` reads the session together with the merchant's key, so the read costs one database
-/// read; a `PUT` reads what every write reads.
+/// The gate of the one-session route (`super::gate`, as a layer of this route only): a `GET`
+/// reads the session together with the merchant's key, so the read costs one database read; a
+/// `PUT` reads what every write reads.
 pub async fn authenticate_with_session(
     State(state): State<AppState>,
     raw_id: RawPathParam,
@@ -309,10 +309,8 @@ pub async fn authenticate_with_session(
     next: Next,
 ) -> Response {
     match raw_id.0.as_deref().and_then(|raw| parse_uuid(raw).ok()) {
-        Some(id) if request.method() == Method::GET => {
-            auth::authenticate_reading(&state, request, next, Read::Session(id)).await
-        }
-        _ => auth::middleware(State(state), request, next).await,
+        Some(id) if request.method() == Method::GET => gate::pass(&state, request, next, Read::Session(id)).await,
+        _ => gate::middleware(State(state), request, next).await,
     }
 }
 

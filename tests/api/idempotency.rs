@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::common::*;
 use axum::http::StatusCode;
 use axum::middleware::from_fn_with_state;
-use redirect_sessions::api::{auth, idempotency, with_common_layers};
+use redirect_sessions::api::{gate, with_common_layers};
 use redirect_sessions::domain::event::EventType;
 use redirect_sessions::error::ApiError;
 use redirect_sessions::store::{Found, IdempotencyKey};
@@ -257,16 +257,13 @@ impl HeldRoute {
     }
 }
 
-/// Serves `route` at `/route` behind auth, idempotency and the common layers; answers its URL.
+/// Serves `route` at `/route` behind the merchant API's gate and the common layers; answers its URL.
 async fn serve_merchant_route(
     server: &TestServer,
     route: axum::routing::MethodRouter<redirect_sessions::state::AppState>,
 ) -> String {
     let state = server.state.clone();
-    let routes = axum::Router::new()
-        .route("/route", route)
-        .layer(from_fn_with_state(state.clone(), idempotency::middleware))
-        .layer(from_fn_with_state(state.clone(), auth::middleware));
+    let routes = axum::Router::new().route("/route", route).layer(from_fn_with_state(state.clone(), gate::middleware));
     let app = with_common_layers(routes, state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -498,7 +495,7 @@ enum FirstCall {
     AnswersServerError,
 }
 
-/// A merchant route wired like the real ones (auth, then idempotency, then the common layers)
+/// A merchant route wired like the real ones (the gate, then the common layers)
 /// whose handler fails on its first call and answers `200 done` afterwards. Answers its URL.
 async fn flaky_route(server: &TestServer, first_call: FirstCall) -> String {
     let calls = Arc::new(AtomicUsize::new(0));
