@@ -264,7 +264,10 @@ pub fn json_answer(
     let mut headers = vec![(header::CONTENT_TYPE.as_str().to_owned(), "application/json".to_owned())];
     headers.extend(etag.map(|tag| (header::ETAG.as_str().to_owned(), tag)));
     headers.extend(location.map(|path| (header::LOCATION.as_str().to_owned(), path)));
-    let body = serde_json::to_vec(body).expect("answers serialise");
+    // A session's answer is about 1.2 KB: room for it at once, not grown by doubling.
+    let mut bytes = Vec::with_capacity(2048);
+    serde_json::to_writer(&mut bytes, body).expect("answers serialise");
+    let body = bytes;
     StoredResponse { status: status.as_u16(), headers, body, session: None }
 }
 

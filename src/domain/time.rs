@@ -55,9 +55,40 @@ impl Timestamp {
     }
 }
 
+impl Timestamp {
+    /// `2026-01-31T11:59:59.123Z`, written digit by digit: every answer shows three of these,
+    /// and `write!` with padded fields cost about 2,800 instructions each
+    /// (docs/BENCHMARKS.md "Where a read's instructions went"). `None` for a year outside
+    /// 0000–9999, which `Display` writes the slow way (years past 9999 are out of `time`'s range).
+    fn rfc3339(&self) -> Option<[u8; 24]> {
+        let nanos = self.0 as i128 * 1_000_000;
+        let at = OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let year = u16::try_from(at.year()).ok().filter(|year| *year <= 9999)?;
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut value: u16| {
+            for index in (at..at + width).rev() {
+                out[index] = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, at.month() as u16);
+        put(8, 2, at.day().into());
+        put(11, 2, at.hour().into());
+        put(14, 2, at.minute().into());
+        put(17, 2, at.second().into());
+        put(20, 3, at.millisecond());
+        Some(out)
+    }
+}
+
 impl fmt::Display for Timestamp {
     /// `2026-01-31T11:59:59.123Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(text) = self.rfc3339() {
+            // Only ASCII digits and separators were written.
+            return f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?);
+        }
         let nanos = self.0 as i128 * 1_000_000;
         let at = OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
         write!(
@@ -76,7 +107,10 @@ impl fmt::Display for Timestamp {
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        match self.rfc3339() {
+            Some(text) => serializer.serialize_str(std::str::from_utf8(&text).map_err(serde::ser::Error::custom)?),
+            None => serializer.collect_str(self),
+        }
     }
 }
 
@@ -88,6 +122,14 @@ mod tests {
     fn formats_utc_with_milliseconds_and_z() {
         assert_eq!(Timestamp(0).to_string(), "1970-01-01T00:00:00.000Z");
         assert_eq!(Timestamp(1_769_860_799_123).to_string(), "2026-01-31T11:59:59.123Z");
+        assert_eq!(Timestamp(253_402_300_799_999).to_string(), "9999-12-31T23:59:59.999Z");
+        assert_eq!(serde_json::to_string(&Timestamp(1_769_860_799_007)).unwrap(), r#""2026-01-31T11:59:59.007Z""#);
+    }
+
+    #[test]
+    fn a_year_before_0000_is_written_the_slow_way() {
+        assert_eq!(Timestamp(-62_167_219_200_001).to_string(), "-001-12-31T23:59:59.999Z");
+        assert_eq!(serde_json::to_string(&Timestamp(-62_167_219_200_001)).unwrap(), r#""-001-12-31T23:59:59.999Z""#);
     }
 
     #[test]
